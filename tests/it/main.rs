@@ -1,0 +1,1 @@
+//! End-to-end tests across several silk nodes, compiled as one binary.
