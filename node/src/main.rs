@@ -1,1 +1,5 @@
-fn main(){}
+//! The `silk` binary: parses the command line and runs it.
+
+fn main() -> anyhow::Result<std::process::ExitCode> {
+    silk_node::cli::run()
+}

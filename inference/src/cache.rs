@@ -1,0 +1,116 @@
+//! The key/value cache of one sequence.
+//!
+//! Each layer keeps keys and values as `[kv_heads, capacity, head_dim]`
+//! tensors; capacity grows in chunks so appending a token is a slice write,
+//! not a reallocation.
+
+use burn::prelude::*;
+
+/// Capacity is allocated in multiples of this many positions.
+const CHUNK: usize = 128;
+
+/// Keys and values of one layer.
+#[derive(Debug, Clone)]
+struct LayerCache<B: Backend> {
+    keys: Tensor<B, 3>,
+    values: Tensor<B, 3>,
+}
+
+/// The cache of one sequence across all layers.
+#[derive(Debug)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<LayerCache<B>>>,
+    /// Positions already stored (identical for every layer between forwards).
+    len: usize,
+    capacity: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for a model with the given shape.
+    pub fn new(layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+        Self {
+            layers: vec![None; layers],
+            len: 0,
+            capacity: 0,
+            kv_heads,
+            head_dim,
+        }
+    }
+
+    /// Positions stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is stored yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of f32 reserved by this cache (for the KV budget).
+    pub fn reserved_bytes(&self) -> usize {
+        bytes_for(self.layers.len(), self.kv_heads, self.head_dim, self.capacity)
+    }
+
+    /// Appends `new` positions of keys and values for `layer` and returns
+    /// every stored position (old and new) for attention.
+    ///
+    /// # Shapes
+    /// - `keys`, `values`: `[kv_heads, new, head_dim]`
+    /// - returns two tensors `[kv_heads, len + new, head_dim]`
+    pub fn append(
+        &mut self,
+        layer: usize,
+        keys: Tensor<B, 3>,
+        values: Tensor<B, 3>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let new = keys.dims()[1];
+        let end = self.len + new;
+        let device = keys.device();
+        let (kv, hd) = (self.kv_heads, self.head_dim);
+        let cap = self.capacity.max(end.div_ceil(CHUNK) * CHUNK);
+        let slot = self.layers[layer].take();
+        let mut lc = match slot {
+            Some(lc) if lc.keys.dims()[1] >= end => lc,
+            old => {
+                let mut lc = LayerCache {
+                    keys: Tensor::zeros([kv, cap, hd], &device),
+                    values: Tensor::zeros([kv, cap, hd], &device),
+                };
+                if let Some(old) = old {
+                    let n = self.len;
+                    lc.keys = lc
+                        .keys
+                        .slice_assign([0..kv, 0..n, 0..hd], old.keys.slice([0..kv, 0..n, 0..hd]));
+                    lc.values = lc.values.slice_assign(
+                        [0..kv, 0..n, 0..hd],
+                        old.values.slice([0..kv, 0..n, 0..hd]),
+                    );
+                }
+                lc
+            }
+        };
+        lc.keys = lc.keys.slice_assign([0..kv, self.len..end, 0..hd], keys);
+        lc.values = lc.values.slice_assign([0..kv, self.len..end, 0..hd], values);
+        let out = (
+            lc.keys.clone().slice([0..kv, 0..end, 0..hd]),
+            lc.values.clone().slice([0..kv, 0..end, 0..hd]),
+        );
+        self.layers[layer] = Some(lc);
+        out
+    }
+
+    /// Records that every layer now holds `new` more positions. Called by
+    /// the transformer once per forward pass, after the last layer.
+    pub(crate) fn advance(&mut self, new: usize) {
+        self.len += new;
+        self.capacity = self.capacity.max(self.len.div_ceil(CHUNK) * CHUNK);
+    }
+}
+
+/// Bytes of f32 keys and values that `positions` positions take.
+pub fn bytes_for(layers: usize, kv_heads: usize, head_dim: usize, positions: usize) -> usize {
+    2 * layers * kv_heads * head_dim * positions * std::mem::size_of::<f32>()
+}

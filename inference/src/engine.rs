@@ -1,0 +1,695 @@
+//! The engine a worker runs: one scheduler thread per loaded model doing
+//! continuous batching.
+//!
+//! Callers [`Engine::submit`] a request from any thread; it is tokenized and
+//! checked there (so bad input fails at once), then queued in a bounded
+//! queue (full → [`InferenceError::Busy`]). Between forward passes the
+//! scheduler admits queued requests while the batch has room and the KV
+//! budget allows their worst case (prompt + max_tokens). Every step
+//! advances every admitted request: new ones by a chunk of their prompt,
+//! the rest by one token, so a long request never starves the others.
+//! Tokens go out through a bounded channel per request; a request whose
+//! receiver is gone is dropped (cancellation), and one whose receiver is
+//! full waits out steps without holding the rest back.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burn::prelude::Backend;
+use tokio::sync::mpsc;
+
+use crate::cache::{bytes_for, KvCache};
+use crate::error::{InferenceError, Result};
+use crate::model::{LoadedModel, ModelSource};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
+use crate::transformer::{Segment, Transformer};
+
+/// Limits of one engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most requests decoded together.
+    pub max_batch: usize,
+    /// Most requests waiting for a batch slot.
+    pub max_queue: usize,
+    /// Bytes of KV cache all admitted requests may reserve (worst case).
+    pub kv_budget_bytes: usize,
+    /// Most prompt tokens one request processes per step.
+    pub prefill_chunk: usize,
+    /// Events buffered per request before the request waits for its reader.
+    pub stream_buffer: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 32,
+            max_queue: 256,
+            kv_budget_bytes: 4 << 30,
+            prefill_chunk: 256,
+            stream_buffer: 64,
+        }
+    }
+}
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Raw text, tokenized with the model's special tokens (BOS).
+    Text(String),
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Pre-tokenized input.
+    Tokens(Vec<u32>),
+}
+
+/// One generation request.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Input.
+    pub prompt: Prompt,
+    /// Most tokens to generate, at least 1.
+    pub max_tokens: usize,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// Strings that end generation; they are not part of the output.
+    pub stop: Vec<String>,
+    /// Keep generating past the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+impl GenerateRequest {
+    /// A greedy request for `max_tokens` tokens.
+    pub fn new(prompt: Prompt, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context window.
+    Length,
+}
+
+/// Token counts and timing of a finished request.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Time from admission to the first token, milliseconds.
+    pub prefill_ms: f64,
+    /// Time waiting in the queue, milliseconds.
+    pub queue_ms: f64,
+    /// Generated tokens after the first, per second of decoding.
+    pub decode_tokens_per_s: f64,
+}
+
+/// What a request's stream carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it completes (may be empty while a
+    /// multi-byte character or a possible stop string is pending).
+    Token {
+        /// Token id.
+        id: u32,
+        /// New text.
+        text: String,
+    },
+    /// The request finished.
+    Done(Usage),
+    /// The request failed after admission.
+    Error(String),
+}
+
+/// The receiving end of one request. Dropping it cancels the request.
+#[derive(Debug)]
+pub struct GenerationStream {
+    /// The prompt as the engine tokenized it.
+    pub prompt_token_ids: Vec<u32>,
+    receiver: mpsc::Receiver<Event>,
+}
+
+impl GenerationStream {
+    /// The next event; `None` once the request is over.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.receiver.recv().await
+    }
+
+    /// The next event, blocking the thread (for CLI and benchmarks).
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        self.receiver.blocking_recv()
+    }
+}
+
+/// The engine's current load, for gossip and routing.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EngineLoad {
+    /// Requests in the batch.
+    pub active: usize,
+    /// Requests waiting.
+    pub queued: usize,
+    /// Batch slots.
+    pub max_batch: usize,
+    /// Recent aggregate decode speed (tokens/s over recent steps).
+    pub decode_tokens_per_s: f64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    active: AtomicUsize,
+    queued: AtomicUsize,
+    /// f64 bits of the decode-speed moving average.
+    decode_tps: AtomicU64,
+}
+
+struct Job {
+    prompt: Vec<u32>,
+    request: GenerateRequest,
+    sender: mpsc::Sender<Event>,
+    enqueued: Instant,
+}
+
+/// A model loaded on a device with its scheduler running.
+pub struct Engine {
+    source: ModelSource,
+    tokenizer: Arc<Tokenizer>,
+    context: usize,
+    config: EngineConfig,
+    queue: mpsc::Sender<Job>,
+    counters: Arc<Counters>,
+    kv_bytes_per_token: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("model", &self.source.id).finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Starts the scheduler thread for `model`.
+    pub fn start<B: Backend>(model: LoadedModel<B>, config: EngineConfig) -> Result<Self> {
+        if config.max_batch == 0 || config.max_queue == 0 || config.prefill_chunk == 0 {
+            return Err(InferenceError::config(
+                "engine",
+                "max_batch, max_queue and prefill_chunk must be positive",
+            ));
+        }
+        let LoadedModel {
+            source,
+            tokenizer,
+            transformer,
+        } = model;
+        let c = transformer.config();
+        let context = c.max_position_embeddings;
+        let kv_bytes_per_token = bytes_for(c.num_layers, c.num_kv_heads, c.head_dim, 1);
+        let tokenizer = Arc::new(tokenizer);
+        let counters = Arc::new(Counters::default());
+        let (queue, jobs) = mpsc::channel(config.max_queue);
+        let scheduler = Scheduler {
+            transformer,
+            tokenizer: tokenizer.clone(),
+            config: config.clone(),
+            counters: counters.clone(),
+            jobs,
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            kv_bytes_per_token,
+        };
+        std::thread::Builder::new()
+            .name(format!("silk-engine-{}", source.name))
+            .spawn(move || scheduler.run())
+            .map_err(|e| InferenceError::Backend(format!("cannot start the scheduler thread: {e}")))?;
+        Ok(Self {
+            source,
+            tokenizer,
+            context,
+            config,
+            queue,
+            counters,
+            kv_bytes_per_token,
+        })
+    }
+
+    /// The model's identity.
+    pub fn source(&self) -> &ModelSource {
+        &self.source
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The context window in tokens.
+    pub fn context_length(&self) -> usize {
+        self.context
+    }
+
+    /// Tokenizes a prompt as [`Engine::submit`] would.
+    pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Text(text) => self.tokenizer.encode(text, true),
+            Prompt::Chat(messages) => {
+                let text = self.tokenizer.apply_chat_template(messages, true)?;
+                self.tokenizer.encode(&text, false)
+            }
+            Prompt::Tokens(ids) => {
+                let vocab = self.tokenizer.vocab_size().max(1);
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(InferenceError::InvalidRequest {
+                        field: "prompt",
+                        reason: format!("token id {bad} is outside the vocabulary of {vocab}"),
+                    });
+                }
+                Ok(ids.clone())
+            }
+        }
+    }
+
+    /// Checks and queues a request. Errors: invalid fields, a prompt that
+    /// does not fit, or a full queue.
+    pub fn submit(&self, request: GenerateRequest) -> Result<GenerationStream> {
+        request.sampling.validate()?;
+        if request.max_tokens == 0 {
+            return Err(InferenceError::InvalidRequest {
+                field: "max_tokens",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if request.max_tokens > self.context {
+            return Err(InferenceError::InvalidRequest {
+                field: "max_tokens",
+                reason: format!("is {}, more than the context window of {}", request.max_tokens, self.context),
+            });
+        }
+        if request.stop.iter().any(String::is_empty) || request.stop.len() > 16 {
+            return Err(InferenceError::InvalidRequest {
+                field: "stop",
+                reason: "takes at most 16 non-empty strings".into(),
+            });
+        }
+        let prompt = self.tokenize(&request.prompt)?;
+        if prompt.is_empty() {
+            return Err(InferenceError::InvalidRequest {
+                field: "prompt",
+                reason: "is empty".into(),
+            });
+        }
+        if prompt.len() >= self.context {
+            return Err(InferenceError::PromptTooLong {
+                prompt_tokens: prompt.len(),
+                context: self.context,
+            });
+        }
+        let worst = (prompt.len() + request.max_tokens).min(self.context);
+        if worst * self.kv_bytes_per_token > self.config.kv_budget_bytes {
+            return Err(InferenceError::InvalidRequest {
+                field: "max_tokens",
+                reason: format!(
+                    "prompt plus max_tokens ({worst} tokens) needs more KV cache than this engine's budget of {} MiB",
+                    self.config.kv_budget_bytes >> 20
+                ),
+            });
+        }
+        let (sender, receiver) = mpsc::channel(self.config.stream_buffer.max(1));
+        let job = Job {
+            prompt: prompt.clone(),
+            request,
+            sender,
+            enqueued: Instant::now(),
+        };
+        match self.queue.try_send(job) {
+            Ok(()) => {
+                self.counters.queued.fetch_add(1, Ordering::Relaxed);
+                Ok(GenerationStream {
+                    prompt_token_ids: prompt,
+                    receiver,
+                })
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(InferenceError::Busy {
+                queued: self.config.max_queue,
+            }),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(InferenceError::Shutdown),
+        }
+    }
+
+    /// Current load.
+    pub fn load(&self) -> EngineLoad {
+        EngineLoad {
+            active: self.counters.active.load(Ordering::Relaxed),
+            queued: self.counters.queued.load(Ordering::Relaxed),
+            max_batch: self.config.max_batch,
+            decode_tokens_per_s: f64::from_bits(self.counters.decode_tps.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+struct Sequence<B: Backend> {
+    prompt: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    consumed: usize,
+    cache: KvCache<B>,
+    sampler: Sampler,
+    request: GenerateRequest,
+    sender: mpsc::Sender<Event>,
+    decoder: IncrementalDecoder,
+    /// Generated text not yet sent because it may start a stop string.
+    held: String,
+    generated: usize,
+    /// The last sampled token, fed back at the next decode step.
+    next_input: Option<u32>,
+    /// An event the reader had no room for.
+    pending: Option<Event>,
+    finished: bool,
+    reserved_bytes: usize,
+    enqueued: Instant,
+    admitted: Instant,
+    first_token: Option<Instant>,
+}
+
+struct Scheduler<B: Backend> {
+    transformer: Transformer<B>,
+    tokenizer: Arc<Tokenizer>,
+    config: EngineConfig,
+    counters: Arc<Counters>,
+    jobs: mpsc::Receiver<Job>,
+    /// Jobs taken off the channel that did not fit yet (at most one).
+    waiting: VecDeque<Job>,
+    active: Vec<Sequence<B>>,
+    kv_bytes_per_token: usize,
+}
+
+impl<B: Backend> Scheduler<B> {
+    fn run(mut self) {
+        let _span = tracing::info_span!("engine").entered();
+        loop {
+            if !self.admit() {
+                return;
+            }
+            self.flush_pending();
+            self.active.retain(|s| !s.finished && !s.sender.is_closed());
+            self.counters.active.store(self.active.len(), Ordering::Relaxed);
+            if self.active.is_empty() {
+                continue;
+            }
+            self.step();
+        }
+    }
+
+    fn reserved(&self) -> usize {
+        self.active.iter().map(|s| s.reserved_bytes).sum()
+    }
+
+    /// Moves queued jobs into the batch while there is room. Blocks when
+    /// there is nothing to do. Returns false when the engine is dropped and
+    /// every request is done.
+    fn admit(&mut self) -> bool {
+        loop {
+            if self.active.len() >= self.config.max_batch {
+                return true;
+            }
+            let job = match self.waiting.pop_front() {
+                Some(job) => job,
+                None if self.active.is_empty() => match self.jobs.blocking_recv() {
+                    Some(job) => job,
+                    None => return false,
+                },
+                None => match self.jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => return true,
+                },
+            };
+            if job.sender.is_closed() {
+                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            let context = self.transformer.config().max_position_embeddings;
+            let worst = (job.prompt.len() + job.request.max_tokens).min(context);
+            let bytes = worst * self.kv_bytes_per_token;
+            if !self.active.is_empty() && self.reserved() + bytes > self.config.kv_budget_bytes {
+                self.waiting.push_front(job);
+                return true;
+            }
+            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+            let now = Instant::now();
+            self.active.push(Sequence {
+                cache: self.transformer.new_cache(),
+                sampler: Sampler::new(job.request.sampling.clone()),
+                prompt: job.prompt,
+                consumed: 0,
+                request: job.request,
+                sender: job.sender,
+                decoder: IncrementalDecoder::default(),
+                held: String::new(),
+                generated: 0,
+                next_input: None,
+                pending: None,
+                finished: false,
+                reserved_bytes: bytes,
+                enqueued: job.enqueued,
+                admitted: now,
+                first_token: None,
+            });
+        }
+    }
+
+    fn flush_pending(&mut self) {
+        for seq in &mut self.active {
+            if let Some(event) = seq.pending.take() {
+                match seq.sender.try_send(event) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(event)) => seq.pending = Some(event),
+                    Err(mpsc::error::TrySendError::Closed(_)) => seq.finished = true,
+                }
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        let started = Instant::now();
+        let chunk = self.config.prefill_chunk;
+        // Which sequences take part, and with which tokens.
+        let mut inputs: Vec<(usize, Vec<u32>)> = Vec::with_capacity(self.active.len());
+        for (i, seq) in self.active.iter().enumerate() {
+            if seq.pending.is_some() {
+                continue;
+            }
+            if seq.consumed < seq.prompt.len() {
+                let end = (seq.consumed + chunk).min(seq.prompt.len());
+                inputs.push((i, seq.prompt[seq.consumed..end].to_vec()));
+            } else if let Some(t) = seq.next_input {
+                inputs.push((i, vec![t]));
+            }
+        }
+        if inputs.is_empty() {
+            // Every request waits on its reader; don't spin.
+            std::thread::sleep(Duration::from_millis(1));
+            return;
+        }
+        let vocab = self.transformer.config().vocab_size;
+        let logits = {
+            let mut picked: Vec<&mut Sequence<B>> = Vec::with_capacity(inputs.len());
+            let mut rest: &mut [Sequence<B>] = &mut self.active;
+            let mut offset = 0;
+            for (i, _) in &inputs {
+                let (_, tail) = rest.split_at_mut(i - offset);
+                let (head, tail) = tail.split_at_mut(1);
+                picked.push(&mut head[0]);
+                rest = tail;
+                offset = i + 1;
+            }
+            let mut segments: Vec<Segment<'_, B>> = picked
+                .into_iter()
+                .zip(&inputs)
+                .map(|(seq, (_, tokens))| Segment {
+                    tokens,
+                    cache: &mut seq.cache,
+                })
+                .collect();
+            let out = self.transformer.forward(&mut segments, false);
+            out.into_data().to_vec::<f32>()
+        };
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                for (i, _) in &inputs {
+                    let seq = &mut self.active[*i];
+                    let _ = seq.sender.try_send(Event::Error(format!("reading logits failed: {e:?}")));
+                    seq.finished = true;
+                }
+                return;
+            }
+        };
+        let mut decoded = 0usize;
+        for (row, (i, tokens)) in inputs.iter().enumerate() {
+            let seq = &mut self.active[*i];
+            if seq.consumed < seq.prompt.len() {
+                seq.consumed += tokens.len();
+                if seq.consumed < seq.prompt.len() {
+                    continue;
+                }
+            } else {
+                decoded += 1;
+            }
+            let row = &logits[row * vocab..(row + 1) * vocab];
+            let token = seq.sampler.sample(row);
+            self.emit(*i, token);
+        }
+        if decoded > 0 {
+            let tps = decoded as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            let old = f64::from_bits(self.counters.decode_tps.load(Ordering::Relaxed));
+            let new = if old == 0.0 { tps } else { 0.8 * old + 0.2 * tps };
+            self.counters.decode_tps.store(new.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// Handles one sampled token: stop checks, text, events.
+    fn emit(&mut self, index: usize, token: u32) {
+        let tokenizer = self.tokenizer.clone();
+        let context = self.transformer.config().max_position_embeddings;
+        let seq = &mut self.active[index];
+        let now = Instant::now();
+        if seq.first_token.is_none() {
+            seq.first_token = Some(now);
+        }
+        seq.generated += 1;
+        seq.next_input = Some(token);
+        let is_stop_token = !seq.request.ignore_eos && tokenizer.stop_ids().contains(&token);
+        let mut finish = None;
+        let mut text = String::new();
+        if is_stop_token {
+            finish = Some(FinishReason::Stop);
+        } else {
+            match seq.decoder.push(&tokenizer, token) {
+                Ok(Some(delta)) => seq.held.push_str(&delta),
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = seq.sender.try_send(Event::Error(e.to_string()));
+                    seq.finished = true;
+                    return;
+                }
+            }
+            if let Some(pos) = earliest_stop(&seq.held, &seq.request.stop) {
+                seq.held.truncate(pos);
+                text = std::mem::take(&mut seq.held);
+                finish = Some(FinishReason::Stop);
+            } else {
+                let keep = stop_prefix_len(&seq.held, &seq.request.stop);
+                text = seq.held[..seq.held.len() - keep].to_string();
+                seq.held.drain(..seq.held.len() - keep);
+            }
+        }
+        if finish.is_none()
+            && (seq.generated >= seq.request.max_tokens || seq.prompt.len() + seq.generated >= context)
+        {
+            finish = Some(FinishReason::Length);
+            text.push_str(&std::mem::take(&mut seq.held));
+        }
+        let token_event = Event::Token { id: token, text };
+        match seq.sender.try_send(token_event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => seq.pending = Some(event),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                seq.finished = true;
+                return;
+            }
+        }
+        if let Some(reason) = finish {
+            let first = seq.first_token.unwrap_or(now);
+            let decode_secs = now.duration_since(first).as_secs_f64();
+            let usage = Usage {
+                prompt_tokens: seq.prompt.len(),
+                completion_tokens: seq.generated,
+                finish_reason: reason,
+                prefill_ms: first.duration_since(seq.admitted).as_secs_f64() * 1e3,
+                queue_ms: seq.admitted.duration_since(seq.enqueued).as_secs_f64() * 1e3,
+                decode_tokens_per_s: if seq.generated > 1 && decode_secs > 0.0 {
+                    (seq.generated - 1) as f64 / decode_secs
+                } else {
+                    0.0
+                },
+            };
+            // The final record must not be lost to a full buffer: if the
+            // token is still pending, the reader is slow; hand both over on
+            // a helper path that waits.
+            let sender = seq.sender.clone();
+            match seq.pending.take() {
+                None => {
+                    if let Err(mpsc::error::TrySendError::Full(ev)) = sender.try_send(Event::Done(usage)) {
+                        deliver_later(sender, vec![ev]);
+                    }
+                }
+                Some(pending) => deliver_later(sender, vec![pending, Event::Done(usage)]),
+            }
+            seq.finished = true;
+        }
+    }
+}
+
+/// Sends the last events of a finished request from a short-lived thread,
+/// so the scheduler never blocks on a slow reader.
+fn deliver_later(sender: mpsc::Sender<Event>, events: Vec<Event>) {
+    let spawned = std::thread::Builder::new()
+        .name("silk-engine-tail".into())
+        .spawn(move || {
+            for event in events {
+                if sender.blocking_send(event).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("could not deliver the end of a stream: {e}");
+    }
+}
+
+/// Byte position of the earliest stop string in `text`.
+fn earliest_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of a stop
+/// string (that text must be held back until we know).
+fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
+    let mut best = 0;
+    for stop in stops {
+        for (i, _) in stop.char_indices().skip(1) {
+            if i > best && text.ends_with(&stop[..i]) {
+                best = i;
+            }
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_are_found_and_their_prefixes_held_back() {
+        let stops = vec!["</end>".to_string(), "STOP".to_string()];
+        assert_eq!(earliest_stop("abc STOP x </end>", &stops), Some(4));
+        assert_eq!(earliest_stop("nothing", &stops), None);
+        assert_eq!(stop_prefix_len("hello </e", &stops), 3);
+        assert_eq!(stop_prefix_len("hello ST", &stops), 2);
+        assert_eq!(stop_prefix_len("hello", &stops), 0);
+    }
+}

@@ -1,0 +1,582 @@
+//! A reader for GGUF files (llama.cpp's model format) and dequantization of
+//! its tensor types to f32.
+//!
+//! The file is memory-mapped; every offset and length read from it is checked
+//! against the file's size, so a truncated or corrupt file gives an error that
+//! names it instead of a panic.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+
+use crate::error::{InferenceError, Result};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+/// Caps on counts read from the header, far above any real model, so a
+/// corrupt header cannot make us allocate without bound.
+const MAX_TENSORS: u64 = 1 << 20;
+const MAX_KV: u64 = 1 << 20;
+const MAX_ARRAY: u64 = 1 << 26;
+const MAX_STRING: u64 = 1 << 30;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// Any unsigned integer type.
+    U64(u64),
+    /// Any signed integer type.
+    I64(i64),
+    /// f32 or f64.
+    F64(f64),
+    /// A boolean.
+    Bool(bool),
+    /// A UTF-8 string.
+    Str(String),
+    /// An array of values.
+    Array(Vec<Value>),
+}
+
+impl Value {
+    /// The value as an unsigned integer, if it is a non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U64(v) => Some(v),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as a float, if it is numeric.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F64(v) => Some(v),
+            Value::U64(v) => Some(v as f64),
+            Value::I64(v) => Some(v as f64),
+            _ => None,
+        }
+    }
+
+    /// The value as a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The value as an array.
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// The storage type of a tensor (ggml's `ggml_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit IEEE float.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// 32 weights per block: f16 scale, 4-bit values offset by 8.
+    Q4_0,
+    /// 32 weights per block: f16 scale and minimum, 4-bit values.
+    Q4_1,
+    /// 32 weights per block: f16 scale, 8-bit values.
+    Q8_0,
+    /// 256-weight super-blocks with 6-bit sub-block scales and minimums, 4-bit values.
+    Q4K,
+    /// 256-weight super-blocks with 8-bit sub-block scales, 6-bit values.
+    Q6K,
+    /// Any other type, kept so the error can name it.
+    Other(u32),
+}
+
+impl TensorType {
+    fn from_raw(raw: u32) -> Self {
+        match raw {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            8 => Self::Q8_0,
+            12 => Self::Q4K,
+            14 => Self::Q6K,
+            30 => Self::BF16,
+            other => Self::Other(other),
+        }
+    }
+
+    /// (weights per block, bytes per block), or `None` for unsupported types.
+    fn block(self) -> Option<(usize, usize)> {
+        Some(match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::BF16 => (1, 2),
+            Self::Q4_0 => (32, 18),
+            Self::Q4_1 => (32, 20),
+            Self::Q8_0 => (32, 34),
+            Self::Q4K => (256, 144),
+            Self::Q6K => (256, 210),
+            Self::Other(_) => return None,
+        })
+    }
+
+    /// The name llama.cpp uses for this type.
+    pub fn name(self) -> String {
+        match self {
+            Self::F32 => "F32".into(),
+            Self::F16 => "F16".into(),
+            Self::BF16 => "BF16".into(),
+            Self::Q4_0 => "Q4_0".into(),
+            Self::Q4_1 => "Q4_1".into(),
+            Self::Q8_0 => "Q8_0".into(),
+            Self::Q4K => "Q4_K".into(),
+            Self::Q6K => "Q6_K".into(),
+            Self::Other(raw) => match raw {
+                6 => "Q5_0".into(),
+                7 => "Q5_1".into(),
+                9 => "Q8_1".into(),
+                10 => "Q2_K".into(),
+                11 => "Q3_K".into(),
+                13 => "Q5_K".into(),
+                15 => "Q8_K".into(),
+                other => format!("ggml type {other}"),
+            },
+        }
+    }
+}
+
+/// Where one tensor lies in the file.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// Dimensions in ggml order: `dims[0]` varies fastest (the row length).
+    pub dims: Vec<u64>,
+    /// Storage type.
+    pub kind: TensorType,
+    /// Byte offset from the start of the tensor data section.
+    offset: u64,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn len(&self) -> u64 {
+        self.dims.iter().product()
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The shape in row-major (PyTorch) order: the reverse of `dims`.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+}
+
+/// An opened GGUF file.
+pub struct GgufFile {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    /// Metadata key-value pairs.
+    pub metadata: BTreeMap<String, Value>,
+    /// Tensors by name.
+    pub tensors: BTreeMap<String, TensorInfo>,
+    data_start: u64,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
+        match end {
+            Some(end) => {
+                let out = &self.bytes[self.pos..end];
+                self.pos = end;
+                Ok(out)
+            }
+            None => Err(InferenceError::format(
+                self.path,
+                format!(
+                    "truncated GGUF header: needed {n} bytes for {what} at offset {}, file has {}",
+                    self.pos,
+                    self.bytes.len()
+                ),
+            )),
+        }
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, what)?);
+        Ok(out)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let len = self.u64(what)?;
+        if len > MAX_STRING {
+            return Err(self.corrupt(format!("{what} claims a {len}-byte string")));
+        }
+        let bytes = self.take(len as usize, what)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| self.corrupt(format!("{what} is not valid UTF-8")))
+    }
+
+    fn corrupt(&self, reason: String) -> InferenceError {
+        InferenceError::format(self.path, format!("corrupt GGUF header: {reason}"))
+    }
+
+    fn value(&mut self, kind: u32, key: &str, depth: u8) -> Result<Value> {
+        Ok(match kind {
+            0 => Value::U64(u64::from(self.array::<1>(key)?[0])),
+            1 => Value::I64(i64::from(i8::from_le_bytes(self.array(key)?))),
+            2 => Value::U64(u64::from(u16::from_le_bytes(self.array(key)?))),
+            3 => Value::I64(i64::from(i16::from_le_bytes(self.array(key)?))),
+            4 => Value::U64(u64::from(self.u32(key)?)),
+            5 => Value::I64(i64::from(i32::from_le_bytes(self.array(key)?))),
+            6 => Value::F64(f64::from(f32::from_le_bytes(self.array(key)?))),
+            7 => Value::Bool(self.array::<1>(key)?[0] != 0),
+            8 => Value::Str(self.string(key)?),
+            9 => {
+                if depth > 2 {
+                    return Err(self.corrupt(format!("`{key}` nests arrays too deeply")));
+                }
+                let item_kind = self.u32(key)?;
+                let count = self.u64(key)?;
+                if count > MAX_ARRAY {
+                    return Err(self.corrupt(format!("`{key}` claims {count} array items")));
+                }
+                let mut items = Vec::with_capacity((count as usize).min(1 << 16));
+                for _ in 0..count {
+                    items.push(self.value(item_kind, key, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64(key)?),
+            11 => Value::I64(i64::from_le_bytes(self.array(key)?)),
+            12 => Value::F64(f64::from_le_bytes(self.array(key)?)),
+            other => return Err(self.corrupt(format!("`{key}` has unknown value type {other}"))),
+        })
+    }
+}
+
+impl GgufFile {
+    /// Opens and parses the header of a GGUF file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| InferenceError::io(path, e))?;
+        // SAFETY: the map is read-only and the model files are not modified
+        // while a node runs; a concurrent truncation would be a SIGBUS, the
+        // same risk every mmap-based model loader accepts.
+        #[allow(unsafe_code)]
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| InferenceError::io(path, e))?;
+        let mut r = Reader {
+            bytes: &map,
+            pos: 0,
+            path,
+        };
+        if r.take(4, "the magic number")? != MAGIC {
+            return Err(InferenceError::format(
+                path,
+                "not a GGUF file (the first four bytes are not `GGUF`)",
+            ));
+        }
+        let version = r.u32("the version")?;
+        if !(2..=3).contains(&version) {
+            return Err(InferenceError::format(
+                path,
+                format!("GGUF version {version} is not supported (2 and 3 are)"),
+            ));
+        }
+        let n_tensors = r.u64("the tensor count")?;
+        let n_kv = r.u64("the metadata count")?;
+        if n_tensors > MAX_TENSORS || n_kv > MAX_KV {
+            return Err(r.corrupt(format!("{n_tensors} tensors and {n_kv} metadata entries")));
+        }
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = r.string("a metadata key")?;
+            let kind = r.u32(&key)?;
+            let value = r.value(kind, &key, 0)?;
+            metadata.insert(key, value);
+        }
+        let mut tensors = BTreeMap::new();
+        for _ in 0..n_tensors {
+            let name = r.string("a tensor name")?;
+            let n_dims = r.u32(&name)?;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(r.corrupt(format!("tensor `{name}` has {n_dims} dimensions")));
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                dims.push(r.u64(&name)?);
+            }
+            let kind = TensorType::from_raw(r.u32(&name)?);
+            let offset = r.u64(&name)?;
+            tensors.insert(name, TensorInfo { dims, kind, offset });
+        }
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_ALIGNMENT);
+        if alignment == 0 || !alignment.is_power_of_two() {
+            return Err(r.corrupt(format!("general.alignment is {alignment}")));
+        }
+        let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
+        let file_len = map.len() as u64;
+        let out = Self {
+            path: path.to_path_buf(),
+            map,
+            metadata,
+            tensors,
+            data_start,
+        };
+        for (name, info) in &out.tensors {
+            let (start, len) = out.span(name, info)?;
+            if start.checked_add(len).is_none_or(|end| end > file_len) {
+                return Err(InferenceError::format(
+                    path,
+                    format!(
+                        "truncated: tensor `{name}` needs bytes {start}..{} but the file has {file_len}; download it again",
+                        start.saturating_add(len)
+                    ),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn span(&self, name: &str, info: &TensorInfo) -> Result<(u64, u64)> {
+        let (per_block, block_bytes) =
+            info.kind
+                .block()
+                .ok_or_else(|| InferenceError::UnsupportedQuantization {
+                    tensor: name.to_string(),
+                    kind: info.kind.name(),
+                })?;
+        let n = info
+            .dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| {
+                InferenceError::format(&self.path, format!("tensor `{name}` is impossibly large"))
+            })?;
+        if info.dims[0] % per_block as u64 != 0 {
+            return Err(InferenceError::format(
+                &self.path,
+                format!(
+                    "tensor `{name}` has rows of {} weights, not a multiple of the {}-weight block",
+                    info.dims[0],
+                    per_block
+                ),
+            ));
+        }
+        let len = n / per_block as u64 * block_bytes as u64;
+        Ok((self.data_start + info.offset, len))
+    }
+
+    /// A metadata value by key.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    /// Reads and dequantizes a tensor to f32, in row-major order of
+    /// [`TensorInfo::shape`].
+    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| InferenceError::weight(name, "missing from the GGUF file"))?;
+        let (start, len) = self.span(name, info)?;
+        let bytes = &self.map[start as usize..(start + len) as usize];
+        let n = info.len() as usize;
+        let values = dequantize(info.kind, bytes, n).ok_or_else(|| {
+            InferenceError::UnsupportedQuantization {
+                tensor: name.to_string(),
+                kind: info.kind.name(),
+            }
+        })?;
+        Ok((info.shape(), values))
+    }
+}
+
+/// Dequantizes `n` weights stored as `kind` in `bytes` (whose length the
+/// caller checked). Returns `None` for unsupported types.
+pub fn dequantize(kind: TensorType, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
+    let mut out = Vec::with_capacity(n);
+    let h = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    match kind {
+        TensorType::F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        TensorType::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        TensorType::BF16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        TensorType::Q4_0 => {
+            for b in bytes.chunks_exact(18) {
+                let d = h(b, 0);
+                let qs = &b[2..18];
+                out.extend(qs.iter().map(|&q| (f32::from(q & 0x0F) - 8.0) * d));
+                out.extend(qs.iter().map(|&q| (f32::from(q >> 4) - 8.0) * d));
+            }
+        }
+        TensorType::Q4_1 => {
+            for b in bytes.chunks_exact(20) {
+                let (d, m) = (h(b, 0), h(b, 2));
+                let qs = &b[4..20];
+                out.extend(qs.iter().map(|&q| f32::from(q & 0x0F) * d + m));
+                out.extend(qs.iter().map(|&q| f32::from(q >> 4) * d + m));
+            }
+        }
+        TensorType::Q8_0 => {
+            for b in bytes.chunks_exact(34) {
+                let d = h(b, 0);
+                out.extend(b[2..34].iter().map(|&q| f32::from(q as i8) * d));
+            }
+        }
+        TensorType::Q4K => {
+            for b in bytes.chunks_exact(144) {
+                let (d, dmin) = (h(b, 0), h(b, 2));
+                let scales = &b[4..16];
+                let qs = &b[16..144];
+                for (j, q) in qs.chunks_exact(32).enumerate() {
+                    let (sc1, m1) = scale_min_k4(2 * j, scales);
+                    let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
+                    let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
+                    let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
+                    out.extend(q.iter().map(|&v| d1 * f32::from(v & 0x0F) - m1));
+                    out.extend(q.iter().map(|&v| d2 * f32::from(v >> 4) - m2));
+                }
+            }
+        }
+        TensorType::Q6K => {
+            for b in bytes.chunks_exact(210) {
+                let (ql_all, rest) = b.split_at(128);
+                let (qh_all, rest) = rest.split_at(64);
+                let (sc_all, d) = rest.split_at(16);
+                let d = h(d, 0);
+                for half in 0..2 {
+                    let ql = &ql_all[64 * half..64 * half + 64];
+                    let qh = &qh_all[32 * half..32 * half + 32];
+                    let sc = &sc_all[8 * half..8 * half + 8];
+                    let mut y = [0f32; 128];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = i32::from((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32;
+                        let q2 = i32::from((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                        let q3 = i32::from((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                        let q4 = i32::from((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                        let s = |k: usize| d * f32::from(sc[k] as i8);
+                        y[l] = s(is) * q1 as f32;
+                        y[l + 32] = s(is + 2) * q2 as f32;
+                        y[l + 64] = s(is + 4) * q3 as f32;
+                        y[l + 96] = s(is + 6) * q4 as f32;
+                    }
+                    out.extend_from_slice(&y);
+                }
+            }
+        }
+        TensorType::Other(_) => return None,
+    }
+    (out.len() == n).then_some(out)
+}
+
+/// The 6-bit scale and minimum of sub-block `j` of a Q4_K super-block.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q4_1_block_dequantizes_with_scale_and_minimum() {
+        let mut block = Vec::new();
+        block.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        block.extend_from_slice(&f16::from_f32(-1.0).to_le_bytes());
+        block.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+        let out = dequantize(TensorType::Q4_1, &block, 32).expect("supported");
+        assert_eq!(out[0], -1.0);
+        assert_eq!(out[15], 15.0 * 0.5 - 1.0);
+        assert_eq!(out[16], 15.0 * 0.5 - 1.0);
+        assert_eq!(out[31], -1.0);
+    }
+
+    #[test]
+    fn q8_0_and_q4_0_blocks_dequantize() {
+        let mut block = f16::from_f32(0.25).to_le_bytes().to_vec();
+        block.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        let out = dequantize(TensorType::Q8_0, &block, 32).expect("supported");
+        assert_eq!(out[0], -4.0);
+        assert_eq!(out[31], 15.0 * 0.25);
+
+        let mut block = f16::from_f32(2.0).to_le_bytes().to_vec();
+        block.extend(std::iter::repeat_n(0x9Fu8, 16));
+        let out = dequantize(TensorType::Q4_0, &block, 32).expect("supported");
+        assert_eq!(out[0], (15.0 - 8.0) * 2.0);
+        assert_eq!(out[16], (9.0 - 8.0) * 2.0);
+    }
+
+    #[test]
+    fn truncated_and_foreign_files_are_rejected_with_their_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bad.gguf");
+        std::fs::write(&path, b"GGUF\x03\x00").expect("write");
+        let err = GgufFile::open(&path).expect_err("truncated");
+        let msg = err.to_string();
+        assert!(msg.contains("bad.gguf") && msg.contains("truncated"), "{msg}");
+
+        std::fs::write(&path, b"PK\x03\x04 not a model").expect("write");
+        let msg = GgufFile::open(&path).expect_err("foreign").to_string();
+        assert!(msg.contains("not a GGUF file"), "{msg}");
+    }
+}

@@ -1,0 +1,332 @@
+//! The decoder-only transformer shared by the Llama family and Qwen3.
+//!
+//! Weights are held as plain tensors, linear weights pre-transposed to
+//! `[in, out]` and fused (q|k|v, gate|up) so each layer does three large
+//! matrix products over all tokens of a batch. Attention runs per sequence
+//! against that sequence's own [`KvCache`], which is what lets one forward
+//! pass mix a new request's prompt (prefill) with other requests' single
+//! decode tokens.
+
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Int, TensorData};
+
+use crate::cache::KvCache;
+use crate::config::{Architecture, ModelConfig};
+use crate::error::Result;
+use crate::weights::{layer_weights, LayerWeight, WeightName, WeightSource};
+
+struct Block<B: Backend> {
+    attn_norm: Tensor<B, 1>,
+    /// `[hidden, (heads + 2 * kv_heads) * head_dim]`
+    qkv: Tensor<B, 2>,
+    /// `[heads * head_dim, hidden]`
+    o: Tensor<B, 2>,
+    q_norm: Option<Tensor<B, 1>>,
+    k_norm: Option<Tensor<B, 1>>,
+    mlp_norm: Tensor<B, 1>,
+    /// `[hidden, 2 * intermediate]`
+    gate_up: Tensor<B, 2>,
+    /// `[intermediate, hidden]`
+    down: Tensor<B, 2>,
+}
+
+/// One sequence's share of a forward pass.
+pub struct Segment<'a, B: Backend> {
+    /// New tokens: the whole prompt at prefill, one token at decode.
+    pub tokens: &'a [u32],
+    /// The sequence's cache; the tokens take positions `cache.len()..`.
+    pub cache: &'a mut KvCache<B>,
+}
+
+/// A loaded model on device `B`.
+pub struct Transformer<B: Backend> {
+    config: ModelConfig,
+    embed: Tensor<B, 2>,
+    /// `[hidden, vocab]`
+    lm_head: Tensor<B, 2>,
+    final_norm: Tensor<B, 1>,
+    blocks: Vec<Block<B>>,
+    /// `[max_positions, head_dim]`, each frequency's value repeated for both halves.
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+    device: B::Device,
+}
+
+/// Transposes a row-major `[rows, cols]` matrix.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+/// Concatenates row-major matrices with the same number of rows along columns.
+fn concat_columns(parts: &[(Vec<f32>, usize)], rows: usize) -> (Vec<f32>, usize) {
+    let total: usize = parts.iter().map(|(_, c)| c).sum();
+    let mut out = Vec::with_capacity(rows * total);
+    for r in 0..rows {
+        for (values, cols) in parts {
+            out.extend_from_slice(&values[r * cols..(r + 1) * cols]);
+        }
+    }
+    (out, total)
+}
+
+impl<B: Backend> Transformer<B> {
+    /// Loads every weight from `source`, checking shapes against `config`.
+    pub fn load(config: ModelConfig, source: &dyn WeightSource, device: &B::Device) -> Result<Self> {
+        let c = &config;
+        let vec1 = |values: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [values.len()]), device);
+        let mat = |values: Vec<f32>, rows: usize, cols: usize| {
+            Tensor::<B, 2>::from_data(TensorData::new(values, [rows, cols]), device)
+        };
+        let embed_values = source.load(WeightName::Embed, c)?;
+        let lm_head_t = if c.tie_word_embeddings || !source.contains(WeightName::LmHead) {
+            transpose(&embed_values, c.vocab_size, c.hidden_size)
+        } else {
+            transpose(&source.load(WeightName::LmHead, c)?, c.vocab_size, c.hidden_size)
+        };
+        let embed = mat(embed_values, c.vocab_size, c.hidden_size);
+        let lm_head = mat(lm_head_t, c.hidden_size, c.vocab_size);
+        let final_norm = vec1(source.load(WeightName::FinalNorm, c)?);
+
+        let h = c.hidden_size;
+        let (q_out, kv_out) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let load = |w: LayerWeight| source.load(WeightName::Layer(i, w), c);
+            let needed = layer_weights(c.architecture);
+            let (qkv, qkv_cols) = concat_columns(
+                &[
+                    (transpose(&load(LayerWeight::Q)?, q_out, h), q_out),
+                    (transpose(&load(LayerWeight::K)?, kv_out, h), kv_out),
+                    (transpose(&load(LayerWeight::V)?, kv_out, h), kv_out),
+                ],
+                h,
+            );
+            let inter = c.intermediate_size;
+            let (gate_up, gu_cols) = concat_columns(
+                &[
+                    (transpose(&load(LayerWeight::Gate)?, inter, h), inter),
+                    (transpose(&load(LayerWeight::Up)?, inter, h), inter),
+                ],
+                h,
+            );
+            let norm = |w: LayerWeight| -> Result<Option<Tensor<B, 1>>> {
+                Ok(if needed.contains(&w) { Some(vec1(load(w)?)) } else { None })
+            };
+            blocks.push(Block {
+                attn_norm: vec1(load(LayerWeight::AttnNorm)?),
+                qkv: mat(qkv, h, qkv_cols),
+                o: mat(transpose(&load(LayerWeight::O)?, h, q_out), q_out, h),
+                q_norm: norm(LayerWeight::QNorm)?,
+                k_norm: norm(LayerWeight::KNorm)?,
+                mlp_norm: vec1(load(LayerWeight::MlpNorm)?),
+                gate_up: mat(gate_up, h, gu_cols),
+                down: mat(transpose(&load(LayerWeight::Down)?, h, inter), inter, h),
+            });
+        }
+
+        let (cos, sin) = rope_tables(c);
+        let positions = c.max_position_embeddings;
+        let cos = mat(cos, positions, c.head_dim);
+        let sin = mat(sin, positions, c.head_dim);
+        Ok(Self {
+            config,
+            embed,
+            lm_head,
+            final_norm,
+            blocks,
+            cos,
+            sin,
+            device: device.clone(),
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// A fresh cache for one sequence of this model.
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim)
+    }
+
+    /// Runs the new tokens of every segment through the model, extending each
+    /// segment's cache, and returns logits.
+    ///
+    /// With `all_positions` false, one row per segment (its last token);
+    /// otherwise one row per input token, segments in order.
+    ///
+    /// # Shapes
+    /// - returns `[segments or total_tokens, vocab]`
+    pub fn forward(&self, segments: &mut [Segment<'_, B>], all_positions: bool) -> Tensor<B, 2> {
+        let c = &self.config;
+        let ids: Vec<i64> = segments
+            .iter()
+            .flat_map(|s| s.tokens.iter().map(|&t| i64::from(t)))
+            .collect();
+        let n = ids.len();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
+        // [n, hidden]
+        let mut x = self.embed.clone().select(0, ids);
+        let (q_out, kv_out) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = rms_norm(x.clone(), &block.attn_norm, c.rms_norm_eps);
+            // [n, q_out + 2 * kv_out]
+            let qkv = h.matmul(block.qkv.clone());
+            let mut outs = Vec::with_capacity(segments.len());
+            let mut row = 0;
+            for seg in segments.iter_mut() {
+                let t = seg.tokens.len();
+                let rows = row..row + t;
+                row += t;
+                let q = qkv.clone().slice([rows.clone(), 0..q_out]);
+                let k = qkv.clone().slice([rows.clone(), q_out..q_out + kv_out]);
+                let v = qkv.clone().slice([rows, q_out + kv_out..q_out + 2 * kv_out]);
+                outs.push(self.attention(layer, block, q, k, v, seg.cache));
+            }
+            let attn = Tensor::cat(outs, 0);
+            x = x + attn.matmul(block.o.clone());
+
+            let h = rms_norm(x.clone(), &block.mlp_norm, c.rms_norm_eps);
+            let gu = h.matmul(block.gate_up.clone());
+            let inter = c.intermediate_size;
+            let gate = gu.clone().slice([0..n, 0..inter]);
+            let up = gu.slice([0..n, inter..2 * inter]);
+            x = x + (silu(gate) * up).matmul(block.down.clone());
+        }
+        for seg in segments.iter_mut() {
+            seg.cache.advance(seg.tokens.len());
+        }
+
+        if !all_positions {
+            let mut last = Vec::with_capacity(segments.len());
+            let mut end = 0i64;
+            for seg in segments.iter() {
+                end += seg.tokens.len() as i64;
+                last.push(end - 1);
+            }
+            let k = last.len();
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [k]), &self.device);
+            x = x.select(0, idx);
+        }
+        rms_norm(x, &self.final_norm, c.rms_norm_eps).matmul(self.lm_head.clone())
+    }
+
+    /// Self-attention of one sequence's new tokens against its cache.
+    ///
+    /// # Shapes
+    /// - `q`: `[t, heads * head_dim]`; `k`, `v`: `[t, kv_heads * head_dim]`
+    /// - returns `[t, heads * head_dim]`
+    fn attention(
+        &self,
+        layer: usize,
+        block: &Block<B>,
+        q: Tensor<B, 2>,
+        k: Tensor<B, 2>,
+        v: Tensor<B, 2>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 2> {
+        let c = &self.config;
+        let (t, hd, nh, nkv) = (q.dims()[0], c.head_dim, c.num_heads, c.num_kv_heads);
+        let group = nh / nkv;
+        let pos = cache.len();
+        // [heads, t, hd]
+        let mut q = q.reshape([t, nh, hd]).swap_dims(0, 1);
+        let mut k = k.reshape([t, nkv, hd]).swap_dims(0, 1);
+        let v = v.reshape([t, nkv, hd]).swap_dims(0, 1);
+        if let (Some(qn), Some(kn)) = (&block.q_norm, &block.k_norm) {
+            q = rms_norm(q, qn, c.rms_norm_eps);
+            k = rms_norm(k, kn, c.rms_norm_eps);
+        }
+        let q = self.rope(q, pos);
+        let k = self.rope(k, pos);
+        let (keys, values) = cache.append(layer, k, v);
+        let len = pos + t;
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: t > 1,
+        };
+        let out = if t == 1 {
+            // One query per head: group the query heads that share a key/value
+            // head so no key or value is copied. [1, kv, group, hd]
+            let q = q.reshape([1, nkv, group, hd]);
+            let keys = keys.unsqueeze_dim::<4>(0);
+            let values = values.unsqueeze_dim::<4>(0);
+            attention(q, keys, values, None, None, options).reshape([nh, 1, hd])
+        } else {
+            let expand = |x: Tensor<B, 3>| {
+                x.unsqueeze_dim::<4>(1)
+                    .expand([nkv, group, len, hd])
+                    .reshape([1, nh, len, hd])
+            };
+            let q = q.unsqueeze_dim::<4>(0);
+            attention(q, expand(keys), expand(values), None, None, options).reshape([nh, t, hd])
+        };
+        out.swap_dims(0, 1).reshape([t, nh * hd])
+    }
+
+    /// Rotary position embedding, rotate-half convention (as transformers).
+    ///
+    /// # Shapes
+    /// - `x`: `[heads, t, head_dim]` for positions `pos..pos + t`
+    fn rope(&self, x: Tensor<B, 3>, pos: usize) -> Tensor<B, 3> {
+        let [heads, t, hd] = x.dims();
+        let half = hd / 2;
+        let cos = self.cos.clone().slice([pos..pos + t, 0..hd]).unsqueeze_dim::<3>(0);
+        let sin = self.sin.clone().slice([pos..pos + t, 0..hd]).unsqueeze_dim::<3>(0);
+        let x1 = x.clone().slice([0..heads, 0..t, 0..half]);
+        let x2 = x.clone().slice([0..heads, 0..t, half..hd]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
+        x * cos + rotated * sin
+    }
+}
+
+/// `x / sqrt(mean(x²) + eps) * weight` over the last dimension.
+fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: &Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
+    let ms = x.clone().square().mean_dim(D - 1);
+    let normed = x * (ms.add_scalar(eps)).sqrt().recip();
+    normed * weight.clone().unsqueeze::<D>()
+}
+
+/// cos and sin tables `[max_positions, head_dim]`, computed in f32 like
+/// transformers so positions far into the context agree to the last bit
+/// that matters.
+fn rope_tables(c: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
+    let inv: Vec<f32> = c.rope_inv_freq().into_iter().map(|f| f as f32).collect();
+    let half = inv.len();
+    let mut cos = Vec::with_capacity(c.max_position_embeddings * 2 * half);
+    let mut sin = Vec::with_capacity(cos.capacity());
+    for p in 0..c.max_position_embeddings {
+        for _ in 0..2 {
+            for &f in &inv {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+    (cos, sin)
+}
+
+/// Which architecture-specific weights a config needs; used in errors.
+pub fn describe(c: &ModelConfig) -> String {
+    let arch = match c.architecture {
+        Architecture::Llama => "llama",
+        Architecture::Qwen3 => "qwen3",
+    };
+    format!(
+        "{arch}: {} layers, hidden {}, {} heads ({} kv), head_dim {}, vocab {}",
+        c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
+    )
+}

@@ -1,0 +1,129 @@
+//! The gateway side in one place: policy, insecure opt-in, collateral
+//! source and verdict cache.
+//!
+//! The overlay calls [`Appraiser::cached`] when an announcement arrives (a
+//! known digest needs no fetch), and [`Appraiser::appraise`] after fetching
+//! a document over `/silk/attest/1.0.0`. `appraise` may read the collateral
+//! cache and call the PCCS, both blocking: run it in
+//! `tokio::task::spawn_blocking` (or hold the appraiser behind a mutex in a
+//! blocking task).
+
+use tracing::{debug, info};
+
+use super::{
+    appraise_document, AttestationDocument, CollateralSource, Digest, Policy, RejectReason,
+    Verdict, VerdictCache,
+};
+
+/// Appraises workers' attestation documents and remembers the verdicts.
+#[derive(Debug)]
+pub struct Appraiser {
+    policy: Policy,
+    allow_insecure: bool,
+    collateral: Option<CollateralSource>,
+    cache: VerdictCache,
+}
+
+impl Appraiser {
+    /// An appraiser with `policy`; `allow_insecure` is the gateway's
+    /// `--allow-insecure-workers`. Without a collateral source it uses the
+    /// collateral carried in each document.
+    pub fn new(policy: Policy, allow_insecure: bool) -> Self {
+        Self {
+            policy,
+            allow_insecure,
+            collateral: None,
+            cache: VerdictCache::default(),
+        }
+    }
+
+    /// Prefers collateral from `source` (on-disk cache, then PCCS) over the
+    /// collateral a document carries.
+    pub fn with_collateral_source(mut self, source: CollateralSource) -> Self {
+        self.collateral = Some(source);
+        self
+    }
+
+    /// Replaces the verdict cache (e.g. with another capacity).
+    pub fn with_cache(mut self, cache: VerdictCache) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Whether insecure workers are accepted.
+    pub fn allows_insecure(&self) -> bool {
+        self.allow_insecure
+    }
+
+    /// The cached verdict for a gossiped digest, if still valid at `now`.
+    pub fn cached(&mut self, digest: &Digest, now: u64) -> Option<Verdict> {
+        self.cache.get(digest, now).cloned()
+    }
+
+    /// Like [`Appraiser::appraise`], for a document fetched because of an
+    /// announcement carrying `announced`: a document with another digest is
+    /// refused (and not cached) without further checks.
+    pub fn appraise_announced(
+        &mut self,
+        doc: &AttestationDocument,
+        peer_public_key: &[u8; 32],
+        announced: &Digest,
+        now: u64,
+    ) -> Verdict {
+        let actual = doc.digest();
+        if actual != *announced {
+            return RejectReason::DigestMismatch {
+                announced: announced.to_string(),
+                actual: actual.to_string(),
+            }
+            .into();
+        }
+        self.appraise(doc, peer_public_key, now)
+    }
+
+    /// Appraises `doc` received from the peer whose raw ed25519 key is
+    /// `peer_public_key`, caches the verdict under the document's digest and
+    /// returns it.
+    pub fn appraise(
+        &mut self,
+        doc: &AttestationDocument,
+        peer_public_key: &[u8; 32],
+        now: u64,
+    ) -> Verdict {
+        let digest = doc.digest();
+        if let Some(v) = self.cache.get(&digest, now) {
+            return v.clone();
+        }
+        let own = match (&self.collateral, &doc.quote) {
+            (Some(source), Some(quote)) => match source.get(quote, now) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    debug!(error = %e, "no collateral of our own; using the document's");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let appraisal = appraise_document(
+            doc,
+            peer_public_key,
+            own.as_ref(),
+            &self.policy,
+            self.allow_insecure,
+            now,
+        );
+        info!(%digest, mode = %doc.mode, verdict = %appraisal.verdict, "appraised attestation");
+        self.cache.insert(
+            digest,
+            appraisal.verdict.clone(),
+            appraisal.valid_until,
+            now,
+        );
+        appraisal.verdict
+    }
+}
