@@ -95,8 +95,10 @@ def open_llama(n_seq_max: int = 1, **kwargs):
     first llama_decode. `use_extra_bufts = false` keeps the weights in the
     plain CPU buffer (AVX-512 kernels); llama-cpp-python does not expose the
     flag, so patch the default model params it starts from. The same goes
-    for the number of parallel sequences (batched decode): n_seq_max with a
-    unified KV cache shared by all sequences.
+    for the number of parallel sequences (batched decode): n_seq_max
+    sequences, each with its own KV stream of n_ctx / n_seq_max cells
+    (kv_unified = false, as in llama.cpp's batched-bench, so attention does
+    not scan the other sequences' cells).
     """
     import llama_cpp.llama_cpp as C
     from llama_cpp import Llama
@@ -112,7 +114,7 @@ def open_llama(n_seq_max: int = 1, **kwargs):
     def ctx_params():
         p = orig_ctx()
         p.n_seq_max = n_seq_max
-        p.kv_unified = True
+        p.kv_unified = False
         return p
 
     C.llama_model_default_params = model_params
@@ -359,6 +361,7 @@ def main() -> None:
         return
 
     engine = pick_engine(a.engine)
+    load_before = os.getloadavg()
     batches = [int(x) for x in a.batch.split(",") if x.strip()]
     runs = []
     for b in batches:
@@ -370,7 +373,12 @@ def main() -> None:
             runs.append({"engine": engine, "batch": b, "error": p.stderr.strip()[-2000:]})
             continue
         runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    print(json.dumps({"model": os.path.basename(a.gguf), "engine": engine, "machine": machine(),
+    mach = machine()
+    # Other work on the machine skews these figures badly (llama.cpp's OpenMP
+    # threads spin): keep the load averages so a reader can tell.
+    mach["loadavg_before"] = [round(x, 2) for x in load_before]
+    mach["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps({"model": os.path.basename(a.gguf), "engine": engine, "machine": mach,
                       "runs": runs}, indent=1))
 
 

@@ -349,8 +349,22 @@ def dir_files(out: Path) -> dict:
             for p in sorted(out.iterdir()) if p.name != "expected.json"}
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Swaps a freshly written fixture directory in with two renames, so the
+    committed fixture is never seen half-written."""
+    old = final.with_name("." + final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def make_tiny(kind: str) -> None:
-    out = FIXTURES / f"tiny-{kind}"
+    final = FIXTURES / f"tiny-{kind}"
+    out = FIXTURES / f".tiny-{kind}.tmp"
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -479,6 +493,8 @@ def make_tiny(kind: str) -> None:
         "cases": cases,
     }
     write_json(out / "expected.json", expected)
+    replace_dir(out, final)
+    out = final
     print(f"tiny-{kind}: {sum(p.stat().st_size for p in out.iterdir())} bytes in {out}")
     for c in cases:
         print(f"  {c['name']}: {len(c['prompt_token_ids'])} prompt tokens, min margin "
@@ -615,6 +631,7 @@ def make_smollm2(gguf_arg: str | None, llama_python: str | None) -> None:
             c["name"] = ["capital", "chat", "code"][i]
         run_cases(model, tok, cases, full_vocab=False, all_positions_case=None, check_nocache=False)
         llama_cpp_info = llama_cpp_reference(llama_python, path, cases)
+        drift = f64_drift(model, cases)
 
     expected = {
         "schema_version": SCHEMA_VERSION,
@@ -625,6 +642,7 @@ def make_smollm2(gguf_arg: str | None, llama_python: str | None) -> None:
         "bytes": size,
         "reference": "transformers gguf_file= (weights dequantised to float32, eager attention)",
         "dtype": "float32",
+        "f32_vs_f64_max_abs_logit_diff": drift,
         "generator": generator_info(),
         "gguf_metadata": meta,
         "vocab_size": model.config.vocab_size,
@@ -650,8 +668,10 @@ def make_smollm2(gguf_arg: str | None, llama_python: str | None) -> None:
         "llama_cpp": llama_cpp_info,
         "cases": cases,
     }
-    write_json(out / "expected.json", expected)
-    print(f"smollm2: sha256 {digest}")
+    tmp = out / "expected.json.tmp"
+    write_json(tmp, expected)
+    tmp.replace(out / "expected.json")
+    print(f"smollm2: sha256 {digest}, f32 vs f64 max logit diff {drift:.3g}")
     for c in cases:
         print(f"  {c['name']}: ids {c['prompt_token_ids']}, min margin {c['greedy_min_margin']:.4f}, "
               f"text {c['greedy_text']!r}")

@@ -19,7 +19,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 "$venv/bin/python" -m pip install --upgrade pip
-# Native CPU build (AVX2/FMA etc. as the build machine supports), no GPU.
+# Native CPU build (AVX2/AVX-512 etc. as the build machine supports), no GPU.
+# On CPUs that advertise AMX the native build also compiles llama.cpp's AMX
+# weight repacking, which segfaults on these VMs; the Python scripts here
+# load models with use_extra_bufts=false to avoid it (see README.md).
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_CUDA=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 "$venv/bin/python" -m pip install --no-cache-dir --verbose "llama-cpp-python==$version" psutil==7.2.2

@@ -2,6 +2,9 @@
 //! subsystem; this file only holds the top-level parser and dispatch.
 
 pub mod attest;
+pub mod bench;
+pub mod infer;
+pub mod model;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +29,14 @@ pub enum Command {
     /// TDX attestation: show this node's claims, verify quotes.
     #[command(subcommand)]
     Attest(attest::AttestCommand),
+    /// Run one prompt through the local inference engine.
+    Infer(infer::InferArgs),
+    /// Manage local models: fetch the default model, list installed ones.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Benchmarks that print a table with a reference measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 impl Cli {
@@ -54,5 +65,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let data_dir = cli.data_dir();
     match cli.command {
         Command::Attest(cmd) => attest::run(cmd, &data_dir),
+        Command::Infer(args) => infer::run(args, &data_dir),
+        Command::Model(cmd) => model::run(cmd, &data_dir),
+        Command::Bench(cmd) => bench::run(cmd, &data_dir),
     }
 }

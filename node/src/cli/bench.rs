@@ -1,0 +1,270 @@
+//! `silk bench ...`: benchmarks that print a table, each with the machine
+//! and a reference measured in the same run.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use silk_inference::backend::{start_engine, Device};
+use silk_inference::model::ModelFormat;
+use silk_inference::{Engine, EngineConfig, Event, GenerateRequest, ModelStore, Prompt};
+
+/// `silk bench ...`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prefill and decode speed of the local engine, against a reference engine.
+    Inference(InferenceBenchArgs),
+}
+
+/// Arguments of `silk bench inference`.
+#[derive(Debug, Args)]
+pub struct InferenceBenchArgs {
+    /// Model name or path.
+    #[arg(long, default_value = silk_inference::DEFAULT_MODEL)]
+    pub model: String,
+    /// Batch sizes (concurrent requests), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batch: Vec<usize>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens generated after the first.
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Compute device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Python interpreter with llama-cpp-python or transformers for the
+    /// reference (`inference/reference/setup-llama.sh` makes one); `none`
+    /// skips the reference.
+    #[arg(long, env = "SILK_REFERENCE_PYTHON")]
+    pub reference_python: Option<String>,
+    /// The reference script.
+    #[arg(long, default_value = "inference/reference/bench_reference.py")]
+    pub reference_script: PathBuf,
+}
+
+/// Runs `silk bench ...`.
+pub fn run(cmd: BenchCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCommand::Inference(args) => inference(args, data_dir),
+    }
+}
+
+/// The text both engines take their prompt tokens from (the same as the
+/// reference script's).
+const PROMPT_TEXT: &str = "The quick brown fox jumps over the lazy dog. Once upon a time, there was a little robot \
+who lived in a small house at the edge of a forest. Every morning the robot woke up, opened \
+the window, and said hello to the birds in the trees. The birds sang back, and the robot \
+wrote their songs down in a notebook with a blue pencil. ";
+
+/// One row of the table.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Row {
+    batch: usize,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    ttft_s: f64,
+    peak_rss_bytes: u64,
+}
+
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn measure(engine: &Engine, prompt: &[u32], batch: usize, gen_tokens: usize) -> anyhow::Result<Row> {
+    let submitted = Instant::now();
+    let mut streams = Vec::with_capacity(batch);
+    for _ in 0..batch {
+        let mut request = GenerateRequest::new(Prompt::Tokens(prompt.to_vec()), gen_tokens + 1);
+        request.ignore_eos = true;
+        streams.push(engine.submit(request)?);
+    }
+    // Drain the streams on their own threads so no reader holds the batch back.
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                let mut first = None;
+                let mut tokens = 0usize;
+                while let Some(event) = s.blocking_next() {
+                    match event {
+                        Event::Token { .. } => {
+                            tokens += 1;
+                            first.get_or_insert_with(Instant::now);
+                        }
+                        Event::Done(_) => break,
+                        Event::Error(e) => return Err(anyhow::anyhow!(e)),
+                    }
+                }
+                Ok((first, tokens, Instant::now()))
+            })
+        })
+        .collect();
+    let mut firsts = Vec::new();
+    let mut end = submitted;
+    for h in handles {
+        let (first, tokens, done) = h.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        anyhow::ensure!(tokens == gen_tokens + 1, "a request produced {tokens} tokens");
+        firsts.push(first.context("no token")?);
+        end = end.max(done);
+    }
+    let first_all = firsts.iter().copied().max().unwrap_or(submitted);
+    let first_any = firsts.iter().copied().min().unwrap_or(submitted);
+    let prefill = first_all.duration_since(submitted).as_secs_f64();
+    let decode = end.duration_since(first_all).as_secs_f64();
+    Ok(Row {
+        batch,
+        prefill_tokens_per_s: (batch * prompt.len()) as f64 / prefill.max(1e-9),
+        decode_tokens_per_s: (batch * gen_tokens) as f64 / decode.max(1e-9),
+        ttft_s: first_any.duration_since(submitted).as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{cpu}, {cores} cores, {}", std::env::consts::ARCH)
+}
+
+fn reference(args: &InferenceBenchArgs, gguf: &Path) -> anyhow::Result<Option<(String, Vec<Row>)>> {
+    let python = match args.reference_python.as_deref() {
+        Some("none") => return Ok(None),
+        Some(p) => p.to_string(),
+        None if Path::new(".venv-llama/bin/python").exists() => ".venv-llama/bin/python".into(),
+        None => {
+            eprintln!("no reference engine: run inference/reference/setup-llama.sh or pass --reference-python");
+            return Ok(None);
+        }
+    };
+    let batches: Vec<String> = args.batch.iter().map(usize::to_string).collect();
+    let output = std::process::Command::new(&python)
+        .arg(&args.reference_script)
+        .arg("--gguf")
+        .arg(gguf)
+        .args(["--batch", &batches.join(",")])
+        .args(["--prompt-tokens", &args.prompt_tokens.to_string()])
+        .args(["--gen-tokens", &args.gen_tokens.to_string()])
+        .output()
+        .with_context(|| format!("running {python}"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "reference benchmark failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).context("reference output")?;
+    let engine = json["engine"].as_str().unwrap_or("reference").to_string();
+    let mut rows = Vec::new();
+    for run in json["runs"].as_array().into_iter().flatten() {
+        if let Some(err) = run.get("error") {
+            eprintln!("reference batch {}: {err}", run["batch"]);
+            continue;
+        }
+        rows.push(Row {
+            batch: run["batch"].as_u64().unwrap_or(0) as usize,
+            prefill_tokens_per_s: run["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
+            decode_tokens_per_s: run["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+            ttft_s: run["ttft_s"].as_f64().unwrap_or(0.0),
+            peak_rss_bytes: run["peak_rss_bytes"].as_u64().unwrap_or(0),
+        });
+    }
+    Ok(Some((engine, rows)))
+}
+
+fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.prompt_tokens > 0 && args.gen_tokens > 0, "--prompt-tokens and --gen-tokens must be positive");
+    anyhow::ensure!(!args.batch.is_empty() && !args.batch.contains(&0), "--batch takes positive sizes");
+    let store = ModelStore::new(data_dir.join("models"));
+    let source = store.resolve(&args.model)?;
+    let gguf = match &source.format {
+        ModelFormat::Gguf(p) => Some(p.clone()),
+        ModelFormat::HfDir(_) => None,
+    };
+    let max_batch = args.batch.iter().copied().max().unwrap_or(1);
+    let engine = start_engine(
+        source,
+        args.device,
+        EngineConfig {
+            max_batch,
+            ..EngineConfig::default()
+        },
+    )?;
+    let text = PROMPT_TEXT.repeat(1 + args.prompt_tokens / 40);
+    let mut prompt = engine.tokenizer().encode(&text, false)?;
+    anyhow::ensure!(prompt.len() >= args.prompt_tokens, "prompt text too short");
+    prompt.truncate(args.prompt_tokens);
+    // Warm up allocations and caches once.
+    measure(&engine, &prompt[..prompt.len().min(16)], 1, 4)?;
+    let mut ours = Vec::new();
+    for &b in &args.batch {
+        let row = measure(&engine, &prompt, b, args.gen_tokens)?;
+        eprintln!("silk batch {b}: {:.1} decode tokens/s", row.decode_tokens_per_s);
+        ours.push(row);
+    }
+    let reference = match &gguf {
+        Some(g) => reference(&args, g)?,
+        None => None,
+    };
+    println!("# silk bench inference");
+    println!();
+    println!("- model: `{}`", engine.source().id);
+    println!("- machine: {}; device: {:?}", machine(), args.device);
+    println!("- prompt {} tokens, {} generated tokens after the first, greedy, no EOS stop", args.prompt_tokens, args.gen_tokens);
+    println!();
+    println!("| engine | batch | prefill tok/s | decode tok/s (aggregate) | TTFT ms | peak RSS MiB |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let print = |name: &str, rows: &[Row]| {
+        for r in rows {
+            println!(
+                "| {name} | {} | {:.0} | {:.1} | {:.1} | {:.0} |",
+                r.batch,
+                r.prefill_tokens_per_s,
+                r.decode_tokens_per_s,
+                r.ttft_s * 1e3,
+                r.peak_rss_bytes as f64 / (1 << 20) as f64
+            );
+        }
+    };
+    print("silk (burn)", &ours);
+    if let Some((name, rows)) = &reference {
+        print(name, rows);
+        if let (Some(o1), Some(r1)) = (ours.iter().find(|r| r.batch == 1), rows.iter().find(|r| r.batch == 1)) {
+            println!();
+            println!(
+                "- batch 1 decode: silk / {name} = {:.2}",
+                o1.decode_tokens_per_s / r1.decode_tokens_per_s.max(1e-9)
+            );
+        }
+    } else {
+        println!();
+        println!("- no reference engine in this run");
+    }
+    if let (Some(o1), Some(o32)) = (ours.iter().find(|r| r.batch == 1), ours.iter().max_by_key(|r| r.batch)) {
+        println!(
+            "- silk batch {} aggregate decode / batch 1 = {:.2}",
+            o32.batch,
+            o32.decode_tokens_per_s / o1.decode_tokens_per_s.max(1e-9)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
