@@ -29,7 +29,11 @@ impl std::str::FromStr for Device {
                 .strip_prefix("cuda:")
                 .and_then(|i| i.parse().ok())
                 .map(Self::Cuda)
-                .ok_or_else(|| InferenceError::Backend(format!("unknown device `{other}`: use cpu, cuda or cuda:N"))),
+                .ok_or_else(|| {
+                    InferenceError::Backend(format!(
+                        "unknown device `{other}`: use cpu, cuda or cuda:N"
+                    ))
+                }),
         }
     }
 }

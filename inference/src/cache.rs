@@ -51,7 +51,12 @@ impl<B: Backend> KvCache<B> {
 
     /// Bytes of f32 reserved by this cache (for the KV budget).
     pub fn reserved_bytes(&self) -> usize {
-        bytes_for(self.layers.len(), self.kv_heads, self.head_dim, self.capacity)
+        bytes_for(
+            self.layers.len(),
+            self.kv_heads,
+            self.head_dim,
+            self.capacity,
+        )
     }
 
     /// Appends `new` positions of keys and values for `layer` and returns
@@ -84,16 +89,17 @@ impl<B: Backend> KvCache<B> {
                     lc.keys = lc
                         .keys
                         .slice_assign([0..kv, 0..n, 0..hd], old.keys.slice([0..kv, 0..n, 0..hd]));
-                    lc.values = lc.values.slice_assign(
-                        [0..kv, 0..n, 0..hd],
-                        old.values.slice([0..kv, 0..n, 0..hd]),
-                    );
+                    lc.values = lc
+                        .values
+                        .slice_assign([0..kv, 0..n, 0..hd], old.values.slice([0..kv, 0..n, 0..hd]));
                 }
                 lc
             }
         };
         lc.keys = lc.keys.slice_assign([0..kv, self.len..end, 0..hd], keys);
-        lc.values = lc.values.slice_assign([0..kv, self.len..end, 0..hd], values);
+        lc.values = lc
+            .values
+            .slice_assign([0..kv, self.len..end, 0..hd], values);
         let out = (
             lc.keys.clone().slice([0..kv, 0..end, 0..hd]),
             lc.values.clone().slice([0..kv, 0..end, 0..hd]),

@@ -102,7 +102,10 @@ impl ModelConfig {
             (Some(v), _) => v
                 .as_f64()
                 .ok_or_else(|| InferenceError::config("rope_theta", "not a number"))?,
-            (None, Some(p)) => p.get("rope_theta").and_then(Json::as_f64).unwrap_or(10_000.0),
+            (None, Some(p)) => p
+                .get("rope_theta")
+                .and_then(Json::as_f64)
+                .unwrap_or(10_000.0),
             (None, None) => 10_000.0,
         };
         // transformers 5 writes rope settings under `rope_parameters`; older
@@ -217,7 +220,7 @@ impl ModelConfig {
                 return Err(InferenceError::config(field, "must be positive"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(InferenceError::config(
                 "num_key_value_heads",
                 format!(
@@ -226,10 +229,14 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(InferenceError::config("head_dim", "must be even for RoPE"));
         }
-        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps > 0.0) {
+        if self.rope_theta.is_nan()
+            || self.rope_theta <= 0.0
+            || self.rms_norm_eps.is_nan()
+            || self.rms_norm_eps <= 0.0
+        {
             return Err(InferenceError::config(
                 "rope_theta / rms_norm_eps",
                 "must be positive numbers",

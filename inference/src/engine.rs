@@ -198,7 +198,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("model", &self.source.id).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("model", &self.source.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -235,7 +237,9 @@ impl Engine {
         std::thread::Builder::new()
             .name(format!("silk-engine-{}", source.name))
             .spawn(move || scheduler.run())
-            .map_err(|e| InferenceError::Backend(format!("cannot start the scheduler thread: {e}")))?;
+            .map_err(|e| {
+                InferenceError::Backend(format!("cannot start the scheduler thread: {e}"))
+            })?;
         Ok(Self {
             source,
             tokenizer,
@@ -296,7 +300,10 @@ impl Engine {
         if request.max_tokens > self.context {
             return Err(InferenceError::InvalidRequest {
                 field: "max_tokens",
-                reason: format!("is {}, more than the context window of {}", request.max_tokens, self.context),
+                reason: format!(
+                    "is {}, more than the context window of {}",
+                    request.max_tokens, self.context
+                ),
             });
         }
         if request.stop.iter().any(String::is_empty) || request.stop.len() > 16 {
@@ -405,7 +412,9 @@ impl<B: Backend> Scheduler<B> {
             }
             self.flush_pending();
             self.active.retain(|s| !s.finished && !s.sender.is_closed());
-            self.counters.active.store(self.active.len(), Ordering::Relaxed);
+            self.counters
+                .active
+                .store(self.active.len(), Ordering::Relaxed);
             if self.active.is_empty() {
                 continue;
             }
@@ -531,7 +540,9 @@ impl<B: Backend> Scheduler<B> {
             Err(e) => {
                 for (i, _) in &inputs {
                     let seq = &mut self.active[*i];
-                    let _ = seq.sender.try_send(Event::Error(format!("reading logits failed: {e:?}")));
+                    let _ = seq
+                        .sender
+                        .try_send(Event::Error(format!("reading logits failed: {e:?}")));
                     seq.finished = true;
                 }
                 return;
@@ -555,8 +566,14 @@ impl<B: Backend> Scheduler<B> {
         if decoded > 0 {
             let tps = decoded as f64 / started.elapsed().as_secs_f64().max(1e-9);
             let old = f64::from_bits(self.counters.decode_tps.load(Ordering::Relaxed));
-            let new = if old == 0.0 { tps } else { 0.8 * old + 0.2 * tps };
-            self.counters.decode_tps.store(new.to_bits(), Ordering::Relaxed);
+            let new = if old == 0.0 {
+                tps
+            } else {
+                0.8 * old + 0.2 * tps
+            };
+            self.counters
+                .decode_tps
+                .store(new.to_bits(), Ordering::Relaxed);
         }
     }
 
@@ -597,7 +614,8 @@ impl<B: Backend> Scheduler<B> {
             }
         }
         if finish.is_none()
-            && (seq.generated >= seq.request.max_tokens || seq.prompt.len() + seq.generated >= context)
+            && (seq.generated >= seq.request.max_tokens
+                || seq.prompt.len() + seq.generated >= context)
         {
             finish = Some(FinishReason::Length);
             text.push_str(&std::mem::take(&mut seq.held));
@@ -632,7 +650,9 @@ impl<B: Backend> Scheduler<B> {
             let sender = seq.sender.clone();
             match seq.pending.take() {
                 None => {
-                    if let Err(mpsc::error::TrySendError::Full(ev)) = sender.try_send(Event::Done(usage)) {
+                    if let Err(mpsc::error::TrySendError::Full(ev)) =
+                        sender.try_send(Event::Done(usage))
+                    {
                         deliver_later(sender, vec![ev]);
                     }
                 }

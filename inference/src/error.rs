@@ -32,7 +32,9 @@ pub enum InferenceError {
         reason: String,
     },
     /// The model's architecture is not one this engine implements.
-    #[error("unsupported architecture `{0}`: silk runs the Llama family (llama) and Qwen3 (qwen3)")]
+    #[error(
+        "unsupported architecture `{0}`: silk runs the Llama family (llama) and Qwen3 (qwen3)"
+    )]
     UnsupportedArchitecture(String),
     /// A tensor is stored in a quantization this engine cannot read.
     #[error("tensor `{tensor}` uses {kind}, which silk cannot read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)")]

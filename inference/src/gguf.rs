@@ -393,13 +393,12 @@ impl GgufFile {
             .ok_or_else(|| {
                 InferenceError::format(&self.path, format!("tensor `{name}` is impossibly large"))
             })?;
-        if info.dims[0] % per_block as u64 != 0 {
+        if !info.dims[0].is_multiple_of(per_block as u64) {
             return Err(InferenceError::format(
                 &self.path,
                 format!(
                     "tensor `{name}` has rows of {} weights, not a multiple of the {}-weight block",
-                    info.dims[0],
-                    per_block
+                    info.dims[0], per_block
                 ),
             ));
         }
@@ -573,7 +572,10 @@ mod tests {
         std::fs::write(&path, b"GGUF\x03\x00").expect("write");
         let err = GgufFile::open(&path).expect_err("truncated");
         let msg = err.to_string();
-        assert!(msg.contains("bad.gguf") && msg.contains("truncated"), "{msg}");
+        assert!(
+            msg.contains("bad.gguf") && msg.contains("truncated"),
+            "{msg}"
+        );
 
         std::fs::write(&path, b"PK\x03\x04 not a model").expect("write");
         let msg = GgufFile::open(&path).expect_err("foreign").to_string();

@@ -35,7 +35,8 @@ pub mod transformer;
 pub mod weights;
 
 pub use engine::{
-    Engine, EngineConfig, EngineLoad, Event, FinishReason, GenerateRequest, GenerationStream, Prompt, Usage,
+    Engine, EngineConfig, EngineLoad, Event, FinishReason, GenerateRequest, GenerationStream,
+    Prompt, Usage,
 };
 pub use error::{InferenceError, Result};
 pub use model::{LoadedModel, ModelSource};

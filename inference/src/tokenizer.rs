@@ -66,7 +66,10 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(InferenceError::format(&path, "missing: a Hugging Face model directory needs tokenizer.json"));
+            return Err(InferenceError::format(
+                &path,
+                "missing: a Hugging Face model directory needs tokenizer.json",
+            ));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| InferenceError::format(&path, format!("bad tokenizer: {e}")))?;
@@ -89,10 +92,7 @@ impl Tokenizer {
                 .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
                 .or_else(|| list.first())
                 .and_then(|t| t.get("template")?.as_str().map(str::to_owned)),
-            _ => match std::fs::read_to_string(dir.join("chat_template.jinja")) {
-                Ok(s) => Some(s),
-                Err(_) => None,
-            },
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
         };
         let bos_token = token_string(config.get("bos_token"));
         let eos_token = token_string(config.get("eos_token"));
@@ -126,7 +126,10 @@ impl Tokenizer {
             file.get(k)
                 .ok_or_else(|| InferenceError::format(path, format!("metadata `{k}` is missing")))
         };
-        let model = field("tokenizer.ggml.model")?.as_str().unwrap_or_default().to_string();
+        let model = field("tokenizer.ggml.model")?
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         if model != "gpt2" {
             return Err(InferenceError::format(
                 path,
@@ -139,7 +142,9 @@ impl Tokenizer {
             .iter()
             .map(|v| v.as_str().map(str::to_owned))
             .collect::<Option<_>>()
-            .ok_or_else(|| InferenceError::format(path, "tokenizer.ggml.tokens holds a non-string"))?;
+            .ok_or_else(|| {
+                InferenceError::format(path, "tokenizer.ggml.tokens holds a non-string")
+            })?;
         let merges: Vec<(String, String)> = field("tokenizer.ggml.merges")?
             .as_array()
             .ok_or_else(|| InferenceError::format(path, "tokenizer.ggml.merges is not an array"))?
@@ -149,7 +154,12 @@ impl Tokenizer {
                 Some((a.to_string(), b.to_string()))
             })
             .collect::<Option<_>>()
-            .ok_or_else(|| InferenceError::format(path, "tokenizer.ggml.merges holds an entry that is not `a b`"))?;
+            .ok_or_else(|| {
+                InferenceError::format(
+                    path,
+                    "tokenizer.ggml.merges holds an entry that is not `a b`",
+                )
+            })?;
         let types: Vec<u64> = file
             .get("tokenizer.ggml.token_type")
             .and_then(Value::as_array)
@@ -170,9 +180,13 @@ impl Tokenizer {
         let mut inner = tokenizers::Tokenizer::new(bpe);
         let byte_level = ByteLevel::new(false, true, true);
         let split = |regex: &str| -> Result<PreTokenizerWrapper> {
-            Ok(Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(tok_err)?
-                .into())
+            Ok(Split::new(
+                SplitPattern::Regex(regex.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(tok_err)?
+            .into())
         };
         let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
             "default" | "gpt2" | "gpt-2" => byte_level.into(),
@@ -205,7 +219,10 @@ impl Tokenizer {
         let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).cloned();
         let bos_id = id_of("tokenizer.ggml.bos_token_id");
         let eos_id = id_of("tokenizer.ggml.eos_token_id");
-        let add_bos = matches!(file.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+        let add_bos = matches!(
+            file.get("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(true))
+        );
         if let (true, Some(bos)) = (add_bos, bos_id) {
             let name = name_of(Some(bos)).unwrap_or_default();
             let processor = TemplateProcessing::builder()
@@ -233,7 +250,12 @@ impl Tokenizer {
     /// Token ids of `text`. `add_special` adds the BOS the model expects
     /// for raw text; rendered chat templates already hold theirs.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, add_special).map_err(tok_err)?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode(text, add_special)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
     }
 
     /// Text of `ids`; `skip_special` leaves out special tokens (as
@@ -260,17 +282,29 @@ impl Tokenizer {
     /// Renders `messages` with the model's chat template, the way
     /// transformers' `apply_chat_template` does (trim_blocks, lstrip_blocks,
     /// Python string methods, `raise_exception`).
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
-            InferenceError::Template("this model has no chat template; send a plain prompt instead".into())
+            InferenceError::Template(
+                "this model has no chat template; send a plain prompt instead".into(),
+            )
         })?;
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_function("strftime_now", |format: String| {
             // Templates use it for "today's date" in system prompts.
             let now = std::time::SystemTime::now()
@@ -297,8 +331,18 @@ impl Tokenizer {
 /// Enough of `strftime` for chat templates: %d %m %Y %b %B, in UTC.
 fn strftime_utc(secs: u64, format: &str) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = (secs / 86_400) as i64 + 719_468;

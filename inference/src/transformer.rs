@@ -80,9 +80,15 @@ fn concat_columns(parts: &[(Vec<f32>, usize)], rows: usize) -> (Vec<f32>, usize)
 
 impl<B: Backend> Transformer<B> {
     /// Loads every weight from `source`, checking shapes against `config`.
-    pub fn load(config: ModelConfig, source: &dyn WeightSource, device: &B::Device) -> Result<Self> {
+    pub fn load(
+        config: ModelConfig,
+        source: &dyn WeightSource,
+        device: &B::Device,
+    ) -> Result<Self> {
         let c = &config;
-        let vec1 = |values: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [values.len()]), device);
+        let vec1 = |values: Vec<f32>| {
+            Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [values.len()]), device)
+        };
         let mat = |values: Vec<f32>, rows: usize, cols: usize| {
             Tensor::<B, 2>::from_data(TensorData::new(values, [rows, cols]), device)
         };
@@ -90,7 +96,11 @@ impl<B: Backend> Transformer<B> {
         let lm_head_t = if c.tie_word_embeddings || !source.contains(WeightName::LmHead) {
             transpose(&embed_values, c.vocab_size, c.hidden_size)
         } else {
-            transpose(&source.load(WeightName::LmHead, c)?, c.vocab_size, c.hidden_size)
+            transpose(
+                &source.load(WeightName::LmHead, c)?,
+                c.vocab_size,
+                c.hidden_size,
+            )
         };
         let embed = mat(embed_values, c.vocab_size, c.hidden_size);
         let lm_head = mat(lm_head_t, c.hidden_size, c.vocab_size);
@@ -119,7 +129,11 @@ impl<B: Backend> Transformer<B> {
                 h,
             );
             let norm = |w: LayerWeight| -> Result<Option<Tensor<B, 1>>> {
-                Ok(if needed.contains(&w) { Some(vec1(load(w)?)) } else { None })
+                Ok(if needed.contains(&w) {
+                    Some(vec1(load(w)?))
+                } else {
+                    None
+                })
             };
             blocks.push(Block {
                 attn_norm: vec1(load(LayerWeight::AttnNorm)?),
@@ -156,7 +170,11 @@ impl<B: Backend> Transformer<B> {
 
     /// A fresh cache for one sequence of this model.
     pub fn new_cache(&self) -> KvCache<B> {
-        KvCache::new(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim)
+        KvCache::new(
+            self.config.num_layers,
+            self.config.num_kv_heads,
+            self.config.head_dim,
+        )
     }
 
     /// Runs the new tokens of every segment through the model, extending each
@@ -191,7 +209,9 @@ impl<B: Backend> Transformer<B> {
                 row += t;
                 let q = qkv.clone().slice([rows.clone(), 0..q_out]);
                 let k = qkv.clone().slice([rows.clone(), q_out..q_out + kv_out]);
-                let v = qkv.clone().slice([rows, q_out + kv_out..q_out + 2 * kv_out]);
+                let v = qkv
+                    .clone()
+                    .slice([rows, q_out + kv_out..q_out + 2 * kv_out]);
                 outs.push(self.attention(layer, block, q, k, v, seg.cache));
             }
             let attn = Tensor::cat(outs, 0);
@@ -283,8 +303,16 @@ impl<B: Backend> Transformer<B> {
     fn rope(&self, x: Tensor<B, 3>, pos: usize) -> Tensor<B, 3> {
         let [heads, t, hd] = x.dims();
         let half = hd / 2;
-        let cos = self.cos.clone().slice([pos..pos + t, 0..hd]).unsqueeze_dim::<3>(0);
-        let sin = self.sin.clone().slice([pos..pos + t, 0..hd]).unsqueeze_dim::<3>(0);
+        let cos = self
+            .cos
+            .clone()
+            .slice([pos..pos + t, 0..hd])
+            .unsqueeze_dim::<3>(0);
+        let sin = self
+            .sin
+            .clone()
+            .slice([pos..pos + t, 0..hd])
+            .unsqueeze_dim::<3>(0);
         let x1 = x.clone().slice([0..heads, 0..t, 0..half]);
         let x2 = x.clone().slice([0..heads, 0..t, half..hd]);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
@@ -293,7 +321,11 @@ impl<B: Backend> Transformer<B> {
 }
 
 /// `x / sqrt(mean(x²) + eps) * weight` over the last dimension.
-fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: &Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
+fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: &Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
     let ms = x.clone().square().mean_dim(D - 1);
     let normed = x * (ms.add_scalar(eps)).sqrt().recip();
     normed * weight.clone().unsqueeze::<D>()

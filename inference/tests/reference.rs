@@ -15,7 +15,9 @@ use silk_inference::transformer::Segment;
 const LOGIT_TOLERANCE: f32 = 1e-3;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn expected(dir: &Path) -> Value {
@@ -24,11 +26,19 @@ fn expected(dir: &Path) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("f") as f32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("f") as f32)
+        .collect()
 }
 
 fn messages(v: &Value) -> Vec<ChatMessage> {
@@ -37,7 +47,10 @@ fn messages(v: &Value) -> Vec<ChatMessage> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn load(dir: &Path) -> LoadedModel<Cpu> {
@@ -56,7 +69,10 @@ fn prompt_ids(model: &LoadedModel<Cpu>, case: &Value) -> Vec<u32> {
         }
         _ => model
             .tokenizer
-            .encode(case["prompt"].as_str().expect("prompt"), case["add_special_tokens"].as_bool().unwrap_or(true))
+            .encode(
+                case["prompt"].as_str().expect("prompt"),
+                case["add_special_tokens"].as_bool().unwrap_or(true),
+            )
             .expect("encode"),
     }
 }
@@ -66,7 +82,13 @@ fn greedy(model: &LoadedModel<Cpu>, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<
     let t = &model.transformer;
     let mut cache = t.new_cache();
     let logits = t
-        .forward(&mut [Segment { tokens: prompt, cache: &mut cache }], false)
+        .forward(
+            &mut [Segment {
+                tokens: prompt,
+                cache: &mut cache,
+            }],
+            false,
+        )
         .into_data()
         .to_vec::<f32>()
         .expect("logits");
@@ -75,7 +97,13 @@ fn greedy(model: &LoadedModel<Cpu>, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<
     let mut out = vec![next];
     while out.len() < n {
         let l = t
-            .forward(&mut [Segment { tokens: &[next], cache: &mut cache }], false)
+            .forward(
+                &mut [Segment {
+                    tokens: &[next],
+                    cache: &mut cache,
+                }],
+                false,
+            )
             .into_data()
             .to_vec::<f32>()
             .expect("logits");
@@ -93,18 +121,30 @@ fn check_tiny(name: &str) {
     let sample = &exp["chat_template_sample"];
     let msgs = messages(&sample["messages"]);
     assert_eq!(
-        model.tokenizer.apply_chat_template(&msgs, true).expect("render"),
-        sample["rendered_add_generation_prompt"].as_str().expect("s"),
+        model
+            .tokenizer
+            .apply_chat_template(&msgs, true)
+            .expect("render"),
+        sample["rendered_add_generation_prompt"]
+            .as_str()
+            .expect("s"),
         "{name}: chat template with generation prompt"
     );
     assert_eq!(
-        model.tokenizer.apply_chat_template(&msgs, false).expect("render"),
+        model
+            .tokenizer
+            .apply_chat_template(&msgs, false)
+            .expect("render"),
         sample["rendered_no_generation_prompt"].as_str().expect("s"),
         "{name}: chat template without generation prompt"
     );
     for case in exp["tokenizer_cases"].as_array().expect("cases") {
         let text = case["text"].as_str().expect("text");
-        assert_eq!(model.tokenizer.encode(text, false).expect("enc"), ids(&case["ids"]), "{name}: {text:?}");
+        assert_eq!(
+            model.tokenizer.encode(text, false).expect("enc"),
+            ids(&case["ids"]),
+            "{name}: {text:?}"
+        );
         assert_eq!(
             model.tokenizer.encode(text, true).expect("enc"),
             ids(&case["ids_with_special_tokens"]),
@@ -115,24 +155,49 @@ fn check_tiny(name: &str) {
     for case in exp["cases"].as_array().expect("cases") {
         let cname = case["name"].as_str().expect("name");
         let prompt = prompt_ids(&model, case);
-        assert_eq!(prompt, ids(&case["prompt_token_ids"]), "{name}/{cname}: prompt ids");
+        assert_eq!(
+            prompt,
+            ids(&case["prompt_token_ids"]),
+            "{name}/{cname}: prompt ids"
+        );
         let n = case["greedy_token_ids"].as_array().expect("g").len();
         let (logits, tokens) = greedy(&model, &prompt, n);
         let diff = max_abs_diff(&logits, &floats(&case["last_logits"]));
-        assert!(diff <= LOGIT_TOLERANCE, "{name}/{cname}: max |Δlogit| = {diff}");
-        assert_eq!(tokens, ids(&case["greedy_token_ids"]), "{name}/{cname}: greedy tokens");
+        assert!(
+            diff <= LOGIT_TOLERANCE,
+            "{name}/{cname}: max |Δlogit| = {diff}"
+        );
+        assert_eq!(
+            tokens,
+            ids(&case["greedy_token_ids"]),
+            "{name}/{cname}: greedy tokens"
+        );
 
         if let Some(all) = case.get("all_logits") {
             let mut cache = model.transformer.new_cache();
             let ours = model
                 .transformer
-                .forward(&mut [Segment { tokens: &prompt, cache: &mut cache }], true)
+                .forward(
+                    &mut [Segment {
+                        tokens: &prompt,
+                        cache: &mut cache,
+                    }],
+                    true,
+                )
                 .into_data()
                 .to_vec::<f32>()
                 .expect("logits");
-            let reference: Vec<f32> = all.as_array().expect("rows").iter().flat_map(floats).collect();
+            let reference: Vec<f32> = all
+                .as_array()
+                .expect("rows")
+                .iter()
+                .flat_map(floats)
+                .collect();
             let diff = max_abs_diff(&ours, &reference);
-            assert!(diff <= LOGIT_TOLERANCE, "{name}/{cname}: all positions max |Δlogit| = {diff}");
+            assert!(
+                diff <= LOGIT_TOLERANCE,
+                "{name}/{cname}: all positions max |Δlogit| = {diff}"
+            );
         }
     }
 }
@@ -157,7 +222,13 @@ fn cached_decoding_equals_full_recomputation() {
         let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 500).collect();
         let mut full_cache = t.new_cache();
         let full = t
-            .forward(&mut [Segment { tokens: &tokens, cache: &mut full_cache }], true)
+            .forward(
+                &mut [Segment {
+                    tokens: &tokens,
+                    cache: &mut full_cache,
+                }],
+                true,
+            )
             .into_data()
             .to_vec::<f32>()
             .expect("full");
@@ -168,12 +239,22 @@ fn cached_decoding_equals_full_recomputation() {
         for len in [10, 1, 3, 1, 1, 3, 5] {
             let chunk = &tokens[start..start + len];
             let out = t
-                .forward(&mut [Segment { tokens: chunk, cache: &mut cache }], true)
+                .forward(
+                    &mut [Segment {
+                        tokens: chunk,
+                        cache: &mut cache,
+                    }],
+                    true,
+                )
                 .into_data()
                 .to_vec::<f32>()
                 .expect("step");
             let diff = max_abs_diff(&out, &full[start * vocab..(start + len) * vocab]);
-            assert!(diff < 1e-4, "{name}: positions {start}..{}: {diff}", start + len);
+            assert!(
+                diff < 1e-4,
+                "{name}: positions {start}..{}: {diff}",
+                start + len
+            );
             start += len;
         }
         assert_eq!(start, tokens.len());
@@ -185,12 +266,20 @@ fn cached_decoding_equals_full_recomputation() {
 fn batched_engine_matches_reference_greedy_tokens() {
     let dir = fixture("tiny-qwen3");
     let exp = expected(&dir);
-    let engine = Engine::start(load(&dir), EngineConfig { max_batch: 3, prefill_chunk: 5, ..Default::default() })
-        .expect("engine");
+    let engine = Engine::start(
+        load(&dir),
+        EngineConfig {
+            max_batch: 3,
+            prefill_chunk: 5,
+            ..Default::default()
+        },
+    )
+    .expect("engine");
     let mut streams = Vec::new();
     for case in exp["cases"].as_array().expect("cases") {
         let want = ids(&case["greedy_token_ids"]);
-        let mut request = GenerateRequest::new(Prompt::Tokens(ids(&case["prompt_token_ids"])), want.len());
+        let mut request =
+            GenerateRequest::new(Prompt::Tokens(ids(&case["prompt_token_ids"])), want.len());
         request.ignore_eos = true;
         streams.push((engine.submit(request).expect("submit"), want));
     }
@@ -233,27 +322,53 @@ fn smollm2_gguf_matches_transformers() {
     };
     let exp = expected(&fixture("smollm2-q4_1"));
     let source = ModelSource::from_path(&path).expect("source");
-    assert!(source.id.ends_with(exp["sha256"].as_str().expect("sha")), "{}", source.id);
+    assert!(
+        source.id.ends_with(exp["sha256"].as_str().expect("sha")),
+        "{}",
+        source.id
+    );
     let model = LoadedModel::<Cpu>::load(source, &Default::default()).expect("load");
     for case in exp["tokenizer_cases"].as_array().expect("cases") {
         let text = case["text"].as_str().expect("text");
-        assert_eq!(model.tokenizer.encode(text, false).expect("enc"), ids(&case["ids"]), "{text:?}");
-        assert_eq!(model.tokenizer.decode(&ids(&case["ids"]), false).expect("dec"), case["decoded"].as_str().expect("d"));
+        assert_eq!(
+            model.tokenizer.encode(text, false).expect("enc"),
+            ids(&case["ids"]),
+            "{text:?}"
+        );
+        assert_eq!(
+            model
+                .tokenizer
+                .decode(&ids(&case["ids"]), false)
+                .expect("dec"),
+            case["decoded"].as_str().expect("d")
+        );
     }
     let sample = &exp["chat_template_sample"];
     assert_eq!(
-        model.tokenizer.apply_chat_template(&messages(&sample["messages"]), true).expect("render"),
-        sample["rendered_add_generation_prompt"].as_str().expect("s")
+        model
+            .tokenizer
+            .apply_chat_template(&messages(&sample["messages"]), true)
+            .expect("render"),
+        sample["rendered_add_generation_prompt"]
+            .as_str()
+            .expect("s")
     );
     for case in exp["cases"].as_array().expect("cases") {
         let cname = case["name"].as_str().expect("name");
         let prompt = prompt_ids(&model, case);
-        assert_eq!(prompt, ids(&case["prompt_token_ids"]), "{cname}: prompt ids");
+        assert_eq!(
+            prompt,
+            ids(&case["prompt_token_ids"]),
+            "{cname}: prompt ids"
+        );
         let want = ids(&case["greedy_token_ids"]);
         let (logits, got) = greedy(&model, &prompt, want.len());
         let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         eprintln!("{cname}: {agree}/{} greedy tokens agree", want.len());
-        assert!(agree >= 16, "{cname}: only the first {agree} greedy tokens agree: {got:?} vs {want:?}");
+        assert!(
+            agree >= 16,
+            "{cname}: only the first {agree} greedy tokens agree: {got:?} vs {want:?}"
+        );
         // The reference's top logits, at the last prompt position.
         let top_ids = ids(&case["last_logits_top_ids"]);
         let top_vals = floats(&case["last_logits_top_values"]);
