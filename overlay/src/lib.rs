@@ -1,6 +1,69 @@
-//! silk's peer-to-peer overlay.
+//! silk's peer-to-peer overlay: libp2p and nothing about money, models or HTTP.
 //!
 //! # Bird's-eye view
 //!
-//! This crate knows libp2p and nothing about money, models or HTTP. It is
-//! being built under issue 3; see `docs/ARCHITECTURE.md`.
+//! ```text
+//!   node code ──OverlayHandle (Clone)──► Command ──► overlay task ──► Swarm<Behaviour>
+//!        ▲         (bounded mpsc + oneshot reply)      │   owns        (behaviour.rs)
+//!        └──────────── OverlayEvent (bounded mpsc) ◄───┘
+//! ```
+//!
+//! **Tasks.** [`Overlay::spawn`] builds the swarm, binds the listen addresses
+//! and starts one *overlay task* (`network.rs`) that alone owns the
+//! [`libp2p::Swarm`]. It runs a `biased` select over: cancellation, swarm
+//! events, misbehaviour reports from job tasks, [`OverlayHandle`] commands,
+//! and a housekeeping tick. Its children, in a `JoinSet`, are the *job
+//! acceptor* (admits inbound `/silk/job/1.0.0` streams up to
+//! `max_inbound_jobs`) and the short handshake tasks it starts. Each outbound
+//! [`JobStream`] has one reader task, aborted when the stream is dropped.
+//!
+//! **Ownership.** The overlay task owns the swarm, the pending replies
+//! (keyed by Kademlia `QueryId` and request-response id), the gossip
+//! validation state ([`gossip`]: latest announcement per peer, per-origin
+//! rate limits) and the peer policy ([`misbehaviour`]: scores and bans). Job
+//! streams bypass it: `libp2p-stream` hands streams straight to the job
+//! tasks, so tokens never queue behind gossip or DHT work.
+//!
+//! **Data flow.**
+//! - Discovery: bootstrap addresses → Kademlia (`/silk/kad/1.0.0`) → identify
+//!   fills in listen addresses; mDNS on the LAN when enabled; relay client and
+//!   DCUtR for peers behind NAT; autonat reports reachability.
+//! - Announcements: [`OverlayHandle::announce`] signs an [`Announcement`]
+//!   into a [`SignedEnvelope`] and publishes it; every receiver validates it
+//!   (size, signature, signer = announced peer = gossip author, expiry,
+//!   growing `seq`, rate) *before* gossipsub forwards it. Rejections lower
+//!   the sender's gossipsub score and raise its misbehaviour score.
+//! - Jobs: [`OverlayHandle::open_job`] (dials the worker, looking its address
+//!   up in Kademlia when no connection exists) → length-prefixed postcard frames →
+//!   the worker's node gets [`OverlayEvent::InboundJob`] with a
+//!   [`JobResponder`]; frames are opaque bytes to this crate.
+//! - Attestation: [`OverlayHandle::fetch_attestation`] ↔
+//!   [`OverlayEvent::AttestationRequest`] over `/silk/attest/1.0.0`.
+//! - Provider records: [`OverlayHandle::start_providing`] /
+//!   [`OverlayHandle::get_providers`] for model ids.
+//!
+//! Every channel, queue and per-peer map is bounded (see [`OverlayConfig`]).
+
+mod behaviour;
+mod config;
+mod error;
+pub mod gossip;
+mod handle;
+pub mod job;
+pub mod misbehaviour;
+mod network;
+pub mod testing;
+
+pub use behaviour::{ATTEST_PROTOCOL, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+pub use config::{
+    identity_path, keypair_from_secret, load_or_create_identity, secret_bytes, OverlayConfig,
+    IDENTITY_FILE,
+};
+pub use error::OverlayError;
+pub use gossip::{Announcement, AttestationMode, EnvelopeError, SignedEnvelope};
+pub use handle::{AttestationResponder, OverlayHandle, PeerInfo};
+pub use job::{JobErrorCode, JobFrame, JobResponder, JobStream, JOB_PROTOCOL, JOB_WIRE_VERSION};
+pub use misbehaviour::Misbehaviour;
+pub use network::{Overlay, OverlayEvent};
+
+pub use libp2p::{identity::Keypair, Multiaddr, PeerId};

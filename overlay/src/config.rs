@@ -1,0 +1,264 @@
+//! [`OverlayConfig`] and the on-disk identity key.
+
+use std::{
+    fs,
+    io::{self, Write},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use libp2p::{identity, multiaddr::Protocol, Multiaddr};
+
+use crate::OverlayError;
+
+/// File name of the identity key inside the data directory.
+pub const IDENTITY_FILE: &str = "identity.key";
+
+/// How the overlay runs. Required values go through [`OverlayConfig::new`];
+/// every other field has a default that suits a public node and can be
+/// changed before [`crate::Overlay::spawn`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct OverlayConfig {
+    /// This node's identity (ed25519). Its peer id is derived from it.
+    pub keypair: identity::Keypair,
+    /// Addresses to listen on, e.g. `/ip4/0.0.0.0/tcp/4001` and
+    /// `/ip4/0.0.0.0/udp/4001/quic-v1`. Port 0 picks a free port.
+    pub listen_addrs: Vec<Multiaddr>,
+    /// Nodes to join the mesh through; each must end in `/p2p/<peer id>`.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the local network with mDNS (multicast). Off by default.
+    pub enable_mdns: bool,
+    /// Largest job frame, in bytes, read or written on a job stream.
+    pub max_frame_size: usize,
+    /// A job stream that sees no frame for this long is closed.
+    pub job_idle_timeout: Duration,
+    /// Inbound job streams served at once; further ones are refused as busy.
+    pub max_inbound_jobs: usize,
+    /// Largest signed announcement accepted from gossip, in bytes.
+    pub max_announcement_size: usize,
+    /// Largest signed reputation report accepted from gossip, in bytes.
+    pub max_reputation_size: usize,
+    /// Announcements whose expiry lies further ahead than this are rejected.
+    pub max_announcement_ttl: Duration,
+    /// Per-origin gossip rate limit: burst size.
+    pub gossip_rate_burst: u32,
+    /// Per-origin gossip rate limit: one more message is allowed per this period.
+    pub gossip_rate_period: Duration,
+    /// Our current announcement is published again this often (same `seq`:
+    /// peers that have it ignore the copy, peers that missed it take it).
+    pub announce_republish_interval: Duration,
+    /// Gossipsub heartbeat (mesh maintenance and lazy gossip).
+    pub gossip_heartbeat: Duration,
+    /// Interval between Kademlia routing-table refreshes.
+    pub kad_refresh_interval: Duration,
+    /// Timeout of one Kademlia query.
+    pub kad_query_timeout: Duration,
+    /// Answer Kademlia queries even before autonat confirms an external
+    /// address. A silk node is meant to be reachable, so this is on.
+    pub kad_server_mode: bool,
+    /// Interval between pings to each connected peer.
+    pub ping_interval: Duration,
+    /// Misbehaviour score at which a peer is disconnected and banned.
+    pub ban_threshold: u32,
+    /// How long a ban lasts.
+    pub ban_duration: Duration,
+    /// Most established connections in total.
+    pub max_connections: u32,
+    /// Most established connections per peer.
+    pub max_connections_per_peer: u32,
+    /// Most peers tracked in per-peer maps (announcements, scores, rate limits).
+    pub max_tracked_peers: usize,
+    /// Capacity of the command channel from handles to the overlay task.
+    pub command_buffer: usize,
+    /// Capacity of the event channel from the overlay task to the node.
+    pub event_buffer: usize,
+    /// Connections with no open stream are closed after this long.
+    pub idle_connection_timeout: Duration,
+    /// Agent version sent through identify.
+    pub agent_version: String,
+}
+
+impl OverlayConfig {
+    /// A configuration with the two values that have no sensible default.
+    pub fn new(keypair: identity::Keypair, listen_addrs: Vec<Multiaddr>) -> Self {
+        Self {
+            keypair,
+            listen_addrs,
+            bootstrap: Vec::new(),
+            enable_mdns: false,
+            max_frame_size: 1024 * 1024,
+            job_idle_timeout: Duration::from_secs(60),
+            max_inbound_jobs: 64,
+            max_announcement_size: 4 * 1024,
+            max_reputation_size: 16 * 1024,
+            max_announcement_ttl: Duration::from_secs(10 * 60),
+            gossip_rate_burst: 8,
+            gossip_rate_period: Duration::from_secs(1),
+            announce_republish_interval: Duration::from_secs(15),
+            gossip_heartbeat: Duration::from_millis(700),
+            kad_refresh_interval: Duration::from_secs(5 * 60),
+            kad_query_timeout: Duration::from_secs(30),
+            kad_server_mode: true,
+            ping_interval: Duration::from_secs(15),
+            ban_threshold: 100,
+            ban_duration: Duration::from_secs(60 * 60),
+            max_connections: 512,
+            max_connections_per_peer: 4,
+            max_tracked_peers: 8192,
+            command_buffer: 256,
+            event_buffer: 1024,
+            idle_connection_timeout: Duration::from_secs(120),
+            agent_version: format!("silk-overlay/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    /// Sets the bootstrap nodes.
+    pub fn with_bootstrap(mut self, bootstrap: Vec<Multiaddr>) -> Self {
+        self.bootstrap = bootstrap;
+        self
+    }
+
+    /// Turns mDNS discovery on or off.
+    pub fn with_mdns(mut self, enable: bool) -> Self {
+        self.enable_mdns = enable;
+        self
+    }
+
+    /// Checks values that would make the overlay misbehave.
+    pub fn validate(&self) -> Result<(), OverlayError> {
+        let bad = |what: &str| Err(OverlayError::InvalidConfig(what.to_owned()));
+        if self.keypair.key_type() != identity::KeyType::Ed25519 {
+            return Err(OverlayError::NotEd25519);
+        }
+        if self.listen_addrs.is_empty() {
+            return bad("no listen address: pass --listen, e.g. /ip4/0.0.0.0/tcp/4001");
+        }
+        if self.max_frame_size < 64 || self.max_frame_size > u32::MAX as usize {
+            return bad("max_frame_size must be between 64 bytes and 4 GiB");
+        }
+        if self.max_inbound_jobs == 0 {
+            return bad("max_inbound_jobs must be at least 1");
+        }
+        if self.gossip_rate_burst == 0 || self.gossip_rate_period.is_zero() {
+            return bad("the gossip rate limit needs a burst of at least 1 and a non-zero period");
+        }
+        if self.command_buffer == 0 || self.event_buffer == 0 || self.max_tracked_peers == 0 {
+            return bad("channel capacities and max_tracked_peers must be at least 1");
+        }
+        if self.announce_republish_interval.is_zero() || self.gossip_heartbeat.is_zero() {
+            return bad("announce_republish_interval and gossip_heartbeat must be non-zero");
+        }
+        if self.ban_threshold == 0 {
+            return bad("ban_threshold must be at least 1");
+        }
+        for addr in &self.bootstrap {
+            if !matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+                return Err(OverlayError::BootstrapWithoutPeerId { addr: addr.clone() });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Path of the identity key inside `data_dir`.
+pub fn identity_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(IDENTITY_FILE)
+}
+
+/// Loads the ed25519 identity from `<data_dir>/identity.key`, or creates the
+/// directory and a fresh key there when the file does not exist.
+///
+/// The file holds the 32-byte raw ed25519 secret (the seed), so other code
+/// can read it with `ed25519_dalek::SigningKey::from_bytes`. It is created
+/// with mode 0600 on Unix.
+pub fn load_or_create_identity(data_dir: &Path) -> Result<identity::Keypair, OverlayError> {
+    let path = identity_path(data_dir);
+    let io_err = |source| OverlayError::IdentityIo {
+        path: path.clone(),
+        source,
+    };
+    match fs::read(&path) {
+        Ok(bytes) => keypair_from_secret(&bytes).ok_or(OverlayError::IdentityFormat {
+            path: path.clone(),
+            len: bytes.len(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(data_dir).map_err(io_err)?;
+            let keypair = identity::ed25519::Keypair::generate();
+            write_secret(&path, keypair.secret().as_ref()).map_err(io_err)?;
+            tracing::info!(path = %path.display(), "created a new identity key");
+            Ok(keypair.into())
+        }
+        Err(e) => Err(io_err(e)),
+    }
+}
+
+/// Builds a keypair from a 32-byte raw ed25519 secret; `None` for any other length.
+pub fn keypair_from_secret(secret: &[u8]) -> Option<identity::Keypair> {
+    let mut bytes: [u8; 32] = secret.try_into().ok()?;
+    let secret = identity::ed25519::SecretKey::try_from_bytes(&mut bytes).ok()?;
+    Some(identity::ed25519::Keypair::from(secret).into())
+}
+
+/// The 32-byte raw ed25519 secret of `keypair`, the format of `identity.key`.
+pub fn secret_bytes(keypair: &identity::Keypair) -> Result<[u8; 32], OverlayError> {
+    let ed = keypair
+        .clone()
+        .try_into_ed25519()
+        .map_err(|_| OverlayError::NotEd25519)?;
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ed.secret().as_ref());
+    Ok(out)
+}
+
+fn write_secret(path: &Path, secret: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("key.tmp");
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&tmp)?;
+    file.write_all(secret)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_round_trips_through_the_data_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = load_or_create_identity(dir.path()).expect("create");
+        let second = load_or_create_identity(dir.path()).expect("load");
+        assert_eq!(first.public(), second.public());
+        let raw = fs::read(identity_path(dir.path())).expect("read");
+        assert_eq!(raw.len(), 32);
+        assert_eq!(raw, secret_bytes(&first).expect("secret"));
+    }
+
+    #[test]
+    fn a_truncated_identity_file_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(identity_path(dir.path()), [1u8; 7]).expect("write");
+        let err = load_or_create_identity(dir.path()).expect_err("must fail");
+        assert!(matches!(err, OverlayError::IdentityFormat { len: 7, .. }));
+    }
+
+    #[test]
+    fn bootstrap_needs_a_peer_id() {
+        let kp = identity::Keypair::generate_ed25519();
+        let listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+        let cfg = OverlayConfig::new(kp, listen)
+            .with_bootstrap(vec!["/ip4/127.0.0.1/tcp/4001".parse().expect("addr")]);
+        assert!(matches!(
+            cfg.validate(),
+            Err(OverlayError::BootstrapWithoutPeerId { .. })
+        ));
+    }
+}

@@ -1,0 +1,507 @@
+//! Signed gossip payloads and their validation.
+//!
+//! Two topics carry small signed messages: [`ANNOUNCE_TOPIC`] (one
+//! [`Announcement`] per worker, refreshed with a growing `seq`) and
+//! [`REPUTATION_TOPIC`] (opaque reputation reports). Every payload travels in a
+//! [`SignedEnvelope`]: postcard bytes signed by the author's libp2p key under a
+//! domain tag, so an envelope can be checked anywhere, not only on gossip.
+//!
+//! [`GossipBook`] is the validation policy the overlay task runs before
+//! gossipsub forwards a message; it is pure (time is passed in) so it can be
+//! tested without a network.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use libp2p::{identity, PeerId};
+use serde::{Deserialize, Serialize};
+
+use crate::OverlayError;
+
+/// Gossipsub topic for worker announcements.
+pub const ANNOUNCE_TOPIC: &str = "/silk/announce/1";
+/// Gossipsub topic for reputation reports.
+pub const REPUTATION_TOPIC: &str = "/silk/reputation/1";
+
+const ANNOUNCE_DOMAIN: &[u8] = b"silk/announcement/1";
+const REPUTATION_DOMAIN: &[u8] = b"silk/reputation/1";
+
+/// How a worker proves what runs on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttestationMode {
+    /// Inside an Intel TDX trust domain; quotes are available over `/silk/attest/1.0.0`.
+    Tdx,
+    /// No confidential computing (laptops, CI, local testnets).
+    Insecure,
+}
+
+/// What a worker tells the mesh about itself. Small by design: it travels on gossip.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// The worker; must equal the key that signs the envelope.
+    #[serde(with = "peer_id_bytes")]
+    pub peer_id: PeerId,
+    /// Model ids served.
+    pub models: Vec<String>,
+    /// Jobs it can admit right now.
+    pub free_slots: u32,
+    /// Jobs waiting in its queue.
+    pub queue_depth: u32,
+    /// Measured decode speed, in tokens per second × 1000.
+    pub decode_tokens_per_s_milli: u64,
+    /// Price coefficient × 1000 (multiplies the base per-token price).
+    pub price_coefficient_milli: u64,
+    /// Attestation mode.
+    pub attestation_mode: AttestationMode,
+    /// Digest of the attestation evidence (e.g. SHA-256 of the quote), if any.
+    pub attestation_digest: Option<[u8; 32]>,
+    /// Sequence number; each new announcement of a peer must carry a larger one.
+    pub seq: u64,
+    /// Unix time in milliseconds after which the announcement is void.
+    pub expires_at_ms: u64,
+}
+
+/// A payload signed by its author's libp2p key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedEnvelope {
+    /// The author's public key, protobuf-encoded (libp2p's format).
+    pub public_key: Vec<u8>,
+    /// The signed bytes (postcard-encoded for announcements).
+    pub payload: Vec<u8>,
+    /// Signature over `domain || payload`.
+    pub signature: Vec<u8>,
+}
+
+/// Why an envelope or announcement failed verification.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// The bytes are not an envelope.
+    #[error("not a signed envelope")]
+    Undecodable,
+    /// The public key does not decode.
+    #[error("bad public key")]
+    BadKey,
+    /// The signature does not verify.
+    #[error("bad signature")]
+    BadSignature,
+    /// The payload is not an announcement.
+    #[error("payload is not an announcement")]
+    BadPayload,
+    /// The announcement names a peer other than its signer.
+    #[error("claims to be {claimed}, but another key signed it")]
+    SignerMismatch {
+        /// The peer id inside the payload.
+        claimed: PeerId,
+    },
+}
+
+impl SignedEnvelope {
+    fn sign(
+        keypair: &identity::Keypair,
+        domain: &[u8],
+        payload: Vec<u8>,
+    ) -> Result<Self, OverlayError> {
+        let signature = keypair.sign(&signing_bytes(domain, &payload))?;
+        Ok(Self {
+            public_key: keypair.public().encode_protobuf(),
+            payload,
+            signature,
+        })
+    }
+
+    fn verify(&self, domain: &[u8]) -> Result<PeerId, EnvelopeError> {
+        let key = identity::PublicKey::try_decode_protobuf(&self.public_key)
+            .map_err(|_| EnvelopeError::BadKey)?;
+        if !key.verify(&signing_bytes(domain, &self.payload), &self.signature) {
+            return Err(EnvelopeError::BadSignature);
+        }
+        Ok(key.to_peer_id())
+    }
+
+    /// Signs `announcement` with `keypair`.
+    pub fn sign_announcement(
+        keypair: &identity::Keypair,
+        announcement: &Announcement,
+    ) -> Result<Self, OverlayError> {
+        Self::sign(keypair, ANNOUNCE_DOMAIN, postcard::to_stdvec(announcement)?)
+    }
+
+    /// Checks the signature and that the signer is the announced peer.
+    pub fn verify_announcement(&self) -> Result<Announcement, EnvelopeError> {
+        let signer = self.verify(ANNOUNCE_DOMAIN)?;
+        let announcement: Announcement =
+            postcard::from_bytes(&self.payload).map_err(|_| EnvelopeError::BadPayload)?;
+        if announcement.peer_id != signer {
+            return Err(EnvelopeError::SignerMismatch {
+                claimed: announcement.peer_id,
+            });
+        }
+        Ok(announcement)
+    }
+
+    /// Signs an opaque reputation report with `keypair`.
+    pub fn sign_reputation(
+        keypair: &identity::Keypair,
+        report: Vec<u8>,
+    ) -> Result<Self, OverlayError> {
+        Self::sign(keypair, REPUTATION_DOMAIN, report)
+    }
+
+    /// Checks the signature of a reputation report and returns its author.
+    pub fn verify_reputation(&self) -> Result<PeerId, EnvelopeError> {
+        self.verify(REPUTATION_DOMAIN)
+    }
+
+    /// Wire bytes (postcard).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, OverlayError> {
+        Ok(postcard::to_stdvec(self)?)
+    }
+
+    /// Parses wire bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        postcard::from_bytes(bytes).map_err(|_| EnvelopeError::Undecodable)
+    }
+}
+
+fn signing_bytes(domain: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(domain.len() + 1 + payload.len());
+    out.extend_from_slice(domain);
+    out.push(0);
+    out.extend_from_slice(payload);
+    out
+}
+
+mod peer_id_bytes {
+    use libp2p::PeerId;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(peer: &PeerId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&peer.to_bytes())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PeerId, D::Error> {
+        let bytes = Vec::<u8>::deserialize(d)?;
+        PeerId::from_bytes(&bytes).map_err(D::Error::custom)
+    }
+}
+
+/// What to tell gossipsub about a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict<T> {
+    /// Valid: keep it and forward it.
+    Accept(T),
+    /// Not worth forwarding, but not proof of misbehaviour (duplicates, races, floods).
+    Ignore(&'static str),
+    /// Invalid: drop it and penalise the peer that sent it.
+    Reject(String),
+}
+
+/// A token bucket per origin.
+#[derive(Clone, Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// Validation state: the latest valid announcement per peer, per-origin rate
+/// limits. Every map is capped at `max_peers`.
+#[derive(Debug)]
+pub(crate) struct GossipBook {
+    latest: HashMap<PeerId, Announcement>,
+    buckets: HashMap<PeerId, Bucket>,
+    max_peers: usize,
+    max_announcement_size: usize,
+    max_reputation_size: usize,
+    max_ttl_ms: u64,
+    burst: f64,
+    period: Duration,
+}
+
+impl GossipBook {
+    pub(crate) fn new(config: &crate::OverlayConfig) -> Self {
+        Self {
+            latest: HashMap::new(),
+            buckets: HashMap::new(),
+            max_peers: config.max_tracked_peers,
+            max_announcement_size: config.max_announcement_size,
+            max_reputation_size: config.max_reputation_size,
+            max_ttl_ms: u64::try_from(config.max_announcement_ttl.as_millis()).unwrap_or(u64::MAX),
+            burst: f64::from(config.gossip_rate_burst),
+            period: config.gossip_rate_period,
+        }
+    }
+
+    /// Validates an announcement that arrived on gossip. `source` is the
+    /// gossipsub author (signed by gossipsub itself in strict mode).
+    pub(crate) fn check_announcement(
+        &mut self,
+        source: Option<PeerId>,
+        bytes: &[u8],
+        now_ms: u64,
+        now: Instant,
+    ) -> Verdict<Announcement> {
+        if bytes.len() > self.max_announcement_size {
+            return Verdict::Reject(format!("announcement of {} bytes", bytes.len()));
+        }
+        let envelope = match SignedEnvelope::from_bytes(bytes) {
+            Ok(e) => e,
+            Err(e) => return Verdict::Reject(e.to_string()),
+        };
+        // Cheap checks on the claimed content first; the signature is
+        // verified only for messages that would change our state.
+        let claimed: Announcement = match postcard::from_bytes(&envelope.payload) {
+            Ok(a) => a,
+            Err(_) => return Verdict::Reject(EnvelopeError::BadPayload.to_string()),
+        };
+        if source != Some(claimed.peer_id) {
+            return Verdict::Reject(format!(
+                "announcement of {} published by {source:?}",
+                claimed.peer_id
+            ));
+        }
+        if let Some(prev) = self.latest.get(&claimed.peer_id) {
+            if claimed.seq <= prev.seq {
+                // Duplicates reach us over several paths and re-publications
+                // for late joiners repeat the same seq: not misbehaviour.
+                return Verdict::Ignore("sequence number not newer than the last seen");
+            }
+        }
+        if claimed.expires_at_ms <= now_ms {
+            return Verdict::Reject("expired announcement".into());
+        }
+        if claimed.expires_at_ms > now_ms.saturating_add(self.max_ttl_ms) {
+            return Verdict::Reject("announcement expires too far in the future".into());
+        }
+        let announcement = match envelope.verify_announcement() {
+            Ok(a) => a,
+            Err(e) => return Verdict::Reject(e.to_string()),
+        };
+        if !self.take_token(announcement.peer_id, now) {
+            return Verdict::Ignore("rate limit");
+        }
+        if !self.latest.contains_key(&announcement.peer_id) && !self.make_room(now_ms) {
+            return Verdict::Ignore("announcement table full");
+        }
+        self.latest
+            .insert(announcement.peer_id, announcement.clone());
+        Verdict::Accept(announcement)
+    }
+
+    /// Validates a reputation report; returns its author and payload.
+    pub(crate) fn check_reputation(
+        &mut self,
+        source: Option<PeerId>,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Verdict<(PeerId, Vec<u8>)> {
+        if bytes.len() > self.max_reputation_size {
+            return Verdict::Reject(format!("reputation report of {} bytes", bytes.len()));
+        }
+        let envelope = match SignedEnvelope::from_bytes(bytes) {
+            Ok(e) => e,
+            Err(e) => return Verdict::Reject(e.to_string()),
+        };
+        let author = match envelope.verify_reputation() {
+            Ok(a) => a,
+            Err(e) => return Verdict::Reject(e.to_string()),
+        };
+        if source != Some(author) {
+            return Verdict::Reject(format!("report by {author} published by {source:?}"));
+        }
+        if !self.take_token(author, now) {
+            return Verdict::Ignore("rate limit");
+        }
+        Verdict::Accept((author, envelope.payload))
+    }
+
+    /// Records our own announcement (gossipsub does not deliver own messages).
+    pub(crate) fn insert_own(&mut self, announcement: Announcement) {
+        self.latest.insert(announcement.peer_id, announcement);
+    }
+
+    /// The latest seq seen from `peer`.
+    #[cfg(test)]
+    pub(crate) fn last_seq(&self, peer: &PeerId) -> Option<u64> {
+        self.latest.get(peer).map(|a| a.seq)
+    }
+
+    /// Unexpired announcements.
+    pub(crate) fn current(&self, now_ms: u64) -> Vec<Announcement> {
+        self.latest
+            .values()
+            .filter(|a| a.expires_at_ms > now_ms)
+            .cloned()
+            .collect()
+    }
+
+    /// Drops expired announcements and idle buckets.
+    pub(crate) fn prune(&mut self, now_ms: u64, now: Instant) {
+        self.latest.retain(|_, a| a.expires_at_ms > now_ms);
+        let full_after = self.period.mul_f64(self.burst);
+        self.buckets
+            .retain(|_, b| now.saturating_duration_since(b.last) < full_after);
+    }
+
+    fn make_room(&mut self, now_ms: u64) -> bool {
+        if self.latest.len() < self.max_peers {
+            return true;
+        }
+        self.latest.retain(|_, a| a.expires_at_ms > now_ms);
+        self.latest.len() < self.max_peers
+    }
+
+    fn take_token(&mut self, peer: PeerId, now: Instant) -> bool {
+        if !self.buckets.contains_key(&peer) && self.buckets.len() >= self.max_peers {
+            return false;
+        }
+        let (burst, period) = (self.burst, self.period);
+        let bucket = self.buckets.entry(peer).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
+        let refill =
+            now.saturating_duration_since(bucket.last).as_secs_f64() / period.as_secs_f64();
+        bucket.tokens = (bucket.tokens + refill).min(burst);
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW_MS: u64 = 1_800_000_000_000;
+
+    fn announcement(keypair: &identity::Keypair, seq: u64) -> Announcement {
+        Announcement {
+            peer_id: keypair.public().to_peer_id(),
+            models: vec!["smollm2-135m".into()],
+            free_slots: 2,
+            queue_depth: 0,
+            decode_tokens_per_s_milli: 40_000,
+            price_coefficient_milli: 1_000,
+            attestation_mode: AttestationMode::Insecure,
+            attestation_digest: None,
+            seq,
+            expires_at_ms: NOW_MS + 60_000,
+        }
+    }
+
+    fn book() -> GossipBook {
+        let kp = identity::Keypair::ed25519_from_bytes([9u8; 32]).expect("key");
+        GossipBook::new(&crate::OverlayConfig::new(kp, Vec::new()))
+    }
+
+    fn wire(keypair: &identity::Keypair, a: &Announcement) -> Vec<u8> {
+        SignedEnvelope::sign_announcement(keypair, a)
+            .and_then(|e| e.to_bytes())
+            .expect("sign")
+    }
+
+    #[test]
+    fn accepts_then_ignores_stale_seq() {
+        let kp = identity::Keypair::ed25519_from_bytes([1u8; 32]).expect("key");
+        let me = Some(kp.public().to_peer_id());
+        let mut book = book();
+        let now = Instant::now();
+        let a5 = wire(&kp, &announcement(&kp, 5));
+        assert!(matches!(
+            book.check_announcement(me, &a5, NOW_MS, now),
+            Verdict::Accept(_)
+        ));
+        assert!(matches!(
+            book.check_announcement(me, &a5, NOW_MS, now),
+            Verdict::Ignore(_)
+        ));
+        let a4 = wire(&kp, &announcement(&kp, 4));
+        assert!(matches!(
+            book.check_announcement(me, &a4, NOW_MS, now),
+            Verdict::Ignore(_)
+        ));
+        let a6 = wire(&kp, &announcement(&kp, 6));
+        assert!(matches!(
+            book.check_announcement(me, &a6, NOW_MS, now),
+            Verdict::Accept(_)
+        ));
+        assert_eq!(book.last_seq(&kp.public().to_peer_id()), Some(6));
+    }
+
+    #[test]
+    fn rejects_forgeries_and_expired() {
+        let kp = identity::Keypair::ed25519_from_bytes([1u8; 32]).expect("key");
+        let other = identity::Keypair::ed25519_from_bytes([2u8; 32]).expect("key");
+        let me = Some(kp.public().to_peer_id());
+        let mut book = book();
+        let now = Instant::now();
+        // Signed by another key.
+        let forged = wire(&other, &announcement(&kp, 1));
+        assert!(matches!(
+            book.check_announcement(me, &forged, NOW_MS, now),
+            Verdict::Reject(_)
+        ));
+        // Valid envelope replayed by a third party.
+        let genuine = wire(&kp, &announcement(&kp, 1));
+        let replayer = Some(other.public().to_peer_id());
+        assert!(matches!(
+            book.check_announcement(replayer, &genuine, NOW_MS, now),
+            Verdict::Reject(_)
+        ));
+        // Tampered payload.
+        let mut env = SignedEnvelope::from_bytes(&genuine).expect("decode");
+        if let Some(b) = env.payload.last_mut() {
+            *b ^= 1;
+        }
+        let tampered = env.to_bytes().expect("encode");
+        assert!(matches!(
+            book.check_announcement(me, &tampered, NOW_MS, now),
+            Verdict::Reject(_)
+        ));
+        // Expired.
+        let mut old = announcement(&kp, 2);
+        old.expires_at_ms = NOW_MS - 1;
+        assert!(matches!(
+            book.check_announcement(me, &wire(&kp, &old), NOW_MS, now),
+            Verdict::Reject(_)
+        ));
+        // Garbage.
+        assert!(matches!(
+            book.check_announcement(me, b"\xff\x00junk", NOW_MS, now),
+            Verdict::Reject(_)
+        ));
+        assert_eq!(book.last_seq(&kp.public().to_peer_id()), None);
+    }
+
+    #[test]
+    fn rate_limits_per_origin() {
+        let kp = identity::Keypair::ed25519_from_bytes([1u8; 32]).expect("key");
+        let me = Some(kp.public().to_peer_id());
+        let mut book = book();
+        let now = Instant::now();
+        let burst = crate::OverlayConfig::new(kp.clone(), Vec::new()).gossip_rate_burst as u64;
+        for seq in 1..=burst {
+            let a = wire(&kp, &announcement(&kp, seq));
+            assert!(matches!(
+                book.check_announcement(me, &a, NOW_MS, now),
+                Verdict::Accept(_)
+            ));
+        }
+        let a = wire(&kp, &announcement(&kp, burst + 1));
+        assert_eq!(
+            book.check_announcement(me, &a, NOW_MS, now),
+            Verdict::Ignore("rate limit")
+        );
+        let later = now + Duration::from_secs(2);
+        assert!(matches!(
+            book.check_announcement(me, &a, NOW_MS, later),
+            Verdict::Accept(_)
+        ));
+    }
+}

@@ -1,0 +1,1030 @@
+//! The overlay task: owns the [`Swarm`], serves [`Command`]s from handles,
+//! turns swarm events into [`OverlayEvent`]s and applies peer policy.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use futures::StreamExt;
+use libp2p::{
+    autonat, gossipsub, identify, kad, mdns, multiaddr::Protocol, ping, request_response,
+    swarm::SwarmEvent, Multiaddr, PeerId, Swarm,
+};
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    behaviour::{
+        build_swarm, AttestRequest, AttestResponse, Behaviour, BehaviourEvent, KAD_PROTOCOL,
+    },
+    gossip::{self, GossipBook, SignedEnvelope, Verdict},
+    handle::{AttestationResponder, OverlayHandle, PeerInfo},
+    job::{self, JobLimits, JOB_PROTOCOL},
+    misbehaviour::{Outcome, PeerPolicy},
+    Announcement, Misbehaviour, OverlayConfig, OverlayError,
+};
+
+/// Offences found outside the overlay task (job streams), sent to it.
+pub(crate) type Reports = mpsc::Sender<(PeerId, Misbehaviour)>;
+
+/// Capacity of the internal misbehaviour report channel.
+const REPORT_BUFFER: usize = 256;
+/// Most Kademlia queries or attestation requests waiting for a reply at once.
+const MAX_PENDING: usize = 1024;
+/// Most addresses kept per peer.
+const MAX_ADDRS_PER_PEER: usize = 16;
+/// Weight of a new ping sample in the RTT moving average.
+const RTT_ALPHA: f64 = 0.2;
+/// How long `spawn` waits for listeners to report their addresses.
+const LISTEN_WAIT: Duration = Duration::from_secs(10);
+
+type Reply<T> = oneshot::Sender<Result<T, OverlayError>>;
+
+/// A request from a handle to the overlay task.
+pub(crate) enum Command {
+    Dial {
+        addr: Multiaddr,
+        reply: Reply<()>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    Announce {
+        announcement: Announcement,
+        reply: Reply<()>,
+    },
+    Announcements {
+        reply: oneshot::Sender<Vec<Announcement>>,
+    },
+    PublishReputation {
+        report: Vec<u8>,
+        reply: Reply<()>,
+    },
+    StartProviding {
+        key: Vec<u8>,
+        reply: Reply<()>,
+    },
+    StopProviding {
+        key: Vec<u8>,
+        reply: Reply<()>,
+    },
+    GetProviders {
+        key: Vec<u8>,
+        reply: Reply<HashSet<PeerId>>,
+    },
+    FindPeer {
+        peer: PeerId,
+        reply: Reply<Vec<Multiaddr>>,
+    },
+    FetchAttestation {
+        peer: PeerId,
+        challenge: Vec<u8>,
+        reply: Reply<Vec<u8>>,
+    },
+    RespondAttestation {
+        channel: request_response::ResponseChannel<AttestResponse>,
+        evidence: Vec<u8>,
+        reply: Reply<()>,
+    },
+    ReportMisbehaviour {
+        peer: PeerId,
+        offence: Misbehaviour,
+    },
+    MisbehaviourScore {
+        peer: PeerId,
+        reply: oneshot::Sender<u32>,
+    },
+    #[cfg(feature = "testing")]
+    PublishRaw {
+        topic: &'static str,
+        data: Vec<u8>,
+        reply: Reply<()>,
+    },
+}
+
+/// What the overlay tells the node.
+///
+/// Events are delivered through a bounded channel. Informational events are
+/// dropped (with a warning) when the node does not keep up; the state they
+/// describe stays readable through the handle. Inbound jobs wait for room.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum OverlayEvent {
+    /// A connection to a new peer is up.
+    PeerConnected {
+        /// The peer.
+        peer: PeerId,
+        /// Its address on this connection.
+        address: Multiaddr,
+    },
+    /// The last connection to a peer closed.
+    PeerDisconnected {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// A valid, newer announcement arrived from gossip.
+    Announcement(Announcement),
+    /// A valid reputation report arrived from gossip.
+    Reputation {
+        /// The report's author (it signed the payload).
+        reporter: PeerId,
+        /// The opaque report.
+        payload: Vec<u8>,
+    },
+    /// A gateway opened a job to this node.
+    InboundJob {
+        /// The gateway.
+        peer: PeerId,
+        /// The opaque request bytes.
+        request: Vec<u8>,
+        /// Where to write the answer.
+        responder: job::JobResponder,
+    },
+    /// A peer asks for this node's attestation evidence.
+    AttestationRequest {
+        /// The asker.
+        peer: PeerId,
+        /// Its challenge (nonce), to bind into the evidence.
+        challenge: Vec<u8>,
+        /// Where to send the evidence.
+        responder: AttestationResponder,
+    },
+    /// A peer misbehaved; its score went up.
+    Misbehaviour {
+        /// The peer.
+        peer: PeerId,
+        /// What it did.
+        offence: Misbehaviour,
+        /// Its score now.
+        score: u32,
+    },
+    /// A peer crossed the ban threshold: it is disconnected and refused.
+    PeerBanned {
+        /// The peer.
+        peer: PeerId,
+        /// Its score.
+        score: u32,
+    },
+}
+
+impl OverlayEvent {
+    fn kind(&self) -> &'static str {
+        match self {
+            OverlayEvent::PeerConnected { .. } => "peer connected",
+            OverlayEvent::PeerDisconnected { .. } => "peer disconnected",
+            OverlayEvent::Announcement(_) => "announcement",
+            OverlayEvent::Reputation { .. } => "reputation report",
+            OverlayEvent::InboundJob { .. } => "inbound job",
+            OverlayEvent::AttestationRequest { .. } => "attestation request",
+            OverlayEvent::Misbehaviour { .. } => "misbehaviour",
+            OverlayEvent::PeerBanned { .. } => "peer banned",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct PeerState {
+    addresses: Vec<Multiaddr>,
+    rtt: Option<Duration>,
+    agent_version: Option<String>,
+}
+
+impl PeerState {
+    fn add_address(&mut self, addr: Multiaddr) {
+        if !self.addresses.contains(&addr) && self.addresses.len() < MAX_ADDRS_PER_PEER {
+            self.addresses.push(addr);
+        }
+    }
+}
+
+struct OwnAnnouncement {
+    announcement: Announcement,
+    wire: Vec<u8>,
+}
+
+/// Entry point: builds the swarm and starts the overlay task.
+#[derive(Debug)]
+pub struct Overlay;
+
+impl Overlay {
+    /// Builds the swarm, binds every listen address, dials the bootstrap
+    /// nodes and starts the overlay task. Returns once every listener has an
+    /// address (so port-0 listeners know their port). Needs a Tokio runtime.
+    ///
+    /// The task runs until [`OverlayHandle::shutdown`] or until every handle
+    /// is dropped.
+    pub async fn spawn(
+        config: OverlayConfig,
+    ) -> Result<(OverlayHandle, mpsc::Receiver<OverlayEvent>), OverlayError> {
+        config.validate()?;
+        let mut swarm = build_swarm(&config)?;
+        let local = *swarm.local_peer_id();
+        let announce_topic = gossipsub::IdentTopic::new(gossip::ANNOUNCE_TOPIC);
+        let reputation_topic = gossipsub::IdentTopic::new(gossip::REPUTATION_TOPIC);
+        for topic in [&announce_topic, &reputation_topic] {
+            swarm
+                .behaviour_mut()
+                .gossipsub
+                .subscribe(topic)
+                .map_err(|e| OverlayError::Setup(format!("gossipsub subscribe: {e:?}").into()))?;
+        }
+
+        listen(&mut swarm, &config.listen_addrs).await?;
+
+        for addr in &config.bootstrap {
+            let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+                return Err(OverlayError::BootstrapWithoutPeerId { addr: addr.clone() });
+            };
+            let transport_addr: Multiaddr = addr
+                .iter()
+                .filter(|p| !matches!(p, Protocol::P2p(_)))
+                .collect();
+            swarm.behaviour_mut().kad.add_address(&peer, transport_addr);
+            if let Err(e) = swarm.dial(addr.clone()) {
+                tracing::warn!(%addr, error = %e, "could not dial a bootstrap node");
+            }
+        }
+        if !config.bootstrap.is_empty() {
+            if let Err(e) = swarm.behaviour_mut().kad.bootstrap() {
+                tracing::debug!(error = %e, "Kademlia bootstrap deferred");
+            }
+        }
+
+        let mut control = swarm.behaviour().jobs.new_control();
+        let incoming = control
+            .accept(JOB_PROTOCOL)
+            .map_err(|e| OverlayError::Setup(Box::new(e)))?;
+
+        let (command_tx, command_rx) = mpsc::channel(config.command_buffer);
+        let (event_tx, event_rx) = mpsc::channel(config.event_buffer);
+        let (report_tx, report_rx) = mpsc::channel(REPORT_BUFFER);
+        let cancel = CancellationToken::new();
+        let limits = JobLimits {
+            max_frame_size: config.max_frame_size,
+            idle_timeout: config.job_idle_timeout,
+        };
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(job::accept_jobs(
+            incoming,
+            limits,
+            config.max_inbound_jobs,
+            event_tx.clone(),
+            report_tx.clone(),
+            cancel.child_token(),
+        ));
+
+        let event_loop = EventLoop {
+            swarm,
+            commands: command_rx,
+            command_tx: command_tx.downgrade(),
+            reports: report_rx,
+            events: event_tx,
+            tasks,
+            cancel: cancel.clone(),
+            announce_topic,
+            reputation_topic,
+            book: GossipBook::new(&config),
+            policy: PeerPolicy::new(
+                config.ban_threshold,
+                config.ban_duration,
+                config.max_tracked_peers,
+            ),
+            peers: HashMap::new(),
+            own: None,
+            republish: false,
+            republish_every: config.announce_republish_interval,
+            last_published: Instant::now(),
+            provide_queries: HashMap::new(),
+            provider_queries: HashMap::new(),
+            attest_requests: HashMap::new(),
+            find_queries: HashMap::new(),
+            max_announcement_size: config.max_announcement_size,
+            max_reputation_size: config.max_reputation_size,
+            keypair: config.keypair.clone(),
+            tick: config.gossip_heartbeat,
+        };
+        tokio::spawn(event_loop.run());
+
+        let handle = OverlayHandle::new(command_tx, report_tx, control, local, limits, cancel);
+        Ok((handle, event_rx))
+    }
+}
+
+async fn listen(swarm: &mut Swarm<Behaviour>, addrs: &[Multiaddr]) -> Result<(), OverlayError> {
+    let mut waiting = HashMap::new();
+    for addr in addrs {
+        match swarm.listen_on(addr.clone()) {
+            Ok(id) => {
+                waiting.insert(id, addr.clone());
+            }
+            Err(e) => return Err(listen_error(addr, &e)),
+        }
+    }
+    let deadline = tokio::time::Instant::now() + LISTEN_WAIT;
+    while !waiting.is_empty() {
+        let event = tokio::time::timeout_at(deadline, swarm.select_next_some()).await;
+        match event {
+            Err(_) => {
+                let addr = waiting
+                    .into_values()
+                    .next()
+                    .unwrap_or_else(Multiaddr::empty);
+                return Err(OverlayError::ListenTimeout {
+                    addr,
+                    after: LISTEN_WAIT,
+                });
+            }
+            Ok(SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            }) => {
+                tracing::info!(%address, "listening");
+                waiting.remove(&listener_id);
+            }
+            Ok(SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            }) => {
+                if let Some(addr) = waiting.remove(&listener_id) {
+                    let reason = match reason {
+                        Ok(()) => "the listener closed".to_owned(),
+                        Err(e) => e.to_string(),
+                    };
+                    return Err(OverlayError::Listen { addr, reason });
+                }
+            }
+            Ok(SwarmEvent::ListenerError { listener_id, error }) => {
+                if let Some(addr) = waiting.remove(&listener_id) {
+                    return Err(OverlayError::Listen {
+                        addr,
+                        reason: error.to_string(),
+                    });
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}
+
+fn listen_error(addr: &Multiaddr, e: &libp2p::TransportError<std::io::Error>) -> OverlayError {
+    if let libp2p::TransportError::Other(io) = e {
+        if io.kind() == std::io::ErrorKind::AddrInUse {
+            return OverlayError::PortInUse { addr: addr.clone() };
+        }
+    }
+    // QUIC wraps the bind error in its own type: look for "in use" in the chain.
+    let text = format!("{e:?}");
+    if text.contains("AddrInUse") {
+        return OverlayError::PortInUse { addr: addr.clone() };
+    }
+    OverlayError::Listen {
+        addr: addr.clone(),
+        reason: e.to_string(),
+    }
+}
+
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn key_text(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
+/// A running `get_providers` query: its key, the providers found so far, the reply.
+type ProviderQuery = (Vec<u8>, HashSet<PeerId>, Reply<HashSet<PeerId>>);
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    /// Weak, so the loop still ends when every handle is dropped.
+    command_tx: mpsc::WeakSender<Command>,
+    reports: mpsc::Receiver<(PeerId, Misbehaviour)>,
+    events: mpsc::Sender<OverlayEvent>,
+    tasks: JoinSet<()>,
+    cancel: CancellationToken,
+    announce_topic: gossipsub::IdentTopic,
+    reputation_topic: gossipsub::IdentTopic,
+    book: GossipBook,
+    policy: PeerPolicy,
+    peers: HashMap<PeerId, PeerState>,
+    own: Option<OwnAnnouncement>,
+    /// A peer subscribed since we last published our announcement.
+    republish: bool,
+    /// Period of the unconditional re-publication of our announcement.
+    republish_every: Duration,
+    /// When our announcement last went out.
+    last_published: Instant,
+    provide_queries: HashMap<kad::QueryId, Reply<()>>,
+    provider_queries: HashMap<kad::QueryId, ProviderQuery>,
+    attest_requests: HashMap<request_response::OutboundRequestId, (PeerId, Reply<Vec<u8>>)>,
+    find_queries: HashMap<kad::QueryId, (PeerId, Reply<Vec<Multiaddr>>)>,
+    max_announcement_size: usize,
+    max_reputation_size: usize,
+    keypair: libp2p::identity::Keypair,
+    tick: Duration,
+}
+
+impl EventLoop {
+    #[tracing::instrument(skip_all)]
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some((peer, offence)) = self.reports.recv() => self.offend(peer, offence),
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                _ = tick.tick() => self.on_tick(),
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "an overlay child task failed");
+                    }
+                }
+            }
+        }
+        self.cancel.cancel();
+        self.tasks.shutdown().await;
+        tracing::info!("overlay stopped");
+    }
+
+    fn emit(&self, event: OverlayEvent) {
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
+            tracing::warn!(
+                kind = event.kind(),
+                "the node is not reading overlay events: one was dropped"
+            );
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now_ms = unix_ms();
+        let now = Instant::now();
+        self.book.prune(now_ms, now);
+        for peer in self.policy.expired_bans(now) {
+            tracing::info!(%peer, "ban expired");
+            self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .remove_blacklisted_peer(&peer);
+        }
+        if self
+            .own
+            .as_ref()
+            .is_some_and(|o| o.announcement.expires_at_ms <= now_ms)
+        {
+            self.own = None;
+        }
+        if self.own.is_some() && now.duration_since(self.last_published) >= self.republish_every {
+            self.republish = true;
+        }
+        if self.republish {
+            if let Some(own) = &self.own {
+                let topic = self.announce_topic.clone();
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(topic, own.wire.clone())
+                {
+                    Ok(_) => {
+                        self.republish = false;
+                        self.last_published = now;
+                    }
+                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "re-publishing our announcement failed");
+                        self.republish = false;
+                        self.last_published = now;
+                    }
+                }
+            } else {
+                self.republish = false;
+            }
+        }
+    }
+
+    fn offend(&mut self, peer: PeerId, offence: Misbehaviour) {
+        let outcome = self.policy.record(peer, &offence, Instant::now());
+        tracing::info!(%peer, %offence, ?outcome, "peer misbehaved");
+        let score = match outcome {
+            Outcome::Scored(score) => score,
+            Outcome::Ban(score) => {
+                tracing::warn!(%peer, score, "banning peer");
+                let behaviour = self.swarm.behaviour_mut();
+                behaviour.blocked.block_peer(peer);
+                behaviour.gossipsub.blacklist_peer(&peer);
+                let _ = behaviour.kad.remove_peer(&peer);
+                self.emit(OverlayEvent::PeerBanned { peer, score });
+                score
+            }
+        };
+        self.emit(OverlayEvent::Misbehaviour {
+            peer,
+            offence,
+            score,
+        });
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Dial { addr, reply } => {
+                let result = self
+                    .swarm
+                    .dial(addr.clone())
+                    .map_err(|e| OverlayError::Dial {
+                        target: addr.to_string(),
+                        reason: e.to_string(),
+                    });
+                let _ = reply.send(result);
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Peers { reply } => {
+                let gossipsub = &self.swarm.behaviour().gossipsub;
+                let peers = self
+                    .peers
+                    .iter()
+                    .map(|(peer, state)| PeerInfo {
+                        peer_id: *peer,
+                        addresses: state.addresses.clone(),
+                        rtt: state.rtt,
+                        gossip_score: gossipsub.peer_score(peer),
+                        misbehaviour: self.policy.score(peer),
+                        agent_version: state.agent_version.clone(),
+                    })
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::Announce {
+                announcement,
+                reply,
+            } => {
+                let _ = reply.send(self.announce(announcement));
+            }
+            Command::Announcements { reply } => {
+                let _ = reply.send(self.book.current(unix_ms()));
+            }
+            Command::PublishReputation { report, reply } => {
+                let _ = reply.send(self.publish_reputation(report));
+            }
+            Command::StartProviding { key, reply } => {
+                if self.provide_queries.len() >= MAX_PENDING {
+                    let _ = reply.send(Err(OverlayError::DhtTimeout {
+                        what: key_text(&key),
+                    }));
+                    return;
+                }
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .start_providing(kad::RecordKey::new(&key))
+                {
+                    Ok(id) => {
+                        self.provide_queries.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Command::StopProviding { key, reply } => {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .stop_providing(&kad::RecordKey::new(&key));
+                let _ = reply.send(Ok(()));
+            }
+            Command::GetProviders { key, reply } => {
+                if self.provider_queries.len() >= MAX_PENDING {
+                    let _ = reply.send(Err(OverlayError::DhtTimeout {
+                        what: key_text(&key),
+                    }));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(kad::RecordKey::new(&key));
+                self.provider_queries
+                    .insert(id, (key, HashSet::new(), reply));
+            }
+            Command::FindPeer { peer, reply } => {
+                if let Some(state) = self.peers.get(&peer) {
+                    if !state.addresses.is_empty() {
+                        let _ = reply.send(Ok(state.addresses.clone()));
+                        return;
+                    }
+                }
+                if self.find_queries.len() >= MAX_PENDING {
+                    let _ = reply.send(Err(OverlayError::PeerNotFound { peer }));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                self.find_queries.insert(id, (peer, reply));
+            }
+            Command::FetchAttestation {
+                peer,
+                challenge,
+                reply,
+            } => {
+                if self.policy.is_banned(&peer) {
+                    let _ = reply.send(Err(OverlayError::Banned { peer }));
+                    return;
+                }
+                if self.attest_requests.len() >= MAX_PENDING {
+                    let _ = reply.send(Err(OverlayError::Attestation {
+                        peer,
+                        reason: "too many attestation requests in flight".into(),
+                    }));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .attest
+                    .send_request(&peer, AttestRequest { challenge });
+                self.attest_requests.insert(id, (peer, reply));
+            }
+            Command::RespondAttestation {
+                channel,
+                evidence,
+                reply,
+            } => {
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .attest
+                    .send_response(channel, AttestResponse { evidence })
+                    .map_err(|_| OverlayError::Attestation {
+                        peer: *self.swarm.local_peer_id(),
+                        reason: "the asker is gone or the request timed out".into(),
+                    });
+                let _ = reply.send(result);
+            }
+            Command::ReportMisbehaviour { peer, offence } => self.offend(peer, offence),
+            Command::MisbehaviourScore { peer, reply } => {
+                let _ = reply.send(self.policy.score(&peer));
+            }
+            #[cfg(feature = "testing")]
+            Command::PublishRaw { topic, data, reply } => {
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(gossipsub::IdentTopic::new(topic), data)
+                    .map(|_| ())
+                    .map_err(OverlayError::from);
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn announce(&mut self, announcement: Announcement) -> Result<(), OverlayError> {
+        let local = *self.swarm.local_peer_id();
+        if announcement.peer_id != local {
+            return Err(OverlayError::NotOwnAnnouncement {
+                got: announcement.peer_id,
+            });
+        }
+        if let Some(own) = &self.own {
+            if announcement.seq <= own.announcement.seq {
+                return Err(OverlayError::StaleSequence {
+                    seq: announcement.seq,
+                    last: own.announcement.seq,
+                });
+            }
+        }
+        let wire = SignedEnvelope::sign_announcement(&self.keypair, &announcement)?.to_bytes()?;
+        if wire.len() > self.max_announcement_size {
+            return Err(OverlayError::TooLarge {
+                what: "signed announcement",
+                size: wire.len(),
+                max: self.max_announcement_size,
+            });
+        }
+        self.book.insert_own(announcement.clone());
+        let topic = self.announce_topic.clone();
+        let published = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(topic, wire.clone());
+        self.own = Some(OwnAnnouncement { announcement, wire });
+        match published {
+            Ok(_) => {
+                self.last_published = Instant::now();
+                Ok(())
+            }
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                // Nobody listens yet: publish when the first peer subscribes.
+                self.republish = true;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn publish_reputation(&mut self, report: Vec<u8>) -> Result<(), OverlayError> {
+        let wire = SignedEnvelope::sign_reputation(&self.keypair, report)?.to_bytes()?;
+        if wire.len() > self.max_reputation_size {
+            return Err(OverlayError::TooLarge {
+                what: "signed reputation report",
+                size: wire.len(),
+                max: self.max_reputation_size,
+            });
+        }
+        let topic = self.reputation_topic.clone();
+        self.swarm.behaviour_mut().gossipsub.publish(topic, wire)?;
+        Ok(())
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let address = endpoint.get_remote_address().clone();
+                let state = self.peers.entry(peer_id).or_default();
+                if endpoint.is_dialer() {
+                    state.add_address(address.clone());
+                }
+                if num_established.get() == 1 {
+                    tracing::debug!(peer = %peer_id, %address, "connected");
+                    self.emit(OverlayEvent::PeerConnected {
+                        peer: peer_id,
+                        address,
+                    });
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.peers.remove(&peer_id);
+                tracing::debug!(peer = %peer_id, "disconnected");
+                self.emit(OverlayEvent::PeerDisconnected { peer: peer_id });
+            }
+            SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, %error, "outgoing connection failed");
+            }
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                tracing::debug!(%error, "incoming connection failed");
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Gossipsub(event) => self.on_gossip(event),
+            BehaviourEvent::Kad(event) => self.on_kad(event),
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
+                let state = self.peers.entry(peer_id).or_default();
+                state.agent_version = Some(info.agent_version);
+                for addr in info.listen_addrs {
+                    state.add_address(addr.clone());
+                    if speaks_kad {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            BehaviourEvent::Ping(ping::Event { peer, result, .. }) => match result {
+                Ok(rtt) => {
+                    if let Some(state) = self.peers.get_mut(&peer) {
+                        state.rtt = Some(match state.rtt {
+                            None => rtt,
+                            Some(old) => old.mul_f64(1.0 - RTT_ALPHA) + rtt.mul_f64(RTT_ALPHA),
+                        });
+                    }
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "ping failed"),
+            },
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
+                tracing::info!(?old, ?new, "NAT status changed");
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    tracing::debug!(%peer, %addr, "found a peer on the LAN");
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+                    if !self.swarm.is_connected(&peer) {
+                        if let Err(e) = self.swarm.dial(peer) {
+                            tracing::debug!(%peer, error = %e, "could not dial an mDNS peer");
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Attest(event) => self.on_attest(event),
+            BehaviourEvent::Relay(event) => tracing::debug!(?event, "relay client"),
+            BehaviourEvent::Dcutr(event) => tracing::debug!(?event, "hole punching"),
+            _ => {}
+        }
+    }
+
+    fn on_gossip(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let now_ms = unix_ms();
+                let now = Instant::now();
+                let verdict = if message.topic == self.announce_topic.hash() {
+                    match self
+                        .book
+                        .check_announcement(message.source, &message.data, now_ms, now)
+                    {
+                        Verdict::Accept(a) => Verdict::Accept(OverlayEvent::Announcement(a)),
+                        Verdict::Ignore(r) => Verdict::Ignore(r),
+                        Verdict::Reject(r) => Verdict::Reject(r),
+                    }
+                } else if message.topic == self.reputation_topic.hash() {
+                    match self
+                        .book
+                        .check_reputation(message.source, &message.data, now)
+                    {
+                        Verdict::Accept((reporter, payload)) => {
+                            Verdict::Accept(OverlayEvent::Reputation { reporter, payload })
+                        }
+                        Verdict::Ignore(r) => Verdict::Ignore(r),
+                        Verdict::Reject(r) => Verdict::Reject(r),
+                    }
+                } else {
+                    Verdict::Ignore("unknown topic")
+                };
+                let acceptance = match &verdict {
+                    Verdict::Accept(_) => gossipsub::MessageAcceptance::Accept,
+                    Verdict::Ignore(_) => gossipsub::MessageAcceptance::Ignore,
+                    Verdict::Reject(_) => gossipsub::MessageAcceptance::Reject,
+                };
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+                match verdict {
+                    Verdict::Accept(event) => self.emit(event),
+                    Verdict::Ignore(reason) => {
+                        tracing::trace!(source = ?message.source, reason, "gossip message ignored");
+                    }
+                    Verdict::Reject(reason) => {
+                        tracing::debug!(from = %propagation_source, %reason, "gossip message rejected");
+                        self.offend(propagation_source, Misbehaviour::InvalidGossip);
+                    }
+                }
+            }
+            gossipsub::Event::Subscribed { peer_id, topic }
+                if topic == self.announce_topic.hash() && self.own.is_some() =>
+            {
+                tracing::trace!(peer = %peer_id, "peer subscribed: will re-publish our announcement");
+                self.republish = true;
+            }
+            _ => {}
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        let kad::Event::OutboundQueryProgressed {
+            id, result, step, ..
+        } = event
+        else {
+            return;
+        };
+        match result {
+            kad::QueryResult::StartProviding(result) => {
+                if let Some(reply) = self.provide_queries.remove(&id) {
+                    let result = result.map(|_| ()).map_err(|e| OverlayError::DhtTimeout {
+                        what: format!("provider record {}", key_text(e.key().as_ref())),
+                    });
+                    let _ = reply.send(result);
+                }
+            }
+            kad::QueryResult::GetProviders(result) => {
+                let failed = match result {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        if let Some((_, found, _)) = self.provider_queries.get_mut(&id) {
+                            found.extend(providers);
+                        }
+                        false
+                    }
+                    Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => false,
+                    Err(_) => true,
+                };
+                if step.last || failed {
+                    if let Some((key, found, reply)) = self.provider_queries.remove(&id) {
+                        let result = if failed && found.is_empty() {
+                            Err(OverlayError::DhtTimeout {
+                                what: format!("providers of {}", key_text(&key)),
+                            })
+                        } else {
+                            Ok(found)
+                        };
+                        let _ = reply.send(result);
+                    }
+                }
+            }
+            kad::QueryResult::GetClosestPeers(result) => {
+                let Some((target, reply)) = self.find_queries.remove(&id) else {
+                    return;
+                };
+                let peers = match result {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                let addrs = peers
+                    .into_iter()
+                    .find(|p| p.peer_id == target)
+                    .map(|p| p.addrs)
+                    .unwrap_or_default();
+                if addrs.is_empty() {
+                    let _ = reply.send(Err(OverlayError::PeerNotFound { peer: target }));
+                } else {
+                    for addr in &addrs {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&target, addr.clone());
+                    }
+                    let _ = reply.send(Ok(addrs));
+                }
+            }
+            kad::QueryResult::Bootstrap(result) => {
+                tracing::debug!(ok = result.is_ok(), "Kademlia bootstrap step");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_attest(&mut self, event: request_response::Event<AttestRequest, AttestResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let Some(commands) = self.command_tx.upgrade() else {
+                        return;
+                    };
+                    self.emit(OverlayEvent::AttestationRequest {
+                        peer,
+                        challenge: request.challenge,
+                        responder: AttestationResponder::new(channel, commands),
+                    });
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some((_, reply)) = self.attest_requests.remove(&request_id) {
+                        let _ = reply.send(Ok(response.evidence));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some((peer, reply)) = self.attest_requests.remove(&request_id) {
+                    let _ = reply.send(Err(OverlayError::Attestation {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound attestation request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}

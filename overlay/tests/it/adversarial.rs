@@ -1,0 +1,243 @@
+//! Misbehaving peers: bad job frames and forged or replayed announcements.
+
+use futures::AsyncWriteExt;
+use silk_overlay::{
+    gossip::ANNOUNCE_TOPIC,
+    testing::{
+        raw_request_frame, read_raw_job_frame, seeded_keypair, spawn_mesh, wait_until_connected,
+        wait_until_converged, worker_announcement,
+    },
+    JobErrorCode, JobFrame, Misbehaviour, OverlayEvent, SignedEnvelope, JOB_WIRE_VERSION,
+};
+
+use crate::{eventually, init_tracing, next_event, WAIT};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_job_frames_are_refused_and_penalised() {
+    init_tracing();
+    let mut nodes = spawn_mesh(2, 7_000).await.expect("spawn mesh");
+    let mut victim = nodes.pop().expect("victim");
+    let attacker = nodes.pop().expect("attacker");
+    wait_until_connected(&attacker.handle, victim.peer_id, WAIT)
+        .await
+        .expect("connected");
+    let max = silk_overlay::testing::local_config(seeded_keypair(0)).max_frame_size;
+
+    let oversized = {
+        let mut bytes = u32::MAX.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[0u8; 32]);
+        bytes
+    };
+    let garbage = {
+        let junk = [0xffu8, 0x13, 0x37, 0xde, 0xad, 0xbe, 0xef];
+        let mut bytes = (junk.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&junk);
+        bytes
+    };
+    let cases = [
+        (
+            raw_request_frame(JOB_WIRE_VERSION + 98, b"hi").expect("frame"),
+            JobErrorCode::ProtocolVersion,
+            Misbehaviour::WrongProtocolVersion,
+        ),
+        (
+            oversized,
+            JobErrorCode::FrameTooLarge,
+            Misbehaviour::OversizedFrame,
+        ),
+        (
+            garbage,
+            JobErrorCode::Malformed,
+            Misbehaviour::MalformedFrame,
+        ),
+    ];
+
+    let mut last_score = 0;
+    for (bytes, code, offence) in cases {
+        let mut stream = attacker
+            .handle
+            .open_raw_job_stream(victim.peer_id)
+            .await
+            .expect("raw stream");
+        stream.write_all(&bytes).await.expect("write");
+        stream.flush().await.expect("flush");
+        let frame = tokio::time::timeout(WAIT, read_raw_job_frame(&mut stream, max))
+            .await
+            .expect("an answer in time")
+            .expect("an error frame");
+        assert!(
+            matches!(&frame, JobFrame::Error { code: c, .. } if *c == code),
+            "{frame:?}"
+        );
+
+        let score = next_event(&mut victim.events, "a misbehaviour event", |e| match e {
+            OverlayEvent::Misbehaviour {
+                peer,
+                offence: o,
+                score,
+            } if peer == attacker.peer_id => {
+                assert_eq!(o, offence);
+                Some(score)
+            }
+            _ => None,
+        })
+        .await;
+        assert!(
+            score > last_score,
+            "score must grow: {last_score} -> {score}"
+        );
+        last_score = score;
+    }
+    let score = victim
+        .handle
+        .misbehaviour_score(attacker.peer_id)
+        .await
+        .expect("score");
+    assert_eq!(score, last_score);
+    let peers = victim.handle.peers().await.expect("peers");
+    let seen = peers
+        .iter()
+        .find(|p| p.peer_id == attacker.peer_id)
+        .expect("still connected");
+    assert_eq!(seen.misbehaviour, score);
+
+    // The node reports an undecodable payload past the threshold: ban.
+    victim
+        .handle
+        .report_misbehaviour(
+            attacker.peer_id,
+            Misbehaviour::Other {
+                reason: "undecodable request".into(),
+                penalty: 1_000,
+            },
+        )
+        .await
+        .expect("report");
+    next_event(&mut victim.events, "a ban", |e| match e {
+        OverlayEvent::PeerBanned { peer, .. } if peer == attacker.peer_id => Some(()),
+        _ => None,
+    })
+    .await;
+    eventually("the banned peer to be disconnected", || async {
+        let peers = victim.handle.peers().await.ok()?;
+        (!peers.iter().any(|p| p.peer_id == attacker.peer_id)).then_some(())
+    })
+    .await;
+    assert!(attacker
+        .handle
+        .open_job(victim.peer_id, b"again".to_vec())
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_replayed_announcements_are_rejected_and_not_forwarded() {
+    init_tracing();
+    // Node 0 (B) is everyone's bootstrap; node 1 (M) misbehaves; node 2 (C) watches.
+    let nodes = spawn_mesh(3, 8_000).await.expect("spawn mesh");
+    let (b, m, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let handles: Vec<_> = nodes.iter().map(|n| n.handle.clone()).collect();
+    for handle in &handles {
+        let a = worker_announcement(handle.local_peer_id(), 1, &["honest"]);
+        handle.announce(a).await.expect("announce");
+    }
+    let everyone = nodes.iter().map(|n| n.peer_id).collect();
+    wait_until_converged(&handles, &everyone, WAIT)
+        .await
+        .expect("converge");
+
+    // 1. M claims seq 10 but signs with a different key.
+    let stranger = seeded_keypair(9_999);
+    let forged = SignedEnvelope::sign_announcement(
+        &stranger,
+        &worker_announcement(m.peer_id, 10, &["forged"]),
+    )
+    .and_then(|e| e.to_bytes())
+    .expect("forge");
+    m.handle
+        .publish_raw(ANNOUNCE_TOPIC, forged)
+        .await
+        .expect("publish forged");
+
+    // 2. M replays a genuine envelope of C (newer seq) as its own message.
+    let c_key = seeded_keypair(8_002);
+    assert_eq!(c_key.public().to_peer_id(), c.peer_id);
+    let genuine_of_c = SignedEnvelope::sign_announcement(
+        &c_key,
+        &worker_announcement(c.peer_id, 5, &["hijacked"]),
+    )
+    .and_then(|e| e.to_bytes())
+    .expect("sign");
+    m.handle
+        .publish_raw(ANNOUNCE_TOPIC, genuine_of_c)
+        .await
+        .expect("publish replay");
+
+    // 3. M re-publishes an older seq of its own: ignored, never stored.
+    let m_key = seeded_keypair(8_001);
+    let stale =
+        SignedEnvelope::sign_announcement(&m_key, &worker_announcement(m.peer_id, 0, &["stale"]))
+            .and_then(|e| e.to_bytes())
+            .expect("sign");
+    m.handle
+        .publish_raw(ANNOUNCE_TOPIC, stale)
+        .await
+        .expect("publish stale");
+
+    // B, connected to M, rejects the first two and penalises M.
+    let score = eventually("B to penalise M", || async {
+        let score = b.handle.misbehaviour_score(m.peer_id).await.ok()?;
+        (score >= 2 * Misbehaviour::InvalidGossip.penalty()).then_some(score)
+    })
+    .await;
+    assert_eq!(score, 2 * Misbehaviour::InvalidGossip.penalty());
+    let gossip_score = eventually("gossipsub to score M down on B", || async {
+        let peers = b.handle.peers().await.ok()?;
+        let s = peers
+            .iter()
+            .find(|p| p.peer_id == m.peer_id)?
+            .gossip_score?;
+        (s < 0.0).then_some(s)
+    })
+    .await;
+    assert!(gossip_score < 0.0);
+
+    // M's next honest announcement still flows: gossip after the bad messages works.
+    m.handle
+        .announce(worker_announcement(m.peer_id, 2, &["honest-2"]))
+        .await
+        .expect("announce");
+    for handle in [&b.handle, &c.handle] {
+        eventually("M's seq 2 to arrive", || async {
+            let known = handle.announcements().await.ok()?;
+            known
+                .iter()
+                .any(|a| a.peer_id == m.peer_id && a.seq == 2)
+                .then_some(())
+        })
+        .await;
+    }
+
+    // Nothing forged was stored anywhere.
+    for handle in &handles {
+        for a in handle.announcements().await.expect("announcements") {
+            assert!(
+                a.models != vec!["forged".to_string()],
+                "forged announcement stored: {a:?}"
+            );
+            assert!(
+                a.models != vec!["hijacked".to_string()],
+                "replayed announcement stored: {a:?}"
+            );
+            assert!(
+                a.models != vec!["stale".to_string()],
+                "stale announcement stored: {a:?}"
+            );
+        }
+    }
+    // B did not forward the invalid messages: C never had to reject anything from B.
+    assert_eq!(
+        c.handle.misbehaviour_score(b.peer_id).await.expect("score"),
+        0
+    );
+}
