@@ -352,7 +352,7 @@ mod tests {
         let mut j = base();
         j["rope_scaling"] = serde_json::json!({
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64
         });
         let c = ModelConfig::from_hf_json(&j).expect("config");
         let plain = ModelConfig {
@@ -361,6 +361,7 @@ mod tests {
         };
         let (scaled, base) = (c.rope_inv_freq(), plain.rope_inv_freq());
         assert_eq!(scaled[0], base[0]);
-        assert!((scaled[3] - base[3] / 8.0).abs() < 1e-12);
+        // head_dim 4: wavelengths 2π (< 64/4, kept) and 200π (> 64, divided).
+        assert!((scaled[1] - base[1] / 8.0).abs() < 1e-12);
     }
 }

@@ -187,34 +187,71 @@ impl<B: Backend> Transformer<B> {
     /// - returns `[segments or total_tokens, vocab]`
     pub fn forward(&self, segments: &mut [Segment<'_, B>], all_positions: bool) -> Tensor<B, 2> {
         let c = &self.config;
-        let ids: Vec<i64> = segments
-            .iter()
-            .flat_map(|s| s.tokens.iter().map(|&t| i64::from(t)))
-            .collect();
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for s in segments.iter() {
+            let start = s.cache.len();
+            ids.extend(s.tokens.iter().map(|&t| i64::from(t)));
+            positions.extend((start..start + s.tokens.len()).map(|p| p as i64));
+        }
         let n = ids.len();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
+        let positions =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), &self.device);
+        // RoPE rows for every token of the batch, shared by all layers: [n, 1, hd]
+        let cos = self
+            .cos
+            .clone()
+            .select(0, positions.clone())
+            .unsqueeze_dim::<3>(1);
+        let sin = self.sin.clone().select(0, positions).unsqueeze_dim::<3>(1);
         // [n, hidden]
         let mut x = self.embed.clone().select(0, ids);
-        let (q_out, kv_out) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (q_out, kv_out) = (nh * hd, nkv * hd);
 
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = rms_norm(x.clone(), &block.attn_norm, c.rms_norm_eps);
             // [n, q_out + 2 * kv_out]
             let qkv = h.matmul(block.qkv.clone());
+            let mut q = qkv.clone().slice([0..n, 0..q_out]).reshape([n, nh, hd]);
+            let mut k = qkv
+                .clone()
+                .slice([0..n, q_out..q_out + kv_out])
+                .reshape([n, nkv, hd]);
+            let v = qkv
+                .slice([0..n, q_out + kv_out..q_out + 2 * kv_out])
+                .reshape([n, nkv, hd]);
+            if let (Some(qn), Some(kn)) = (&block.q_norm, &block.k_norm) {
+                q = rms_norm(q, qn, c.rms_norm_eps);
+                k = rms_norm(k, kn, c.rms_norm_eps);
+            }
+            let q = rope(q, &cos, &sin);
+            let k = rope(k, &cos, &sin);
             let mut outs = Vec::with_capacity(segments.len());
             let mut row = 0;
             for seg in segments.iter_mut() {
                 let t = seg.tokens.len();
                 let rows = row..row + t;
                 row += t;
-                let q = qkv.clone().slice([rows.clone(), 0..q_out]);
-                let k = qkv.clone().slice([rows.clone(), q_out..q_out + kv_out]);
-                let v = qkv
+                // [heads, t, hd]
+                let q = q
                     .clone()
-                    .slice([rows, q_out + kv_out..q_out + 2 * kv_out]);
-                outs.push(self.attention(layer, block, q, k, v, seg.cache));
+                    .slice([rows.clone(), 0..nh, 0..hd])
+                    .swap_dims(0, 1);
+                let k = k
+                    .clone()
+                    .slice([rows.clone(), 0..nkv, 0..hd])
+                    .swap_dims(0, 1);
+                let v = v.clone().slice([rows, 0..nkv, 0..hd]).swap_dims(0, 1);
+                outs.push(self.attention(layer, q, k, v, seg.cache));
             }
-            let attn = Tensor::cat(outs, 0);
+            let attn = if outs.len() == 1 {
+                outs.pop()
+                    .unwrap_or_else(|| Tensor::zeros([n, q_out], &self.device))
+            } else {
+                Tensor::cat(outs, 0)
+            };
             x = x + attn.matmul(block.o.clone());
 
             let h = rms_norm(x.clone(), &block.mlp_norm, c.rms_norm_eps);
@@ -242,36 +279,26 @@ impl<B: Backend> Transformer<B> {
         rms_norm(x, &self.final_norm, c.rms_norm_eps).matmul(self.lm_head.clone())
     }
 
-    /// Self-attention of one sequence's new tokens against its cache.
+    /// Self-attention of one sequence's new tokens (already normed and
+    /// rotated) against its cache.
     ///
     /// # Shapes
-    /// - `q`: `[t, heads * head_dim]`; `k`, `v`: `[t, kv_heads * head_dim]`
+    /// - `q`: `[heads, t, head_dim]`; `k`, `v`: `[kv_heads, t, head_dim]`
     /// - returns `[t, heads * head_dim]`
     fn attention(
         &self,
         layer: usize,
-        block: &Block<B>,
-        q: Tensor<B, 2>,
-        k: Tensor<B, 2>,
-        v: Tensor<B, 2>,
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
         cache: &mut KvCache<B>,
     ) -> Tensor<B, 2> {
         let c = &self.config;
-        let (t, hd, nh, nkv) = (q.dims()[0], c.head_dim, c.num_heads, c.num_kv_heads);
+        let [nh, t, hd] = q.dims();
+        let nkv = c.num_kv_heads;
         let group = nh / nkv;
-        let pos = cache.len();
-        // [heads, t, hd]
-        let mut q = q.reshape([t, nh, hd]).swap_dims(0, 1);
-        let mut k = k.reshape([t, nkv, hd]).swap_dims(0, 1);
-        let v = v.reshape([t, nkv, hd]).swap_dims(0, 1);
-        if let (Some(qn), Some(kn)) = (&block.q_norm, &block.k_norm) {
-            q = rms_norm(q, qn, c.rms_norm_eps);
-            k = rms_norm(k, kn, c.rms_norm_eps);
-        }
-        let q = self.rope(q, pos);
-        let k = self.rope(k, pos);
         let (keys, values) = cache.append(layer, k, v);
-        let len = pos + t;
+        let len = cache.len() + t;
         let options = AttentionModuleOptions {
             scale: None,
             softcap: None,
@@ -295,29 +322,20 @@ impl<B: Backend> Transformer<B> {
         };
         out.swap_dims(0, 1).reshape([t, nh * hd])
     }
+}
 
-    /// Rotary position embedding, rotate-half convention (as transformers).
-    ///
-    /// # Shapes
-    /// - `x`: `[heads, t, head_dim]` for positions `pos..pos + t`
-    fn rope(&self, x: Tensor<B, 3>, pos: usize) -> Tensor<B, 3> {
-        let [heads, t, hd] = x.dims();
-        let half = hd / 2;
-        let cos = self
-            .cos
-            .clone()
-            .slice([pos..pos + t, 0..hd])
-            .unsqueeze_dim::<3>(0);
-        let sin = self
-            .sin
-            .clone()
-            .slice([pos..pos + t, 0..hd])
-            .unsqueeze_dim::<3>(0);
-        let x1 = x.clone().slice([0..heads, 0..t, 0..half]);
-        let x2 = x.clone().slice([0..heads, 0..t, half..hd]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
-        x * cos + rotated * sin
-    }
+/// Rotary position embedding, rotate-half convention (as transformers).
+///
+/// # Shapes
+/// - `x`: `[n, heads, head_dim]`; `cos`, `sin`: `[n, 1, head_dim]`, the
+///   rows for each token's position
+fn rope<B: Backend>(x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
+    let [n, heads, hd] = x.dims();
+    let half = hd / 2;
+    let x1 = x.clone().slice([0..n, 0..heads, 0..half]);
+    let x2 = x.clone().slice([0..n, 0..heads, half..hd]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
+    x * cos.clone() + rotated * sin.clone()
 }
 
 /// `x / sqrt(mean(x²) + eps) * weight` over the last dimension.
