@@ -11,6 +11,7 @@ jobs="${CARGO_BUILD_JOBS:-2}"
 echo "== build"
 cargo build -j"$jobs" --bin silk
 silk="${CARGO_TARGET_DIR:-$repo/target}/debug/silk"
+export SILK_BIN="$silk"
 
 echo "== default model"
 "$silk" model fetch

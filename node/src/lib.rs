@@ -1,5 +1,5 @@
 //! The silk node: composition of the overlay, inference and chain crates,
-//! the `silk` CLI, and (so far) attestation.
+//! the `silk` CLI, attestation, payments, the HTTP API and the job lifecycle.
 //!
 //! # Layout
 //!
@@ -8,8 +8,34 @@
 //!   a PCCS with an on-disk cache, the attestation document served on
 //!   `/silk/attest/1.0.0`, and a verdict cache. Pure library code: no tasks,
 //!   no network except the blocking PCCS client.
+//! - [`payments`]: the money side of a job: lanes, reservations and
+//!   cheques (gateway), cheque checks and redemption (worker), on-chain
+//!   lane opening through the settlement contract.
 //! - [`cli`]: the clap-derived `silk` command line; `main.rs` only calls
 //!   [`cli::run`].
+//! - The mesh: [`config`] (`config.toml`), [`service`] ([`service::Node`]:
+//!   overlay + engine on workers + announcer + inbound-job loop + the
+//!   gateway's dispatch with retries), [`routing`] (ranking by expected
+//!   finish time, then price), [`jobs`] (the postcard job protocol inside
+//!   the overlay's `/silk/job/1.0.0` frames, and the worker side), [`api`]
+//!   (the OpenAI-compatible HTTP API on axum).
+//!
+//! # Data flow of a job
+//!
+//! HTTP request → [`api`] validates → [`service::Node::dispatch`] ranks
+//! workers from gossiped announcements (DHT providers when gossip knows too
+//! few), filtered by the attestation policy → job stream to the worker →
+//! [`jobs::serve_job`] runs the engine and streams tokens → the gateway's
+//! forwarding task → SSE or one JSON body.
 
+pub mod api;
 pub mod attest;
 pub mod cli;
+pub mod config;
+mod error;
+pub mod jobs;
+pub mod routing;
+pub mod service;
+
+pub use error::MeshError;
+pub mod payments;

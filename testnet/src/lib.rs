@@ -1,5 +1,516 @@
-//! A local silk testnet.
+//! A local silk testnet: N `silk run` processes on 127.0.0.1.
 //!
 //! # Bird's-eye view
 //!
-//! Starts N nodes on one machine for tests and demos. Built under issue 3.
+//! [`Testnet::spawn`] starts node 0 (the bootstrap node), reads its libp2p
+//! address from `GET /v1/mesh`, starts the other nodes bootstrapped from it
+//! (the first `workers` of them serve the model), and waits until every
+//! node's `/v1/mesh` lists every worker. Each node gets its own data
+//! directory (identity, log) under one temporary directory; all share the
+//! model file through `--models-dir`/`--model`, nothing is copied. Every
+//! gateway runs with `--allow-insecure-workers` unless told otherwise,
+//! because nodes outside TDX are `insecure`. [`Testnet::kill`] and
+//! [`Testnet::restart`] play failures; dropping the [`Testnet`] kills every
+//! process it started.
+//!
+//! The same library backs `silk testnet` and the end-to-end tests.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use serde_json::Value;
+
+/// Name of the default model file's stem.
+pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct TestnetConfig {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// How many of them (after the bootstrap node when `nodes > workers`) serve the model.
+    pub workers: usize,
+    /// The `silk` binary.
+    pub silk_bin: PathBuf,
+    /// The model: a `.gguf` path, or a name inside `models_dir`.
+    pub model: String,
+    /// Where the models live.
+    pub models_dir: PathBuf,
+    /// Node indices that start *without* `--allow-insecure-workers`.
+    pub strict_nodes: Vec<usize>,
+    /// How long to wait for the mesh to converge.
+    pub converge_timeout: Duration,
+    /// `RUST_LOG` of the nodes.
+    pub log_filter: String,
+}
+
+impl TestnetConfig {
+    /// `nodes` nodes, `workers` of them workers, on the model found by
+    /// [`locate_model`], with the `silk` binary found by [`locate_silk`].
+    pub fn new(nodes: usize, workers: usize) -> anyhow::Result<Self> {
+        let (models_dir, model) = locate_model()?;
+        Ok(Self {
+            silk_bin: locate_silk()?,
+            model,
+            models_dir,
+            ..Self::new_without_model(nodes, workers)
+        })
+    }
+
+    /// Like [`TestnetConfig::new`] with the binary and model left empty, for
+    /// callers that set them.
+    pub fn new_without_model(nodes: usize, workers: usize) -> Self {
+        Self {
+            nodes,
+            workers,
+            silk_bin: PathBuf::new(),
+            model: String::new(),
+            models_dir: PathBuf::new(),
+            strict_nodes: Vec::new(),
+            converge_timeout: Duration::from_secs(60),
+            log_filter: "warn,silk_node=info".into(),
+        }
+    }
+}
+
+/// Finds the default model: `SILK_SMOLLM2_GGUF`, else
+/// `$SILK_DATA_DIR/models` or `~/.silk/models`. Returns (models dir, model).
+pub fn locate_model() -> anyhow::Result<(PathBuf, String)> {
+    if let Some(path) = std::env::var_os("SILK_SMOLLM2_GGUF").map(PathBuf::from) {
+        if path.is_file() {
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            return Ok((dir, path.display().to_string()));
+        }
+        bail!("SILK_SMOLLM2_GGUF={} is not a file", path.display());
+    }
+    let data_dir = std::env::var_os("SILK_DATA_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".silk")))
+        .context("no HOME: set SILK_SMOLLM2_GGUF to the model file")?;
+    models_in(&data_dir)
+}
+
+/// The default model inside `<data_dir>/models`, or an error saying to fetch it.
+pub fn models_in(data_dir: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let dir = data_dir.join("models");
+    let file = dir.join(format!("{DEFAULT_MODEL}.gguf"));
+    if file.is_file() {
+        return Ok((dir, file.display().to_string()));
+    }
+    bail!(
+        "the default model is not at {}: run `silk model fetch` first (or set SILK_SMOLLM2_GGUF to the .gguf file)",
+        file.display()
+    )
+}
+
+/// Finds the `silk` binary: `SILK_BIN`, else a `silk` next to the running
+/// executable or one directory up (`target/debug/deps/..` for tests).
+pub fn locate_silk() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SILK_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("cannot find the running executable")?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join("silk");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "no `silk` binary near {}: run `cargo build -p silk-node` first or set SILK_BIN",
+        exe.display()
+    )
+}
+
+/// One node process.
+#[derive(Debug)]
+pub struct NodeHandle {
+    /// Index in the testnet.
+    pub index: usize,
+    /// Base URL of its HTTP API, e.g. `http://127.0.0.1:40123`.
+    pub api_url: String,
+    /// Its libp2p peer id.
+    pub peer_id: String,
+    /// Whether it serves the model.
+    pub worker: bool,
+    /// Whether it routes to insecure workers.
+    pub allows_insecure: bool,
+    /// Its data directory (identity, `node.log`).
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl NodeHandle {
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
+    }
+
+    /// The node's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("node.log")).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running local mesh.
+#[derive(Debug)]
+pub struct Testnet {
+    /// The nodes, bootstrap node first.
+    pub nodes: Vec<NodeHandle>,
+    config: TestnetConfig,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+impl Testnet {
+    /// Starts the nodes and waits until every node knows every worker.
+    pub async fn spawn(config: TestnetConfig) -> anyhow::Result<Self> {
+        if config.nodes == 0 || config.workers > config.nodes {
+            bail!(
+                "need 1 ≤ nodes and workers ≤ nodes (got {} nodes, {} workers)",
+                config.nodes,
+                config.workers
+            );
+        }
+        if !config.silk_bin.is_file() {
+            bail!(
+                "{} does not exist: run `cargo build -p silk-node`",
+                config.silk_bin.display()
+            );
+        }
+        let dir = tempfile::Builder::new().prefix("silk-testnet").tempdir()?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()?;
+        let mut net = Self {
+            nodes: Vec::with_capacity(config.nodes),
+            config,
+            client,
+            _dir: dir,
+        };
+        // With spare nodes, keep node 0 a plain gateway/bootstrap node.
+        let first_worker = usize::from(net.config.nodes > net.config.workers);
+        let mut bootstrap: Option<String> = None;
+        for i in 0..net.config.nodes {
+            let worker = i >= first_worker && i < first_worker + net.config.workers;
+            let node = net.start_node(i, worker, bootstrap.as_deref()).await?;
+            if bootstrap.is_none() {
+                let mesh = net.get_json(&format!("{}/v1/mesh", node.api_url)).await?;
+                bootstrap = mesh["listen_addrs"]
+                    .as_array()
+                    .and_then(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .find(|a| a.contains("/tcp/"))
+                    })
+                    .map(str::to_string);
+                if bootstrap.is_none() {
+                    bail!("node 0 reports no TCP listen address: {mesh}");
+                }
+            }
+            net.nodes.push(node);
+        }
+        net.wait_converged(net.config.converge_timeout).await?;
+        Ok(net)
+    }
+
+    async fn start_node(
+        &self,
+        index: usize,
+        worker: bool,
+        bootstrap: Option<&str>,
+    ) -> anyhow::Result<NodeHandle> {
+        let data_dir = self._dir.path().join(format!("node-{index}"));
+        std::fs::create_dir_all(&data_dir)?;
+        let api = format!("127.0.0.1:{}", free_port()?);
+        let allows_insecure = !self.config.strict_nodes.contains(&index);
+        let mut args = vec![
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "run".into(),
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--api".into(),
+            api.clone(),
+            "--models-dir".into(),
+            self.config.models_dir.display().to_string(),
+            "--fast-gossip".into(),
+        ];
+        if allows_insecure {
+            args.push("--allow-insecure-workers".into());
+        }
+        if worker {
+            args.extend([
+                "--worker".into(),
+                "--model".into(),
+                self.config.model.clone(),
+            ]);
+        }
+        if let Some(b) = bootstrap {
+            args.extend(["--bootstrap".into(), b.to_string()]);
+        }
+        let mut node = NodeHandle {
+            index,
+            api_url: format!("http://{api}"),
+            peer_id: String::new(),
+            worker,
+            allows_insecure,
+            data_dir,
+            args,
+            child: None,
+        };
+        self.launch(&mut node).await?;
+        Ok(node)
+    }
+
+    async fn launch(&self, node: &mut NodeHandle) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.data_dir.join("node.log"))?;
+        let child = Command::new(&self.config.silk_bin)
+            .args(&node.args)
+            .env("RUST_LOG", &self.config.log_filter)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.config.silk_bin.display()))?;
+        node.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if !node.is_running() {
+                bail!(
+                    "node {} exited during startup; its log:\n{}",
+                    node.index,
+                    node.log()
+                );
+            }
+            if let Ok(h) = self.get_json(&format!("{}/health", node.api_url)).await {
+                node.peer_id = h["peer_id"].as_str().unwrap_or_default().to_string();
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {} did not answer /health within 60 s; its log:\n{}",
+                    node.index,
+                    node.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `GET url` as JSON.
+    pub async fn get_json(&self, url: &str) -> anyhow::Result<Value> {
+        let r = self
+            .client
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?;
+        Ok(r.error_for_status()?.json().await?)
+    }
+
+    /// Peer ids of the running workers.
+    pub fn worker_ids(&mut self) -> Vec<String> {
+        self.nodes
+            .iter_mut()
+            .filter(|n| n.worker)
+            .filter_map(|n| n.is_running().then(|| n.peer_id.clone()))
+            .collect()
+    }
+
+    /// The workers `node`'s `/v1/mesh` lists.
+    pub async fn known_workers(&self, node: usize) -> anyhow::Result<Vec<String>> {
+        let mesh = self
+            .get_json(&format!("{}/v1/mesh", self.nodes[node].api_url))
+            .await?;
+        Ok(mesh["workers"]
+            .as_array()
+            .map(|w| {
+                w.iter()
+                    .filter_map(|w| w["peer_id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Waits until every running node's `/v1/mesh` lists every running worker.
+    pub async fn wait_converged(&mut self, timeout: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let workers = self.worker_ids();
+        loop {
+            let mut missing = Vec::new();
+            for i in 0..self.nodes.len() {
+                if !self.nodes[i].is_running() {
+                    continue;
+                }
+                let known = self.known_workers(i).await.unwrap_or_default();
+                for w in &workers {
+                    if !known.contains(w) {
+                        missing.push(format!("node {i} does not know worker {w}"));
+                    }
+                }
+            }
+            if missing.is_empty() {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "the mesh did not converge within {timeout:?}: {}",
+                    missing.join("; ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills node `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Kills the node with peer id `peer`; returns its index.
+    pub fn kill_peer(&mut self, peer: &str) -> Option<usize> {
+        let i = self.nodes.iter().position(|n| n.peer_id == peer)?;
+        self.kill(i);
+        Some(i)
+    }
+
+    /// Restarts node `i` with its data directory (same identity and API port).
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.nodes[i].kill();
+        let mut node = std::mem::replace(
+            &mut self.nodes[i],
+            NodeHandle {
+                index: i,
+                api_url: String::new(),
+                peer_id: String::new(),
+                worker: false,
+                allows_insecure: false,
+                data_dir: PathBuf::new(),
+                args: Vec::new(),
+                child: None,
+            },
+        );
+        let r = self.launch(&mut node).await;
+        self.nodes[i] = node;
+        r
+    }
+
+    /// Index of a running node that is not a worker (a pure gateway).
+    pub fn gateway(&mut self) -> Option<usize> {
+        (0..self.nodes.len()).find(|&i| !self.nodes[i].worker && self.nodes[i].is_running())
+    }
+
+    /// The HTTP client the testnet uses.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
+/// A streamed chat completion as the caller saw it.
+#[derive(Debug, Clone, Default)]
+pub struct StreamedChat {
+    /// HTTP status.
+    pub status: u16,
+    /// `x-silk-worker`.
+    pub worker: Option<String>,
+    /// `x-silk-attestation`.
+    pub attestation: Option<String>,
+    /// The text.
+    pub text: String,
+    /// SSE data payloads, in order.
+    pub events: Vec<Value>,
+    /// Whether `data: [DONE]` arrived.
+    pub done: bool,
+    /// An `{"error":…}` event or error body.
+    pub error: Option<Value>,
+}
+
+/// Sends a streaming chat request to `api_url`; calls `on_token` with each
+/// piece of text and `on_start` once the headers (worker) are known.
+pub async fn stream_chat(
+    client: &reqwest::Client,
+    api_url: &str,
+    body: Value,
+    mut on_start: impl FnMut(&StreamedChat),
+    mut on_token: impl FnMut(&str),
+) -> anyhow::Result<StreamedChat> {
+    let mut body = body;
+    body["stream"] = Value::Bool(true);
+    let resp = client
+        .post(format!("{api_url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await?;
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let mut out = StreamedChat {
+        status: resp.status().as_u16(),
+        worker: header("x-silk-worker"),
+        attestation: header("x-silk-attestation"),
+        ..Default::default()
+    };
+    if !resp.status().is_success() {
+        out.error = resp.json().await.ok();
+        return Ok(out);
+    }
+    on_start(&out);
+    let mut bytes = resp.bytes_stream();
+    let mut buf = String::new();
+    while let Some(chunk) = bytes.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk?));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            for line in event.lines() {
+                let Some(data) = line.strip_prefix("data:") else {
+                    continue;
+                };
+                let data = data.trim();
+                if data == "[DONE]" {
+                    out.done = true;
+                    continue;
+                }
+                let v: Value = serde_json::from_str(data)
+                    .with_context(|| format!("undecodable SSE data: {data}"))?;
+                if v.get("error").is_some() {
+                    out.error = Some(v.clone());
+                } else if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+                    on_token(t);
+                    out.text.push_str(t);
+                }
+                out.events.push(v);
+            }
+        }
+    }
+    Ok(out)
+}

@@ -16,6 +16,11 @@ use silk_inference::{Engine, EngineConfig, Event, GenerateRequest, ModelStore, P
 pub enum BenchCommand {
     /// Prefill and decode speed of the local engine, against a reference engine.
     Inference(InferenceBenchArgs),
+    /// On-chain messages per 10,000 jobs, cheque sign+verify time, devnet
+    /// execution time per contract message.
+    Settlement(super::wallet::SettlementBenchArgs),
+    /// Routing overhead, time until a new worker is known, gossip convergence.
+    Mesh(super::bench_mesh::MeshBenchArgs),
 }
 
 /// Arguments of `silk bench inference`.
@@ -50,12 +55,15 @@ pub struct InferenceBenchArgs {
 pub fn run(cmd: BenchCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Inference(args) => inference(args, data_dir),
+        BenchCommand::Settlement(args) => super::wallet::bench_settlement(args),
+        BenchCommand::Mesh(args) => super::bench_mesh::run(args, data_dir),
     }
 }
 
 /// The text both engines take their prompt tokens from (the same as the
 /// reference script's).
-const PROMPT_TEXT: &str = "The quick brown fox jumps over the lazy dog. Once upon a time, there was a little robot \
+const PROMPT_TEXT: &str =
+    "The quick brown fox jumps over the lazy dog. Once upon a time, there was a little robot \
 who lived in a small house at the edge of a forest. Every morning the robot woke up, opened \
 the window, and said hello to the birds in the trees. The birds sang back, and the robot \
 wrote their songs down in a notebook with a blue pencil. ";
@@ -83,7 +91,12 @@ fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-fn measure(engine: &Engine, prompt: &[u32], batch: usize, gen_tokens: usize) -> anyhow::Result<Row> {
+fn measure(
+    engine: &Engine,
+    prompt: &[u32],
+    batch: usize,
+    gen_tokens: usize,
+) -> anyhow::Result<Row> {
     let submitted = Instant::now();
     let mut streams = Vec::with_capacity(batch);
     for _ in 0..batch {
@@ -116,7 +129,10 @@ fn measure(engine: &Engine, prompt: &[u32], batch: usize, gen_tokens: usize) -> 
     let mut end = submitted;
     for h in handles {
         let (first, tokens, done) = h.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
-        anyhow::ensure!(tokens == gen_tokens + 1, "a request produced {tokens} tokens");
+        anyhow::ensure!(
+            tokens == gen_tokens + 1,
+            "a request produced {tokens} tokens"
+        );
         firsts.push(first.context("no token")?);
         end = end.max(done);
     }
@@ -143,7 +159,9 @@ fn machine() -> String {
                 .map(|s| s.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     format!("{cpu}, {cores} cores, {}", std::env::consts::ARCH)
 }
 
@@ -172,7 +190,8 @@ fn reference(args: &InferenceBenchArgs, gguf: &Path) -> anyhow::Result<Option<(S
         "reference benchmark failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).context("reference output")?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("reference output")?;
     let engine = json["engine"].as_str().unwrap_or("reference").to_string();
     let mut rows = Vec::new();
     for run in json["runs"].as_array().into_iter().flatten() {
@@ -192,8 +211,14 @@ fn reference(args: &InferenceBenchArgs, gguf: &Path) -> anyhow::Result<Option<(S
 }
 
 fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(args.prompt_tokens > 0 && args.gen_tokens > 0, "--prompt-tokens and --gen-tokens must be positive");
-    anyhow::ensure!(!args.batch.is_empty() && !args.batch.contains(&0), "--batch takes positive sizes");
+    anyhow::ensure!(
+        args.prompt_tokens > 0 && args.gen_tokens > 0,
+        "--prompt-tokens and --gen-tokens must be positive"
+    );
+    anyhow::ensure!(
+        !args.batch.is_empty() && !args.batch.contains(&0),
+        "--batch takes positive sizes"
+    );
     let store = ModelStore::new(data_dir.join("models"));
     let source = store.resolve(&args.model)?;
     let gguf = match &source.format {
@@ -218,7 +243,10 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
     let mut ours = Vec::new();
     for &b in &args.batch {
         let row = measure(&engine, &prompt, b, args.gen_tokens)?;
-        eprintln!("silk batch {b}: {:.1} decode tokens/s", row.decode_tokens_per_s);
+        eprintln!(
+            "silk batch {b}: {:.1} decode tokens/s",
+            row.decode_tokens_per_s
+        );
         ours.push(row);
     }
     let reference = match &gguf {
@@ -229,9 +257,14 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
     println!();
     println!("- model: `{}`", engine.source().id);
     println!("- machine: {}; device: {:?}", machine(), args.device);
-    println!("- prompt {} tokens, {} generated tokens after the first, greedy, no EOS stop", args.prompt_tokens, args.gen_tokens);
+    println!(
+        "- prompt {} tokens, {} generated tokens after the first, greedy, no EOS stop",
+        args.prompt_tokens, args.gen_tokens
+    );
     println!();
-    println!("| engine | batch | prefill tok/s | decode tok/s (aggregate) | TTFT ms | peak RSS MiB |");
+    println!(
+        "| engine | batch | prefill tok/s | decode tok/s (aggregate) | TTFT ms | peak RSS MiB |"
+    );
     println!("|---|---:|---:|---:|---:|---:|");
     let print = |name: &str, rows: &[Row]| {
         for r in rows {
@@ -248,7 +281,10 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
     print("silk (burn)", &ours);
     if let Some((name, rows)) = &reference {
         print(name, rows);
-        if let (Some(o1), Some(r1)) = (ours.iter().find(|r| r.batch == 1), rows.iter().find(|r| r.batch == 1)) {
+        if let (Some(o1), Some(r1)) = (
+            ours.iter().find(|r| r.batch == 1),
+            rows.iter().find(|r| r.batch == 1),
+        ) {
             println!();
             println!(
                 "- batch 1 decode: silk / {name} = {:.2}",
@@ -259,7 +295,10 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
         println!();
         println!("- no reference engine in this run");
     }
-    if let (Some(o1), Some(o32)) = (ours.iter().find(|r| r.batch == 1), ours.iter().max_by_key(|r| r.batch)) {
+    if let (Some(o1), Some(o32)) = (
+        ours.iter().find(|r| r.batch == 1),
+        ours.iter().max_by_key(|r| r.batch),
+    ) {
         println!(
             "- silk batch {} aggregate decode / batch 1 = {:.2}",
             o32.batch,

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use silk_inference::backend::{start_engine, Device};
-use silk_inference::{ChatMessage, EngineConfig, Event, GenerateRequest, ModelStore, Prompt, SamplingParams};
+use silk_inference::{
+    ChatMessage, EngineConfig, Event, GenerateRequest, ModelStore, Prompt, SamplingParams,
+};
 
 /// Arguments of `silk infer`.
 #[derive(Debug, Args)]
@@ -99,7 +101,10 @@ pub fn run(args: InferArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
                     writeln!(stdout)?;
                     eprintln!(
                         "[{} prompt + {} completion tokens, prefill {:.0} ms, {:.1} tokens/s]",
-                        usage.prompt_tokens, usage.completion_tokens, usage.prefill_ms, usage.decode_tokens_per_s
+                        usage.prompt_tokens,
+                        usage.completion_tokens,
+                        usage.prefill_ms,
+                        usage.decode_tokens_per_s
                     );
                 }
                 return Ok(ExitCode::SUCCESS);

@@ -3,8 +3,14 @@
 
 pub mod attest;
 pub mod bench;
+pub mod bench_mesh;
+pub mod client;
 pub mod infer;
+pub mod init;
 pub mod model;
+pub mod run;
+pub mod testnet;
+pub mod wallet;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +43,24 @@ pub enum Command {
     /// Benchmarks that print a table with a reference measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Create the identity key and config.toml in the data directory.
+    Init(init::InitArgs),
+    /// Run a node: overlay, HTTP API, and (with --worker) the engine.
+    Run(run::RunArgs),
+    /// Start a local mesh of N nodes (K workers on the default model).
+    Testnet(testnet::TestnetArgs),
+    /// Show a node's peers, RTTs, known workers and their load.
+    Status(client::StatusArgs),
+    /// Send one prompt to a node's API and stream the answer.
+    Submit(client::SubmitArgs),
+    /// Chat interactively through a node's API.
+    Chat(client::ChatArgs),
+    /// The node's TON wallet and settlement contract: address, balance,
+    /// deposit, lanes, open-lane, redeem, withdraw.
+    Wallet(wallet::WalletArgs),
+    /// Run a local TON devnet (the real settlement contract in a TVM) for
+    /// testnets, or mint to an address from its faucet.
+    Devnet(wallet::DevnetArgs),
 }
 
 impl Cli {
@@ -68,5 +92,13 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Infer(args) => infer::run(args, &data_dir),
         Command::Model(cmd) => model::run(cmd, &data_dir),
         Command::Bench(cmd) => bench::run(cmd, &data_dir),
+        Command::Wallet(args) => wallet::run(args, &data_dir),
+        Command::Devnet(args) => wallet::run_devnet(args),
+        Command::Init(args) => init::run(args, &data_dir),
+        Command::Run(args) => run::run(args, &data_dir),
+        Command::Testnet(args) => testnet::run(args, &data_dir),
+        Command::Status(args) => client::status(args),
+        Command::Submit(args) => client::submit(args),
+        Command::Chat(args) => client::chat(args),
     }
 }

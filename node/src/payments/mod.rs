@@ -1,0 +1,577 @@
+//! The money side of a job: lanes, reservations and cheques on the gateway,
+//! cheque checks, credit and redemption on the worker, and the on-chain
+//! operations of the settlement contract (deploy, deposit, open lanes,
+//! redeem, withdraw). Knows prices and cheques; knows nothing of routing.
+//!
+//! # Facade for the job path
+//!
+//! ```text
+//! let p = Payments::open(&data_dir, PaymentsConfig::default(), ledger, keys)?;
+//!
+//! // Gateway, before dispatching a job to `worker` (its wallet address and
+//! // its announced coefficient, per mille):
+//! let r: Reservation = p.before_dispatch(&worker, coefficient_milli,
+//!                                        max_coefficient_milli /* Option<u32> */,
+//!                                        prompt_tokens, max_tokens)?;
+//! // ... job runs; on failure: p.release(&r)?;
+//! let (cheque, cost): (SignedCheque, Coins) = p.after_job(&r, coefficient_milli,
+//!                                                         prompt_tokens, completion_tokens)?;
+//! // put `cost.nano()` in the completion JSON as `silk.cost_nanoton`,
+//! // send `cheque` (serde JSON) and `p.client_contract()` / `p.public_key()`
+//! // to the worker.
+//!
+//! // Worker, when the cheque arrives (before acknowledging it):
+//! let ack: Acceptance = p.on_cheque(&client_contract, &client_public_key, &cheque,
+//!                                   prompt_tokens, completion_tokens)?;
+//! // and before serving a client: p.should_serve(&client_contract)?
+//! // from time to time (or `silk wallet redeem`): p.redeem_due().await?
+//!
+//! // Client, once per worker (deploys the contract on first use):
+//! p.open_lane(&worker, amount).await?;
+//! ```
+//!
+//! Every change of money state is committed to redb (`payments.redb` in the
+//! data directory) before the call returns. All amounts are integer nanoTON
+//! ([`Coins`]); prices are [`Price`] with per-mille multipliers.
+
+mod client_book;
+mod error;
+mod store;
+mod worker_book;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use silk_chain::ledger::{self, AccountStatus, Ledger, TxInfo};
+use silk_chain::message::OutMessage;
+use silk_chain::settlement::{self, LaneTopUp, SettlementParams};
+use silk_chain::{Address, Coins, Keys, Price, SignedCheque, Wallet, WalletVersion};
+
+pub use client_book::{ClientBook, ClientLane, Reservation};
+pub use error::{PaymentsError, Result};
+pub use store::Store;
+pub use worker_book::{Acceptance, WorkerBook, WorkerLane};
+
+/// File name of the payments database inside the data directory.
+pub const STORE_FILE: &str = "payments.redb";
+/// File name of the wallet mnemonic inside the data directory.
+pub const MNEMONIC_FILE: &str = "wallet.mnemonic";
+
+/// Prices, credit and redemption policy.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct PaymentsConfig {
+    /// Base price and multipliers.
+    pub price: Price,
+    /// Coefficient this node announces as a worker, per mille.
+    pub coefficient_milli: u32,
+    /// Highest worker coefficient a request accepts when it sets no `max_coefficient`.
+    pub default_max_coefficient_milli: u32,
+    /// Uncovered work a worker tolerates from one client before refusing it.
+    pub credit: Coins,
+    /// A worker redeems a lane once its unredeemed cheques reach this.
+    pub redeem_threshold: Coins,
+    /// Close delay of this client's settlement contract.
+    pub close_delay_s: u32,
+    /// Nonce of this client's settlement contract.
+    pub contract_nonce: u64,
+    /// Value attached to each contract message to pay its gas; the rest comes back.
+    pub gas: Coins,
+    /// How long to wait for a message to be processed.
+    pub timeout_s: u64,
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        PaymentsConfig {
+            price: Price {
+                base_nano_per_token: 1_000,
+                prompt_mult_milli: 1_000,
+                completion_mult_milli: 3_000,
+            },
+            coefficient_milli: 1_000,
+            default_max_coefficient_milli: 2_000,
+            credit: Coins(10_000_000),
+            redeem_threshold: Coins(1_000_000_000),
+            close_delay_s: 86_400,
+            contract_nonce: 1,
+            gas: Coins(50_000_000),
+            timeout_s: 60,
+        }
+    }
+}
+
+/// Loads the wallet keys from `data_dir/wallet.mnemonic`, creating a new
+/// 24-word mnemonic (file mode 0600) on first use. Returns the keys and
+/// whether they were just created.
+pub fn load_or_create_keys(data_dir: &Path) -> Result<(Keys, bool)> {
+    let path = data_dir.join(MNEMONIC_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(words) => Ok((Keys::from_mnemonic(words.trim())?, false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(data_dir).map_err(|e| {
+                PaymentsError::Config(format!("cannot create {}: {e}", data_dir.display()))
+            })?;
+            let (words, keys) = Keys::generate_mnemonic()?;
+            write_secret(&path, &words)?;
+            Ok((keys, true))
+        }
+        Err(e) => Err(PaymentsError::Config(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+fn write_secret(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .map_err(|e| PaymentsError::Config(format!("cannot create {}: {e}", path.display())))?;
+    f.write_all(contents.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| PaymentsError::Config(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Balances as the chain reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Balances {
+    /// The wallet's balance.
+    pub wallet: Coins,
+    /// The settlement contract's balance (0 if not deployed).
+    pub contract: Coins,
+    /// What the contract's lanes still hold.
+    pub committed: Coins,
+    /// The contract's free balance (may be negative after storage fees).
+    pub free_nano: i128,
+}
+
+/// One redemption [`Payments::redeem_due`] made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redemption {
+    /// The client's contract.
+    pub contract: Address,
+    /// The lane.
+    pub lane_id: u32,
+    /// What the lane had paid out before.
+    pub before: Coins,
+    /// What it has paid out now.
+    pub after: Coins,
+}
+
+/// The node's payments: its wallet, its settlement contract as a client,
+/// and both books. See the module docs.
+#[derive(Clone)]
+pub struct Payments {
+    config: PaymentsConfig,
+    ledger: Arc<dyn Ledger>,
+    keys: Arc<Keys>,
+    wallet: Wallet,
+    params: SettlementParams,
+    contract: Address,
+    client: ClientBook,
+    worker: WorkerBook,
+}
+
+impl std::fmt::Debug for Payments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Payments")
+            .field("wallet", &self.wallet.address())
+            .field("contract", &self.contract)
+            .finish()
+    }
+}
+
+impl Payments {
+    /// Opens the payments store in `data_dir` for the wallet of `keys`
+    /// (wallet v4r2); the settlement contract is derived from the wallet,
+    /// the key and the config's close delay and nonce.
+    pub fn open(
+        data_dir: &Path,
+        config: PaymentsConfig,
+        ledger: Arc<dyn Ledger>,
+        keys: Keys,
+    ) -> Result<Self> {
+        let store = Store::open(&data_dir.join(STORE_FILE))?;
+        let wallet = Wallet::new(WalletVersion::V4R2, &keys)?;
+        let params = SettlementParams {
+            owner: wallet.address(),
+            public_key: keys.public_key(),
+            close_delay_s: config.close_delay_s,
+            nonce: config.contract_nonce,
+        };
+        let contract = params.address()?;
+        Ok(Payments {
+            client: ClientBook::new(store.clone(), contract.clone()),
+            worker: WorkerBook::new(store, wallet.address()),
+            config,
+            ledger,
+            keys: Arc::new(keys),
+            wallet,
+            params,
+            contract,
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &PaymentsConfig {
+        &self.config
+    }
+
+    /// This node's wallet address (where workers are paid).
+    pub fn wallet_address(&self) -> Address {
+        self.wallet.address()
+    }
+
+    /// This node's settlement contract (cheques it signs are drawn on it).
+    pub fn client_contract(&self) -> &Address {
+        &self.contract
+    }
+
+    /// The key cheques are checked against.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.keys.public_key()
+    }
+
+    /// The gateway's book.
+    pub fn client_book(&self) -> &ClientBook {
+        &self.client
+    }
+
+    /// The worker's book.
+    pub fn worker_book(&self) -> &WorkerBook {
+        &self.worker
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.ledger
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.config.timeout_s)
+    }
+
+    /// Gateway: reserves the worst case of a job (`prompt_tokens` plus
+    /// `max_tokens` at the worker's coefficient) on the lane to `worker`.
+    /// Refused when the coefficient is above `max_coefficient_milli` (the
+    /// request's `max_coefficient`, else the config's default).
+    pub fn before_dispatch(
+        &self,
+        worker: &Address,
+        coefficient_milli: u32,
+        max_coefficient_milli: Option<u32>,
+        prompt_tokens: u64,
+        max_tokens: u64,
+    ) -> Result<Reservation> {
+        let max = max_coefficient_milli.unwrap_or(self.config.default_max_coefficient_milli);
+        if !silk_chain::pricing::coefficient_acceptable(coefficient_milli, max) {
+            return Err(PaymentsError::CoefficientTooHigh {
+                worker_milli: coefficient_milli,
+                max_milli: max,
+            });
+        }
+        let worst = self
+            .config
+            .price
+            .worst_case(coefficient_milli, prompt_tokens, max_tokens)?;
+        self.client.reserve(worker, worst)
+    }
+
+    /// Gateway: the job behind `reservation` used `prompt_tokens` and
+    /// `completion_tokens`; signs the new cumulative cheque. Returns it and
+    /// the job's cost (the completion's `silk.cost_nanoton`).
+    pub fn after_job(
+        &self,
+        reservation: &Reservation,
+        coefficient_milli: u32,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) -> Result<(SignedCheque, Coins)> {
+        let cost = self
+            .config
+            .price
+            .cost(coefficient_milli, prompt_tokens, completion_tokens)?;
+        let cheque = self.client.settle(&self.keys, reservation, cost)?;
+        Ok((cheque, cost))
+    }
+
+    /// Gateway: the job behind `reservation` failed; frees its worst case.
+    pub fn release(&self, reservation: &Reservation) -> Result<()> {
+        self.client.release(reservation)
+    }
+
+    /// Worker: checks and stores a cheque for a job this worker ran at its
+    /// own coefficient; acknowledge the job only after this returns `Ok`.
+    pub fn on_cheque(
+        &self,
+        client_contract: &Address,
+        client_public_key: &[u8; 32],
+        cheque: &SignedCheque,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) -> Result<Acceptance> {
+        let expected = self.config.price.cost(
+            self.config.coefficient_milli,
+            prompt_tokens,
+            completion_tokens,
+        )?;
+        self.worker
+            .accept(client_contract, client_public_key, cheque, expected)
+    }
+
+    /// Worker: whether the client behind `client_contract` is within credit.
+    pub fn should_serve(&self, client_contract: &Address) -> Result<bool> {
+        self.worker
+            .should_serve(client_contract, self.config.credit)
+    }
+
+    /// Sends `messages` from this wallet and waits until the wallet has
+    /// processed them.
+    async fn transfer(&self, messages: &[OutMessage]) -> Result<TxInfo> {
+        let now = now_unix();
+        Ok(
+            ledger::send_transfer(&*self.ledger, &self.wallet, messages, now, self.timeout())
+                .await?,
+        )
+    }
+
+    /// Waits for the transaction in which `at` processed a message from
+    /// this wallet later than `after_lt`, and fails if it was refused.
+    async fn contract_result(
+        &self,
+        at: &Address,
+        after_lt: u64,
+        what: &'static str,
+    ) -> Result<TxInfo> {
+        let me = self.wallet.address();
+        let deadline = tokio::time::Instant::now() + self.timeout();
+        loop {
+            let txs = self.ledger.transactions(at, 16).await.unwrap_or_default();
+            if let Some(tx) = txs
+                .into_iter()
+                .find(|t| t.lt > after_lt && t.in_from.as_ref() == Some(&me))
+            {
+                return match tx.exit_code {
+                    Some(0) | Some(1) if !tx.aborted => Ok(tx),
+                    code => Err(PaymentsError::Refused {
+                        contract: at.clone(),
+                        what,
+                        exit_code: code.unwrap_or(-1),
+                    }),
+                };
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(silk_chain::Error::Timeout {
+                    what: what.to_string(),
+                    after: self.timeout(),
+                }
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn deployed(&self) -> Result<bool> {
+        Ok(self.ledger.account(&self.contract).await?.status == AccountStatus::Active)
+    }
+
+    /// Client: deposits `amount` into the settlement contract, deploying it
+    /// on first use.
+    pub async fn deposit(&self, amount: Coins) -> Result<()> {
+        let state_init = if self.deployed().await? {
+            None
+        } else {
+            Some(self.params.state_init()?)
+        };
+        let msg = OutMessage {
+            dest: self.contract.clone(),
+            value: amount.checked_add(self.config.gas)?,
+            bounce: state_init.is_none(),
+            body: Some(settlement::deposit_body(query_id())?),
+            state_init,
+        };
+        let tx = self.transfer(&[msg]).await?;
+        self.contract_result(&self.contract.clone(), tx.lt, "deposit")
+            .await?;
+        Ok(())
+    }
+
+    /// Reads the contract's lanes and brings the gateway's book up to them.
+    pub async fn sync_lanes(&self) -> Result<Vec<ClientLane>> {
+        if !self.deployed().await? {
+            return self.client.lanes();
+        }
+        for (id, lane) in ledger::settlement_lanes(&*self.ledger, &self.contract).await? {
+            if lane.finished {
+                continue;
+            }
+            let ours = self.client.lane(&lane.worker)?;
+            if ours.as_ref().is_none_or(|l| l.lane_id <= id) {
+                self.client
+                    .record_lane(&lane.worker, id, lane.deposited, lane.redeemed)?;
+            }
+        }
+        self.client.lanes()
+    }
+
+    /// Client: opens a lane to `worker` with `amount` (or tops up the
+    /// existing one), attaching `amount` to the message so no separate
+    /// deposit is needed; deploys the contract on first use. Returns the
+    /// lane as booked after the contract confirmed it.
+    pub async fn open_lane(&self, worker: &Address, amount: Coins) -> Result<ClientLane> {
+        let deployed = self.deployed().await?;
+        let chain_lanes = if deployed {
+            ledger::settlement_lanes(&*self.ledger, &self.contract).await?
+        } else {
+            Vec::new()
+        };
+        let existing = chain_lanes
+            .iter()
+            .filter(|(_, l)| &l.worker == worker && !l.finished)
+            .map(|(id, _)| *id)
+            .max();
+        let lane_id = match existing {
+            Some(id) => id,
+            None => chain_lanes
+                .iter()
+                .map(|(id, _)| *id)
+                .chain(self.client.lanes()?.iter().map(|l| l.lane_id))
+                .max()
+                .map_or(1, |m| m.saturating_add(1)),
+        };
+        let msg = OutMessage {
+            dest: self.contract.clone(),
+            value: amount.checked_add(self.config.gas)?,
+            bounce: deployed,
+            body: Some(settlement::open_lanes_body(
+                query_id(),
+                &[LaneTopUp {
+                    lane_id,
+                    worker: worker.clone(),
+                    amount,
+                }],
+            )?),
+            state_init: if deployed {
+                None
+            } else {
+                Some(self.params.state_init()?)
+            },
+        };
+        let tx = self.transfer(&[msg]).await?;
+        self.contract_result(&self.contract.clone(), tx.lt, "open-lane")
+            .await?;
+        let lane = ledger::settlement_lane(&*self.ledger, &self.contract, lane_id)
+            .await?
+            .ok_or_else(|| {
+                PaymentsError::Config(format!("lane {lane_id} missing after it was opened"))
+            })?;
+        self.client
+            .record_lane(worker, lane_id, lane.deposited, lane.redeemed)
+    }
+
+    /// Client: withdraws `amount` (all free balance when `None`) to the wallet.
+    pub async fn withdraw(&self, amount: Option<Coins>) -> Result<()> {
+        let msg = OutMessage {
+            dest: self.contract.clone(),
+            value: self.config.gas,
+            bounce: true,
+            body: Some(settlement::withdraw_body(query_id(), amount)?),
+            state_init: None,
+        };
+        let tx = self.transfer(&[msg]).await?;
+        self.contract_result(&self.contract.clone(), tx.lt, "withdraw")
+            .await?;
+        Ok(())
+    }
+
+    /// Worker: redeems every lane whose unredeemed cheques reach `threshold`.
+    /// Idempotent after a crash: a lane the contract already paid is only
+    /// marked, not sent again.
+    pub async fn redeem_with_threshold(&self, threshold: Coins) -> Result<Vec<Redemption>> {
+        let mut done = Vec::new();
+        for lane in self.worker.due_for_redemption(threshold)? {
+            let Some(cheque) = lane.best.clone() else {
+                continue;
+            };
+            let before = ledger::settlement_lane(&*self.ledger, &lane.contract, lane.lane_id)
+                .await?
+                .map(|l| l.redeemed)
+                .unwrap_or(Coins::ZERO);
+            if before < cheque.cheque.cumulative {
+                let msg = OutMessage {
+                    dest: lane.contract.clone(),
+                    value: self.config.gas,
+                    bounce: true,
+                    body: Some(settlement::redeem_body(query_id(), &cheque)?),
+                    state_init: None,
+                };
+                let tx = self.transfer(&[msg]).await?;
+                self.contract_result(&lane.contract, tx.lt, "redeem")
+                    .await?;
+            }
+            let after = ledger::settlement_lane(&*self.ledger, &lane.contract, lane.lane_id)
+                .await?
+                .map(|l| l.redeemed)
+                .unwrap_or(before);
+            self.worker
+                .mark_redeemed(&lane.contract, lane.lane_id, after)?;
+            tracing::info!(contract = %lane.contract, lane = lane.lane_id, before = before.nano(), after = after.nano(), "redeemed");
+            done.push(Redemption {
+                contract: lane.contract,
+                lane_id: lane.lane_id,
+                before,
+                after,
+            });
+        }
+        Ok(done)
+    }
+
+    /// Worker: redeems lanes past the configured threshold.
+    pub async fn redeem_due(&self) -> Result<Vec<Redemption>> {
+        self.redeem_with_threshold(self.config.redeem_threshold)
+            .await
+    }
+
+    /// Wallet and contract balances.
+    pub async fn balances(&self) -> Result<Balances> {
+        let wallet = self.ledger.account(&self.wallet.address()).await?.balance;
+        if !self.deployed().await? {
+            return Ok(Balances {
+                wallet,
+                contract: Coins::ZERO,
+                committed: Coins::ZERO,
+                free_nano: 0,
+            });
+        }
+        let st = ledger::settlement_state(&*self.ledger, &self.contract).await?;
+        Ok(Balances {
+            wallet,
+            contract: st.balance,
+            committed: st.committed,
+            free_nano: st.free_nano,
+        })
+    }
+}
+
+fn now_unix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+        .unwrap_or(0)
+}
+
+fn query_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,222 @@
+//! The worker's side: the best cheque per client lane, what the worker
+//! itself counted, and what was redeemed.
+//!
+//! [`WorkerBook::accept`] commits before it returns, so an acknowledged
+//! cheque survives a crash and is redeemed after a restart.
+
+use silk_chain::{Address, Coins, SignedCheque};
+
+use super::error::{store_err, PaymentsError, Result};
+use super::store::{encode, get_in, Store, WORKER_LANES};
+
+/// One client lane as the worker books it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerLane {
+    /// The client's settlement contract.
+    pub contract: Address,
+    /// The client's cheque key.
+    pub public_key: [u8; 32],
+    /// The lane.
+    pub lane_id: u32,
+    /// What the worker's own count says the client owes in total.
+    pub computed: Coins,
+    /// The highest valid cheque received.
+    pub best: Option<SignedCheque>,
+    /// What the contract has paid out on this lane.
+    pub redeemed: Coins,
+}
+
+impl WorkerLane {
+    /// The best cheque's cumulative amount.
+    pub fn cheque_total(&self) -> Coins {
+        self.best
+            .as_ref()
+            .map(|c| c.cheque.cumulative)
+            .unwrap_or(Coins::ZERO)
+    }
+
+    /// Covered by a cheque but not redeemed yet.
+    pub fn unredeemed(&self) -> Coins {
+        self.cheque_total().saturating_sub(self.redeemed)
+    }
+
+    /// Work the client's cheques do not cover yet.
+    pub fn outstanding(&self) -> Coins {
+        self.computed.saturating_sub(self.cheque_total())
+    }
+}
+
+/// What [`WorkerBook::accept`] recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acceptance {
+    /// The lane's cheque total now.
+    pub cumulative: Coins,
+    /// Work the cheques do not cover (0 when the client is square).
+    pub outstanding: Coins,
+}
+
+fn key(contract: &Address, lane_id: u32) -> String {
+    format!("{}/{lane_id}", contract.to_raw())
+}
+
+/// The worker's lanes in redb; see the module docs.
+#[derive(Clone, Debug)]
+pub struct WorkerBook {
+    store: Store,
+    me: Address,
+}
+
+impl WorkerBook {
+    /// The book of the worker whose wallet is `me`.
+    pub fn new(store: Store, me: Address) -> Self {
+        WorkerBook { store, me }
+    }
+
+    /// The worker's wallet.
+    pub fn address(&self) -> &Address {
+        &self.me
+    }
+
+    /// Every lane.
+    pub fn lanes(&self) -> Result<Vec<WorkerLane>> {
+        self.store.all(WORKER_LANES)
+    }
+
+    /// Records a job worth `expected_cost` (the worker's own count) and the
+    /// cheque the client sent for it. The work is recorded even when the
+    /// cheque is refused, so a client that does not pay falls behind. A
+    /// cheque is refused unless it is signed by `public_key`, drawn on
+    /// `contract` to this worker, on the lane the client used before, and
+    /// covers everything the worker counted so far (no tolerance: prices
+    /// are integers). Committed before it returns.
+    pub fn accept(
+        &self,
+        contract: &Address,
+        public_key: &[u8; 32],
+        cheque: &SignedCheque,
+        expected_cost: Coins,
+    ) -> Result<Acceptance> {
+        let c = &cheque.cheque;
+        let k = key(contract, c.lane_id);
+        let tx = self.store.write()?;
+        let outcome = {
+            let mut t = tx.open_table(WORKER_LANES).map_err(store_err)?;
+            let mut lane: WorkerLane = get_in(&t, &k)?.unwrap_or_else(|| WorkerLane {
+                contract: contract.clone(),
+                public_key: *public_key,
+                lane_id: c.lane_id,
+                computed: Coins::ZERO,
+                best: None,
+                redeemed: Coins::ZERO,
+            });
+            lane.computed = lane.computed.checked_add(expected_cost)?;
+            let verdict = self.check(&lane, contract, public_key, cheque);
+            if verdict.is_ok() {
+                lane.best = Some(cheque.clone());
+            }
+            t.insert(k.as_str(), encode(&lane)?.as_slice())
+                .map_err(store_err)?;
+            verdict.map(|()| Acceptance {
+                cumulative: lane.cheque_total(),
+                outstanding: lane.outstanding(),
+            })
+        };
+        tx.commit().map_err(store_err)?;
+        outcome
+    }
+
+    fn check(
+        &self,
+        lane: &WorkerLane,
+        contract: &Address,
+        public_key: &[u8; 32],
+        cheque: &SignedCheque,
+    ) -> Result<()> {
+        let c = &cheque.cheque;
+        let bad = |m: String| Err(PaymentsError::BadCheque(m));
+        if &c.contract != contract {
+            return bad(format!("drawn on {} instead of {contract}", c.contract));
+        }
+        if c.worker != self.me {
+            return bad(format!(
+                "pays {} instead of this worker {}",
+                c.worker, self.me
+            ));
+        }
+        if &lane.public_key != public_key {
+            return bad("the client's key changed on an existing lane".into());
+        }
+        cheque
+            .verify(public_key)
+            .map_err(|e| PaymentsError::BadCheque(e.to_string()))?;
+        if c.cumulative < lane.cheque_total() {
+            return bad(format!(
+                "cumulative {} is below the {} already held",
+                c.cumulative.nano(),
+                lane.cheque_total().nano()
+            ));
+        }
+        if c.cumulative < lane.computed {
+            return bad(format!(
+                "cumulative {} nanoTON does not cover the {} nanoTON this worker counted",
+                c.cumulative.nano(),
+                lane.computed.nano()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Work by the client behind `contract` that its cheques do not cover.
+    pub fn outstanding(&self, contract: &Address) -> Result<Coins> {
+        let mut sum = Coins::ZERO;
+        for l in self.lanes()? {
+            if &l.contract == contract {
+                sum = sum.checked_add(l.outstanding())?;
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Whether to keep serving the client behind `contract`: its uncovered
+    /// work is within `credit`.
+    pub fn should_serve(&self, contract: &Address, credit: Coins) -> Result<bool> {
+        Ok(self.outstanding(contract)? <= credit)
+    }
+
+    /// Everything held in cheques and not redeemed yet.
+    pub fn owed(&self) -> Result<Coins> {
+        let mut sum = Coins::ZERO;
+        for l in self.lanes()? {
+            sum = sum.checked_add(l.unredeemed())?;
+        }
+        Ok(sum)
+    }
+
+    /// Lanes whose unredeemed cheque amount is at least `threshold`.
+    pub fn due_for_redemption(&self, threshold: Coins) -> Result<Vec<WorkerLane>> {
+        Ok(self
+            .lanes()?
+            .into_iter()
+            .filter(|l| l.best.is_some() && l.unredeemed() > Coins::ZERO)
+            .filter(|l| l.unredeemed() >= threshold)
+            .collect())
+    }
+
+    /// Records that the contract has paid out `redeemed` on a lane (never lowers it).
+    pub fn mark_redeemed(&self, contract: &Address, lane_id: u32, redeemed: Coins) -> Result<()> {
+        let k = key(contract, lane_id);
+        let tx = self.store.write()?;
+        {
+            let mut t = tx.open_table(WORKER_LANES).map_err(store_err)?;
+            let Some(mut lane) = get_in::<WorkerLane>(&t, &k)? else {
+                return Err(PaymentsError::BadCheque(format!(
+                    "no lane {lane_id} of {contract} in this worker's book"
+                )));
+            };
+            lane.redeemed = lane.redeemed.max(redeemed);
+            t.insert(k.as_str(), encode(&lane)?.as_slice())
+                .map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)
+    }
+}

@@ -1,0 +1,272 @@
+//! End to end on an in-process devnet running the real wallet and
+//! settlement contract: two clients open lanes to four workers, a few
+//! hundred jobs are paid with cheques, the workers crash and restart from
+//! their stores, and redemptions pay every worker exactly what the cheques
+//! say while each client's lanes drop by exactly what it was charged. Gas
+//! fees are accounted separately and explicitly.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use silk_chain::devnet::{Devnet, DevnetConfig};
+use silk_chain::ledger::{self, Ledger};
+use silk_chain::{Coins, Keys};
+use silk_node::payments::{Payments, PaymentsConfig, PaymentsError};
+use tokio_util::sync::CancellationToken;
+
+fn config() -> PaymentsConfig {
+    PaymentsConfig {
+        redeem_threshold: Coins(20_000_000),
+        timeout_s: 30,
+        ..PaymentsConfig::default()
+    }
+}
+
+fn open(dir: &Path, seed: u8, ledger: &Arc<dyn Ledger>) -> Payments {
+    Payments::open(dir, config(), ledger.clone(), Keys::from_seed([seed; 32])).expect("payments")
+}
+
+/// xorshift64*: deterministic job sizes without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_four_workers_hundreds_of_jobs_then_exact_redemptions() {
+    let devnet = Devnet::in_memory(DevnetConfig::new(Duration::from_millis(10))).expect("devnet");
+    let cancel = CancellationToken::new();
+    let producer = devnet.spawn_block_producer(cancel.clone());
+    let ledger: Arc<dyn Ledger> = Arc::new(devnet.clone());
+    let dirs: Vec<tempfile::TempDir> = (0..6).map(|_| tempfile::tempdir().expect("tmp")).collect();
+
+    let clients: Vec<Payments> = (0..2)
+        .map(|i| open(dirs[i].path(), 1 + i as u8, &ledger))
+        .collect();
+    let mut workers: Vec<Payments> = (0..4)
+        .map(|i| open(dirs[2 + i].path(), 10 + i as u8, &ledger))
+        .collect();
+    for c in &clients {
+        devnet
+            .mint(&c.wallet_address(), Coins::from_ton(100).expect("ton"))
+            .expect("mint");
+    }
+    for w in &workers {
+        devnet
+            .mint(&w.wallet_address(), Coins::from_ton(10).expect("ton"))
+            .expect("mint");
+    }
+
+    // Each client opens a 1 TON lane to every worker; the first deploys its contract.
+    let lane_amount = Coins::from_ton(1).expect("ton");
+    for c in &clients {
+        for w in &workers {
+            let lane = c
+                .open_lane(&w.wallet_address(), lane_amount)
+                .await
+                .expect("open lane");
+            assert_eq!(lane.deposited, lane_amount);
+        }
+        let st = ledger::settlement_state(&*ledger, c.client_contract())
+            .await
+            .expect("state");
+        assert_eq!(st.committed, Coins(4 * lane_amount.nano()));
+    }
+    // A lane never reserves more than it holds.
+    let too_big = clients[0].before_dispatch(&workers[0].wallet_address(), 1_000, None, 1 << 40, 0);
+    assert!(
+        matches!(too_big, Err(PaymentsError::InsufficientLane { .. })),
+        "{too_big:?}"
+    );
+    // A worker above the caller's max coefficient is refused.
+    let pricey = clients[0].before_dispatch(&workers[0].wallet_address(), 3_000, Some(2_000), 1, 1);
+    assert!(matches!(
+        pricey,
+        Err(PaymentsError::CoefficientTooHigh { .. })
+    ));
+
+    let mut before = HashMap::new();
+    for c in &clients {
+        before.insert(
+            c.client_contract().clone(),
+            ledger
+                .account(c.client_contract())
+                .await
+                .expect("acct")
+                .balance,
+        );
+    }
+    let mut worker_before = Vec::new();
+    for w in &workers {
+        worker_before.push(
+            ledger
+                .account(&w.wallet_address())
+                .await
+                .expect("acct")
+                .balance,
+        );
+    }
+
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut charged = [[0u128; 4]; 2];
+    let mut redemptions = [0usize; 4];
+    let jobs = 300;
+    for job in 0..jobs {
+        let (ci, wi) = (rng.next(2) as usize, rng.next(4) as usize);
+        let prompt = 1 + rng.next(600);
+        let max_tokens = 1 + rng.next(400);
+        let completion = rng.next(max_tokens + 1);
+        let c = &clients[ci];
+        let w = &workers[wi];
+        assert!(w.should_serve(c.client_contract()).expect("serve"));
+        let r = c
+            .before_dispatch(
+                &w.wallet_address(),
+                w.config().coefficient_milli,
+                None,
+                prompt,
+                max_tokens,
+            )
+            .expect("reserve");
+        if rng.next(20) == 0 {
+            c.release(&r).expect("release a failed job");
+            continue;
+        }
+        let (cheque, cost) = c
+            .after_job(&r, w.config().coefficient_milli, prompt, completion)
+            .expect("settle");
+        assert_eq!(
+            cost,
+            c.config()
+                .price
+                .cost(1_000, prompt, completion)
+                .expect("cost")
+        );
+        let ack = w
+            .on_cheque(
+                c.client_contract(),
+                &c.public_key(),
+                &cheque,
+                prompt,
+                completion,
+            )
+            .expect("worker accepts");
+        assert_eq!(ack.outstanding, Coins::ZERO);
+        charged[ci][wi] += cost.nano();
+        if job % 50 == 49 {
+            for (i, w) in workers.iter().enumerate() {
+                redemptions[i] += w.redeem_due().await.expect("threshold redemption").len();
+            }
+        }
+        if job == 200 {
+            // Crash every worker right after it acknowledged cheques, and
+            // restart it from its store.
+            let addrs: Vec<_> = workers.iter().map(|w| w.wallet_address()).collect();
+            workers.clear();
+            workers = (0..4)
+                .map(|i| open(dirs[2 + i].path(), 10 + i as u8, &ledger))
+                .collect();
+            for (w, a) in workers.iter().zip(addrs) {
+                assert_eq!(w.wallet_address(), a);
+            }
+        }
+    }
+    for (i, w) in workers.iter().enumerate() {
+        redemptions[i] += w
+            .redeem_with_threshold(Coins(1))
+            .await
+            .expect("final redemption")
+            .len();
+        assert!(w
+            .worker_book()
+            .due_for_redemption(Coins(1))
+            .expect("due")
+            .is_empty());
+    }
+
+    // Every lane paid exactly the cheques, which are exactly the charges.
+    for (ci, c) in clients.iter().enumerate() {
+        let mut total = 0u128;
+        for (wi, w) in workers.iter().enumerate() {
+            let lane = c
+                .client_book()
+                .lane(&w.wallet_address())
+                .expect("lane")
+                .expect("exists");
+            assert_eq!(lane.signed.nano(), charged[ci][wi]);
+            assert_eq!(lane.reserved, Coins::ZERO);
+            let on_chain = ledger::settlement_lane(&*ledger, c.client_contract(), lane.lane_id)
+                .await
+                .expect("lane")
+                .expect("exists");
+            assert_eq!(
+                on_chain.redeemed.nano(),
+                charged[ci][wi],
+                "worker {wi} paid exactly its cheques"
+            );
+            let held = w
+                .worker_book()
+                .lanes()
+                .expect("lanes")
+                .into_iter()
+                .find(|l| &l.contract == c.client_contract())
+                .map(|l| (l.cheque_total().nano(), l.redeemed.nano()))
+                .unwrap_or((0, 0));
+            assert_eq!(held, (charged[ci][wi], charged[ci][wi]));
+            total += charged[ci][wi];
+        }
+        let st = ledger::settlement_state(&*ledger, c.client_contract())
+            .await
+            .expect("state");
+        assert_eq!(
+            st.committed.nano(),
+            4 * lane_amount.nano() - total,
+            "lanes dropped by exactly the charges"
+        );
+        let drop = before[c.client_contract()].nano() - st.balance.nano();
+        // The contract's balance drops by the charges plus its storage fees
+        // (gas of redemptions is paid by the workers' attached value).
+        let storage_fees = drop
+            .checked_sub(total)
+            .expect("contract paid at least the charges");
+        assert!(
+            storage_fees < 1_000_000,
+            "storage fees {storage_fees} nanoTON"
+        );
+        eprintln!(
+            "client {ci}: charged {total} nanoTON, contract storage fees {storage_fees} nanoTON"
+        );
+    }
+    for (wi, w) in workers.iter().enumerate() {
+        let earned: u128 = (0..2).map(|ci| charged[ci][wi]).sum();
+        let after = ledger
+            .account(&w.wallet_address())
+            .await
+            .expect("acct")
+            .balance
+            .nano();
+        let gas_fees = (worker_before[wi].nano() + earned)
+            .checked_sub(after)
+            .expect("fees are not negative");
+        let n = redemptions[wi] as u128;
+        assert!(n >= 1);
+        assert!(
+            gas_fees > 0 && gas_fees < n * config().gas.nano(),
+            "worker {wi}: {gas_fees} nanoTON gas for {n} redemptions"
+        );
+        eprintln!(
+            "worker {wi}: earned {earned} nanoTON in {n} redemptions, gas fees {gas_fees} nanoTON"
+        );
+    }
+    let audit = devnet.audit().expect("audit");
+    assert!(audit.balanced(), "{audit:?}");
+    cancel.cancel();
+    producer.await.expect("producer");
+}

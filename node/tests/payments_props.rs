@@ -1,0 +1,410 @@
+//! Property and crash tests of the gateway and worker books (no chain):
+//! funds are conserved, cheques only grow, a reopened store never signs a
+//! lower cumulative amount nor settles a reservation twice, and every
+//! cheque a worker acknowledged is still there after a restart.
+
+use proptest::prelude::*;
+use silk_chain::{Address, Coins, Keys, Price};
+use silk_node::payments::{ClientBook, PaymentsError, Reservation, Store, WorkerBook};
+
+const PRICE: Price = Price {
+    base_nano_per_token: 1_000,
+    prompt_mult_milli: 1_000,
+    completion_mult_milli: 3_000,
+};
+
+#[derive(Clone, Debug)]
+enum Op {
+    Reserve {
+        worker: usize,
+        prompt: u64,
+        max: u64,
+    },
+    Settle {
+        pick: usize,
+        used_permille: u64,
+    },
+    Release {
+        pick: usize,
+    },
+    Replay {
+        pick: usize,
+    },
+    TopUp {
+        worker: usize,
+        amount: u32,
+    },
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0usize..3, 0u64..400, 0u64..400).prop_map(|(worker, prompt, max)| Op::Reserve { worker, prompt, max }),
+        4 => (any::<usize>(), 0u64..=1000).prop_map(|(pick, used_permille)| Op::Settle { pick, used_permille }),
+        1 => any::<usize>().prop_map(|pick| Op::Release { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::Replay { pick }),
+        1 => (0usize..3, 0u32..2_000_000).prop_map(|(worker, amount)| Op::TopUp { worker, amount }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    client_keys: Keys,
+    contract: Address,
+    workers: Vec<Address>,
+    client: ClientBook,
+    books: Vec<WorkerBook>,
+    open: Vec<(Reservation, u64, u64)>,
+    spent: Vec<Reservation>,
+    /// Per worker: deposited total, highest cumulative seen, sum of costs.
+    deposited: Vec<Coins>,
+    last_cumulative: Vec<Coins>,
+    charged: Vec<Coins>,
+}
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client_keys = Keys::from_seed([1; 32]);
+        let contract = Address::new(0, [9; 32]);
+        let workers: Vec<Address> = (0..3)
+            .map(|i| Address::new(0, [20 + i as u8; 32]))
+            .collect();
+        let (client, books) = Self::books(&dir, &contract, &workers);
+        let deposited = vec![Coins(1_000_000); 3];
+        for (i, w) in workers.iter().enumerate() {
+            client
+                .record_lane(w, i as u32 + 1, deposited[i], Coins::ZERO)
+                .expect("lane");
+        }
+        World {
+            dir,
+            client_keys,
+            contract,
+            workers,
+            client,
+            books,
+            open: Vec::new(),
+            spent: Vec::new(),
+            deposited,
+            last_cumulative: vec![Coins::ZERO; 3],
+            charged: vec![Coins::ZERO; 3],
+        }
+    }
+
+    fn books(
+        dir: &tempfile::TempDir,
+        contract: &Address,
+        workers: &[Address],
+    ) -> (ClientBook, Vec<WorkerBook>) {
+        let client = ClientBook::new(
+            Store::open(&dir.path().join("client.redb")).expect("store"),
+            contract.clone(),
+        );
+        let books = workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                WorkerBook::new(
+                    Store::open(&dir.path().join(format!("worker{i}.redb"))).expect("store"),
+                    w.clone(),
+                )
+            })
+            .collect();
+        (client, books)
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Reserve {
+                worker,
+                prompt,
+                max,
+            } => {
+                let worst = PRICE.worst_case(1_000, *prompt, *max).expect("price");
+                let lane = self
+                    .client
+                    .lane(&self.workers[*worker])
+                    .expect("lane")
+                    .expect("exists");
+                match self.client.reserve(&self.workers[*worker], worst) {
+                    Ok(r) => {
+                        assert!(worst <= lane.available());
+                        self.open.push((r, *prompt, *max));
+                    }
+                    Err(PaymentsError::InsufficientLane { available, .. }) => {
+                        assert!(worst > available);
+                        assert_eq!(available, lane.available());
+                    }
+                    Err(e) => panic!("reserve: {e}"),
+                }
+            }
+            Op::Settle {
+                pick,
+                used_permille,
+            } => {
+                if self.open.is_empty() {
+                    return;
+                }
+                let (r, prompt, max) = self.open.remove(pick % self.open.len());
+                let completion = max * used_permille / 1000;
+                let cost = PRICE.cost(1_000, prompt, completion).expect("cost");
+                let cheque = self
+                    .client
+                    .settle(&self.client_keys, &r, cost)
+                    .expect("settle");
+                let w = self
+                    .workers
+                    .iter()
+                    .position(|a| *a == r.worker)
+                    .expect("worker");
+                assert!(
+                    cheque.cheque.cumulative >= self.last_cumulative[w],
+                    "cheques only grow"
+                );
+                self.last_cumulative[w] = cheque.cheque.cumulative;
+                self.charged[w] = self.charged[w].checked_add(cost).expect("sum");
+                let ack = self.books[w]
+                    .accept(
+                        &self.contract,
+                        &self.client_keys.public_key(),
+                        &cheque,
+                        cost,
+                    )
+                    .expect("worker accepts an honest cheque");
+                assert_eq!(ack.outstanding, Coins::ZERO);
+                self.spent.push(r);
+            }
+            Op::Release { pick } => {
+                if self.open.is_empty() {
+                    return;
+                }
+                let (r, _, _) = self.open.remove(pick % self.open.len());
+                self.client.release(&r).expect("release");
+                self.spent.push(r);
+            }
+            Op::Replay { pick } => {
+                if self.spent.is_empty() {
+                    return;
+                }
+                let r = self.spent[pick % self.spent.len()].clone();
+                assert!(matches!(
+                    self.client.settle(&self.client_keys, &r, Coins::ZERO),
+                    Err(PaymentsError::UnknownReservation(_))
+                ));
+                assert!(self.client.release(&r).is_err());
+            }
+            Op::TopUp { worker, amount } => {
+                let lane = self
+                    .client
+                    .lane(&self.workers[*worker])
+                    .expect("lane")
+                    .expect("exists");
+                self.deposited[*worker] = lane
+                    .deposited
+                    .checked_add(Coins(u128::from(*amount)))
+                    .expect("sum");
+                self.client
+                    .record_lane(
+                        &self.workers[*worker],
+                        lane.lane_id,
+                        self.deposited[*worker],
+                        Coins::ZERO,
+                    )
+                    .expect("top up");
+            }
+            Op::Restart => {
+                // Drop every handle and reopen from disk, as after a crash
+                // (redb allows one handle per file, so the old ones must go).
+                self.books.clear();
+                let scratch = ClientBook::new(
+                    Store::open(&self.dir.path().join("scratch.redb")).expect("store"),
+                    self.contract.clone(),
+                );
+                drop(std::mem::replace(&mut self.client, scratch));
+                let (client, books) = Self::books(&self.dir, &self.contract, &self.workers);
+                self.client = client;
+                self.books = books;
+            }
+        }
+    }
+
+    fn check(&self) {
+        let open = self.client.open_reservations().expect("open");
+        assert_eq!(open.len(), self.open.len());
+        for (i, w) in self.workers.iter().enumerate() {
+            let lane = self.client.lane(w).expect("lane").expect("exists");
+            // Conservation: what was deposited is signed, reserved or available.
+            assert_eq!(
+                lane.signed.nano() + lane.reserved.nano() + lane.available().nano(),
+                lane.deposited.nano()
+            );
+            assert_eq!(lane.deposited, self.deposited[i]);
+            assert_eq!(lane.signed, self.charged[i], "signed = sum of job costs");
+            let reserved: u128 = open
+                .iter()
+                .filter(|r| &r.worker == w)
+                .map(|r| r.amount.nano())
+                .sum();
+            assert_eq!(lane.reserved.nano(), reserved);
+            // The worker holds exactly what was signed and nothing is uncovered.
+            let held: u128 = self.books[i]
+                .lanes()
+                .expect("lanes")
+                .iter()
+                .map(|l| l.cheque_total().nano())
+                .sum();
+            assert_eq!(held, lane.signed.nano());
+            assert!(self.books[i]
+                .should_serve(&self.contract, Coins::ZERO)
+                .expect("serve"));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #[test]
+    fn funds_are_conserved_and_cheques_only_grow(ops in proptest::collection::vec(op(), 1..60)) {
+        let mut w = World::new();
+        for op in &ops {
+            w.apply(op);
+            w.check();
+        }
+    }
+}
+
+#[test]
+fn a_restarted_gateway_never_signs_lower_or_settles_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = Keys::from_seed([3; 32]);
+    let contract = Address::new(0, [4; 32]);
+    let worker = Address::new(0, [5; 32]);
+    let path = dir.path().join("gw.redb");
+    let (r_in_flight, last) = {
+        let book = ClientBook::new(Store::open(&path).expect("store"), contract.clone());
+        book.record_lane(&worker, 1, Coins(1_000_000), Coins::ZERO)
+            .expect("lane");
+        let r1 = book.reserve(&worker, Coins(10_000)).expect("reserve");
+        let c1 = book.settle(&keys, &r1, Coins(7_000)).expect("settle");
+        let r2 = book.reserve(&worker, Coins(20_000)).expect("reserve");
+        (r2, c1.cheque.cumulative)
+        // The book is dropped here with r2 in flight, as if the gateway died.
+    };
+    let book = ClientBook::new(Store::open(&path).expect("reopen"), contract.clone());
+    let lane = book.lane(&worker).expect("lane").expect("exists");
+    assert_eq!(lane.signed, last);
+    assert_eq!(
+        lane.reserved,
+        Coins(20_000),
+        "the in-flight reservation survives"
+    );
+    let c2 = book
+        .settle(&keys, &r_in_flight, Coins(5_000))
+        .expect("settle after restart");
+    assert_eq!(c2.cheque.cumulative, Coins(12_000));
+    assert!(matches!(
+        book.settle(&keys, &r_in_flight, Coins(5_000)),
+        Err(PaymentsError::UnknownReservation(_))
+    ));
+    drop(book);
+    let book = ClientBook::new(Store::open(&path).expect("reopen"), contract);
+    assert_eq!(
+        book.lane(&worker).expect("lane").expect("exists").signed,
+        Coins(12_000)
+    );
+    assert!(book.settle(&keys, &r_in_flight, Coins(1)).is_err());
+    // A lane record from the chain never lowers what was signed.
+    book.record_lane(&worker, 1, Coins(1_000_000), Coins(3_000))
+        .expect("lane");
+    assert_eq!(
+        book.lane(&worker).expect("lane").expect("exists").signed,
+        Coins(12_000)
+    );
+}
+
+#[test]
+fn a_worker_refuses_bad_cheques_and_stops_serving_a_client_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = Keys::from_seed([6; 32]);
+    let other = Keys::from_seed([7; 32]);
+    let contract = Address::new(0, [8; 32]);
+    let me = Address::new(0, [9; 32]);
+    let book = WorkerBook::new(
+        Store::open(&dir.path().join("w.redb")).expect("store"),
+        me.clone(),
+    );
+    let cheque = |amount: u128, keys: &Keys, worker: &Address, c: &Address| {
+        silk_chain::Cheque {
+            contract: c.clone(),
+            worker: worker.clone(),
+            lane_id: 1,
+            cumulative: Coins(amount),
+        }
+        .sign(keys)
+        .expect("sign")
+    };
+    let pk = client.public_key();
+    book.accept(
+        &contract,
+        &pk,
+        &cheque(100, &client, &me, &contract),
+        Coins(100),
+    )
+    .expect("ok");
+    // Forged, wrong worker, wrong contract, lower, short of the worker's count.
+    assert!(book
+        .accept(
+            &contract,
+            &pk,
+            &cheque(200, &other, &me, &contract),
+            Coins(0)
+        )
+        .is_err());
+    assert!(book
+        .accept(
+            &contract,
+            &pk,
+            &cheque(200, &client, &contract, &contract),
+            Coins(0)
+        )
+        .is_err());
+    assert!(book
+        .accept(&contract, &pk, &cheque(200, &client, &me, &me), Coins(0))
+        .is_err());
+    assert!(book
+        .accept(
+            &contract,
+            &pk,
+            &cheque(50, &client, &me, &contract),
+            Coins(0)
+        )
+        .is_err());
+    assert!(book.should_serve(&contract, Coins(0)).expect("serve"));
+    let short = book.accept(
+        &contract,
+        &pk,
+        &cheque(150, &client, &me, &contract),
+        Coins(60),
+    );
+    assert!(
+        matches!(short, Err(PaymentsError::BadCheque(_))),
+        "{short:?}"
+    );
+    assert_eq!(book.outstanding(&contract).expect("outstanding"), Coins(60));
+    assert!(book.should_serve(&contract, Coins(60)).expect("serve"));
+    assert!(!book.should_serve(&contract, Coins(59)).expect("serve"));
+    // Catching up restores service.
+    book.accept(
+        &contract,
+        &pk,
+        &cheque(160, &client, &me, &contract),
+        Coins(0),
+    )
+    .expect("ok");
+    assert!(book.should_serve(&contract, Coins(0)).expect("serve"));
+    assert_eq!(book.owed().expect("owed"), Coins(160));
+    assert_eq!(book.due_for_redemption(Coins(161)).expect("due").len(), 0);
+    assert_eq!(book.due_for_redemption(Coins(160)).expect("due").len(), 1);
+}

@@ -1,0 +1,79 @@
+"""Checks a silk node's OpenAI-compatible API with the official client.
+
+Usage: check.py http://127.0.0.1:PORT   — exits non-zero on any failure.
+"""
+import sys
+
+import openai
+
+
+def main(base: str) -> None:
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+
+    models = client.models.list()
+    ids = [m.id for m in models.data]
+    assert len(ids) >= 1, f"no models on the mesh: {ids}"
+    model = ids[0]
+    print(f"models: {ids}")
+
+    raw = client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is 2 + 2?"}],
+        max_tokens=16,
+        temperature=0,
+    )
+    worker = raw.headers.get("x-silk-worker")
+    attestation = raw.headers.get("x-silk-attestation")
+    chat = raw.parse()
+    text = chat.choices[0].message.content
+    assert text, "empty chat answer"
+    assert worker, "no x-silk-worker header"
+    assert attestation in ("tdx", "insecure"), attestation
+    assert chat.usage.completion_tokens >= 1, chat.usage
+    extra = chat.model_extra or {}
+    assert extra.get("silk", {}).get("worker") == worker, extra
+    print(f"chat ({worker}, {attestation}): {text!r}")
+
+    pieces = []
+    stream = client.chat.completions.create(
+        model=model.split("@")[0],  # by name
+        messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+    )
+    finish = None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces), "empty streamed answer"
+    assert finish in ("stop", "length"), finish
+    print(f"streamed chat: {''.join(pieces)!r} ({finish})")
+
+    comp = client.completions.create(model=model, prompt="The sky is", max_tokens=8, temperature=0)
+    assert comp.choices[0].text, "empty completion"
+    assert comp.usage.prompt_tokens >= 1
+    print(f"completion: {comp.choices[0].text!r}")
+
+    try:
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            temperature=5,
+        )
+    except openai.BadRequestError as e:
+        body = e.body or {}
+        err = body.get("error", body)
+        assert e.status_code == 400, e.status_code
+        assert "message" in err and "type" in err, body
+        print(f"invalid request refused: {e.status_code} {err.get('message')}")
+    else:
+        raise AssertionError("temperature=5 was accepted")
+
+    print("openai client checks passed")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1].rstrip("/"))

@@ -1,0 +1,203 @@
+//! A 5-node mesh: convergence, jobs from any node, failures, attestation policy.
+//!
+//! Nodes: 0 gateway (bootstrap), 1 and 2 workers, 3 gateway, 4 a gateway
+//! *without* `--allow-insecure-workers`. All scenarios share one mesh to keep
+//! the test short on small machines.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use silk_testnet::{stream_chat, Testnet, TestnetConfig};
+
+fn chat_body(prompt: &str, max_tokens: u32) -> Value {
+    json!({
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+}
+
+async fn post(
+    net: &Testnet,
+    node: usize,
+    path: &str,
+    body: &Value,
+) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Value)> {
+    let r = net
+        .client()
+        .post(format!("{}{path}", net.nodes[node].api_url))
+        .json(body)
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    Ok((status, headers, r.json().await?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_node_mesh() -> anyhow::Result<()> {
+    let mut config = TestnetConfig::new(5, 2)?;
+    config.strict_nodes = vec![4];
+    config.converge_timeout = Duration::from_secs(60);
+    // `spawn` waits (bounded) until every node's /v1/mesh lists both workers.
+    let mut net = Testnet::spawn(config)
+        .await
+        .context("mesh did not start/converge")?;
+    let workers = net.worker_ids();
+    ensure!(workers.len() == 2, "expected 2 workers, got {workers:?}");
+    assert!(!net.nodes[0].worker && !net.nodes[3].worker && !net.nodes[4].worker);
+
+    // Models list: one model with two workers.
+    let models = net
+        .get_json(&format!("{}/v1/models", net.nodes[3].api_url))
+        .await?;
+    assert_eq!(models["data"].as_array().map(Vec::len), Some(1), "{models}");
+    assert_eq!(models["data"][0]["silk"]["workers"], 2, "{models}");
+
+    // A streamed job injected at a non-worker node is served by a worker.
+    let out = stream_chat(
+        net.client(),
+        &net.nodes[3].api_url,
+        chat_body("Say hello.", 8),
+        |_| {},
+        |_| {},
+    )
+    .await?;
+    assert_eq!(out.status, 200, "{:?}", out.error);
+    assert!(out.error.is_none(), "{:?}", out.error);
+    assert!(out.done, "no [DONE]");
+    let served_by = out.worker.clone().context("no x-silk-worker header")?;
+    assert!(workers.contains(&served_by), "{served_by} is not a worker");
+    assert_eq!(out.attestation.as_deref(), Some("insecure"));
+    let last = out.events.last().context("no events")?;
+    assert_eq!(last["silk"]["worker"], served_by.as_str());
+    assert!(
+        last["usage"]["completion_tokens"].as_u64().unwrap_or(0) >= 1,
+        "{last}"
+    );
+
+    // Non-streamed completion: headers and `silk` in the body agree.
+    let (status, headers, body) = post(
+        &net,
+        0,
+        "/v1/completions",
+        &json!({"prompt": "1, 2, 3,", "max_tokens": 4}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    let w = headers
+        .get("x-silk-worker")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(body["silk"]["worker"], w.as_str());
+    assert_eq!(body["silk"]["attestation"], "insecure");
+    assert!(workers.contains(&w));
+    assert!(
+        body["usage"]["completion_tokens"].as_u64().unwrap_or(0) >= 1,
+        "{body}"
+    );
+
+    // Invalid request: OpenAI-style error, 400.
+    let (status, _, body) = post(
+        &net,
+        0,
+        "/v1/chat/completions",
+        &json!({"messages": [], "bogus": 1}),
+    )
+    .await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"].is_string() && body["error"]["type"].is_string(),
+        "{body}"
+    );
+
+    // A gateway without --allow-insecure-workers refuses them, clearly.
+    let (status, _, body) = post(&net, 4, "/v1/chat/completions", &chat_body("hi", 4)).await?;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "insecure_workers_refused", "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("--allow-insecure-workers"), "{msg}");
+
+    // A worker killed before the first token: the job completes on the other.
+    // Gateway 3 prefers the worker it used above (rankings are stable on an
+    // idle mesh), so it tries the dead one first and must retry.
+    net.kill_peer(&served_by)
+        .context("served_by is not a node")?;
+    let other = workers
+        .iter()
+        .find(|w| **w != served_by)
+        .cloned()
+        .context("no second worker")?;
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        stream_chat(
+            net.client(),
+            &net.nodes[3].api_url,
+            chat_body("Say hello.", 6),
+            |_| {},
+            |_| {},
+        ),
+    )
+    .await
+    .context("job after a worker was killed hung")??;
+    assert_eq!(out.status, 200, "{:?}", out.error);
+    assert!(out.done && out.error.is_none(), "{:?}", out.error);
+    assert_eq!(out.worker.as_deref(), Some(other.as_str()));
+
+    // A worker killed mid-stream: a clear error event, no [DONE], no hang.
+    let mut body = chat_body("Count from one to one thousand.", 400);
+    body["stream"] = json!(true);
+    body["ignore_eos"] = json!(true);
+    let resp = net
+        .client()
+        .post(format!("{}/v1/chat/completions", net.nodes[0].api_url))
+        .json(&body)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 200);
+    let w = resp
+        .headers()
+        .get("x-silk-worker")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(w, other);
+    let mut stream = resp.bytes_stream();
+    let first = stream.next().await.context("no first chunk")??;
+    assert!(String::from_utf8_lossy(&first).contains("data:"));
+    net.kill_peer(&w);
+    let rest = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut text = String::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => text.push_str(&String::from_utf8_lossy(&c)),
+                Err(_) => break,
+            }
+        }
+        text
+    })
+    .await
+    .context("the stream hung after its worker was killed")?;
+    assert!(
+        !rest.contains("[DONE]"),
+        "a killed worker's stream must not end normally"
+    );
+    let error = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+        .find(|v| v.get("error").is_some())
+        .context("no error event after the worker was killed")?;
+    assert_eq!(error["error"]["code"], "worker_failed", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&w),
+        "{error}"
+    );
+    Ok(())
+}
