@@ -149,7 +149,8 @@ fn measure(
     })
 }
 
-fn machine() -> String {
+/// The CPU model, core count and architecture, printed with every benchmark.
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -159,7 +159,7 @@ async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
     worker.shutdown();
 
     println!("## silk bench mesh\n");
-    println!("machine: {}\n", machine());
+    println!("machine: {}\n", super::bench::machine());
     println!("| measurement | p50 | p99 |");
     println!("| --- | --- | --- |");
     println!(
@@ -248,20 +248,4 @@ async fn new_worker_known(n: usize) -> anyhow::Result<Duration> {
     }
     drains.shutdown().await;
     result
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    format!("{cpu}, {cores} cores, {}", std::env::consts::OS)
 }

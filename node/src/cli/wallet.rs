@@ -380,22 +380,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn bench_machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    format!("{cpu}, {cores} threads, {}", std::env::consts::OS)
-}
-
 /// Runs `silk bench settlement`.
 pub fn bench_settlement(args: SettlementBenchArgs) -> anyhow::Result<ExitCode> {
     use silk_chain::Cheque;
@@ -481,7 +465,7 @@ pub fn bench_settlement(args: SettlementBenchArgs) -> anyhow::Result<ExitCode> {
     let devnet_us = runtime()?.block_on(devnet_message_time(args.messages))?;
 
     println!("## silk bench settlement\n");
-    println!("- machine: {}", bench_machine());
+    println!("- machine: {}", super::bench::machine());
     println!(
         "- price: {} nanoTON/token base, prompt ×{}‰, completion ×{}‰, coefficient 1000‰; redemption threshold {} TON",
         price.base_nano_per_token, price.prompt_mult_milli, price.completion_mult_milli, config.redeem_threshold
