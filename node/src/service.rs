@@ -113,8 +113,9 @@ pub struct Node {
     overlay: OverlayHandle,
     worker: Option<Arc<Worker>>,
     mode: AttestationMode,
-    document: Vec<u8>,
-    digest: [u8; 32],
+    /// This node's attestation document (encoded) and its digest, renewed
+    /// every [`attest::QUOTE_REFRESH_INTERVAL`] so quotes and claims stay fresh.
+    attestation: Mutex<(Vec<u8>, [u8; 32])>,
     allow_insecure: bool,
     price_milli: u64,
     max_jobs_per_worker: u32,
@@ -248,20 +249,13 @@ impl Node {
             None => None,
         };
         let models: Vec<String> = worker.iter().map(|w| w.model.id.clone()).collect();
-        let claims = Claims::new(
-            Hex(identity.public_key()),
-            models,
-            attest::NODE_VERSION,
-            attest::now_unix(),
-        )?;
-        let doc = tokio::task::spawn_blocking(move || {
-            AttestationDocument::produce(claims, &TsmReport::default())
-        })
-        .await
-        .map_err(|e| MeshError::Config {
-            path: options.data_dir.clone(),
-            reason: format!("attestation task failed: {e}"),
-        })??;
+        let public_key = identity.public_key();
+        let doc = produce_attestation(public_key, models.clone())
+            .await
+            .map_err(|reason| MeshError::Config {
+                path: options.data_dir.clone(),
+                reason,
+            })?;
         let mode = match doc.mode {
             attest::AttestationMode::Tdx => AttestationMode::Tdx,
             attest::AttestationMode::Insecure => AttestationMode::Insecure,
@@ -282,8 +276,7 @@ impl Node {
             overlay,
             worker,
             mode,
-            document: doc.encode()?,
-            digest: doc.digest().0,
+            attestation: Mutex::new((doc.encode()?, doc.digest().0)),
             allow_insecure: options.allow_insecure_workers,
             price_milli: options.price_coefficient_milli,
             max_jobs_per_worker: options.max_jobs_per_worker.max(1),
@@ -298,6 +291,7 @@ impl Node {
             started: Instant::now(),
         });
         tokio::spawn(Arc::clone(&node).event_loop(events));
+        tokio::spawn(Arc::clone(&node).refresh_attestation(public_key, models));
         if let Some(worker) = &node.worker {
             for key in [worker.model.id.clone(), worker.model.name.clone()] {
                 let overlay = node.overlay.clone();
@@ -376,9 +370,43 @@ impl Node {
             decode_tokens_per_s_milli: worker.tokens_per_s_milli,
             price_coefficient_milli: self.price_milli,
             attestation_mode: self.mode,
-            attestation_digest: Some(self.digest),
+            attestation_digest: Some(self.attestation_digest()),
             seq,
             expires_at_ms: now_ms() + ANNOUNCE_TTL.as_millis() as u64,
+        }
+    }
+
+    fn attestation_digest(&self) -> [u8; 32] {
+        self.attestation.lock().map(|a| a.1).unwrap_or([0; 32])
+    }
+
+    /// Produces a fresh attestation document (new quote on TDX, new claims
+    /// timestamp everywhere) every [`attest::QUOTE_REFRESH_INTERVAL`]; the
+    /// next announcement carries the new digest.
+    #[tracing::instrument(skip_all)]
+    async fn refresh_attestation(self: Arc<Self>, public_key: [u8; 32], models: Vec<String>) {
+        let mut tick = tokio::time::interval(attest::QUOTE_REFRESH_INTERVAL);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let fresh = match produce_attestation(public_key, models.clone()).await {
+                Ok(doc) => doc.encode().map(|bytes| (bytes, doc.digest().0)),
+                Err(reason) => {
+                    tracing::warn!(%reason, "could not refresh the attestation document");
+                    continue;
+                }
+            };
+            match (fresh, self.attestation.lock()) {
+                (Ok(fresh), Ok(mut current)) => *current = fresh,
+                (Err(e), _) => {
+                    tracing::warn!(error = %e, "could not encode the attestation document")
+                }
+                (_, Err(_)) => return,
+            }
         }
     }
 
@@ -456,7 +484,11 @@ impl Node {
                     });
                 }
                 OverlayEvent::AttestationRequest { responder, .. } => {
-                    let doc = self.document.clone();
+                    let doc = self
+                        .attestation
+                        .lock()
+                        .map(|a| a.0.clone())
+                        .unwrap_or_default();
                     tokio::spawn(async move {
                         if let Err(e) = responder.respond(doc).await {
                             tracing::debug!(error = %e, "could not answer an attestation request");
@@ -961,4 +993,22 @@ async fn measure_decode_speed(engine: &Engine) -> u64 {
         }
     }
     0
+}
+
+/// Claims for this node now, bound into a quote where configfs-tsm exists.
+async fn produce_attestation(
+    public_key: [u8; 32],
+    models: Vec<String>,
+) -> Result<AttestationDocument, String> {
+    let claims = Claims::new(
+        Hex(public_key),
+        models,
+        attest::NODE_VERSION,
+        attest::now_unix(),
+    )
+    .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || AttestationDocument::produce(claims, &TsmReport::default()))
+        .await
+        .map_err(|e| format!("attestation task failed: {e}"))?
+        .map_err(|e| e.to_string())
 }
