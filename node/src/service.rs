@@ -91,6 +91,12 @@ pub struct NodeOptions {
     pub mdns: bool,
     /// Faster gossip and pings (local testnets).
     pub fast_gossip: bool,
+    /// TOML policy for TDX workers (accepted measurements, TCB statuses,
+    /// debug); the built-in default accepts no measurements.
+    pub attestation_policy: Option<PathBuf>,
+    /// PCCS to fetch DCAP collateral from; without it, only collateral
+    /// already in `<data_dir>/attest/collateral` is used.
+    pub pccs_url: Option<String>,
 }
 
 /// What the served model is.
@@ -272,6 +278,16 @@ impl Node {
             config.kad_query_timeout = Duration::from_secs(5);
         }
         let (overlay, events) = Overlay::spawn(config).await?;
+        let policy = match &options.attestation_policy {
+            Some(path) => Policy::load(path)?,
+            None => Policy::default(),
+        };
+        let cache =
+            attest::CollateralCache::new(options.data_dir.join("attest").join("collateral"));
+        let collateral = match &options.pccs_url {
+            Some(url) => attest::CollateralSource::with_pccs(cache, attest::PccsClient::new(url)),
+            None => attest::CollateralSource::offline(cache),
+        };
         let node = Arc::new(Self {
             overlay,
             worker,
@@ -282,10 +298,10 @@ impl Node {
             max_jobs_per_worker: options.max_jobs_per_worker.max(1),
             in_flight: Arc::default(),
             failures: Mutex::default(),
-            appraiser: Arc::new(Mutex::new(attest::Appraiser::new(
-                Policy::default(),
-                options.allow_insecure_workers,
-            ))),
+            appraiser: Arc::new(Mutex::new(
+                attest::Appraiser::new(policy, options.allow_insecure_workers)
+                    .with_collateral_source(collateral),
+            )),
             hook: Mutex::new(None),
             cancel: CancellationToken::new(),
             started: Instant::now(),

@@ -53,6 +53,8 @@ fn options(data_dir: &Path, models_dir: &Path, worker: Option<String>) -> NodeOp
         max_jobs_per_worker: 8,
         mdns: false,
         fast_gossip: true,
+        attestation_policy: None,
+        pccs_url: None,
     }
 }
 

@@ -35,6 +35,12 @@ pub struct RunArgs {
     /// Route jobs to workers without TDX attestation (they can read prompts).
     #[arg(long)]
     pub allow_insecure_workers: bool,
+    /// TOML attestation policy for TDX workers (see docs/OPERATOR.md).
+    #[arg(long)]
+    pub attestation_policy: Option<std::path::PathBuf>,
+    /// PCCS base URL for DCAP collateral (cached under the data directory).
+    #[arg(long)]
+    pub pccs_url: Option<String>,
     /// Compute device of the engine: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
@@ -88,6 +94,8 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         max_jobs_per_worker: config.max_jobs_per_worker,
         mdns: config.mdns,
         fast_gossip: args.fast_gossip,
+        attestation_policy: args.attestation_policy.clone(),
+        pccs_url: args.pccs_url.clone(),
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
