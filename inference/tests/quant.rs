@@ -1,0 +1,55 @@
+//! silk's dequantization of GGUF blocks against gguf-py's reference
+//! implementation (fixtures from `inference/reference/make_quant_fixtures.py`:
+//! random blocks with finite scales, dequantized by gguf-py).
+
+use std::path::Path;
+
+use silk_inference::gguf::{dequantize, TensorType};
+
+fn check(kind: TensorType, name: &str) {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/quant/{name}.json"));
+    let text = std::fs::read_to_string(&path).expect("fixture");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let blocks = hex::decode(json["blocks_hex"].as_str().expect("blocks")).expect("hex");
+    let want: Vec<f32> = json["values"]
+        .as_array()
+        .expect("values")
+        .iter()
+        .map(|v| v.as_f64().expect("f") as f32)
+        .collect();
+    let got = dequantize(kind, &blocks, want.len()).expect("supported");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        // Both sides multiply the same f16 scales by small integers in f32;
+        // allow for a different order of operations only.
+        assert!(
+            (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+            "{name}[{i}]: silk {g}, gguf-py {w}"
+        );
+    }
+}
+
+#[test]
+fn q4_0_matches_gguf_py() {
+    check(TensorType::Q4_0, "Q4_0");
+}
+
+#[test]
+fn q4_1_matches_gguf_py() {
+    check(TensorType::Q4_1, "Q4_1");
+}
+
+#[test]
+fn q8_0_matches_gguf_py() {
+    check(TensorType::Q8_0, "Q8_0");
+}
+
+#[test]
+fn q4_k_matches_gguf_py() {
+    check(TensorType::Q4K, "Q4_K");
+}
+
+#[test]
+fn q6_k_matches_gguf_py() {
+    check(TensorType::Q6K, "Q6_K");
+}
