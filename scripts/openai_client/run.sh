@@ -15,7 +15,7 @@ venv="${SILK_OPENAI_VENV:-$target/openai-venv}"
 if [[ ! -x "$venv/bin/python" ]]; then
     python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check openai
+"$venv/bin/pip" install --quiet --disable-pip-version-check "openai==${OPENAI_VERSION:-3.54.0}"
 data_args=()
 if [[ -n "${SILK_DATA_DIR:-}" ]]; then data_args=(--data-dir "$SILK_DATA_DIR"); fi
 
