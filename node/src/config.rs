@@ -2,9 +2,12 @@
 //! Command-line flags override each value.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use silk_chain::{Ledger, TonHttp, TonHttpConfig};
 
+use crate::payments::PaymentsConfig;
 use crate::MeshError;
 
 /// File name of the node configuration inside the data directory.
@@ -28,12 +31,83 @@ pub struct NodeConfig {
     pub models_dir: Option<PathBuf>,
     /// Route jobs to workers in `insecure` attestation mode.
     pub allow_insecure_workers: bool,
-    /// The price coefficient this worker asks, × 1000.
-    pub price_coefficient_milli: u64,
     /// Jobs this gateway sends to one worker at once.
     pub max_jobs_per_worker: u32,
     /// Enable mDNS discovery on the LAN.
     pub mdns: bool,
+    /// Where jobs are settled. Without it the node neither pays as a
+    /// gateway nor charges as a worker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<LedgerSection>,
+    /// Prices, lanes, credit and redemption (defaults when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payments: Option<PaymentsConfig>,
+}
+
+/// The `[ledger]` section: which chain settles jobs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSection {
+    /// `devnet` (a `silk devnet` on this machine) or `ton` (a TON network).
+    pub kind: Option<String>,
+    /// Devnet URL (`http://127.0.0.1:PORT`) or the TON JSON-RPC endpoint.
+    pub url: Option<String>,
+    /// API key of a TON endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+}
+
+/// Default URL of a local `silk devnet`.
+pub const DEFAULT_DEVNET_URL: &str = "http://127.0.0.1:8099";
+
+/// The JSON-RPC endpoint under a devnet or toncenter-style base URL.
+pub fn json_rpc(url: &str) -> String {
+    let u = url.trim_end_matches('/');
+    if u.ends_with("/jsonRPC") {
+        u.to_string()
+    } else {
+        format!("{u}/api/v2/jsonRPC")
+    }
+}
+
+impl LedgerSection {
+    /// `self` with `kind` and `url` replaced where given (command-line flags).
+    pub fn overridden(&self, kind: Option<&str>, url: Option<&str>) -> Self {
+        LedgerSection {
+            kind: kind.map(str::to_string).or_else(|| self.kind.clone()),
+            url: url.map(str::to_string).or_else(|| self.url.clone()),
+            api_key: self.api_key.clone(),
+        }
+    }
+
+    /// A client of the ledger this section names.
+    pub fn connect(&self) -> Result<Arc<dyn Ledger>, MeshError> {
+        let bad = |reason: String| MeshError::Config {
+            path: PathBuf::from(CONFIG_FILE),
+            reason,
+        };
+        let http = |config: TonHttpConfig| -> Result<Arc<dyn Ledger>, MeshError> {
+            Ok(Arc::new(
+                TonHttp::new(config).map_err(|e| bad(format!("[ledger]: {e}")))?,
+            ))
+        };
+        match self.kind.as_deref().unwrap_or("devnet") {
+            "devnet" => http(TonHttpConfig::new(json_rpc(
+                self.url.as_deref().unwrap_or(DEFAULT_DEVNET_URL),
+            ))),
+            "ton" => {
+                let url = self.url.as_deref().ok_or_else(|| {
+                    bad("[ledger] kind = \"ton\" needs url = the JSON-RPC endpoint (or --ledger-url)".into())
+                })?;
+                let mut c = TonHttpConfig::new(url.to_string());
+                c.api_key = self.api_key.clone();
+                http(c)
+            }
+            other => Err(bad(format!(
+                "[ledger] kind {other:?} is unknown; use \"devnet\" or \"ton\""
+            ))),
+        }
+    }
 }
 
 impl Default for NodeConfig {
@@ -49,9 +123,10 @@ impl Default for NodeConfig {
             model: silk_inference::DEFAULT_MODEL.into(),
             models_dir: None,
             allow_insecure_workers: false,
-            price_coefficient_milli: 1000,
             max_jobs_per_worker: 8,
             mdns: false,
+            ledger: None,
+            payments: None,
         }
     }
 }
@@ -94,6 +169,11 @@ impl NodeConfig {
         Ok(path)
     }
 
+    /// The payments config, defaults filled in.
+    pub fn payments(&self) -> PaymentsConfig {
+        self.payments.clone().unwrap_or_default()
+    }
+
     /// The models directory: `models_dir`, else `<data_dir>/models`.
     pub fn models_dir(&self, data_dir: &Path) -> PathBuf {
         self.models_dir
@@ -121,5 +201,33 @@ mod tests {
         );
         std::fs::write(NodeConfig::path(dir.path()), "nonsense = 1\n").expect("write");
         assert!(NodeConfig::load_or_default(dir.path()).is_err());
+
+        // Ledger and payments sections, nanoTON amounts as integers.
+        std::fs::write(
+            NodeConfig::path(dir.path()),
+            "worker = true\n[ledger]\nkind = \"devnet\"\nurl = \"http://127.0.0.1:9\"\n\
+             [payments]\nlane_amount = 2000000000\nredeem_every_s = 5\n",
+        )
+        .expect("write");
+        let c = NodeConfig::load_or_default(dir.path()).expect("load");
+        assert_eq!(
+            c.ledger.as_ref().and_then(|l| l.url.as_deref()),
+            Some("http://127.0.0.1:9")
+        );
+        let p = c.payments();
+        assert_eq!(p.lane_amount, silk_chain::Coins(2_000_000_000));
+        assert_eq!(p.redeem_every_s, 5);
+        assert_eq!(p.credit, PaymentsConfig::default().credit);
+        c.save(dir.path()).expect("save with sections");
+        assert_eq!(NodeConfig::load_or_default(dir.path()).expect("reload"), c);
+        std::fs::write(NodeConfig::path(dir.path()), "[ledger]\nkind = \"moon\"\n").expect("write");
+        let c = NodeConfig::load_or_default(dir.path()).expect("load");
+        let e = c
+            .ledger
+            .expect("ledger")
+            .connect()
+            .err()
+            .expect("unknown kind");
+        assert!(e.to_string().contains("moon"), "{e}");
     }
 }

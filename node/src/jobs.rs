@@ -1,18 +1,80 @@
 //! The job protocol carried in the overlay's opaque `/silk/job/1.0.0`
 //! frames, and the worker's side of it.
 //!
-//! The gateway sends one [`JobRequest`] (postcard). The worker answers with
-//! data frames, each a postcard [`TokenChunk`], then an end frame holding a
-//! [`JobUsage`], or an error frame. A request that does not decode is
-//! answered with an error frame and reported as misbehaviour.
+//! Each stream opens with one [`JobMessage`] (postcard):
+//! - [`JobMessage::Generate`]: a [`JobRequest`]. The worker answers with data
+//!   frames, each a postcard [`TokenChunk`], then an end frame holding a
+//!   [`JobUsage`], or an error frame.
+//! - [`JobMessage::Cheque`]: the gateway's cheque for a finished job. The
+//!   worker stores it and answers with an end frame holding a [`ChequeAck`],
+//!   or an error frame saying why it refused the cheque.
+//!
+//! A message that does not decode is answered with an error frame and
+//! reported as misbehaviour.
 
 use serde::{Deserialize, Serialize};
+use silk_chain::{Address, SignedCheque};
 use silk_inference::{ChatMessage, Engine, Event, GenerateRequest, Prompt, SamplingParams};
 use silk_overlay::{JobErrorCode, JobResponder, Misbehaviour, OverlayHandle, PeerId};
 use tokio_util::sync::CancellationToken;
 
+use crate::billing::Billing;
+
 /// Application error code: the worker does not serve the requested model.
 pub const ERR_WRONG_MODEL: u32 = 1;
+/// Application error code: the worker charges for jobs and the request
+/// carried no payment terms.
+pub const ERR_PAYMENT_REQUIRED: u32 = 2;
+/// Application error code: the payment terms do not check out, or the
+/// client is behind on its cheques or out of lane funds.
+pub const ERR_PAYMENT_REFUSED: u32 = 3;
+/// Application error code: the worker refused a cheque.
+pub const ERR_BAD_CHEQUE: u32 = 4;
+/// Application error code: this node takes no cheques (it charges nothing).
+pub const ERR_NOT_CHARGING: u32 = 5;
+
+/// The first frame of every job stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum JobMessage {
+    /// Run a job.
+    Generate(JobRequest),
+    /// Take the cheque for a finished job.
+    Cheque(ChequeDelivery),
+}
+
+/// How a job is paid: the lane of the client's settlement contract that
+/// the cheques are drawn on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentTerms {
+    /// The client's settlement contract.
+    pub contract: Address,
+    /// The key the contract checks cheques against.
+    pub public_key: [u8; 32],
+    /// The lane paying this worker.
+    pub lane_id: u32,
+    /// The gateway's id for this job; the cheque names it again.
+    pub job: u64,
+}
+
+/// A cheque for one finished job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChequeDelivery {
+    /// The job it pays ([`PaymentTerms::job`]).
+    pub job: u64,
+    /// The key that signed it.
+    pub public_key: [u8; 32],
+    /// The cumulative cheque.
+    pub cheque: SignedCheque,
+}
+
+/// The worker's receipt for a cheque: it is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChequeAck {
+    /// The lane's cheque total the worker now holds.
+    pub cumulative_nano: u128,
+    /// Work by this client its cheques do not cover.
+    pub outstanding_nano: u128,
+}
 
 /// What a gateway asks a worker to generate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +95,8 @@ pub struct JobRequest {
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// How the job is paid; `None` for a worker that charges nothing.
+    pub payment: Option<PaymentTerms>,
 }
 
 /// The prompt of a job.
@@ -116,11 +180,27 @@ impl JobRequest {
 
     /// A rough prompt length in tokens (4 bytes a token), for routing.
     pub fn estimated_prompt_tokens(&self) -> u64 {
+        self.prompt_bytes().div_ceil(4)
+    }
+
+    /// The most prompt tokens a worker can honestly count: byte-level
+    /// tokenizers never make more tokens than bytes, and a chat template
+    /// adds a few per message plus a generation prompt. The gateway pays for
+    /// no more prompt tokens than this.
+    pub fn prompt_tokens_bound(&self) -> u64 {
+        let messages = match &self.prompt {
+            WirePrompt::Text(_) => 0,
+            WirePrompt::Chat(m) => m.len() as u64,
+        };
+        self.prompt_bytes() + 16 * messages + 32
+    }
+
+    fn prompt_bytes(&self) -> u64 {
         let bytes = match &self.prompt {
             WirePrompt::Text(t) => t.len(),
             WirePrompt::Chat(m) => m.iter().map(|(r, c)| r.len() + c.len() + 8).sum(),
         };
-        (bytes as u64).div_ceil(4)
+        bytes as u64
     }
 }
 
@@ -144,34 +224,92 @@ pub fn usage_record(usage: &silk_inference::engine::Usage, price_milli: u64) -> 
     }
 }
 
-/// Serves one inbound job on `engine`: decodes the request, runs it and
-/// streams the tokens back. Stops early when `cancel` fires or the gateway
-/// goes away (dropping the engine stream cancels the generation).
-pub async fn serve_job(
-    engine: &Engine,
-    overlay: &OverlayHandle,
+/// What a worker needs to serve inbound streams.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerContext<'a> {
+    /// The engine, on workers.
+    pub engine: Option<&'a Engine>,
+    /// The overlay (for misbehaviour reports).
+    pub overlay: &'a OverlayHandle,
+    /// Payments, when this node charges for jobs.
+    pub billing: Option<&'a Billing>,
+    /// The coefficient put in usage records, × 1000.
+    pub price_milli: u64,
+}
+
+/// Serves one inbound stream: decodes its [`JobMessage`] and runs the job
+/// or takes the cheque.
+pub async fn serve_stream(
+    ctx: WorkerContext<'_>,
     peer: PeerId,
-    request: Vec<u8>,
-    mut responder: JobResponder,
-    price_milli: u64,
+    message: Vec<u8>,
+    responder: JobResponder,
     cancel: CancellationToken,
 ) {
-    let request: JobRequest = match postcard::from_bytes(&request) {
-        Ok(r) => r,
+    let message: JobMessage = match postcard::from_bytes(&message) {
+        Ok(m) => m,
         Err(e) => {
-            tracing::warn!(%peer, error = %e, "undecodable job request");
-            let _ = overlay
+            tracing::warn!(%peer, error = %e, "undecodable job message");
+            let _ = ctx
+                .overlay
                 .report_misbehaviour(peer, Misbehaviour::UndecodablePayload)
                 .await;
             let _ = responder
                 .error(
                     JobErrorCode::Malformed,
-                    format!("undecodable job request: {e}"),
+                    format!("undecodable job message: {e}"),
                 )
                 .await;
             return;
         }
     };
+    match message {
+        JobMessage::Generate(request) => match ctx.engine {
+            Some(engine) => serve_job(ctx, engine, peer, request, responder, cancel).await,
+            None => {
+                let _ = responder
+                    .error(JobErrorCode::Rejected, "this node is not a worker")
+                    .await;
+            }
+        },
+        JobMessage::Cheque(delivery) => {
+            let Some(billing) = ctx.billing else {
+                let _ = responder
+                    .error(
+                        JobErrorCode::Application(ERR_NOT_CHARGING),
+                        "this node charges nothing and takes no cheques",
+                    )
+                    .await;
+                return;
+            };
+            match billing.on_cheque(delivery).await {
+                Ok(ack) => {
+                    if let Err(e) = responder.end(encode(&ack)).await {
+                        tracing::debug!(%peer, error = %e, "could not acknowledge a cheque");
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(%peer, error = %e, "cheque refused");
+                    let _ = responder
+                        .error(JobErrorCode::Application(ERR_BAD_CHEQUE), e.to_string())
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+/// Serves one job on `engine`: runs it and streams the tokens back. Stops
+/// early when `cancel` fires or the gateway goes away (dropping the engine
+/// stream cancels the generation).
+async fn serve_job(
+    ctx: WorkerContext<'_>,
+    engine: &Engine,
+    peer: PeerId,
+    request: JobRequest,
+    mut responder: JobResponder,
+    cancel: CancellationToken,
+) {
     if request.model != engine.source().id {
         let _ = responder
             .error(
@@ -184,6 +322,29 @@ pub async fn serve_job(
             )
             .await;
         return;
+    }
+    if let Some(billing) = ctx.billing {
+        let refusal = match &request.payment {
+            None => Some((
+                ERR_PAYMENT_REQUIRED,
+                format!(
+                    "this worker charges for jobs: send payment terms (a lane to {})",
+                    billing.payout()
+                ),
+            )),
+            Some(terms) => billing
+                .admit(terms)
+                .await
+                .err()
+                .map(|e| (ERR_PAYMENT_REFUSED, e.to_string())),
+        };
+        if let Some((code, message)) = refusal {
+            tracing::info!(%peer, %message, "job refused");
+            let _ = responder
+                .error(JobErrorCode::Application(code), message)
+                .await;
+            return;
+        }
     }
     let mut stream = match engine.submit(request.to_generate()) {
         Ok(s) => s,
@@ -219,7 +380,10 @@ pub async fn serve_job(
                 }
             }
             Some(Event::Done(usage)) => {
-                let record = usage_record(&usage, price_milli);
+                let record = usage_record(&usage, ctx.price_milli);
+                if let (Some(billing), Some(terms)) = (ctx.billing, &request.payment) {
+                    billing.job_done(terms, &record);
+                }
                 if let Err(e) = responder.end(encode(&record)).await {
                     tracing::debug!(%peer, error = %e, "could not send the usage frame");
                 }
@@ -254,9 +418,17 @@ mod tests {
             seed: Some(3),
             stop: vec!["\n".into()],
             ignore_eos: false,
+            payment: Some(PaymentTerms {
+                contract: Address::new(0, [7; 32]),
+                public_key: [9; 32],
+                lane_id: 2,
+                job: 11,
+            }),
         };
-        let back: JobRequest = postcard::from_bytes(&encode(&r)).expect("decode");
-        assert_eq!(back, r);
-        assert!(postcard::from_bytes::<JobRequest>(&[0xff, 0xff, 0xff]).is_err());
+        let m = JobMessage::Generate(r);
+        let back: JobMessage = postcard::from_bytes(&encode(&m)).expect("decode");
+        assert_eq!(back, m);
+        assert!(postcard::from_bytes::<JobMessage>(&[0xff, 0xff, 0xff]).is_err());
+        assert!(postcard::from_bytes::<JobMessage>(&[]).is_err());
     }
 }

@@ -10,7 +10,12 @@
 //!   no network except the blocking PCCS client.
 //! - [`payments`]: the money side of a job: lanes, reservations and
 //!   cheques (gateway), cheque checks and redemption (worker), on-chain
-//!   lane opening through the settlement contract.
+//!   lane opening through the settlement contract; all in redb.
+//! - [`billing`]: payments inside the job lifecycle: the gateway reserves
+//!   before dispatch (opening lanes on chain when needed), settles after
+//!   the job and sends the cheque; the worker checks the client's lane on
+//!   chain before serving, stores cheques before acknowledging them, books
+//!   jobs whose cheques never came, and redeems in the background.
 //! - [`cli`]: the clap-derived `silk` command line; `main.rs` only calls
 //!   [`cli::run`].
 //! - The mesh: [`config`] (`config.toml`), [`service`] ([`service::Node`]:
@@ -25,11 +30,13 @@
 //! HTTP request → [`api`] validates → [`service::Node::dispatch`] ranks
 //! workers from gossiped announcements (DHT providers when gossip knows too
 //! few), filtered by the attestation policy → job stream to the worker →
-//! [`jobs::serve_job`] runs the engine and streams tokens → the gateway's
-//! forwarding task → SSE or one JSON body.
+//! [`jobs::serve_stream`] runs the engine and streams tokens → the gateway's
+//! forwarding task settles the job (cheque to the worker) → SSE or one JSON
+//! body with `silk.cost_nanoton`.
 
 pub mod api;
 pub mod attest;
+pub mod billing;
 pub mod cli;
 pub mod config;
 mod error;

@@ -33,6 +33,8 @@ pub struct Candidate {
     pub in_flight: u32,
     /// It failed a job recently.
     pub recently_failed: bool,
+    /// Where it is paid (a TON address), if it charges.
+    pub payout: Option<String>,
 }
 
 impl Candidate {
@@ -85,6 +87,7 @@ mod tests {
             mode: AttestationMode::Insecure,
             in_flight: 0,
             recently_failed: false,
+            payout: None,
         }
     }
 

@@ -27,7 +27,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::attest::{self, AttestationDocument, Claims, Hex, NodeIdentity, Policy, TsmReport};
-use crate::jobs::{self, JobRequest, JobUsage, TokenChunk};
+use crate::billing::Billing;
+use crate::jobs::{self, JobMessage, JobRequest, JobUsage, PaymentTerms, TokenChunk};
+use crate::payments::Reservation;
 use crate::routing::{self, Candidate};
 use crate::MeshError;
 
@@ -43,28 +45,6 @@ const FAILURE_MEMORY: Duration = Duration::from_secs(30);
 const JOB_CHANNEL: usize = 64;
 /// Candidates tried before giving up.
 const MAX_ATTEMPTS: usize = 4;
-
-/// Called around every job a gateway dispatches: the hook that payment
-/// books plug into. `before_dispatch` may refuse a worker (e.g. no lane
-/// funds); `after_completion` gets the token counts the worker reported.
-pub trait JobHook: Send + Sync + 'static {
-    /// The gateway is about to send `request` to `worker` at `price_milli`.
-    /// An error skips this worker.
-    fn before_dispatch(
-        &self,
-        worker: &PeerId,
-        request: &JobRequest,
-        price_milli: u64,
-    ) -> Result<(), HookRefusal>;
-    /// The job on `worker` ended; `usage` is absent when it failed midway,
-    /// with `delivered_tokens` the tokens the caller received.
-    fn after_completion(&self, worker: &PeerId, usage: Option<&JobUsage>, delivered_tokens: u32);
-}
-
-/// A [`JobHook`]'s reason to skip a worker.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct HookRefusal(pub String);
 
 /// Everything `silk run` decides.
 #[derive(Debug, Clone)]
@@ -83,8 +63,14 @@ pub struct NodeOptions {
     pub device: Device,
     /// Route to insecure workers.
     pub allow_insecure_workers: bool,
-    /// This worker's price coefficient × 1000.
+    /// This worker's price coefficient × 1000 (announced; with `billing`,
+    /// the one its payments config charges).
     pub price_coefficient_milli: u64,
+    /// The highest worker coefficient a request accepts when it names none, × 1000.
+    pub default_max_coefficient_milli: u32,
+    /// Payments: present when the node settles jobs on a ledger. Without
+    /// it the node neither pays as a gateway nor charges as a worker.
+    pub billing: Option<Arc<Billing>>,
     /// Jobs this gateway sends to one worker at once.
     pub max_jobs_per_worker: u32,
     /// mDNS on the LAN.
@@ -124,11 +110,12 @@ pub struct Node {
     attestation: Mutex<(Vec<u8>, [u8; 32])>,
     allow_insecure: bool,
     price_milli: u64,
+    default_max_coefficient_milli: u32,
+    billing: Option<Arc<Billing>>,
     max_jobs_per_worker: u32,
     in_flight: Arc<Mutex<HashMap<PeerId, u32>>>,
     failures: Mutex<HashMap<PeerId, Instant>>,
     appraiser: Arc<Mutex<attest::Appraiser>>,
-    hook: Mutex<Option<Arc<dyn JobHook>>>,
     cancel: CancellationToken,
     started: Instant,
 }
@@ -161,7 +148,13 @@ pub enum JobEvent {
     /// Generated tokens.
     Token(TokenChunk),
     /// The job finished.
-    Done(JobUsage),
+    Done {
+        /// What the worker counted.
+        usage: JobUsage,
+        /// What the job cost this gateway in nanoTON (zero on a worker that
+        /// charges nothing); `None` if settling it failed.
+        cost: Option<silk_chain::Coins>,
+    },
     /// The job failed after its first token.
     Failed(String),
 }
@@ -181,6 +174,16 @@ pub enum DispatchError {
     /// Every worker is at this gateway's per-worker cap.
     #[error("every worker for `{0}` is at its concurrency cap; retry shortly")]
     Saturated(String),
+    /// Every worker asks more than the caller's `max_coefficient`.
+    #[error("every worker for `{model}` asks more than max_coefficient {max}: the cheapest asks {cheapest}", max = *max_milli as f64 / 1000.0, cheapest = *cheapest_milli as f64 / 1000.0)]
+    TooExpensive {
+        /// The model.
+        model: String,
+        /// The cheapest worker's coefficient, × 1000.
+        cheapest_milli: u64,
+        /// The caller's maximum, × 1000.
+        max_milli: u32,
+    },
     /// Every attempt failed before the first token.
     #[error("no worker could take the job: {0}")]
     AllFailed(String),
@@ -295,6 +298,8 @@ impl Node {
             attestation: Mutex::new((doc.encode()?, doc.digest().0)),
             allow_insecure: options.allow_insecure_workers,
             price_milli: options.price_coefficient_milli,
+            default_max_coefficient_milli: options.default_max_coefficient_milli,
+            billing: options.billing.clone(),
             max_jobs_per_worker: options.max_jobs_per_worker.max(1),
             in_flight: Arc::default(),
             failures: Mutex::default(),
@@ -302,7 +307,6 @@ impl Node {
                 attest::Appraiser::new(policy, options.allow_insecure_workers)
                     .with_collateral_source(collateral),
             )),
-            hook: Mutex::new(None),
             cancel: CancellationToken::new(),
             started: Instant::now(),
         });
@@ -318,15 +322,16 @@ impl Node {
                 });
             }
             tokio::spawn(Arc::clone(&node).announcer());
+            if let Some(billing) = &node.billing {
+                tokio::spawn(Arc::clone(billing).run_worker_duties(node.cancel.clone()));
+            }
         }
         Ok(node)
     }
 
-    /// Installs the hook called around every dispatched job (payments).
-    pub fn set_job_hook(&self, hook: Arc<dyn JobHook>) {
-        if let Ok(mut h) = self.hook.lock() {
-            *h = Some(hook);
-        }
+    /// This node's payments, when it settles jobs on a ledger.
+    pub fn billing(&self) -> Option<&Arc<Billing>> {
+        self.billing.as_ref()
     }
 
     /// The overlay handle.
@@ -389,6 +394,7 @@ impl Node {
             attestation_digest: Some(self.attestation_digest()),
             seq,
             expires_at_ms: now_ms() + ANNOUNCE_TTL.as_millis() as u64,
+            payout: self.billing.as_ref().map(|b| b.payout().to_raw()),
         }
     }
 
@@ -475,28 +481,13 @@ impl Node {
                 } => {
                     let node = Arc::clone(&self);
                     tokio::spawn(async move {
-                        match &node.worker {
-                            Some(w) => {
-                                jobs::serve_job(
-                                    &w.engine,
-                                    &node.overlay,
-                                    peer,
-                                    request,
-                                    responder,
-                                    node.price_milli,
-                                    node.cancel.clone(),
-                                )
-                                .await
-                            }
-                            None => {
-                                let _ = responder
-                                    .error(
-                                        silk_overlay::JobErrorCode::Rejected,
-                                        "this node is not a worker",
-                                    )
-                                    .await;
-                            }
-                        }
+                        let ctx = jobs::WorkerContext {
+                            engine: node.worker.as_ref().map(|w| &w.engine),
+                            overlay: &node.overlay,
+                            billing: node.billing.as_deref(),
+                            price_milli: node.price_milli,
+                        };
+                        jobs::serve_stream(ctx, peer, request, responder, node.cancel.clone()).await
                     });
                 }
                 OverlayEvent::AttestationRequest { responder, .. } => {
@@ -556,6 +547,7 @@ impl Node {
         &self,
         model: &str,
         request: &JobRequest,
+        max_coefficient_milli: u32,
     ) -> Result<Vec<Candidate>, DispatchError> {
         let anns: Vec<Announcement> = self
             .overlay
@@ -612,6 +604,7 @@ impl Node {
                 recently_failed: failures
                     .get(&a.peer_id)
                     .is_some_and(|t| t.elapsed() < FAILURE_MEMORY),
+                payout: a.payout.clone(),
             });
         }
         if out.is_empty() {
@@ -624,6 +617,15 @@ impl Node {
                     "insecure workers let their operator read prompts: start the gateway with --allow-insecure-workers to use them anyway"
                 }
             )));
+        }
+        let cheapest = out.iter().map(|c| c.price_milli).min().unwrap_or(0);
+        out.retain(|c| c.price_milli <= u64::from(max_coefficient_milli));
+        if out.is_empty() {
+            return Err(DispatchError::TooExpensive {
+                model: model.to_string(),
+                cheapest_milli: cheapest,
+                max_milli: max_coefficient_milli,
+            });
         }
         let total = out.len();
         let out: Vec<Candidate> = out
@@ -690,6 +692,7 @@ impl Node {
                     attestation_digest: Some(doc.digest().0),
                     seq: 0,
                     expires_at_ms: now_ms(),
+                    payout: None,
                 },
                 None,
             ));
@@ -746,10 +749,6 @@ impl Node {
         }
     }
 
-    fn hook(&self) -> Option<Arc<dyn JobHook>> {
-        self.hook.lock().ok().and_then(|h| h.clone())
-    }
-
     fn note_failure(&self, peer: PeerId) {
         if let Ok(mut f) = self.failures.lock() {
             if f.len() > 4096 {
@@ -770,23 +769,43 @@ impl Node {
     }
 
     /// Places `request` (its `model` already resolved to an id) on the best
-    /// worker, retrying the next candidate while no token has arrived.
-    pub async fn dispatch(&self, request: JobRequest) -> Result<Dispatch, DispatchError> {
-        let candidates = self.candidates(&request.model, &request).await?;
-        let hook = self.hook();
+    /// worker whose coefficient is at most `max_coefficient_milli` (the
+    /// node's default when `None`), retrying the next candidate while no
+    /// token has arrived. With payments, the job's worst case is reserved
+    /// on the lane to the worker first and released if the worker fails.
+    pub async fn dispatch(
+        &self,
+        request: JobRequest,
+        max_coefficient_milli: Option<u32>,
+    ) -> Result<Dispatch, DispatchError> {
+        let max_coefficient = max_coefficient_milli.unwrap_or(self.default_max_coefficient_milli);
+        let candidates = self
+            .candidates(&request.model, &request, max_coefficient)
+            .await?;
         let mut errors = Vec::new();
         for c in candidates.into_iter().take(MAX_ATTEMPTS) {
-            if let Some(h) = &hook {
-                if let Err(e) = h.before_dispatch(&c.peer, &request, c.price_milli) {
-                    errors.push(format!("{}: {e}", c.peer));
-                    continue;
+            let local = c.peer == self.peer_id();
+            let mut paid = match (&self.billing, &c.payout, local) {
+                (Some(billing), Some(payout), false) => {
+                    match self
+                        .prepare_payment(billing, &c, payout, max_coefficient, &request)
+                        .await
+                    {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            tracing::info!(worker = %c.peer, error = %e, "cannot pay this worker; trying the next");
+                            errors.push(format!("{}: {e}", c.peer));
+                            continue;
+                        }
+                    }
                 }
-            }
+                _ => None,
+            };
             let slot = self.take_slot(c.peer);
-            let attempt = if c.peer == self.peer_id() {
-                self.run_local(&request, slot, hook.clone())
+            let attempt = if local {
+                self.run_local(&request, slot)
             } else {
-                self.run_remote(&request, c.peer, slot, hook.clone()).await
+                self.run_remote(&request, c.peer, slot, &mut paid).await
             };
             match attempt {
                 Ok(events) => {
@@ -798,6 +817,9 @@ impl Node {
                     })
                 }
                 Err(e) => {
+                    if let Some(p) = paid.take() {
+                        p.billing.release(p.reservation).await;
+                    }
                     tracing::info!(worker = %c.peer, error = %e, "worker failed before the first token; trying the next");
                     self.note_failure(c.peer);
                     errors.push(format!("{}: {e}", c.peer));
@@ -811,11 +833,44 @@ impl Node {
         }))
     }
 
+    async fn prepare_payment(
+        &self,
+        billing: &Arc<Billing>,
+        c: &Candidate,
+        payout: &str,
+        max_coefficient_milli: u32,
+        request: &JobRequest,
+    ) -> Result<PaidJob, String> {
+        let worker: silk_chain::Address = payout
+            .parse()
+            .map_err(|e| format!("announces an unusable payout address {payout:?}: {e}"))?;
+        let coefficient_milli = u32::try_from(c.price_milli)
+            .map_err(|_| format!("announces an absurd coefficient {}", c.price_milli))?;
+        let prompt_bound = request.prompt_tokens_bound();
+        let (reservation, terms) = billing
+            .reserve(
+                &worker,
+                coefficient_milli,
+                Some(max_coefficient_milli),
+                prompt_bound,
+                u64::from(request.max_tokens),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(PaidJob {
+            billing: Arc::clone(billing),
+            reservation,
+            terms,
+            coefficient_milli,
+            prompt_bound,
+        })
+    }
+
+    /// Runs a job on this node's own engine; a node does not pay itself.
     fn run_local(
         &self,
         request: &JobRequest,
         slot: InFlight,
-        hook: Option<Arc<dyn JobHook>>,
     ) -> Result<mpsc::Receiver<JobEvent>, String> {
         let worker = self.worker.clone().ok_or("not a worker")?;
         let mut stream = worker
@@ -823,12 +878,10 @@ impl Node {
             .submit(request.to_generate())
             .map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel(JOB_CHANNEL);
-        let me = self.peer_id();
         let price = self.price_milli;
         let cancel = self.cancel.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let mut delivered = 0u32;
             loop {
                 let event = tokio::select! {
                     biased;
@@ -836,29 +889,19 @@ impl Node {
                     e = stream.next() => e,
                 };
                 let out = match event {
-                    Some(Event::Token { id, text }) => {
-                        delivered += 1;
-                        JobEvent::Token(TokenChunk {
-                            ids: vec![id],
-                            text,
-                        })
-                    }
-                    Some(Event::Done(u)) => {
-                        let usage = jobs::usage_record(&u, price);
-                        if let Some(h) = &hook {
-                            h.after_completion(&me, Some(&usage), delivered);
-                        }
-                        let _ = tx.send(JobEvent::Done(usage)).await;
-                        return;
-                    }
+                    Some(Event::Token { id, text }) => JobEvent::Token(TokenChunk {
+                        ids: vec![id],
+                        text,
+                    }),
+                    Some(Event::Done(u)) => JobEvent::Done {
+                        usage: jobs::usage_record(&u, price),
+                        cost: Some(silk_chain::Coins::ZERO),
+                    },
                     Some(Event::Error(e)) => JobEvent::Failed(format!("engine failed: {e}")),
                     None => JobEvent::Failed("the engine stopped".into()),
                 };
-                let last = matches!(out, JobEvent::Failed(_));
+                let last = !matches!(out, JobEvent::Token(_));
                 if tx.send(out).await.is_err() || last {
-                    if let Some(h) = &hook {
-                        h.after_completion(&me, None, delivered);
-                    }
                     return;
                 }
             }
@@ -866,28 +909,31 @@ impl Node {
         Ok(rx)
     }
 
+    /// Runs a job on `peer`. Returns once the first frame arrived; `paid`
+    /// is taken (and settled when the job ends) only then, so on an error
+    /// the caller still holds the reservation to release.
     async fn run_remote(
         &self,
         request: &JobRequest,
         peer: PeerId,
         slot: InFlight,
-        hook: Option<Arc<dyn JobHook>>,
+        paid: &mut Option<PaidJob>,
     ) -> Result<mpsc::Receiver<JobEvent>, String> {
+        let mut request = request.clone();
+        request.payment = paid.as_ref().map(|p| p.terms.clone());
         let mut stream = tokio::time::timeout(
             Duration::from_secs(10),
-            self.overlay.open_job(peer, jobs::encode(request)),
+            self.overlay
+                .open_job(peer, jobs::encode(&JobMessage::Generate(request))),
         )
         .await
         .map_err(|_| "opening the job stream timed out".to_string())?
         .map_err(|e| e.to_string())?;
-        let first = stream.next_frame().await;
-        let first = match first {
-            Some(Ok(JobFrame::Data(d))) => {
-                let chunk: TokenChunk = postcard::from_bytes(&d)
-                    .map_err(|e| format!("undecodable token frame: {e}"))?;
-                JobEvent::Token(chunk)
-            }
-            Some(Ok(JobFrame::End(u))) => JobEvent::Done(
+        let first = match stream.next_frame().await {
+            Some(Ok(JobFrame::Data(d))) => Frame::Tokens(
+                postcard::from_bytes(&d).map_err(|e| format!("undecodable token frame: {e}"))?,
+            ),
+            Some(Ok(JobFrame::End(u))) => Frame::End(
                 postcard::from_bytes(&u).map_err(|e| format!("undecodable usage frame: {e}"))?,
             ),
             Some(Ok(JobFrame::Error { code, message })) => {
@@ -896,68 +942,184 @@ impl Node {
             Some(Err(e)) => return Err(e.to_string()),
             None => return Err("the worker closed the stream".into()),
         };
+        let paid = paid.take();
+        let overlay = self.overlay.clone();
         let (tx, rx) = mpsc::channel(JOB_CHANNEL);
         let cancel = self.cancel.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let mut delivered = u32::from(matches!(first, JobEvent::Token(_)));
-            let mut usage = None;
-            if let JobEvent::Done(u) = &first {
-                usage = Some(u.clone());
-            }
-            let done = usage.is_some();
-            if tx.send(first).await.is_err() || done {
-                if let Some(h) = &hook {
-                    h.after_completion(&peer, usage.as_ref(), delivered);
-                }
-                return;
-            }
+            let mut delivered = 0u32;
+            let mut next = Some(first);
             loop {
-                let frame = tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => None,
-                    f = stream.next_frame() => f,
-                };
-                let out = match frame {
-                    Some(Ok(JobFrame::Data(d))) => match postcard::from_bytes::<TokenChunk>(&d) {
-                        Ok(chunk) => {
-                            delivered += chunk.ids.len() as u32;
-                            JobEvent::Token(chunk)
-                        }
-                        Err(e) => JobEvent::Failed(format!(
-                            "worker {peer} sent an undecodable token frame after {delivered} tokens: {e}"
-                        )),
-                    },
-                    Some(Ok(JobFrame::End(u))) => match postcard::from_bytes::<JobUsage>(&u) {
-                        Ok(u) => {
-                            usage = Some(u.clone());
-                            JobEvent::Done(u)
-                        }
-                        Err(e) => JobEvent::Failed(format!(
-                            "worker {peer} sent an undecodable usage frame: {e}"
-                        )),
-                    },
-                    Some(Ok(JobFrame::Error { code, message })) => JobEvent::Failed(format!(
-                        "worker {peer} failed after {delivered} tokens ({code:?}): {message}"
-                    )),
-                    Some(Err(e)) => JobEvent::Failed(format!(
-                        "worker {peer} failed after {delivered} tokens: {e}"
-                    )),
-                    None => JobEvent::Failed(format!(
-                        "worker {peer} stopped after {delivered} tokens without finishing the job"
-                    )),
-                };
-                let last = !matches!(out, JobEvent::Token(_));
-                if tx.send(out).await.is_err() || last {
-                    if let Some(h) = &hook {
-                        h.after_completion(&peer, usage.as_ref(), delivered);
+                let frame = match next.take() {
+                    Some(f) => f,
+                    None => {
+                        let raw = tokio::select! {
+                            biased;
+                            () = cancel.cancelled() => None,
+                            f = stream.next_frame() => f,
+                        };
+                        Frame::decode(raw, peer, delivered)
                     }
-                    return;
-                }
+                };
+                let (out, usage) = match frame {
+                    Frame::Tokens(chunk) => {
+                        let n = chunk.ids.len() as u32;
+                        if tx.send(JobEvent::Token(chunk)).await.is_err() {
+                            // The caller went away: pay for what it received.
+                            if let Some(p) = paid {
+                                p.finish(&overlay, peer, None, delivered).await;
+                            }
+                            return;
+                        }
+                        delivered = delivered.saturating_add(n);
+                        continue;
+                    }
+                    Frame::End(usage) => (None, Some(usage)),
+                    Frame::Failed(message) => (Some(message), None),
+                };
+                let cost = match paid {
+                    Some(p) => p.finish(&overlay, peer, usage.as_ref(), delivered).await,
+                    None => Some(silk_chain::Coins::ZERO),
+                };
+                let event = match (out, usage) {
+                    (_, Some(usage)) => JobEvent::Done { usage, cost },
+                    (Some(message), None) => JobEvent::Failed(message),
+                    (None, None) => JobEvent::Failed("the job ended without a result".into()),
+                };
+                let _ = tx.send(event).await;
+                return;
             }
         });
         Ok(rx)
     }
+}
+
+/// One decoded frame of a running job.
+enum Frame {
+    Tokens(TokenChunk),
+    End(JobUsage),
+    Failed(String),
+}
+
+impl Frame {
+    fn decode(
+        raw: Option<Result<JobFrame, silk_overlay::OverlayError>>,
+        peer: PeerId,
+        delivered: u32,
+    ) -> Frame {
+        match raw {
+            Some(Ok(JobFrame::Data(d))) => match postcard::from_bytes::<TokenChunk>(&d) {
+                Ok(chunk) => Frame::Tokens(chunk),
+                Err(e) => Frame::Failed(format!(
+                    "worker {peer} sent an undecodable token frame after {delivered} tokens: {e}"
+                )),
+            },
+            Some(Ok(JobFrame::End(u))) => match postcard::from_bytes::<JobUsage>(&u) {
+                Ok(u) => Frame::End(u),
+                Err(e) => Frame::Failed(format!(
+                    "worker {peer} sent an undecodable usage frame: {e}"
+                )),
+            },
+            Some(Ok(JobFrame::Error { code, message })) => Frame::Failed(format!(
+                "worker {peer} failed after {delivered} tokens ({code:?}): {message}"
+            )),
+            Some(Err(e)) => Frame::Failed(format!(
+                "worker {peer} failed after {delivered} tokens: {e}"
+            )),
+            None => Frame::Failed(format!(
+                "worker {peer} stopped after {delivered} tokens without finishing the job"
+            )),
+        }
+    }
+}
+
+/// A job's payment while it runs on a remote worker.
+struct PaidJob {
+    billing: Arc<Billing>,
+    reservation: Reservation,
+    terms: PaymentTerms,
+    coefficient_milli: u32,
+    prompt_bound: u64,
+}
+
+impl PaidJob {
+    /// Settles the job (`usage` absent when it failed midway, `delivered`
+    /// the tokens the caller got) and sends the cheque to `peer` in the
+    /// background. Returns the cost, or `None` if settling failed.
+    async fn finish(
+        self,
+        overlay: &OverlayHandle,
+        peer: PeerId,
+        usage: Option<&JobUsage>,
+        delivered: u32,
+    ) -> Option<silk_chain::Coins> {
+        match self
+            .billing
+            .settle(
+                self.reservation,
+                &self.terms,
+                self.coefficient_milli,
+                self.prompt_bound,
+                usage,
+                delivered,
+            )
+            .await
+        {
+            Ok(bill) => {
+                tokio::spawn(deliver_cheque(overlay.clone(), peer, bill.delivery));
+                Some(bill.cost)
+            }
+            Err(e) => {
+                tracing::error!(worker = %peer, error = %e, "could not settle a job");
+                None
+            }
+        }
+    }
+}
+
+/// Sends a cheque to the worker that earned it, retrying a few times; a
+/// cheque that never arrives is covered by the next one (they are cumulative).
+async fn deliver_cheque(overlay: OverlayHandle, peer: PeerId, delivery: jobs::ChequeDelivery) {
+    let message = jobs::encode(&JobMessage::Cheque(delivery));
+    for attempt in 0..3u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+        }
+        let stream = tokio::time::timeout(
+            Duration::from_secs(10),
+            overlay.open_job(peer, message.clone()),
+        )
+        .await;
+        let mut stream = match stream {
+            Ok(Ok(s)) => s,
+            Ok(Err(silk_overlay::OverlayError::Stopped)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(worker = %peer, error = %e, "cheque delivery failed; retrying");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        match stream.next_frame().await {
+            Some(Ok(JobFrame::End(bytes))) => {
+                match postcard::from_bytes::<jobs::ChequeAck>(&bytes) {
+                    Ok(ack) => {
+                        tracing::debug!(worker = %peer, cumulative = ack.cumulative_nano, outstanding = ack.outstanding_nano, "cheque acknowledged")
+                    }
+                    Err(e) => tracing::warn!(worker = %peer, error = %e, "undecodable cheque ack"),
+                }
+                return;
+            }
+            Some(Ok(JobFrame::Error { code, message })) => {
+                tracing::warn!(worker = %peer, ?code, %message, "worker refused a cheque");
+                return;
+            }
+            other => {
+                tracing::debug!(worker = %peer, ?other, "no cheque ack; retrying");
+            }
+        }
+    }
+    tracing::warn!(worker = %peer, "could not deliver a cheque; the next one covers it");
 }
 
 async fn load_worker(model: &str, options: &NodeOptions) -> Result<Worker, MeshError> {

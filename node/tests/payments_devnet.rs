@@ -270,3 +270,98 @@ async fn two_clients_four_workers_hundreds_of_jobs_then_exact_redemptions() {
     cancel.cancel();
     producer.await.expect("producer");
 }
+
+/// The worker's admission of a client (what `silk run` does before serving
+/// a paid job): the lane is checked on chain once, a client past its credit
+/// is refused until its cheques catch up, and a lane used up is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_admits_only_clients_with_a_real_lane_and_within_credit() {
+    let devnet = Devnet::in_memory(DevnetConfig::new(Duration::from_millis(10))).expect("devnet");
+    let cancel = CancellationToken::new();
+    let producer = devnet.spawn_block_producer(cancel.clone());
+    let ledger: Arc<dyn Ledger> = Arc::new(devnet.clone());
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let client = open(dirs[0].path(), 31, &ledger);
+    let worker = open(dirs[1].path(), 32, &ledger);
+    let other = open(dirs[2].path(), 33, &ledger);
+    for p in [&client, &worker] {
+        devnet
+            .mint(&p.wallet_address(), Coins::from_ton(10).expect("ton"))
+            .expect("mint");
+    }
+    let contract = client.client_contract().clone();
+    let key = client.public_key();
+
+    // No contract on chain yet.
+    let e = worker.admit_client(&contract, &key, 1).await;
+    assert!(matches!(e, Err(PaymentsError::BadClient { .. })), "{e:?}");
+
+    // 0.02 TON lane to the worker, and one to another worker.
+    let small = Coins(20_000_000);
+    let lane = client
+        .open_lane(&worker.wallet_address(), small)
+        .await
+        .expect("lane");
+    let other_lane = client
+        .open_lane(&other.wallet_address(), small)
+        .await
+        .expect("other lane");
+    // Wrong key, someone else's lane, a lane that does not exist: refused.
+    for (k, id) in [
+        ([7u8; 32], lane.lane_id),
+        (key, other_lane.lane_id),
+        (key, 99),
+    ] {
+        let e = worker.admit_client(&contract, &k, id).await;
+        assert!(matches!(e, Err(PaymentsError::BadClient { .. })), "{e:?}");
+    }
+    worker
+        .admit_client(&contract, &key, lane.lane_id)
+        .await
+        .expect("a real lane is admitted");
+    let booked = worker
+        .worker_book()
+        .lane(&contract, lane.lane_id)
+        .expect("book")
+        .expect("booked");
+    assert_eq!(booked.deposited, small);
+
+    // A job whose cheque never came, worth more than the credit: refused.
+    let credit = worker.config().credit;
+    let unpaid = worker
+        .record_unpaid(&contract, lane.lane_id, 0, 3_334)
+        .expect("book unpaid");
+    assert!(unpaid > credit, "{unpaid:?} vs credit {credit:?}");
+    let e = worker.admit_client(&contract, &key, lane.lane_id).await;
+    assert!(
+        matches!(e, Err(PaymentsError::ClientBehind { .. })),
+        "{e:?}"
+    );
+    // The client pays for it: served again.
+    let r = client
+        .before_dispatch(&worker.wallet_address(), 1_000, None, 0, 3_334)
+        .expect("reserve");
+    let (cheque, cost) = client.after_job(&r, 1_000, 0, 3_334).expect("settle");
+    assert_eq!(cost, unpaid);
+    worker
+        .on_cheque(&contract, &key, &cheque, 0, 0)
+        .expect("cheque covers the unpaid job");
+    worker
+        .admit_client(&contract, &key, lane.lane_id)
+        .await
+        .expect("served again");
+
+    // Work up to what the lane holds: the lane is used up.
+    let rest = small.saturating_sub(cost);
+    worker
+        .worker_book()
+        .record_work(&contract, lane.lane_id, rest)
+        .expect("work");
+    let e = worker.admit_client(&contract, &key, lane.lane_id).await;
+    assert!(
+        matches!(e, Err(PaymentsError::ClientBehind { .. })),
+        "{e:?}"
+    );
+    cancel.cancel();
+    producer.await.expect("producer");
+}

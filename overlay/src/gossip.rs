@@ -61,6 +61,9 @@ pub struct Announcement {
     pub seq: u64,
     /// Unix time in milliseconds after which the announcement is void.
     pub expires_at_ms: u64,
+    /// Where the worker is paid (silk puts a TON wallet address here); opaque
+    /// to the overlay, which only carries it signed with the rest.
+    pub payout: Option<String>,
 }
 
 /// A payload signed by its author's libp2p key.
@@ -392,6 +395,7 @@ mod tests {
             attestation_digest: None,
             seq,
             expires_at_ms: NOW_MS + 60_000,
+            payout: None,
         }
     }
 

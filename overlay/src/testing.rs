@@ -102,6 +102,7 @@ pub fn worker_announcement(peer: PeerId, seq: u64, models: &[&str]) -> Announcem
         attestation_digest: None,
         seq,
         expires_at_ms: unix_ms() + 5 * 60 * 1000,
+        payout: None,
     }
 }
 

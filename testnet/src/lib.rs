@@ -11,7 +11,16 @@
 //! gateway runs with `--allow-insecure-workers` unless told otherwise,
 //! because nodes outside TDX are `insecure`. [`Testnet::kill`] and
 //! [`Testnet::restart`] play failures; dropping the [`Testnet`] kills every
-//! process it started.
+//! process it started. [`NodeOptions`] start single nodes elsewhere: through
+//! a launcher such as `ip netns exec`, on another address, with extra
+//! config.toml lines.
+//!
+//! With `payments` (the default) it first starts a `silk devnet` (a local
+//! TON chain running the real wallet and settlement contract code), gives
+//! every node a `[ledger]` pointing at it, and funds each node's wallet
+//! from the devnet faucet once the node is up: gateways then open lanes to
+//! the workers they use on their first job and pay with cheques, and
+//! workers redeem them on chain.
 //!
 //! The same library backs `silk testnet` and the end-to-end tests.
 
@@ -46,7 +55,34 @@ pub struct TestnetConfig {
     pub converge_timeout: Duration,
     /// `RUST_LOG` of the nodes.
     pub log_filter: String,
+    /// Start a devnet and settle jobs on it.
+    pub payments: bool,
+    /// TON the faucet gives each node's wallet.
+    pub fund_ton: u64,
+    /// Extra lines for every node's `[payments]` section of config.toml.
+    pub payments_toml: String,
+    /// Per-node overrides, by node index; nodes past its end use the defaults.
+    pub node_options: Vec<NodeOptions>,
 }
+
+/// How one node is started where it differs from the others, e.g. inside
+/// a network namespace.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// A command that runs `silk` for this node, e.g.
+    /// `["ip", "netns", "exec", "silk-ns"]`; empty runs it directly.
+    pub launcher: Vec<String>,
+    /// The IPv4 address its libp2p and HTTP listeners bind (default 127.0.0.1).
+    pub host: Option<String>,
+    /// Top-level lines of its config.toml, e.g. `max_jobs_per_worker = 2`.
+    pub config_toml: String,
+}
+
+/// The `[payments]` settings of testnet nodes: 1 TON lanes, redemption
+/// once a worker holds 0.00001 TON in cheques (so a single demo job is
+/// redeemed), checked every 2 s.
+pub const TESTNET_PAYMENTS_TOML: &str =
+    "lane_amount = 1000000000\nredeem_threshold = 10000\nredeem_every_s = 2\ntimeout_s = 30\n";
 
 impl TestnetConfig {
     /// `nodes` nodes, `workers` of them workers, on the model found by
@@ -73,6 +109,10 @@ impl TestnetConfig {
             strict_nodes: Vec::new(),
             converge_timeout: Duration::from_secs(60),
             log_filter: "warn,silk_node=info".into(),
+            payments: true,
+            fund_ton: 100,
+            payments_toml: TESTNET_PAYMENTS_TOML.into(),
+            node_options: Vec::new(),
         }
     }
 }
@@ -141,6 +181,8 @@ pub struct NodeHandle {
     pub allows_insecure: bool,
     /// Its data directory (identity, `node.log`).
     pub data_dir: PathBuf,
+    /// Its wallet address, when the testnet settles payments.
+    pub wallet: Option<String>,
     args: Vec<String>,
     child: Option<Child>,
 }
@@ -170,11 +212,28 @@ impl Drop for NodeHandle {
     }
 }
 
+/// The testnet's `silk devnet` process.
+#[derive(Debug)]
+pub struct DevnetHandle {
+    /// Its base URL, e.g. `http://127.0.0.1:40124`.
+    pub url: String,
+    child: Child,
+}
+
+impl Drop for DevnetHandle {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running local mesh.
 #[derive(Debug)]
 pub struct Testnet {
     /// The nodes, bootstrap node first.
     pub nodes: Vec<NodeHandle>,
+    /// The devnet, when the testnet settles payments.
+    pub devnet: Option<DevnetHandle>,
     config: TestnetConfig,
     client: reqwest::Client,
     _dir: tempfile::TempDir,
@@ -207,10 +266,14 @@ impl Testnet {
             .build()?;
         let mut net = Self {
             nodes: Vec::with_capacity(config.nodes),
+            devnet: None,
             config,
             client,
             _dir: dir,
         };
+        if net.config.payments {
+            net.devnet = Some(net.start_devnet().await?);
+        }
         // With spare nodes, keep node 0 a plain gateway/bootstrap node.
         let first_worker = usize::from(net.config.nodes > net.config.workers);
         let mut bootstrap: Option<String> = None;
@@ -237,6 +300,96 @@ impl Testnet {
         Ok(net)
     }
 
+    async fn start_devnet(&self) -> anyhow::Result<DevnetHandle> {
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        let log = std::fs::File::create(self._dir.path().join("devnet.log"))?;
+        let child = Command::new(&self.config.silk_bin)
+            .args(["devnet", "--listen", &listen, "--block-ms", "100"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} devnet", self.config.silk_bin.display()))?;
+        let mut devnet = DevnetHandle {
+            url: format!("http://{listen}"),
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if devnet.child.try_wait()?.is_some() {
+                bail!(
+                    "the devnet exited during startup; its log:\n{}",
+                    std::fs::read_to_string(self._dir.path().join("devnet.log"))
+                        .unwrap_or_default()
+                );
+            }
+            if self
+                .balance(&devnet.url, DEVNET_PROBE_ADDRESS)
+                .await
+                .is_ok()
+            {
+                return Ok(devnet);
+            }
+            if Instant::now() > deadline {
+                bail!("the devnet did not answer within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The balance of `address` on the devnet at `url`, in nanoTON.
+    pub async fn balance(&self, url: &str, address: &str) -> anyhow::Result<u128> {
+        let r: Value = self
+            .client
+            .post(format!("{url}/api/v2/jsonRPC"))
+            .json(&serde_json::json!({
+                "jsonrpc": "2.0", "id": 1, "method": "getAddressInformation",
+                "params": { "address": address },
+            }))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let balance = r["result"]["balance"]
+            .as_str()
+            .with_context(|| format!("no balance in {r}"))?;
+        Ok(balance.parse()?)
+    }
+
+    /// The on-chain balance of `address` on this testnet's devnet.
+    pub async fn devnet_balance(&self, address: &str) -> anyhow::Result<u128> {
+        let devnet = self.devnet.as_ref().context("this testnet has no devnet")?;
+        self.balance(&devnet.url, address).await
+    }
+
+    /// Sends `ton` TON from the devnet faucet to `address` and waits for it.
+    pub async fn fund(&self, address: &str, ton: u64) -> anyhow::Result<()> {
+        let devnet = self.devnet.as_ref().context("this testnet has no devnet")?;
+        let mut cmd = Command::new(&self.config.silk_bin);
+        cmd.args([
+            "devnet",
+            "mint",
+            address,
+            &ton.to_string(),
+            "--url",
+            &devnet.url,
+        ])
+        .stdin(Stdio::null());
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await?
+            .context("running silk devnet mint")?;
+        if !out.status.success() {
+            bail!(
+                "funding {address} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     async fn start_node(
         &self,
         index: usize,
@@ -245,14 +398,16 @@ impl Testnet {
     ) -> anyhow::Result<NodeHandle> {
         let data_dir = self._dir.path().join(format!("node-{index}"));
         std::fs::create_dir_all(&data_dir)?;
-        let api = format!("127.0.0.1:{}", free_port()?);
+        let options = self.node_options(index);
+        let host = options.host.as_deref().unwrap_or("127.0.0.1");
+        let api = format!("{host}:{}", free_port()?);
         let allows_insecure = !self.config.strict_nodes.contains(&index);
         let mut args = vec![
             "--data-dir".to_string(),
             data_dir.display().to_string(),
             "run".into(),
             "--listen".into(),
-            "/ip4/127.0.0.1/tcp/0".into(),
+            format!("/ip4/{host}/tcp/0"),
             "--api".into(),
             api.clone(),
             "--models-dir".into(),
@@ -272,6 +427,16 @@ impl Testnet {
         if let Some(b) = bootstrap {
             args.extend(["--bootstrap".into(), b.to_string()]);
         }
+        let mut toml = options.config_toml.clone();
+        if let Some(devnet) = &self.devnet {
+            toml.push_str(&format!(
+                "\n[ledger]\nkind = \"devnet\"\nurl = \"{}\"\n\n[payments]\n{}",
+                devnet.url, self.config.payments_toml
+            ));
+        }
+        if !toml.is_empty() {
+            std::fs::write(data_dir.join("config.toml"), toml)?;
+        }
         let mut node = NodeHandle {
             index,
             api_url: format!("http://{api}"),
@@ -279,10 +444,14 @@ impl Testnet {
             worker,
             allows_insecure,
             data_dir,
+            wallet: None,
             args,
             child: None,
         };
         self.launch(&mut node).await?;
+        if let Some(wallet) = node.wallet.clone() {
+            self.fund(&wallet, self.config.fund_ton).await?;
+        }
         Ok(node)
     }
 
@@ -291,7 +460,15 @@ impl Testnet {
             .create(true)
             .append(true)
             .open(node.data_dir.join("node.log"))?;
-        let child = Command::new(&self.config.silk_bin)
+        let mut command = match self.node_options(node.index).launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&self.config.silk_bin);
+                c
+            }
+            None => Command::new(&self.config.silk_bin),
+        };
+        let child = command
             .args(&node.args)
             .env("RUST_LOG", &self.config.log_filter)
             .stdin(Stdio::null())
@@ -311,6 +488,7 @@ impl Testnet {
             }
             if let Ok(h) = self.get_json(&format!("{}/health", node.api_url)).await {
                 node.peer_id = h["peer_id"].as_str().unwrap_or_default().to_string();
+                node.wallet = h["wallet"].as_str().map(str::to_string);
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -322,6 +500,14 @@ impl Testnet {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    fn node_options(&self, index: usize) -> NodeOptions {
+        self.config
+            .node_options
+            .get(index)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// `GET url` as JSON.
@@ -413,6 +599,7 @@ impl Testnet {
                 worker: false,
                 allows_insecure: false,
                 data_dir: PathBuf::new(),
+                wallet: None,
                 args: Vec::new(),
                 child: None,
             },
@@ -427,11 +614,20 @@ impl Testnet {
         (0..self.nodes.len()).find(|&i| !self.nodes[i].worker && self.nodes[i].is_running())
     }
 
+    /// What the testnet was started with.
+    pub fn config(&self) -> &TestnetConfig {
+        &self.config
+    }
+
     /// The HTTP client the testnet uses.
     pub fn client(&self) -> &reqwest::Client {
         &self.client
     }
 }
+
+/// Any valid address, to see whether the devnet answers.
+const DEVNET_PROBE_ADDRESS: &str =
+    "0:0000000000000000000000000000000000000000000000000000000000000000";
 
 /// A streamed chat completion as the caller saw it.
 #[derive(Debug, Clone, Default)]

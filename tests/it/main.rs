@@ -6,3 +6,5 @@
 //! (`SILK_SMOLLM2_GGUF`, else `~/.silk/models`).
 
 mod mesh;
+mod payments;
+mod proximity;

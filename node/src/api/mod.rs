@@ -127,6 +127,11 @@ impl From<DispatchError> for ApiError {
                 "rate_limit_error",
                 "workers_saturated",
             ),
+            DispatchError::TooExpensive { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "price_above_max_coefficient",
+            ),
             DispatchError::AllFailed(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -171,8 +176,9 @@ async fn complete(node: Arc<Node>, v: Validated, kind: Kind) -> Response {
         seed: v.seed,
         stop: v.stop,
         ignore_eos: v.ignore_eos,
+        payment: None,
     };
-    let dispatch = match node.dispatch(request).await {
+    let dispatch = match node.dispatch(request, v.max_coefficient_milli).await {
         Ok(d) => d,
         Err(e) => return ApiError::from(e).into_response(),
     };
@@ -205,6 +211,17 @@ fn silk_info(d: &Dispatch) -> Value {
     json!({ "worker": d.worker.to_string(), "attestation": mode_str(d.attestation) })
 }
 
+/// `silk` of the final chunk or body: [`silk_info`] plus the job's cost in
+/// nanoTON (a JSON number; `null` if the gateway could not settle it).
+fn silk_final(d: &Dispatch, cost: Option<silk_chain::Coins>) -> Value {
+    let mut v = silk_info(d);
+    v["cost_nanoton"] = match cost.map(|c| u64::try_from(c.nano())) {
+        Some(Ok(n)) => json!(n),
+        _ => Value::Null,
+    };
+    v
+}
+
 fn usage_json(u: &crate::jobs::JobUsage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
@@ -215,10 +232,10 @@ fn usage_json(u: &crate::jobs::JobUsage) -> Value {
 
 async fn collect(mut d: Dispatch, kind: Kind) -> Result<Value, ApiError> {
     let mut text = String::new();
-    let usage = loop {
+    let (usage, cost) = loop {
         match d.events.recv().await {
             Some(JobEvent::Token(t)) => text.push_str(&t.text),
-            Some(JobEvent::Done(u)) => break u,
+            Some(JobEvent::Done { usage, cost }) => break (usage, cost),
             Some(JobEvent::Failed(e)) => {
                 return Err(ApiError::new(
                     StatusCode::BAD_GATEWAY,
@@ -258,7 +275,7 @@ async fn collect(mut d: Dispatch, kind: Kind) -> Result<Value, ApiError> {
         "model": d.model,
         "choices": [choice],
         "usage": usage_json(&usage),
-        "silk": silk_info(&d),
+        "silk": silk_final(&d, cost),
     }))
 }
 
@@ -291,7 +308,11 @@ async fn pump(mut d: Dispatch, kind: Kind, tx: mpsc::Sender<SseEvent>) {
         "text_completion"
     };
     let silk = silk_info(&d);
-    let chunk = |text: Option<&str>, finish: Option<&str>, first: bool, usage: Option<Value>| {
+    let chunk = |text: Option<&str>,
+                 finish: Option<&str>,
+                 first: bool,
+                 usage: Option<Value>,
+                 silk: &Value| {
         let choice = match kind {
             Kind::Chat => {
                 let mut delta = serde_json::Map::new();
@@ -320,16 +341,17 @@ async fn pump(mut d: Dispatch, kind: Kind, tx: mpsc::Sender<SseEvent>) {
     loop {
         let event = match d.events.recv().await {
             Some(JobEvent::Token(t)) => {
-                let e = chunk(Some(&t.text), None, first, None);
+                let e = chunk(Some(&t.text), None, first, None, &silk);
                 first = false;
                 e
             }
-            Some(JobEvent::Done(u)) => {
+            Some(JobEvent::Done { usage, cost }) => {
                 let e = chunk(
                     if first { Some("") } else { None },
-                    Some(u.finish.as_str()),
+                    Some(usage.finish.as_str()),
                     first,
-                    Some(usage_json(&u)),
+                    Some(usage_json(&usage)),
+                    &silk_final(&d, cost),
                 );
                 if tx.send(e).await.is_ok() {
                     let _ = tx.send(SseEvent::default().data("[DONE]")).await;
@@ -448,8 +470,54 @@ async fn mesh(State(node): State<Arc<Node>>) -> Response {
         "worker": node.served_model().map(|m| json!({ "model": m.id, "name": m.name })),
         "peers": peers,
         "workers": workers,
+        "payments": node.billing().map(|b| payments_json(b)),
     }))
     .into_response()
+}
+
+/// A nanoTON amount as a JSON number (a string past `u64`).
+fn nano_json(c: silk_chain::Coins) -> Value {
+    match u64::try_from(c.nano()) {
+        Ok(n) => json!(n),
+        Err(_) => json!(c.nano().to_string()),
+    }
+}
+
+/// What this node spent as a gateway and earned as a worker, from its
+/// payment books (no chain query).
+fn payments_json(b: &crate::billing::Billing) -> Value {
+    let p = b.payments();
+    let sum = |it: &mut dyn Iterator<Item = silk_chain::Coins>| {
+        it.fold(silk_chain::Coins::ZERO, |a, c| {
+            silk_chain::Coins(a.nano().saturating_add(c.nano()))
+        })
+    };
+    let lanes = p.client_book().lanes().unwrap_or_default();
+    let held = p.worker_book().lanes().unwrap_or_default();
+    json!({
+        "wallet": p.wallet_address().to_string(),
+        "contract": p.client_contract().to_string(),
+        "coefficient_milli": p.config().coefficient_milli,
+        "spent_nanoton": nano_json(sum(&mut lanes.iter().map(|l| l.signed))),
+        "reserved_nanoton": nano_json(sum(&mut lanes.iter().map(|l| l.reserved))),
+        "lanes": lanes.iter().map(|l| json!({
+            "worker": l.worker.to_string(),
+            "lane_id": l.lane_id,
+            "deposited_nanoton": nano_json(l.deposited),
+            "signed_nanoton": nano_json(l.signed),
+            "reserved_nanoton": nano_json(l.reserved),
+        })).collect::<Vec<_>>(),
+        "earned_nanoton": nano_json(sum(&mut held.iter().map(|l| l.cheque_total()))),
+        "redeemed_nanoton": nano_json(sum(&mut held.iter().map(|l| l.redeemed))),
+        "uncovered_nanoton": nano_json(sum(&mut held.iter().map(|l| l.outstanding()))),
+        "clients": held.iter().map(|l| json!({
+            "contract": l.contract.to_string(),
+            "lane_id": l.lane_id,
+            "cheques_nanoton": nano_json(l.cheque_total()),
+            "redeemed_nanoton": nano_json(l.redeemed),
+            "uncovered_nanoton": nano_json(l.outstanding()),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 async fn health(State(node): State<Arc<Node>>) -> Response {
@@ -459,6 +527,7 @@ async fn health(State(node): State<Arc<Node>>) -> Response {
         "worker": node.served_model().is_some(),
         "attestation": mode_str(node.attestation_mode()),
         "uptime_s": node.uptime().as_secs(),
+        "wallet": node.billing().map(|b| b.payout().to_string()),
     }))
     .into_response()
 }

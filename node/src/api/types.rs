@@ -143,6 +143,9 @@ pub struct ChatRequest {
     pub frequency_penalty: Option<f32>,
     /// Generate past end-of-sequence (vLLM extension).
     pub ignore_eos: Option<bool>,
+    /// Highest worker price coefficient to pay (silk extension; e.g. `1.5`,
+    /// at most three decimals). Default: the node's configured maximum.
+    pub max_coefficient: Option<f64>,
 }
 
 /// `POST /v1/completions`.
@@ -177,6 +180,9 @@ pub struct CompletionRequest {
     pub frequency_penalty: Option<f32>,
     /// Generate past end-of-sequence (vLLM extension).
     pub ignore_eos: Option<bool>,
+    /// Highest worker price coefficient to pay (silk extension; e.g. `1.5`,
+    /// at most three decimals). Default: the node's configured maximum.
+    pub max_coefficient: Option<f64>,
 }
 
 /// A completion prompt.
@@ -210,6 +216,25 @@ pub struct Validated {
     pub stream: bool,
     /// Ignore EOS.
     pub ignore_eos: bool,
+    /// `max_coefficient` × 1000.
+    pub max_coefficient_milli: Option<u32>,
+}
+
+/// Largest `max_coefficient` accepted.
+pub const MAX_COEFFICIENT: f64 = 1000.0;
+
+fn check_max_coefficient(v: Option<f64>) -> Result<Option<u32>, ApiError> {
+    let Some(v) = v else { return Ok(None) };
+    let milli = (v * 1000.0).round();
+    if !(v > 0.0 && v <= MAX_COEFFICIENT) || (v * 1000.0 - milli).abs() > 1e-6 {
+        return Err(ApiError::invalid(
+            "max_coefficient",
+            format!(
+                "max_coefficient must be in (0, {MAX_COEFFICIENT}] with at most three decimals, got {v}"
+            ),
+        ));
+    }
+    Ok(Some(milli as u32))
 }
 
 struct Common {
@@ -330,6 +355,7 @@ impl ChatRequest {
             stop,
             stream: self.stream.unwrap_or(false),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            max_coefficient_milli: check_max_coefficient(self.max_coefficient)?,
         })
     }
 }
@@ -372,6 +398,7 @@ impl CompletionRequest {
             stop,
             stream: self.stream.unwrap_or(false),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            max_coefficient_milli: check_max_coefficient(self.max_coefficient)?,
         })
     }
 }
@@ -391,6 +418,10 @@ mod tests {
         assert_eq!(v.max_tokens, 3);
         assert!(v.stream);
         assert_eq!(v.stop, vec!["\n".to_string()]);
+        assert_eq!(v.max_coefficient_milli, None);
+        let v = chat(r#"{"messages":[{"role":"user","content":"hi"}],"max_coefficient":1.25}"#)
+            .expect("valid");
+        assert_eq!(v.max_coefficient_milli, Some(1250));
     }
 
     #[test]
@@ -403,6 +434,11 @@ mod tests {
             format!(r#"{{{m},"top_p":0}}"#),
             format!(r#"{{{m},"n":2}}"#),
             format!(r#"{{{m},"stop":["a","b","c","d","e"]}}"#),
+            format!(r#"{{{m},"max_coefficient":0}}"#),
+            format!(r#"{{{m},"max_coefficient":-1}}"#),
+            format!(r#"{{{m},"max_coefficient":1.0005}}"#),
+            format!(r#"{{{m},"max_coefficient":5000}}"#),
+            format!(r#"{{{m},"max_coefficient":"2"}}"#),
             r#"{"messages":[]}"#.to_string(),
             r#"{"messages":[{"role":"wizard","content":"x"}]}"#.to_string(),
         ] {

@@ -50,6 +50,8 @@ fn options(data_dir: &Path, models_dir: &Path, worker: Option<String>) -> NodeOp
         device: Device::Cpu,
         allow_insecure_workers: true,
         price_coefficient_milli: 1000,
+        default_max_coefficient_milli: 2000,
+        billing: None,
         max_jobs_per_worker: 8,
         mdns: false,
         fast_gossip: true,
@@ -121,6 +123,7 @@ async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
         seed: None,
         stop: Vec::new(),
         ignore_eos: true,
+        payment: None,
     };
     let engine = worker.engine().context("no engine")?;
     let (mut direct, mut routed) = (Vec::new(), Vec::new());
@@ -134,11 +137,11 @@ async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
         }
         let d = t.elapsed();
         let t = Instant::now();
-        let mut job = gateway.dispatch(request.clone()).await?;
+        let mut job = gateway.dispatch(request.clone(), None).await?;
         anyhow::ensure!(job.worker == wpeer, "routed to an unexpected worker");
         while let Some(e) = job.events.recv().await {
             match e {
-                JobEvent::Done(_) => break,
+                JobEvent::Done { .. } => break,
                 JobEvent::Failed(e) => anyhow::bail!("job failed: {e}"),
                 JobEvent::Token(_) => {}
             }

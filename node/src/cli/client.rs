@@ -130,7 +130,44 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|| "?".into())
         );
     }
+    print_payments(&mesh["payments"]);
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_payments(p: &Value) {
+    if p.is_null() {
+        println!("\npayments:     off (no ledger configured)");
+        return;
+    }
+    let ton = |v: &Value| {
+        v.as_u64()
+            .map(|n| silk_chain::Coins(u128::from(n)).to_string())
+            .or_else(|| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| "?".into())
+    };
+    println!("\npayments:");
+    println!("  wallet      {}", p["wallet"].as_str().unwrap_or("?"));
+    println!("  contract    {}", p["contract"].as_str().unwrap_or("?"));
+    println!(
+        "  spending    {} TON signed in cheques, {} TON reserved for jobs in flight",
+        ton(&p["spent_nanoton"]),
+        ton(&p["reserved_nanoton"])
+    );
+    for l in p["lanes"].as_array().into_iter().flatten() {
+        println!(
+            "    lane {} to {}: {} TON deposited, {} TON signed",
+            l["lane_id"],
+            l["worker"].as_str().unwrap_or("?"),
+            ton(&l["deposited_nanoton"]),
+            ton(&l["signed_nanoton"])
+        );
+    }
+    println!(
+        "  earnings    {} TON in cheques, {} TON redeemed, {} TON of work not covered",
+        ton(&p["earned_nanoton"]),
+        ton(&p["redeemed_nanoton"]),
+        ton(&p["uncovered_nanoton"])
+    );
 }
 
 /// Runs `silk submit`.

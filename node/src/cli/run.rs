@@ -8,7 +8,10 @@ use clap::Args;
 use silk_inference::backend::Device;
 use silk_overlay::Multiaddr;
 
+use crate::billing::Billing;
+use crate::cli::wallet::LedgerArgs;
 use crate::config::NodeConfig;
+use crate::payments::{load_or_create_keys, Payments};
 use crate::service::{Node, NodeOptions};
 
 /// Arguments of `silk run`; each overrides `config.toml`.
@@ -47,6 +50,9 @@ pub struct RunArgs {
     /// Faster gossip heartbeats and pings (local testnets).
     #[arg(long, hide = true)]
     pub fast_gossip: bool,
+    /// Settle jobs on this ledger (overrides `[ledger]` in config.toml).
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
 }
 
 fn parse_addrs(list: &[String]) -> anyhow::Result<Vec<Multiaddr>> {
@@ -82,6 +88,28 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     if args.allow_insecure_workers {
         config.allow_insecure_workers = true;
     }
+    if args.ledger.given() {
+        config.ledger = Some(args.ledger.section(&config));
+    }
+    let payments = config.payments();
+    let billing = match &config.ledger {
+        Some(section) => {
+            let (keys, created) = load_or_create_keys(data_dir)?;
+            if created {
+                println!(
+                    "created a wallet; its mnemonic is in {}",
+                    data_dir.join(crate::payments::MNEMONIC_FILE).display()
+                );
+            }
+            let p = Payments::open(data_dir, payments.clone(), section.connect()?, keys)?;
+            let stale = p.release_stale_reservations()?;
+            if stale > 0 {
+                println!("released {stale} reservations of jobs a restart interrupted");
+            }
+            Some(std::sync::Arc::new(Billing::new(p)))
+        }
+        None => None,
+    };
     let options = NodeOptions {
         data_dir: data_dir.to_path_buf(),
         listen: parse_addrs(&config.listen)?,
@@ -90,7 +118,9 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         models_dir: config.models_dir(data_dir),
         device: args.device,
         allow_insecure_workers: config.allow_insecure_workers,
-        price_coefficient_milli: config.price_coefficient_milli,
+        price_coefficient_milli: u64::from(payments.coefficient_milli),
+        default_max_coefficient_milli: payments.default_max_coefficient_milli,
+        billing: billing.clone(),
         max_jobs_per_worker: config.max_jobs_per_worker,
         mdns: config.mdns,
         fast_gossip: args.fast_gossip,
@@ -109,6 +139,21 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         }
         if let Some(m) = node.served_model() {
             println!("serving {} (attestation: {})", m.id, mode(&node));
+        }
+        match &billing {
+            Some(b) => println!(
+                "payments: wallet {} contract {} ({} ledger)",
+                b.payout(),
+                b.payments().client_contract(),
+                config
+                    .ledger
+                    .as_ref()
+                    .and_then(|l| l.kind.as_deref())
+                    .unwrap_or("devnet"),
+            ),
+            None => println!(
+                "payments: off (no [ledger] in config.toml): this node neither pays nor charges"
+            ),
         }
         if config.allow_insecure_workers {
             println!("insecure workers allowed: their operators can read prompts");

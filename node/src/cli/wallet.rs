@@ -16,26 +16,8 @@ use silk_chain::message::OutMessage;
 use silk_chain::{Address, Coins, Keys, TonHttp, TonHttpConfig, Wallet, WalletVersion};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{json_rpc, LedgerSection, NodeConfig};
 use crate::payments::{load_or_create_keys, Payments, PaymentsConfig};
-
-/// The `[ledger]` section of `<data-dir>/config.toml`.
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-pub struct LedgerSection {
-    /// `devnet` or `ton`.
-    pub kind: Option<String>,
-    /// Devnet URL (`http://127.0.0.1:PORT`) or TON JSON-RPC endpoint.
-    pub url: Option<String>,
-    /// API key for a TON endpoint.
-    pub api_key: Option<String>,
-}
-
-#[derive(Debug, Default, serde::Deserialize)]
-struct ConfigFile {
-    #[serde(default)]
-    ledger: LedgerSection,
-    #[serde(default)]
-    payments: Option<PaymentsConfig>,
-}
 
 /// Where the ledger is; flags override `<data-dir>/config.toml`.
 #[derive(Debug, Args)]
@@ -130,45 +112,20 @@ pub fn faucet_keys() -> Keys {
 /// What the faucet is minted at devnet start.
 const FAUCET_SUPPLY_TON: u64 = 1_000_000_000;
 
-fn json_rpc(url: &str) -> String {
-    let u = url.trim_end_matches('/');
-    if u.ends_with("/jsonRPC") {
-        u.to_string()
-    } else {
-        format!("{u}/api/v2/jsonRPC")
+impl LedgerArgs {
+    /// The ledger of `config` with these flags applied (the devnet on
+    /// this machine when neither says otherwise).
+    pub fn section(&self, config: &NodeConfig) -> LedgerSection {
+        config
+            .ledger
+            .clone()
+            .unwrap_or_default()
+            .overridden(self.ledger.as_deref(), self.ledger_url.as_deref())
     }
-}
 
-fn ledger_from(args: &LedgerArgs, file: &LedgerSection) -> anyhow::Result<Arc<dyn Ledger>> {
-    let kind = args
-        .ledger
-        .clone()
-        .or_else(|| file.kind.clone())
-        .unwrap_or_else(|| "devnet".into());
-    let url = args.ledger_url.clone().or_else(|| file.url.clone());
-    match kind.as_str() {
-        "devnet" => {
-            let url = url.unwrap_or_else(|| "http://127.0.0.1:8099".into());
-            Ok(Arc::new(TonHttp::new(TonHttpConfig::new(json_rpc(&url)))?))
-        }
-        "ton" => {
-            let url = url.context(
-                "[ledger] kind = \"ton\" needs url = the JSON-RPC endpoint (or --ledger-url)",
-            )?;
-            let mut c = TonHttpConfig::new(url);
-            c.api_key = file.api_key.clone();
-            Ok(Arc::new(TonHttp::new(c)?))
-        }
-        other => anyhow::bail!("unknown ledger kind {other:?}; use \"devnet\" or \"ton\""),
-    }
-}
-
-fn read_config(data_dir: &Path) -> anyhow::Result<ConfigFile> {
-    let path = data_dir.join("config.toml");
-    match std::fs::read_to_string(&path) {
-        Ok(s) => toml::from_str(&s).with_context(|| format!("parsing {}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ConfigFile::default()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    /// Whether a flag names a ledger.
+    pub fn given(&self) -> bool {
+        self.ledger.is_some() || self.ledger_url.is_some()
     }
 }
 
@@ -181,8 +138,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Runs `silk wallet ...`.
 pub fn run(args: WalletArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
-    let file = read_config(data_dir)?;
-    let ledger = ledger_from(&args.ledger, &file.ledger)?;
+    let config = NodeConfig::load_or_default(data_dir)?;
+    let ledger = args.ledger.section(&config).connect()?;
     let (keys, created) = load_or_create_keys(data_dir)?;
     if created {
         eprintln!(
@@ -190,7 +147,7 @@ pub fn run(args: WalletArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             data_dir.join(crate::payments::MNEMONIC_FILE).display()
         );
     }
-    let p = Payments::open(data_dir, file.payments.unwrap_or_default(), ledger, keys)?;
+    let p = Payments::open(data_dir, config.payments(), ledger, keys)?;
     runtime()?.block_on(wallet(args.command, &p))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -63,6 +63,28 @@ pub enum PaymentsError {
         /// Its compute-phase exit code.
         exit_code: i32,
     },
+    /// A client's payment terms do not match the chain (key, lane, worker).
+    #[error("client {contract} lane {lane_id}: {reason}")]
+    BadClient {
+        /// The client's settlement contract.
+        contract: Address,
+        /// The lane the client named.
+        lane_id: u32,
+        /// What does not match.
+        reason: String,
+    },
+    /// The client's lane cannot pay for more work, or its cheques are behind.
+    #[error(
+        "client {contract} lane {lane_id}: {reason}; top the lane up or send the cheques owed"
+    )]
+    ClientBehind {
+        /// The client's settlement contract.
+        contract: Address,
+        /// The lane.
+        lane_id: u32,
+        /// Why service stops.
+        reason: String,
+    },
     /// Something the user passed or configured is unusable.
     #[error("{0}")]
     Config(String),

@@ -69,17 +69,26 @@ pub struct PaymentsConfig {
     /// Highest worker coefficient a request accepts when it sets no `max_coefficient`.
     pub default_max_coefficient_milli: u32,
     /// Uncovered work a worker tolerates from one client before refusing it.
+    #[serde(with = "nano_u64")]
     pub credit: Coins,
     /// A worker redeems a lane once its unredeemed cheques reach this.
+    #[serde(with = "nano_u64")]
     pub redeem_threshold: Coins,
     /// Close delay of this client's settlement contract.
     pub close_delay_s: u32,
     /// Nonce of this client's settlement contract.
     pub contract_nonce: u64,
     /// Value attached to each contract message to pay its gas; the rest comes back.
+    #[serde(with = "nano_u64")]
     pub gas: Coins,
     /// How long to wait for a message to be processed.
     pub timeout_s: u64,
+    /// A gateway opens (or tops up) a lane with this much when a job needs
+    /// one; zero means lanes are only opened by hand (`silk wallet open-lane`).
+    #[serde(with = "nano_u64")]
+    pub lane_amount: Coins,
+    /// How often a worker looks for lanes due for redemption.
+    pub redeem_every_s: u64,
 }
 
 impl Default for PaymentsConfig {
@@ -98,7 +107,26 @@ impl Default for PaymentsConfig {
             contract_nonce: 1,
             gas: Coins(50_000_000),
             timeout_s: 60,
+            lane_amount: Coins(1_000_000_000),
+            redeem_every_s: 60,
         }
+    }
+}
+
+/// Config amounts are written as plain nanoTON integers; TOML has no
+/// 128-bit integers, so they are read and written as `u64`.
+mod nano_u64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use silk_chain::Coins;
+
+    pub(super) fn serialize<S: Serializer>(c: &Coins, s: S) -> Result<S::Ok, S::Error> {
+        let n = u64::try_from(c.nano())
+            .map_err(|_| serde::ser::Error::custom("amount above u64 nanoTON"))?;
+        s.serialize_u64(n)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Coins, D::Error> {
+        Ok(Coins(u128::from(u64::deserialize(d)?)))
     }
 }
 
@@ -179,6 +207,9 @@ pub struct Payments {
     contract: Address,
     client: ClientBook,
     worker: WorkerBook,
+    /// Held while a lane is opened or topped up, so concurrent jobs to one
+    /// worker send one on-chain message, not one each.
+    lane_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Payments {
@@ -212,6 +243,7 @@ impl Payments {
         Ok(Payments {
             client: ClientBook::new(store.clone(), contract.clone()),
             worker: WorkerBook::new(store, wallet.address()),
+            lane_lock: Arc::default(),
             config,
             ledger,
             keys: Arc::new(keys),
@@ -284,6 +316,162 @@ impl Payments {
             .price
             .worst_case(coefficient_milli, prompt_tokens, max_tokens)?;
         self.client.reserve(worker, worst)
+    }
+
+    /// Gateway: like [`Payments::before_dispatch`], but when the lane to
+    /// `worker` is missing or too low it first opens or tops it up on chain
+    /// with `lane_amount` (or the job's worst case, if larger). With a zero
+    /// `lane_amount` it only reserves.
+    pub async fn reserve_with_lane(
+        &self,
+        worker: &Address,
+        coefficient_milli: u32,
+        max_coefficient_milli: Option<u32>,
+        prompt_tokens: u64,
+        max_tokens: u64,
+    ) -> Result<Reservation> {
+        let reserve = || {
+            self.before_dispatch(
+                worker,
+                coefficient_milli,
+                max_coefficient_milli,
+                prompt_tokens,
+                max_tokens,
+            )
+        };
+        match reserve() {
+            Err(PaymentsError::NoLane { .. } | PaymentsError::InsufficientLane { .. })
+                if self.config.lane_amount > Coins::ZERO => {}
+            other => return other,
+        }
+        let _guard = self.lane_lock.lock().await;
+        // Another job may have topped the lane up while this one waited.
+        match reserve() {
+            Err(PaymentsError::NoLane { .. } | PaymentsError::InsufficientLane { .. }) => {}
+            other => return other,
+        }
+        let worst = self
+            .config
+            .price
+            .worst_case(coefficient_milli, prompt_tokens, max_tokens)?;
+        let amount = self.config.lane_amount.max(worst);
+        tracing::info!(%worker, amount = amount.nano(), "opening or topping up a lane");
+        self.open_lane(worker, amount).await?;
+        reserve()
+    }
+
+    /// Gateway: releases reservations a crash left open (their jobs died
+    /// with the process). Returns how many.
+    pub fn release_stale_reservations(&self) -> Result<usize> {
+        let open = self.client.open_reservations()?;
+        for r in &open {
+            self.client.release(r)?;
+        }
+        Ok(open.len())
+    }
+
+    /// Worker: decides whether to serve a job paid on lane `lane_id` of
+    /// `contract` with cheques signed by `public_key`. A lane it has not
+    /// booked (or that looks used up) is read from the chain first: the
+    /// contract's key must be `public_key`, the lane must pay this worker
+    /// and be open. Then the work must stay within what the lane holds, and
+    /// the client's uncovered work within the configured credit.
+    pub async fn admit_client(
+        &self,
+        contract: &Address,
+        public_key: &[u8; 32],
+        lane_id: u32,
+    ) -> Result<()> {
+        let booked = self.worker.lane(contract, lane_id)?;
+        let lane = match booked {
+            Some(l) if l.computed < l.deposited => l,
+            _ => {
+                self.check_lane_on_chain(contract, public_key, lane_id)
+                    .await?
+            }
+        };
+        let behind = |reason: String| PaymentsError::ClientBehind {
+            contract: contract.clone(),
+            lane_id,
+            reason,
+        };
+        if &lane.public_key != public_key {
+            return Err(PaymentsError::BadClient {
+                contract: contract.clone(),
+                lane_id,
+                reason: "cheque key differs from the one booked for this lane".into(),
+            });
+        }
+        if lane.computed >= lane.deposited {
+            return Err(behind(format!(
+                "the lane holds {} nanoTON and {} nanoTON of work was done on it",
+                lane.deposited.nano(),
+                lane.computed.nano()
+            )));
+        }
+        let outstanding = self.worker.outstanding(contract)?;
+        if outstanding > self.config.credit {
+            return Err(behind(format!(
+                "{} nanoTON of work is not covered by cheques (credit {} nanoTON)",
+                outstanding.nano(),
+                self.config.credit.nano()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn check_lane_on_chain(
+        &self,
+        contract: &Address,
+        public_key: &[u8; 32],
+        lane_id: u32,
+    ) -> Result<WorkerLane> {
+        let bad = |reason: String| PaymentsError::BadClient {
+            contract: contract.clone(),
+            lane_id,
+            reason,
+        };
+        let state = ledger::settlement_state(&*self.ledger, contract)
+            .await
+            .map_err(|e| bad(format!("not a settlement contract on this ledger: {e}")))?;
+        if &state.public_key != public_key {
+            return Err(bad(
+                "the contract's key is not the one the cheques use".into()
+            ));
+        }
+        let lane = ledger::settlement_lane(&*self.ledger, contract, lane_id)
+            .await?
+            .ok_or_else(|| bad("no such lane".into()))?;
+        if lane.worker != self.wallet.address() {
+            return Err(bad(format!(
+                "the lane pays {}, not this worker",
+                lane.worker
+            )));
+        }
+        if lane.finished || lane.closing_at != 0 {
+            return Err(bad("the lane is closing or closed".into()));
+        }
+        self.worker
+            .register(contract, public_key, lane_id, lane.deposited)
+    }
+
+    /// Worker: a job on `lane_id` of `contract` that cost `prompt_tokens`
+    /// and `completion_tokens` at this worker's price got no cheque in time;
+    /// the client falls behind by its cost.
+    pub fn record_unpaid(
+        &self,
+        contract: &Address,
+        lane_id: u32,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) -> Result<Coins> {
+        let cost = self.config.price.cost(
+            self.config.coefficient_milli,
+            prompt_tokens,
+            completion_tokens,
+        )?;
+        self.worker.record_work(contract, lane_id, cost)?;
+        Ok(cost)
     }
 
     /// Gateway: the job behind `reservation` used `prompt_tokens` and

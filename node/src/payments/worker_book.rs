@@ -24,6 +24,9 @@ pub struct WorkerLane {
     pub best: Option<SignedCheque>,
     /// What the contract has paid out on this lane.
     pub redeemed: Coins,
+    /// What the lane held on chain when the worker last checked it.
+    #[serde(default)]
+    pub deposited: Coins,
 }
 
 impl WorkerLane {
@@ -82,6 +85,68 @@ impl WorkerBook {
         self.store.all(WORKER_LANES)
     }
 
+    /// The lane `lane_id` of the client behind `contract`, if booked.
+    pub fn lane(&self, contract: &Address, lane_id: u32) -> Result<Option<WorkerLane>> {
+        self.store.get(WORKER_LANES, &key(contract, lane_id))
+    }
+
+    /// Books a client lane the worker checked on chain: its cheque key and
+    /// what it holds. Creates the lane, or raises its deposit (a top-up);
+    /// refuses a key other than the one already booked. Committed before it
+    /// returns.
+    pub fn register(
+        &self,
+        contract: &Address,
+        public_key: &[u8; 32],
+        lane_id: u32,
+        deposited: Coins,
+    ) -> Result<WorkerLane> {
+        let k = key(contract, lane_id);
+        let tx = self.store.write()?;
+        let lane = {
+            let mut t = tx.open_table(WORKER_LANES).map_err(store_err)?;
+            let mut lane: WorkerLane = get_in(&t, &k)?.unwrap_or_else(|| WorkerLane {
+                contract: contract.clone(),
+                public_key: *public_key,
+                lane_id,
+                computed: Coins::ZERO,
+                best: None,
+                redeemed: Coins::ZERO,
+                deposited,
+            });
+            if &lane.public_key != public_key {
+                return Err(PaymentsError::BadCheque(
+                    "the client's key changed on an existing lane".into(),
+                ));
+            }
+            lane.deposited = lane.deposited.max(deposited);
+            t.insert(k.as_str(), encode(&lane)?.as_slice())
+                .map_err(store_err)?;
+            lane
+        };
+        tx.commit().map_err(store_err)?;
+        Ok(lane)
+    }
+
+    /// Records work worth `cost` on a booked lane for which no cheque came
+    /// (the client never paid for that job): the client falls behind by it.
+    pub fn record_work(&self, contract: &Address, lane_id: u32, cost: Coins) -> Result<()> {
+        let k = key(contract, lane_id);
+        let tx = self.store.write()?;
+        {
+            let mut t = tx.open_table(WORKER_LANES).map_err(store_err)?;
+            let Some(mut lane) = get_in::<WorkerLane>(&t, &k)? else {
+                return Err(PaymentsError::BadCheque(format!(
+                    "no lane {lane_id} of {contract} in this worker's book"
+                )));
+            };
+            lane.computed = lane.computed.checked_add(cost)?;
+            t.insert(k.as_str(), encode(&lane)?.as_slice())
+                .map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)
+    }
+
     /// Records a job worth `expected_cost` (the worker's own count) and the
     /// cheque the client sent for it. The work is recorded even when the
     /// cheque is refused, so a client that does not pay falls behind. A
@@ -108,6 +173,7 @@ impl WorkerBook {
                 computed: Coins::ZERO,
                 best: None,
                 redeemed: Coins::ZERO,
+                deposited: Coins::ZERO,
             });
             lane.computed = lane.computed.checked_add(expected_cost)?;
             let verdict = self.check(&lane, contract, public_key, cheque);

@@ -1,0 +1,302 @@
+//! Payments in the job lifecycle: what a gateway reserves, settles and pays
+//! for each job, and what a worker checks before serving and after a job.
+//!
+//! # Flow
+//!
+//! ```text
+//! gateway                                         worker
+//! reserve worst case on the lane (opens or
+//!   tops it up on chain when needed)
+//! JobMessage::Generate{.., payment: terms} ──►    admit_client (lane checked on chain
+//!                                                   once, credit, lane funds)
+//!                 ◄── tokens …, usage             job_done: remember the job's cost
+//! settle: sign the cumulative cheque for
+//!   the tokens actually delivered
+//! JobMessage::Cheque{job, cheque}          ──►    on_cheque: check against the job's
+//!                 ◄── ChequeAck                     cost, commit to redb, then ack
+//! ```
+//!
+//! A job whose cheque does not arrive within [`CHEQUE_WAIT`] is booked as
+//! unpaid work, so a client that stops paying falls behind and, past its
+//! credit, is refused. A gateway never pays itself: jobs it serves on its
+//! own engine carry no terms.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use silk_chain::{Address, Coins};
+use tokio_util::sync::CancellationToken;
+
+use crate::jobs::{ChequeAck, ChequeDelivery, JobUsage, PaymentTerms};
+use crate::payments::{Payments, PaymentsError, Reservation};
+
+/// How long a worker waits for the cheque of a finished job before it
+/// books the job as unpaid.
+pub const CHEQUE_WAIT: Duration = Duration::from_secs(30);
+/// Jobs a worker remembers while their cheques are on the way.
+const MAX_PENDING: usize = 4096;
+
+/// A finished job waiting for its cheque.
+#[derive(Debug, Clone)]
+struct Pending {
+    contract: Address,
+    lane_id: u32,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    due: Instant,
+}
+
+/// A node's payments as the job path uses them.
+#[derive(Debug)]
+pub struct Billing {
+    payments: Payments,
+    pending: Mutex<HashMap<(Address, u64), Pending>>,
+}
+
+/// A job's bill as the gateway settled it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bill {
+    /// What the job cost, in nanoTON.
+    pub cost: Coins,
+    /// The cheque to send to the worker.
+    pub delivery: ChequeDelivery,
+}
+
+impl Billing {
+    /// Wraps `payments`.
+    pub fn new(payments: Payments) -> Self {
+        Billing {
+            payments,
+            pending: Mutex::default(),
+        }
+    }
+
+    /// The payments underneath.
+    pub fn payments(&self) -> &Payments {
+        &self.payments
+    }
+
+    /// Where this node is paid as a worker.
+    pub fn payout(&self) -> Address {
+        self.payments.wallet_address()
+    }
+
+    /// The coefficient this node charges as a worker, per mille.
+    pub fn coefficient_milli(&self) -> u32 {
+        self.payments.config().coefficient_milli
+    }
+
+    /// The highest worker coefficient a request accepts by default, per mille.
+    pub fn default_max_coefficient_milli(&self) -> u32 {
+        self.payments.config().default_max_coefficient_milli
+    }
+
+    // ---- gateway ----
+
+    /// Reserves the worst case of a job on the lane to `worker` (opening or
+    /// topping up the lane on chain when needed) and returns the terms to
+    /// send with the job.
+    pub async fn reserve(
+        &self,
+        worker: &Address,
+        coefficient_milli: u32,
+        max_coefficient_milli: Option<u32>,
+        prompt_tokens_bound: u64,
+        max_tokens: u64,
+    ) -> Result<(Reservation, PaymentTerms), PaymentsError> {
+        let r = self
+            .payments
+            .reserve_with_lane(
+                worker,
+                coefficient_milli,
+                max_coefficient_milli,
+                prompt_tokens_bound,
+                max_tokens,
+            )
+            .await?;
+        let terms = PaymentTerms {
+            contract: self.payments.client_contract().clone(),
+            public_key: self.payments.public_key(),
+            lane_id: r.lane_id,
+            job: r.id,
+        };
+        Ok((r, terms))
+    }
+
+    /// Gives a reservation back (the job never started).
+    pub async fn release(&self, reservation: Reservation) {
+        let p = self.payments.clone();
+        let id = reservation.id;
+        let r = tokio::task::spawn_blocking(move || p.release(&reservation)).await;
+        if !matches!(r, Ok(Ok(()))) {
+            tracing::error!(reservation = id, result = ?r, "could not release a reservation");
+        }
+    }
+
+    /// Settles a job: `usage` is the worker's record (absent when the job
+    /// failed midway) and `delivered` the tokens the caller received. The
+    /// gateway pays for at most `delivered` completion tokens and at most
+    /// `prompt_tokens_bound` prompt tokens, at `coefficient_milli`; a job
+    /// that failed midway pays its delivered tokens only. The new cumulative
+    /// cheque is committed before this returns.
+    pub async fn settle(
+        &self,
+        reservation: Reservation,
+        terms: &PaymentTerms,
+        coefficient_milli: u32,
+        prompt_tokens_bound: u64,
+        usage: Option<&JobUsage>,
+        delivered: u32,
+    ) -> Result<Bill, PaymentsError> {
+        let (prompt, completion) = match usage {
+            Some(u) => (
+                u64::from(u.prompt_tokens).min(prompt_tokens_bound),
+                u64::from(u.completion_tokens.min(delivered)),
+            ),
+            None => (0, u64::from(delivered)),
+        };
+        let p = self.payments.clone();
+        let (cheque, cost) = tokio::task::spawn_blocking(move || {
+            p.after_job(&reservation, coefficient_milli, prompt, completion)
+        })
+        .await
+        .map_err(|e| PaymentsError::Store(format!("settlement task failed: {e}")))??;
+        Ok(Bill {
+            cost,
+            delivery: ChequeDelivery {
+                job: terms.job,
+                public_key: terms.public_key,
+                cheque,
+            },
+        })
+    }
+
+    // ---- worker ----
+
+    /// Whether to serve a job paid with `terms`.
+    pub async fn admit(&self, terms: &PaymentTerms) -> Result<(), PaymentsError> {
+        self.payments
+            .admit_client(&terms.contract, &terms.public_key, terms.lane_id)
+            .await
+    }
+
+    /// Remembers a finished job's cost until its cheque arrives.
+    pub fn job_done(&self, terms: &PaymentTerms, usage: &JobUsage) {
+        let pending = Pending {
+            contract: terms.contract.clone(),
+            lane_id: terms.lane_id,
+            prompt_tokens: u64::from(usage.prompt_tokens),
+            completion_tokens: u64::from(usage.completion_tokens),
+            due: Instant::now() + CHEQUE_WAIT,
+        };
+        let overflow = {
+            let Ok(mut map) = self.pending.lock() else {
+                return;
+            };
+            map.insert((terms.contract.clone(), terms.job), pending);
+            if map.len() > MAX_PENDING {
+                // Book the oldest as unpaid rather than forget it.
+                let oldest = map
+                    .iter()
+                    .min_by_key(|(_, p)| p.due)
+                    .map(|(k, _)| k.clone());
+                oldest.and_then(|k| map.remove(&k))
+            } else {
+                None
+            }
+        };
+        if let Some(p) = overflow {
+            self.book_unpaid(&p);
+        }
+    }
+
+    /// Checks and stores a cheque; the ack is sent only after this returns
+    /// `Ok`, so an acknowledged cheque is on disk.
+    pub async fn on_cheque(&self, d: ChequeDelivery) -> Result<ChequeAck, PaymentsError> {
+        let contract = d.cheque.cheque.contract.clone();
+        let job = self
+            .pending
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&(contract.clone(), d.job)));
+        // A cheque for a job the worker did not run (or already booked as
+        // unpaid) is checked as a plain top-up of the cumulative amount.
+        let (prompt, completion) = job
+            .as_ref()
+            .map_or((0, 0), |p| (p.prompt_tokens, p.completion_tokens));
+        let p = self.payments.clone();
+        let a = tokio::task::spawn_blocking(move || {
+            p.on_cheque(&contract, &d.public_key, &d.cheque, prompt, completion)
+        })
+        .await
+        .map_err(|e| PaymentsError::Store(format!("cheque task failed: {e}")))??;
+        Ok(ChequeAck {
+            cumulative_nano: a.cumulative.nano(),
+            outstanding_nano: a.outstanding.nano(),
+        })
+    }
+
+    fn book_unpaid(&self, p: &Pending) {
+        match self.payments.record_unpaid(
+            &p.contract,
+            p.lane_id,
+            p.prompt_tokens,
+            p.completion_tokens,
+        ) {
+            Ok(cost) => {
+                tracing::warn!(contract = %p.contract, lane = p.lane_id, cost = cost.nano(), "no cheque for a finished job; booked as unpaid")
+            }
+            Err(e) => tracing::error!(error = %e, "could not book unpaid work"),
+        }
+    }
+
+    /// Books every job whose cheque is overdue as unpaid.
+    pub fn book_overdue(&self) {
+        let now = Instant::now();
+        let overdue: Vec<Pending> = match self.pending.lock() {
+            Ok(mut map) => {
+                let keys: Vec<_> = map
+                    .iter()
+                    .filter(|(_, p)| p.due <= now)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                keys.iter().filter_map(|k| map.remove(k)).collect()
+            }
+            Err(_) => return,
+        };
+        for p in &overdue {
+            self.book_unpaid(p);
+        }
+    }
+
+    /// The worker's background duty: books overdue jobs and redeems lanes
+    /// past the threshold every `redeem_every_s`, until `cancel` fires.
+    #[tracing::instrument(skip_all)]
+    pub async fn run_worker_duties(self: std::sync::Arc<Self>, cancel: CancellationToken) {
+        let every = Duration::from_secs(self.payments.config().redeem_every_s.max(1));
+        let mut tick = tokio::time::interval(every.min(CHEQUE_WAIT));
+        let mut last_redeem = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let me = std::sync::Arc::clone(&self);
+            if let Err(e) = tokio::task::spawn_blocking(move || me.book_overdue()).await {
+                tracing::error!(error = %e, "booking overdue jobs failed");
+            }
+            if last_redeem.elapsed() >= every {
+                last_redeem = Instant::now();
+                match self.payments.redeem_due().await {
+                    Ok(done) if !done.is_empty() => {
+                        tracing::info!(lanes = done.len(), "redeemed cheques")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "redemption failed; will retry"),
+                }
+            }
+        }
+    }
+}
