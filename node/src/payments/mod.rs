@@ -465,13 +465,18 @@ impl Payments {
         prompt_tokens: u64,
         completion_tokens: u64,
     ) -> Result<Coins> {
-        let cost = self.config.price.cost(
+        let cost = self.own_cost(prompt_tokens, completion_tokens)?;
+        self.worker.record_work(contract, lane_id, cost)?;
+        Ok(cost)
+    }
+
+    /// What a job costs at this worker's own price.
+    fn own_cost(&self, prompt_tokens: u64, completion_tokens: u64) -> Result<Coins> {
+        Ok(self.config.price.cost(
             self.config.coefficient_milli,
             prompt_tokens,
             completion_tokens,
-        )?;
-        self.worker.record_work(contract, lane_id, cost)?;
-        Ok(cost)
+        )?)
     }
 
     /// Gateway: the job behind `reservation` used `prompt_tokens` and
@@ -507,11 +512,7 @@ impl Payments {
         prompt_tokens: u64,
         completion_tokens: u64,
     ) -> Result<Acceptance> {
-        let expected = self.config.price.cost(
-            self.config.coefficient_milli,
-            prompt_tokens,
-            completion_tokens,
-        )?;
+        let expected = self.own_cost(prompt_tokens, completion_tokens)?;
         self.worker
             .accept(client_contract, client_public_key, cheque, expected)
     }

@@ -131,6 +131,19 @@ impl WorkerBook {
     /// Records work worth `cost` on a booked lane for which no cheque came
     /// (the client never paid for that job): the client falls behind by it.
     pub fn record_work(&self, contract: &Address, lane_id: u32, cost: Coins) -> Result<()> {
+        self.update_lane(contract, lane_id, |lane| {
+            lane.computed = lane.computed.checked_add(cost)?;
+            Ok(())
+        })
+    }
+
+    /// Applies `change` to a booked lane and commits it.
+    fn update_lane(
+        &self,
+        contract: &Address,
+        lane_id: u32,
+        change: impl FnOnce(&mut WorkerLane) -> Result<()>,
+    ) -> Result<()> {
         let k = key(contract, lane_id);
         let tx = self.store.write()?;
         {
@@ -140,7 +153,7 @@ impl WorkerBook {
                     "no lane {lane_id} of {contract} in this worker's book"
                 )));
             };
-            lane.computed = lane.computed.checked_add(cost)?;
+            change(&mut lane)?;
             t.insert(k.as_str(), encode(&lane)?.as_slice())
                 .map_err(store_err)?;
         }
@@ -270,19 +283,9 @@ impl WorkerBook {
 
     /// Records that the contract has paid out `redeemed` on a lane (never lowers it).
     pub fn mark_redeemed(&self, contract: &Address, lane_id: u32, redeemed: Coins) -> Result<()> {
-        let k = key(contract, lane_id);
-        let tx = self.store.write()?;
-        {
-            let mut t = tx.open_table(WORKER_LANES).map_err(store_err)?;
-            let Some(mut lane) = get_in::<WorkerLane>(&t, &k)? else {
-                return Err(PaymentsError::BadCheque(format!(
-                    "no lane {lane_id} of {contract} in this worker's book"
-                )));
-            };
+        self.update_lane(contract, lane_id, |lane| {
             lane.redeemed = lane.redeemed.max(redeemed);
-            t.insert(k.as_str(), encode(&lane)?.as_slice())
-                .map_err(store_err)?;
-        }
-        tx.commit().map_err(store_err)
+            Ok(())
+        })
     }
 }
