@@ -21,7 +21,9 @@
 //! - The mesh: [`config`] (`config.toml`), [`service`] ([`service::Node`]:
 //!   overlay + engine on workers + announcer + inbound-job loop + the
 //!   gateway's dispatch with retries), [`routing`] (ranking by expected
-//!   finish time, then price), [`jobs`] (the postcard job protocol inside
+//!   finish time, then reputation, then price), [`reputation`] (job
+//!   outcomes seen here plus gossiped reports weighted by the reporter's
+//!   standing), [`jobs`] (the postcard job protocol inside
 //!   the overlay's `/silk/job/1.0.0` frames, and the worker side), [`api`]
 //!   (the OpenAI-compatible HTTP API on axum).
 //!
@@ -41,6 +43,7 @@ pub mod cli;
 pub mod config;
 mod error;
 pub mod jobs;
+pub mod reputation;
 pub mod routing;
 pub mod service;
 

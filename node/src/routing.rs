@@ -1,4 +1,4 @@
-//! Worker ranking: expected time to finish, then price.
+//! Worker ranking: expected time to finish, then reputation, then price.
 //!
 //! Pure functions over [`Candidate`]s so the policy can be tested without a
 //! network. The gateway builds candidates from gossiped announcements (plus
@@ -8,6 +8,8 @@
 use std::time::Duration;
 
 use silk_overlay::{AttestationMode, PeerId};
+
+use crate::reputation::POOR;
 
 /// Decode speed assumed for a worker that has not measured one yet.
 const FALLBACK_TOKENS_PER_S: f64 = 10.0;
@@ -35,6 +37,8 @@ pub struct Candidate {
     pub recently_failed: bool,
     /// Where it is paid (a TON address), if it charges.
     pub payout: Option<String>,
+    /// Its reputation, 0 to 1 (see [`crate::reputation`]).
+    pub reputation: f64,
 }
 
 impl Candidate {
@@ -56,16 +60,20 @@ impl Candidate {
     }
 }
 
-/// Orders candidates: healthy before recently failed, then expected finish
-/// time, then price, then peer id (deterministic ties).
+/// Orders candidates: healthy before recently failed, workers of good
+/// standing before poor ones (reputation under [`POOR`]), then expected
+/// finish time, then reputation, then price, then peer id (deterministic
+/// ties).
 pub fn rank(mut candidates: Vec<Candidate>, prompt_tokens: u64, max_tokens: u64) -> Vec<Candidate> {
     candidates.sort_by(|a, b| {
         a.recently_failed
             .cmp(&b.recently_failed)
+            .then_with(|| (a.reputation < POOR).cmp(&(b.reputation < POOR)))
             .then_with(|| {
                 a.expected_finish(prompt_tokens, max_tokens)
                     .cmp(&b.expected_finish(prompt_tokens, max_tokens))
             })
+            .then_with(|| b.reputation.total_cmp(&a.reputation))
             .then_with(|| a.price_milli.cmp(&b.price_milli))
             .then_with(|| a.peer.to_bytes().cmp(&b.peer.to_bytes()))
     });
@@ -88,6 +96,7 @@ mod tests {
             in_flight: 0,
             recently_failed: false,
             payout: None,
+            reputation: 0.5,
         }
     }
 
@@ -121,5 +130,25 @@ mod tests {
         };
         let ok = cand(100, 3, 10, 5000);
         assert_eq!(rank(vec![bad, ok.clone()], 1, 1)[0], ok);
+    }
+
+    #[test]
+    fn poor_reputation_goes_after_good_and_breaks_ties() {
+        let fast_but_poor = Candidate {
+            reputation: 0.1,
+            ..cand(1, 0, 100, 1000)
+        };
+        let slower = cand(50, 0, 20, 1000);
+        assert_eq!(rank(vec![fast_but_poor, slower.clone()], 10, 16)[0], slower);
+        let a = Candidate {
+            reputation: 0.9,
+            ..cand(2, 0, 50, 1000)
+        };
+        let b = Candidate {
+            peer: PeerId::random(),
+            reputation: 0.6,
+            ..a.clone()
+        };
+        assert_eq!(rank(vec![b, a.clone()], 10, 16)[0], a);
     }
 }

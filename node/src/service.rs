@@ -30,6 +30,7 @@ use crate::attest::{self, AttestationDocument, Claims, Hex, NodeIdentity, Policy
 use crate::billing::Billing;
 use crate::jobs::{self, JobMessage, JobRequest, JobUsage, PaymentTerms, TokenChunk};
 use crate::payments::Reservation;
+use crate::reputation::Reputation;
 use crate::routing::{self, Candidate};
 use crate::MeshError;
 
@@ -45,6 +46,8 @@ const FAILURE_MEMORY: Duration = Duration::from_secs(30);
 const JOB_CHANNEL: usize = 64;
 /// Candidates tried before giving up.
 const MAX_ATTEMPTS: usize = 4;
+/// How often a gateway gossips what it saw of workers.
+pub const REPUTATION_EVERY: Duration = Duration::from_secs(30);
 
 /// Everything `silk run` decides.
 #[derive(Debug, Clone)]
@@ -115,6 +118,7 @@ pub struct Node {
     max_jobs_per_worker: u32,
     in_flight: Arc<Mutex<HashMap<PeerId, u32>>>,
     failures: Mutex<HashMap<PeerId, Instant>>,
+    reputation: Arc<Mutex<Reputation>>,
     appraiser: Arc<Mutex<attest::Appraiser>>,
     cancel: CancellationToken,
     started: Instant,
@@ -303,6 +307,7 @@ impl Node {
             max_jobs_per_worker: options.max_jobs_per_worker.max(1),
             in_flight: Arc::default(),
             failures: Mutex::default(),
+            reputation: Arc::default(),
             appraiser: Arc::new(Mutex::new(
                 attest::Appraiser::new(policy, options.allow_insecure_workers)
                     .with_collateral_source(collateral),
@@ -311,6 +316,7 @@ impl Node {
             started: Instant::now(),
         });
         tokio::spawn(Arc::clone(&node).event_loop(events));
+        tokio::spawn(Arc::clone(&node).reputation_reporter());
         tokio::spawn(Arc::clone(&node).refresh_attestation(public_key, models));
         if let Some(worker) = &node.worker {
             for key in [worker.model.id.clone(), worker.model.name.clone()] {
@@ -432,6 +438,50 @@ impl Node {
         }
     }
 
+    /// Gossips this gateway's job outcomes per worker every
+    /// [`REPUTATION_EVERY`], then fades them.
+    #[tracing::instrument(skip_all)]
+    async fn reputation_reporter(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(REPUTATION_EVERY);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let report = match self.reputation.lock() {
+                Ok(mut r) => {
+                    let report = r.report(now_ms());
+                    r.decay();
+                    report
+                }
+                Err(_) => return,
+            };
+            let Some(report) = report else { continue };
+            match self.overlay.publish_reputation(jobs::encode(&report)).await {
+                Ok(()) => {}
+                Err(silk_overlay::OverlayError::Stopped) => return,
+                Err(e) => tracing::debug!(error = %e, "reputation report not published"),
+            }
+        }
+    }
+
+    /// Records a job outcome on `worker` for reputation.
+    fn record_outcome(reputation: &Mutex<Reputation>, worker: PeerId, completed: bool) {
+        if let Ok(mut r) = reputation.lock() {
+            r.record(worker, completed);
+        }
+    }
+
+    /// A worker's reputation, 0 to 1.
+    pub fn reputation_of(&self, worker: &PeerId) -> f64 {
+        self.reputation
+            .lock()
+            .map(|r| r.score(worker))
+            .unwrap_or(0.5)
+    }
+
     #[tracing::instrument(skip_all)]
     async fn announcer(self: Arc<Self>) {
         let Some(worker) = self.worker.clone() else {
@@ -501,6 +551,28 @@ impl Node {
                             tracing::debug!(error = %e, "could not answer an attestation request");
                         }
                     });
+                }
+                OverlayEvent::Reputation { reporter, payload } => {
+                    let taken = match self.reputation.lock() {
+                        Ok(mut r) => r.absorb(reporter, &payload),
+                        Err(_) => return,
+                    };
+                    match taken {
+                        Err(e @ crate::reputation::ReportError::Stale) => {
+                            tracing::trace!(%reporter, error = %e, "reputation report ignored")
+                        }
+                        Err(e) => {
+                            tracing::info!(%reporter, error = %e, "bad reputation report");
+                            let _ = self
+                                .overlay
+                                .report_misbehaviour(
+                                    reporter,
+                                    silk_overlay::Misbehaviour::UndecodablePayload,
+                                )
+                                .await;
+                        }
+                        Ok(()) => {}
+                    }
                 }
                 OverlayEvent::Misbehaviour {
                     peer,
@@ -605,6 +677,7 @@ impl Node {
                     .get(&a.peer_id)
                     .is_some_and(|t| t.elapsed() < FAILURE_MEMORY),
                 payout: a.payout.clone(),
+                reputation: self.reputation_of(&a.peer_id),
             });
         }
         if out.is_empty() {
@@ -822,6 +895,7 @@ impl Node {
                     }
                     tracing::info!(worker = %c.peer, error = %e, "worker failed before the first token; trying the next");
                     self.note_failure(c.peer);
+                    Self::record_outcome(&self.reputation, c.peer, false);
                     errors.push(format!("{}: {e}", c.peer));
                 }
             }
@@ -944,6 +1018,7 @@ impl Node {
         };
         let paid = paid.take();
         let overlay = self.overlay.clone();
+        let reputation = Arc::clone(&self.reputation);
         let (tx, rx) = mpsc::channel(JOB_CHANNEL);
         let cancel = self.cancel.clone();
         tokio::spawn(async move {
@@ -982,6 +1057,7 @@ impl Node {
                     Some(p) => p.finish(&overlay, peer, usage.as_ref(), delivered).await,
                     None => Some(silk_chain::Coins::ZERO),
                 };
+                Self::record_outcome(&reputation, peer, usage.is_some());
                 let event = match (out, usage) {
                     (_, Some(usage)) => JobEvent::Done { usage, cost },
                     (Some(message), None) => JobEvent::Failed(message),

@@ -443,6 +443,7 @@ async fn mesh(State(node): State<Arc<Node>>) -> Response {
                 "queue_depth": a.queue_depth,
                 "decode_tokens_per_s": a.decode_tokens_per_s_milli as f64 / 1000.0,
                 "price_coefficient_milli": a.price_coefficient_milli,
+                "reputation": node.reputation_of(&a.peer_id),
                 "attestation": mode_str(a.attestation_mode),
                 "attestation_digest": a.attestation_digest.map(hex::encode),
                 "seq": a.seq,

@@ -1,0 +1,309 @@
+//! Worker reputation: what this gateway saw of each worker's jobs, plus the
+//! summaries other gateways gossip on the reputation topic, each weighted by
+//! its reporter's own standing.
+//!
+//! A worker's score is the mean of a Beta(1, 1) prior updated with job
+//! outcomes (completed vs failed): 0.5 for a worker nobody has used, near 1
+//! for one that completes its jobs, near 0 for one that fails them. This
+//! gateway's own observations count in full. A report counts for at most
+//! [`REPORT_CAP`] jobs per worker, times the reporter's standing: its own
+//! score if it has served jobs (a worker that fails jobs is not trusted to
+//! judge others), else a neutral 0.5. A reporter's newer report replaces its
+//! older one, and nobody's report about itself counts. Own observations
+//! decay by [`DECAY`] at every report period, so old failures fade.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use silk_overlay::PeerId;
+
+/// Most jobs one report counts for, per worker.
+pub const REPORT_CAP: f64 = 10.0;
+/// Factor applied to own observations each report period.
+pub const DECAY: f64 = 0.8;
+/// Most workers in one report.
+pub const MAX_ENTRIES: usize = 256;
+/// Most reporters and most workers remembered.
+const MAX_TRACKED: usize = 4096;
+/// Scores under this rank a worker after every healthier one.
+pub const POOR: f64 = 0.25;
+
+/// Outcomes of one worker's jobs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tally {
+    /// Jobs that completed.
+    pub ok: f64,
+    /// Jobs that failed (before or after their first token).
+    pub failed: f64,
+}
+
+impl Tally {
+    fn total(&self) -> f64 {
+        self.ok + self.failed
+    }
+
+    fn scaled(self, f: f64) -> Tally {
+        Tally {
+            ok: self.ok * f,
+            failed: self.failed * f,
+        }
+    }
+}
+
+/// One worker's line in a report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The worker's peer id, as bytes.
+    pub worker: Vec<u8>,
+    /// What the reporter saw.
+    pub tally: Tally,
+}
+
+/// What a gateway gossips about the workers it used (postcard, signed by
+/// the overlay as the reporter's envelope).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// When it was made, Unix milliseconds; a reporter's reports must grow.
+    pub at_ms: u64,
+    /// At most [`MAX_ENTRIES`] workers.
+    pub entries: Vec<Entry>,
+}
+
+/// Why a report was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    /// The payload is not a report.
+    #[error("undecodable reputation report")]
+    Undecodable,
+    /// Too many entries, a bad peer id, or counts that are not finite and ≥ 0.
+    #[error("malformed reputation report: {0}")]
+    Malformed(&'static str),
+    /// Not newer than the reporter's last report.
+    #[error("stale reputation report")]
+    Stale,
+}
+
+/// Reputation book of one gateway.
+#[derive(Debug, Default)]
+pub struct Reputation {
+    own: HashMap<PeerId, Tally>,
+    reported: HashMap<PeerId, (u64, HashMap<PeerId, Tally>)>,
+}
+
+impl Reputation {
+    /// Records one job's outcome on `worker`.
+    pub fn record(&mut self, worker: PeerId, completed: bool) {
+        if !self.own.contains_key(&worker) && self.own.len() >= MAX_TRACKED {
+            return;
+        }
+        let t = self.own.entry(worker).or_default();
+        if completed {
+            t.ok += 1.0;
+        } else {
+            t.failed += 1.0;
+        }
+    }
+
+    /// Fades own observations (call once per report period).
+    pub fn decay(&mut self) {
+        for t in self.own.values_mut() {
+            *t = t.scaled(DECAY);
+        }
+        self.own.retain(|_, t| t.total() >= 0.01);
+    }
+
+    /// This gateway's own observations as a report, the most-used workers
+    /// first; `None` when it has seen nothing.
+    pub fn report(&self, at_ms: u64) -> Option<Report> {
+        let mut entries: Vec<Entry> = self
+            .own
+            .iter()
+            .map(|(p, t)| Entry {
+                worker: p.to_bytes(),
+                tally: *t,
+            })
+            .collect();
+        if entries.is_empty() {
+            return None;
+        }
+        entries.sort_by(|a, b| b.tally.total().total_cmp(&a.tally.total()));
+        entries.truncate(MAX_ENTRIES);
+        Some(Report { at_ms, entries })
+    }
+
+    /// Takes `reporter`'s report (postcard bytes), replacing its older one.
+    pub fn absorb(&mut self, reporter: PeerId, payload: &[u8]) -> Result<(), ReportError> {
+        let report: Report = postcard::from_bytes(payload).map_err(|_| ReportError::Undecodable)?;
+        if report.entries.len() > MAX_ENTRIES {
+            return Err(ReportError::Malformed("too many entries"));
+        }
+        if let Some((at, _)) = self.reported.get(&reporter) {
+            if report.at_ms <= *at {
+                return Err(ReportError::Stale);
+            }
+        } else if self.reported.len() >= MAX_TRACKED {
+            return Ok(());
+        }
+        let mut tallies = HashMap::with_capacity(report.entries.len());
+        for e in report.entries {
+            let worker =
+                PeerId::from_bytes(&e.worker).map_err(|_| ReportError::Malformed("peer id"))?;
+            let t = e.tally;
+            if !(t.ok.is_finite() && t.failed.is_finite() && t.ok >= 0.0 && t.failed >= 0.0) {
+                return Err(ReportError::Malformed("counts"));
+            }
+            if worker != reporter {
+                tallies.insert(worker, t);
+            }
+        }
+        self.reported.insert(reporter, (report.at_ms, tallies));
+        Ok(())
+    }
+
+    fn own_score(&self, peer: &PeerId) -> Option<f64> {
+        self.own
+            .get(peer)
+            .filter(|t| t.total() > 0.0)
+            .map(|t| (t.ok + 1.0) / (t.total() + 2.0))
+    }
+
+    /// How much a reporter's word counts, 0 to 1.
+    fn standing(&self, reporter: &PeerId) -> f64 {
+        self.own_score(reporter).unwrap_or(0.5)
+    }
+
+    /// The worker's score, 0 to 1 (0.5 when nothing is known).
+    pub fn score(&self, worker: &PeerId) -> f64 {
+        let mut t = self.own.get(worker).copied().unwrap_or_default();
+        for (reporter, (_, tallies)) in &self.reported {
+            if let Some(r) = tallies.get(worker) {
+                let weight = self.standing(reporter) * (REPORT_CAP / r.total().max(REPORT_CAP));
+                t.ok += r.ok * weight;
+                t.failed += r.failed * weight;
+            }
+        }
+        (t.ok + 1.0) / (t.total() + 2.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(at_ms: u64, entries: &[(PeerId, f64, f64)]) -> Vec<u8> {
+        postcard::to_stdvec(&Report {
+            at_ms,
+            entries: entries
+                .iter()
+                .map(|(p, ok, failed)| Entry {
+                    worker: p.to_bytes(),
+                    tally: Tally {
+                        ok: *ok,
+                        failed: *failed,
+                    },
+                })
+                .collect(),
+        })
+        .expect("encode")
+    }
+
+    #[test]
+    fn own_outcomes_move_the_score_and_fade() {
+        let (good, bad) = (PeerId::random(), PeerId::random());
+        let mut r = Reputation::default();
+        assert_eq!(r.score(&good), 0.5);
+        for _ in 0..5 {
+            r.record(good, true);
+            r.record(bad, false);
+        }
+        assert!(r.score(&good) > 0.8, "{}", r.score(&good));
+        assert!(r.score(&bad) < POOR, "{}", r.score(&bad));
+        for _ in 0..30 {
+            r.decay();
+        }
+        assert!((r.score(&bad) - 0.5).abs() < 0.05, "{}", r.score(&bad));
+    }
+
+    #[test]
+    fn reports_count_by_standing_are_capped_and_replace_older_ones() {
+        let worker = PeerId::random();
+        let (trusted, failing) = (PeerId::random(), PeerId::random());
+        let mut r = Reputation::default();
+        for _ in 0..8 {
+            r.record(trusted, true);
+            r.record(failing, false);
+        }
+        // A trusted reporter saying the worker fails lowers it a lot …
+        let mut by_trusted = Reputation::default();
+        by_trusted.own = r.own.clone();
+        by_trusted
+            .absorb(trusted, &report(1, &[(worker, 0.0, 1000.0)]))
+            .expect("absorb");
+        // … a reporter that fails its own jobs, much less.
+        let mut by_failing = Reputation::default();
+        by_failing.own = r.own.clone();
+        by_failing
+            .absorb(failing, &report(1, &[(worker, 0.0, 1000.0)]))
+            .expect("absorb");
+        let (t, f) = (by_trusted.score(&worker), by_failing.score(&worker));
+        assert!(t < POOR, "{t}");
+        assert!(f > t + 0.2, "{f} vs {t}");
+        // 1000 failures count as at most REPORT_CAP jobs.
+        assert!(t > 1.0 / (REPORT_CAP + 2.0) - 1e-9, "{t}");
+
+        // Stale reports are refused; a newer one replaces the old.
+        assert_eq!(
+            by_trusted.absorb(trusted, &report(1, &[(worker, 5.0, 0.0)])),
+            Err(ReportError::Stale)
+        );
+        by_trusted
+            .absorb(trusted, &report(2, &[(worker, 5.0, 0.0)]))
+            .expect("newer");
+        assert!(by_trusted.score(&worker) > 0.5);
+    }
+
+    #[test]
+    fn self_praise_and_garbage_do_not_count() {
+        let worker = PeerId::random();
+        let mut r = Reputation::default();
+        r.absorb(worker, &report(1, &[(worker, 1000.0, 0.0)]))
+            .expect("absorb");
+        assert_eq!(r.score(&worker), 0.5);
+        assert_eq!(r.absorb(worker, b"\xff\xff"), Err(ReportError::Undecodable));
+        let nan = report(2, &[(PeerId::random(), f64::NAN, 0.0)]);
+        assert!(matches!(
+            r.absorb(worker, &nan),
+            Err(ReportError::Malformed(_))
+        ));
+        let bad_peer = postcard::to_stdvec(&Report {
+            at_ms: 3,
+            entries: vec![Entry {
+                worker: vec![1, 2, 3],
+                tally: Tally::default(),
+            }],
+        })
+        .expect("encode");
+        assert!(matches!(
+            r.absorb(worker, &bad_peer),
+            Err(ReportError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_report_round_trips() {
+        let mut r = Reputation::default();
+        assert!(r.report(1).is_none());
+        let w = PeerId::random();
+        r.record(w, true);
+        let rep = r.report(7).expect("report");
+        assert_eq!(rep.entries.len(), 1);
+        let mut other = Reputation::default();
+        other
+            .absorb(
+                PeerId::random(),
+                &postcard::to_stdvec(&rep).expect("encode"),
+            )
+            .expect("absorb");
+        assert!(other.score(&w) > 0.5);
+    }
+}
