@@ -217,6 +217,10 @@ pub struct ConvergenceReport {
 /// Starts `n` in-process nodes (the first is everyone's bootstrap node),
 /// waits until each has a few connections, has each announce itself once,
 /// and measures how long until every node holds every node's announcement.
+/// Arrival times are taken from each node's own event stream (an
+/// [`OverlayEvent::Announcement`] is emitted when a node accepts one), not
+/// by polling handles: on a small machine a mesh of many in-process nodes
+/// keeps the CPU busy enough that polling all of them takes seconds.
 /// `timeout` bounds each phase. Stops the nodes before returning.
 pub async fn measure_convergence(
     n: usize,
@@ -226,20 +230,8 @@ pub async fn measure_convergence(
     let started = Instant::now();
     let nodes = spawn_mesh(n, seed).await?;
     let spawn = started.elapsed();
-    let mut drains = JoinSet::new();
-    let mut handles = Vec::with_capacity(n);
-    let mut expected = HashSet::with_capacity(n);
-    for node in nodes {
-        let LocalNode {
-            handle,
-            mut events,
-            peer_id,
-            ..
-        } = node;
-        drains.spawn(async move { while events.recv().await.is_some() {} });
-        handles.push(handle);
-        expected.insert(peer_id);
-    }
+    let (handles, mut arrivals, mut watchers) = watch_announcements(nodes);
+    let expected: HashSet<PeerId> = handles.iter().map(OverlayHandle::local_peer_id).collect();
     let result = async {
         let meshed = wait_until_meshed(&handles, n.saturating_sub(1).min(4), timeout).await?;
         let announced = Instant::now();
@@ -247,14 +239,44 @@ pub async fn measure_convergence(
             let announcement = worker_announcement(handle.local_peer_id(), 1, &["bench-model"]);
             handle.announce(announcement).await?;
         }
-        wait_until_converged(&handles, &expected, timeout).await?;
-        Ok::<_, OverlayError>((meshed, announced.elapsed()))
+        // Each node holds its own announcement; it must receive the others.
+        let mut missing: Vec<HashSet<PeerId>> = handles
+            .iter()
+            .map(|h| {
+                let mut m = expected.clone();
+                m.remove(&h.local_peer_id());
+                m
+            })
+            .collect();
+        let mut left: usize = missing.iter().map(HashSet::len).sum();
+        let mut last = announced;
+        let wait = async {
+            while left > 0 {
+                let Some((i, peer, at)) = arrivals.recv().await else {
+                    break;
+                };
+                if missing[i].remove(&peer) {
+                    left -= 1;
+                    last = last.max(at);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| OverlayError::WaitTimeout {
+                what: format!("{left} announcements to reach their nodes"),
+                after: timeout,
+            })?;
+        if left > 0 {
+            return Err(OverlayError::Stopped);
+        }
+        Ok::<_, OverlayError>((meshed, last.duration_since(announced)))
     }
     .await;
     for handle in &handles {
         handle.shutdown();
     }
-    drains.shutdown().await;
+    watchers.shutdown().await;
     let (meshed, converged) = result?;
     Ok(ConvergenceReport {
         nodes: n,
@@ -262,6 +284,36 @@ pub async fn measure_convergence(
         meshed,
         converged,
     })
+}
+
+/// Takes the nodes' event streams: returns their handles, a channel of
+/// `(node index, announcing peer, arrival time)` for every announcement a
+/// node accepts, and the tasks that read the streams.
+pub fn watch_announcements(
+    nodes: Vec<LocalNode>,
+) -> (
+    Vec<OverlayHandle>,
+    mpsc::Receiver<(usize, PeerId, Instant)>,
+    JoinSet<()>,
+) {
+    let (tx, rx) = mpsc::channel(4096);
+    let mut tasks = JoinSet::new();
+    let mut handles = Vec::with_capacity(nodes.len());
+    for (i, node) in nodes.into_iter().enumerate() {
+        let LocalNode {
+            handle, mut events, ..
+        } = node;
+        let tx = tx.clone();
+        tasks.spawn(async move {
+            while let Some(event) = events.recv().await {
+                if let OverlayEvent::Announcement(a) = event {
+                    let _ = tx.send((i, a.peer_id, Instant::now())).await;
+                }
+            }
+        });
+        handles.push(handle);
+    }
+    (handles, rx, tasks)
 }
 
 /// One length-prefixed job request frame with an arbitrary wire `version`

@@ -205,19 +205,13 @@ async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Starts `n` nodes, waits until meshed, then starts one more node that
-/// announces itself and measures until all `n` hold its announcement.
+/// announces itself and measures until all `n` have accepted its
+/// announcement (arrival times from their event streams, see
+/// [`testing::measure_convergence`]).
 async fn new_worker_known(n: usize) -> anyhow::Result<Duration> {
     let nodes = testing::spawn_mesh(n, 11).await?;
-    let mut handles = Vec::new();
-    let mut drains = tokio::task::JoinSet::new();
     let boot = nodes[0].addr.clone();
-    for node in nodes {
-        let testing::LocalNode {
-            handle, mut events, ..
-        } = node;
-        drains.spawn(async move { while events.recv().await.is_some() {} });
-        handles.push(handle);
-    }
+    let (handles, mut arrivals, mut watchers) = testing::watch_announcements(nodes);
     let result = async {
         testing::wait_until_meshed(
             &handles,
@@ -228,29 +222,47 @@ async fn new_worker_known(n: usize) -> anyhow::Result<Duration> {
         let config =
             testing::local_config(testing::seeded_keypair(1_000_000)).with_bootstrap(vec![boot]);
         let new = testing::spawn_local(config).await?;
-        let testing::LocalNode {
-            handle,
-            mut events,
-            peer_id,
-            ..
-        } = new;
-        drains.spawn(async move { while events.recv().await.is_some() {} });
-        let start = Instant::now();
+        let peer_id = new.peer_id;
+        let (new_handles, _, mut new_watcher) = testing::watch_announcements(vec![new]);
+        let handle = &new_handles[0];
         // Announce as soon as it has a peer, as a starting worker does.
-        testing::wait_until_meshed(std::slice::from_ref(&handle), 1, Duration::from_secs(60))
+        testing::wait_until_meshed(std::slice::from_ref(handle), 1, Duration::from_secs(60))
             .await?;
+        let start = Instant::now();
         handle
             .announce(testing::worker_announcement(peer_id, 1, &["bench-model"]))
             .await?;
-        let expected: HashSet<_> = [peer_id].into_iter().collect();
-        testing::wait_until_converged(&handles, &expected, Duration::from_secs(120)).await?;
+        let mut seen = HashSet::new();
+        let mut last = start;
+        tokio::time::timeout(Duration::from_secs(120), async {
+            while seen.len() < n {
+                match arrivals.recv().await {
+                    Some((i, peer, at)) if peer == peer_id => {
+                        if seen.insert(i) {
+                            last = last.max(at);
+                        }
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        })
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "{} of {n} nodes never got the new announcement",
+                n - seen.len()
+            )
+        })?;
+        anyhow::ensure!(seen.len() == n, "the nodes stopped before all got it");
         handle.shutdown();
-        anyhow::Ok(start.elapsed())
+        new_watcher.shutdown().await;
+        anyhow::Ok(last.duration_since(start))
     }
     .await;
     for h in &handles {
         h.shutdown();
     }
-    drains.shutdown().await;
+    watchers.shutdown().await;
     result
 }
