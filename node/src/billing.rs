@@ -215,6 +215,20 @@ impl Billing {
     /// `Ok`, so an acknowledged cheque is on disk.
     pub async fn on_cheque(&self, d: ChequeDelivery) -> Result<ChequeAck, PaymentsError> {
         let contract = d.cheque.cheque.contract.clone();
+        // Only lanes this worker checked on chain before serving them are
+        // booked: a cheque for any other lane (self-signed for a made-up
+        // contract, say) would otherwise add rows to the store at will.
+        if self
+            .payments
+            .worker_book()
+            .lane(&contract, d.cheque.cheque.lane_id)?
+            .is_none()
+        {
+            return Err(PaymentsError::BadCheque(format!(
+                "no job of this worker ran on lane {} of {contract}",
+                d.cheque.cheque.lane_id
+            )));
+        }
         let job = self
             .pending
             .lock()

@@ -362,6 +362,24 @@ async fn a_worker_admits_only_clients_with_a_real_lane_and_within_credit() {
         matches!(e, Err(PaymentsError::ClientBehind { .. })),
         "{e:?}"
     );
+
+    // Over the job protocol, a cheque for a lane the worker never admitted
+    // (here: the lane to the other worker, whose book is empty) is refused
+    // and leaves the store as it was.
+    let r = client
+        .before_dispatch(&other.wallet_address(), 1_000, None, 0, 1)
+        .expect("reserve");
+    let (cheque, _) = client.after_job(&r, 1_000, 0, 1).expect("settle");
+    let billing = silk_node::billing::Billing::new(other.clone());
+    let e = billing
+        .on_cheque(silk_node::jobs::ChequeDelivery {
+            job: r.id,
+            public_key: key,
+            cheque,
+        })
+        .await;
+    assert!(matches!(e, Err(PaymentsError::BadCheque(_))), "{e:?}");
+    assert!(other.worker_book().lanes().expect("lanes").is_empty());
     cancel.cancel();
     producer.await.expect("producer");
 }
