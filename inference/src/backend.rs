@@ -4,6 +4,7 @@
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{InferenceError, Result};
 use crate::model::{LoadedModel, ModelSource};
+use crate::transformer::WeightLayout;
 
 /// The CPU backend.
 pub type Cpu = burn::backend::Flex;
@@ -42,7 +43,8 @@ impl std::str::FromStr for Device {
 pub fn start_engine(source: ModelSource, device: Device, config: EngineConfig) -> Result<Engine> {
     match device {
         Device::Cpu => {
-            let model = LoadedModel::<Cpu>::load(source, &Default::default())?;
+            let model =
+                LoadedModel::<Cpu>::load(source, WeightLayout::Packed, &Default::default())?;
             Engine::start(model, config)
         }
         Device::Cuda(index) => start_cuda(source, index, config),
@@ -55,7 +57,7 @@ fn start_cuda(source: ModelSource, index: usize, config: EngineConfig) -> Result
     // Without a driver burn panics at device creation; say so instead.
     let loaded = std::panic::catch_unwind(|| {
         let device = CudaDevice::new(index);
-        LoadedModel::<Cuda>::load(source, &device)
+        LoadedModel::<Cuda>::load(source, WeightLayout::Dense, &device)
     })
     .map_err(|_| {
         InferenceError::Backend(format!(

@@ -194,6 +194,8 @@ pub struct Engine {
     queue: mpsc::Sender<Job>,
     counters: Arc<Counters>,
     kv_bytes_per_token: usize,
+    /// Rows of the model's embedding table.
+    embedding_rows: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -220,6 +222,7 @@ impl Engine {
         } = model;
         let c = transformer.config();
         let context = c.max_position_embeddings;
+        let embedding_rows = c.vocab_size;
         let kv_bytes_per_token = bytes_for(c.num_layers, c.num_kv_heads, c.head_dim, 1);
         let tokenizer = Arc::new(tokenizer);
         let counters = Arc::new(Counters::default());
@@ -248,6 +251,7 @@ impl Engine {
             queue,
             counters,
             kv_bytes_per_token,
+            embedding_rows,
         })
     }
 
@@ -268,23 +272,25 @@ impl Engine {
 
     /// Tokenizes a prompt as [`Engine::submit`] would.
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        match prompt {
+        let ids = match prompt {
             Prompt::Text(text) => self.tokenizer.encode(text, true),
             Prompt::Chat(messages) => {
                 let text = self.tokenizer.apply_chat_template(messages, true)?;
                 self.tokenizer.encode(&text, false)
             }
-            Prompt::Tokens(ids) => {
-                let vocab = self.tokenizer.vocab_size().max(1);
-                if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-                    return Err(InferenceError::InvalidRequest {
-                        field: "prompt",
-                        reason: format!("token id {bad} is outside the vocabulary of {vocab}"),
-                    });
-                }
-                Ok(ids.clone())
-            }
+            Prompt::Tokens(ids) => Ok(ids.clone()),
+        }?;
+        // Every id must have a row in the embedding table. A tokenizer can
+        // know more tokens than the model has rows (added special tokens
+        // of a small model), so this checks text prompts too.
+        let vocab = self.tokenizer.vocab_size().min(self.embedding_rows).max(1);
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(InferenceError::InvalidRequest {
+                field: "prompt",
+                reason: format!("token id {bad} is outside the model's vocabulary of {vocab}"),
+            });
         }
+        Ok(ids)
     }
 
     /// Checks and queues a request. Errors: invalid fields, a prompt that

@@ -411,15 +411,21 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
-    /// Reads and dequantizes a tensor to f32, in row-major order of
-    /// [`TensorInfo::shape`].
-    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    /// A tensor's description and its bytes as stored (blocks for the
+    /// quantized types).
+    pub fn tensor_bytes(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
         let info = self
             .tensors
             .get(name)
             .ok_or_else(|| InferenceError::weight(name, "missing from the GGUF file"))?;
         let (start, len) = self.span(name, info)?;
-        let bytes = &self.map[start as usize..(start + len) as usize];
+        Ok((info, &self.map[start as usize..(start + len) as usize]))
+    }
+
+    /// Reads and dequantizes a tensor to f32, in row-major order of
+    /// [`TensorInfo::shape`].
+    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (info, bytes) = self.tensor_bytes(name)?;
         let n = info.len() as usize;
         let values = dequantize(info.kind, bytes, n).ok_or_else(|| {
             InferenceError::UnsupportedQuantization {

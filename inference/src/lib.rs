@@ -11,7 +11,9 @@
 //!   and renders the chat template.
 //! - [`transformer`] is the Llama/Qwen3 decoder on a Burn backend (CPU
 //!   `Flex` by default, CUDA behind the `cuda` feature), with a per-sequence
-//!   [`cache::KvCache`]; one forward pass serves many sequences at once.
+//!   [`cache::KvCache`]; one forward pass serves many sequences at once. On
+//!   the CPU, weights a GGUF file stores as Q4_0/Q4_1/Q8_0 blocks stay in
+//!   that form and [`packed`] multiplies by them directly.
 //! - [`engine`] owns one scheduler thread per model: requests are
 //!   tokenized and validated on the caller's thread, queued (bounded), then
 //!   batched continuously; tokens stream back through a bounded channel per
@@ -28,6 +30,7 @@ pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod model;
+pub mod packed;
 pub mod sampling;
 pub mod store;
 pub mod tokenizer;
@@ -43,3 +46,4 @@ pub use model::{LoadedModel, ModelSource};
 pub use sampling::SamplingParams;
 pub use store::{ModelStore, DEFAULT_MODEL};
 pub use tokenizer::{ChatMessage, Tokenizer};
+pub use transformer::WeightLayout;

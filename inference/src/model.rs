@@ -12,7 +12,7 @@ use crate::config::ModelConfig;
 use crate::error::{InferenceError, Result};
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
-use crate::transformer::Transformer;
+use crate::transformer::{Transformer, WeightLayout};
 use crate::weights::{safetensors_files, GgufSource, SafetensorsSource};
 
 /// Where a model's files are.
@@ -138,14 +138,15 @@ pub struct LoadedModel<B: Backend> {
 }
 
 impl<B: Backend> LoadedModel<B> {
-    /// Reads config, tokenizer and weights.
-    pub fn load(source: ModelSource, device: &B::Device) -> Result<Self> {
+    /// Reads config, tokenizer and weights, holding the weights in `layout`.
+    pub fn load(source: ModelSource, layout: WeightLayout, device: &B::Device) -> Result<Self> {
         let (tokenizer, transformer) = match &source.format {
             ModelFormat::Gguf(path) => {
                 let file = GgufFile::open(path)?;
                 let config = ModelConfig::from_gguf(&file)?;
                 let tokenizer = Tokenizer::from_gguf(&file)?;
-                let transformer = Transformer::load(config, &GgufSource::new(&file), device)?;
+                let transformer =
+                    Transformer::load(config, &GgufSource::new(&file), layout, device)?;
                 (tokenizer, transformer)
             }
             ModelFormat::HfDir(dir) => {
@@ -157,7 +158,10 @@ impl<B: Backend> LoadedModel<B> {
                 let config = ModelConfig::from_hf_json(&json)?;
                 let tokenizer = Tokenizer::from_hf_dir(dir)?;
                 let weights = SafetensorsSource::open(&safetensors_files(dir)?)?;
-                (tokenizer, Transformer::load(config, &weights, device)?)
+                (
+                    tokenizer,
+                    Transformer::load(config, &weights, layout, device)?,
+                )
             }
         };
         Ok(Self {

@@ -1,11 +1,14 @@
 //! The decoder-only transformer shared by the Llama family and Qwen3.
 //!
-//! Weights are held as plain tensors, linear weights pre-transposed to
-//! `[in, out]` and fused (q|k|v, gate|up) so each layer does three large
-//! matrix products over all tokens of a batch. Attention runs per sequence
-//! against that sequence's own [`KvCache`], which is what lets one forward
-//! pass mix a new request's prompt (prefill) with other requests' single
-//! decode tokens.
+//! Each layer does three large matrix products over all tokens of a batch,
+//! with the linear weights fused (q|k|v, gate|up). A weight matrix is either
+//! a dense tensor on the device or, on the CPU, the GGUF file's quantized
+//! blocks multiplied directly ([`WeightLayout`], [`crate::packed`]).
+//! Attention runs per sequence against that sequence's own [`KvCache`],
+//! which is what lets one forward pass mix a new request's prompt (prefill)
+//! with other requests' single decode tokens.
+
+use std::sync::Arc;
 
 use burn::prelude::*;
 use burn::tensor::activation::silu;
@@ -16,21 +19,88 @@ use burn::tensor::{Int, TensorData};
 use crate::cache::KvCache;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::Result;
+use crate::packed::{Activations, PackedMatrix};
 use crate::weights::{layer_weights, LayerWeight, WeightName, WeightSource};
+
+/// How a loaded model holds its weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightLayout {
+    /// Dense f32 tensors on the device; works on every backend.
+    #[default]
+    Dense,
+    /// Matrices the file stores in a block format that [`crate::packed`]
+    /// reads (Q4_0, Q4_1, Q8_0) keep their blocks in host memory and are
+    /// multiplied directly; the rest are dense. For the CPU backend only: on
+    /// a GPU every product would round-trip through host memory.
+    Packed,
+}
+
+/// A weight matrix applied as `x · Wᵀ` (x `[n, in]` → `[n, out]`).
+enum Linear<B: Backend> {
+    /// `[in, out]` (pre-transposed) on the device.
+    Dense(Tensor<B, 2>),
+    /// `[out, in]` quantized blocks in host memory, and how few-row
+    /// products treat their inputs.
+    Packed(Arc<PackedMatrix>, Activations),
+}
+
+impl<B: Backend> Linear<B> {
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            Self::Dense(w) => x.matmul(w.clone()),
+            Self::Packed(m, activations) => {
+                let [n, _] = x.dims();
+                let device = x.device();
+                let values: Vec<f32> = x.into_data().iter::<f32>().collect();
+                let out = m.matmul(&values, n, *activations);
+                Tensor::from_data(TensorData::new(out, [n, m.rows()]), &device)
+            }
+        }
+    }
+}
+
+/// The token embedding table `[vocab, hidden]`.
+enum Embedding<B: Backend> {
+    Dense(Tensor<B, 2>),
+    /// Rows expanded on lookup; shared with the output projection when the
+    /// model ties them.
+    Packed(Arc<PackedMatrix>),
+}
+
+impl<B: Backend> Embedding<B> {
+    fn lookup(&self, ids: &[i64], device: &B::Device) -> Tensor<B, 2> {
+        match self {
+            Self::Dense(table) => {
+                let n = ids.len();
+                let ids =
+                    Tensor::<B, 1, Int>::from_data(TensorData::new(ids.to_vec(), [n]), device);
+                table.clone().select(0, ids)
+            }
+            Self::Packed(m) => {
+                let cols = m.cols();
+                let mut out = vec![0f32; ids.len() * cols];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(cols)) {
+                    m.dequantize_row(id as usize, row);
+                }
+                Tensor::from_data(TensorData::new(out, [ids.len(), cols]), device)
+            }
+        }
+    }
+}
 
 struct Block<B: Backend> {
     attn_norm: Tensor<B, 1>,
-    /// `[hidden, (heads + 2 * kv_heads) * head_dim]`
-    qkv: Tensor<B, 2>,
-    /// `[heads * head_dim, hidden]`
-    o: Tensor<B, 2>,
+    /// out `(heads + 2 * kv_heads) * head_dim`
+    qkv: Linear<B>,
+    /// out `hidden`
+    o: Linear<B>,
     q_norm: Option<Tensor<B, 1>>,
     k_norm: Option<Tensor<B, 1>>,
     mlp_norm: Tensor<B, 1>,
-    /// `[hidden, 2 * intermediate]`
-    gate_up: Tensor<B, 2>,
-    /// `[intermediate, hidden]`
-    down: Tensor<B, 2>,
+    /// out `2 * intermediate`
+    gate_up: Linear<B>,
+    /// out `hidden`
+    down: Linear<B>,
 }
 
 /// One sequence's share of a forward pass.
@@ -44,9 +114,9 @@ pub struct Segment<'a, B: Backend> {
 /// A loaded model on device `B`.
 pub struct Transformer<B: Backend> {
     config: ModelConfig,
-    embed: Tensor<B, 2>,
-    /// `[hidden, vocab]`
-    lm_head: Tensor<B, 2>,
+    embed: Embedding<B>,
+    /// out `vocab`
+    lm_head: Linear<B>,
     final_norm: Tensor<B, 1>,
     blocks: Vec<Block<B>>,
     /// `[max_positions, head_dim]`, each frequency's value repeated for both halves.
@@ -79,86 +149,113 @@ fn concat_columns(parts: &[(Vec<f32>, usize)], rows: usize) -> (Vec<f32>, usize)
 }
 
 impl<B: Backend> Transformer<B> {
-    /// Loads every weight from `source`, checking shapes against `config`.
+    /// Loads every weight from `source` in `layout`, checking shapes against
+    /// `config`.
     pub fn load(
         config: ModelConfig,
         source: &dyn WeightSource,
+        layout: WeightLayout,
         device: &B::Device,
     ) -> Result<Self> {
         let c = &config;
         let vec1 = |values: Vec<f32>| {
             Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [values.len()]), device)
         };
-        let mat = |values: Vec<f32>, rows: usize, cols: usize| {
-            Tensor::<B, 2>::from_data(TensorData::new(values, [rows, cols]), device)
+        let packed = |name: WeightName| -> Result<Option<PackedMatrix>> {
+            match layout {
+                WeightLayout::Packed => source.load_packed(name, c),
+                WeightLayout::Dense => Ok(None),
+            }
         };
-        let embed_values = source.load(WeightName::Embed, c)?;
-        let lm_head_t = if c.tie_word_embeddings || !source.contains(WeightName::LmHead) {
-            transpose(&embed_values, c.vocab_size, c.hidden_size)
-        } else {
-            transpose(
-                &source.load(WeightName::LmHead, c)?,
-                c.vocab_size,
-                c.hidden_size,
-            )
+        // The parts' output rows stacked into one matrix: packed when every
+        // part is in the same block format, dense otherwise.
+        let linear = |parts: &[WeightName], activations: Activations| -> Result<Linear<B>> {
+            let blocks = parts
+                .iter()
+                .map(|&p| packed(p))
+                .collect::<Result<Option<Vec<_>>>>()?;
+            if let Some(stacked) = blocks.as_deref().and_then(PackedMatrix::stack) {
+                return Ok(Linear::Packed(Arc::new(stacked), activations));
+            }
+            let inputs = parts[0].expected_shape(c)[1];
+            let mut transposed = Vec::with_capacity(parts.len());
+            for &p in parts {
+                let outputs = p.expected_shape(c)[0];
+                transposed.push((transpose(&source.load(p, c)?, outputs, inputs), outputs));
+            }
+            let (values, outputs) = concat_columns(&transposed, inputs);
+            Ok(Linear::Dense(Tensor::from_data(
+                TensorData::new(values, [inputs, outputs]),
+                device,
+            )))
         };
-        let embed = mat(embed_values, c.vocab_size, c.hidden_size);
-        let lm_head = mat(lm_head_t, c.hidden_size, c.vocab_size);
+
+        let tied = c.tie_word_embeddings || !source.contains(WeightName::LmHead);
+        let (embed, lm_head) = match packed(WeightName::Embed)? {
+            Some(table) => {
+                let table = Arc::new(table);
+                let lm_head = if tied {
+                    Linear::Packed(table.clone(), Activations::F32)
+                } else {
+                    linear(&[WeightName::LmHead], Activations::F32)?
+                };
+                (Embedding::Packed(table), lm_head)
+            }
+            None => {
+                let table = source.load(WeightName::Embed, c)?;
+                let lm_head = if tied {
+                    let t = transpose(&table, c.vocab_size, c.hidden_size);
+                    Linear::Dense(Tensor::from_data(
+                        TensorData::new(t, [c.hidden_size, c.vocab_size]),
+                        device,
+                    ))
+                } else {
+                    linear(&[WeightName::LmHead], Activations::F32)?
+                };
+                let table = TensorData::new(table, [c.vocab_size, c.hidden_size]);
+                (Embedding::Dense(Tensor::from_data(table, device)), lm_head)
+            }
+        };
         let final_norm = vec1(source.load(WeightName::FinalNorm, c)?);
 
-        let h = c.hidden_size;
-        let (q_out, kv_out) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let mut blocks = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
-            let load = |w: LayerWeight| source.load(WeightName::Layer(i, w), c);
+            let w = |w: LayerWeight| WeightName::Layer(i, w);
+            let load = |lw: LayerWeight| source.load(w(lw), c);
             let needed = layer_weights(c.architecture);
-            let (qkv, qkv_cols) = concat_columns(
-                &[
-                    (transpose(&load(LayerWeight::Q)?, q_out, h), q_out),
-                    (transpose(&load(LayerWeight::K)?, kv_out, h), kv_out),
-                    (transpose(&load(LayerWeight::V)?, kv_out, h), kv_out),
-                ],
-                h,
-            );
-            let inter = c.intermediate_size;
-            let (gate_up, gu_cols) = concat_columns(
-                &[
-                    (transpose(&load(LayerWeight::Gate)?, inter, h), inter),
-                    (transpose(&load(LayerWeight::Up)?, inter, h), inter),
-                ],
-                h,
-            );
-            let norm = |w: LayerWeight| -> Result<Option<Tensor<B, 1>>> {
-                Ok(if needed.contains(&w) {
-                    Some(vec1(load(w)?))
+            let norm = |lw: LayerWeight| -> Result<Option<Tensor<B, 1>>> {
+                Ok(if needed.contains(&lw) {
+                    Some(vec1(load(lw)?))
                 } else {
                     None
                 })
             };
+            use LayerWeight::{Down, Gate, Up, K, O, Q, V};
             blocks.push(Block {
                 attn_norm: vec1(load(LayerWeight::AttnNorm)?),
-                qkv: mat(qkv, h, qkv_cols),
-                o: mat(transpose(&load(LayerWeight::O)?, h, q_out), q_out, h),
+                qkv: linear(&[w(Q), w(K), w(V)], Activations::Int8)?,
+                o: linear(&[w(O)], Activations::F32)?,
                 q_norm: norm(LayerWeight::QNorm)?,
                 k_norm: norm(LayerWeight::KNorm)?,
                 mlp_norm: vec1(load(LayerWeight::MlpNorm)?),
-                gate_up: mat(gate_up, h, gu_cols),
-                down: mat(transpose(&load(LayerWeight::Down)?, h, inter), inter, h),
+                gate_up: linear(&[w(Gate), w(Up)], Activations::Int8)?,
+                down: linear(&[w(Down)], Activations::F32)?,
             });
         }
 
         let (cos, sin) = rope_tables(c);
         let positions = c.max_position_embeddings;
-        let cos = mat(cos, positions, c.head_dim);
-        let sin = mat(sin, positions, c.head_dim);
+        let table = |values| {
+            Tensor::<B, 2>::from_data(TensorData::new(values, [positions, c.head_dim]), device)
+        };
         Ok(Self {
+            cos: table(cos),
+            sin: table(sin),
             config,
             embed,
             lm_head,
             final_norm,
             blocks,
-            cos,
-            sin,
             device: device.clone(),
         })
     }
@@ -195,7 +292,6 @@ impl<B: Backend> Transformer<B> {
             positions.extend((start..start + s.tokens.len()).map(|p| p as i64));
         }
         let n = ids.len();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
         let positions =
             Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), &self.device);
         // RoPE rows for every token of the batch, shared by all layers: [n, 1, hd]
@@ -206,14 +302,14 @@ impl<B: Backend> Transformer<B> {
             .unsqueeze_dim::<3>(1);
         let sin = self.sin.clone().select(0, positions).unsqueeze_dim::<3>(1);
         // [n, hidden]
-        let mut x = self.embed.clone().select(0, ids);
+        let mut x = self.embed.lookup(&ids, &self.device);
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let (q_out, kv_out) = (nh * hd, nkv * hd);
 
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = rms_norm(x.clone(), &block.attn_norm, c.rms_norm_eps);
             // [n, q_out + 2 * kv_out]
-            let qkv = h.matmul(block.qkv.clone());
+            let qkv = block.qkv.forward(h);
             let mut q = qkv.clone().slice([0..n, 0..q_out]).reshape([n, nh, hd]);
             let mut k = qkv
                 .clone()
@@ -252,14 +348,14 @@ impl<B: Backend> Transformer<B> {
             } else {
                 Tensor::cat(outs, 0)
             };
-            x = x + attn.matmul(block.o.clone());
+            x = x + block.o.forward(attn);
 
             let h = rms_norm(x.clone(), &block.mlp_norm, c.rms_norm_eps);
-            let gu = h.matmul(block.gate_up.clone());
+            let gu = block.gate_up.forward(h);
             let inter = c.intermediate_size;
             let gate = gu.clone().slice([0..n, 0..inter]);
             let up = gu.slice([0..n, inter..2 * inter]);
-            x = x + (silu(gate) * up).matmul(block.down.clone());
+            x = x + block.down.forward(silu(gate) * up);
         }
         for seg in segments.iter_mut() {
             seg.cache.advance(seg.tokens.len());
@@ -276,7 +372,8 @@ impl<B: Backend> Transformer<B> {
             let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [k]), &self.device);
             x = x.select(0, idx);
         }
-        rms_norm(x, &self.final_norm, c.rms_norm_eps).matmul(self.lm_head.clone())
+        self.lm_head
+            .forward(rms_norm(x, &self.final_norm, c.rms_norm_eps))
     }
 
     /// Self-attention of one sequence's new tokens (already normed and

@@ -10,6 +10,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{InferenceError, Result};
 use crate::gguf::GgufFile;
+use crate::packed::{BlockFormat, PackedMatrix};
 
 /// One weight of the model, named our way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +142,16 @@ pub trait WeightSource {
     fn load(&self, name: WeightName, config: &ModelConfig) -> Result<Vec<f32>>;
     /// Whether the source holds the weight at all.
     fn contains(&self, name: WeightName) -> bool;
+    /// The weight as the file's own quantized blocks, when it is a matrix
+    /// stored in a format [`PackedMatrix`] reads; `None` otherwise (the
+    /// caller then loads it as f32). Shapes are checked as in `load`.
+    fn load_packed(
+        &self,
+        _name: WeightName,
+        _config: &ModelConfig,
+    ) -> Result<Option<PackedMatrix>> {
+        Ok(None)
+    }
 }
 
 fn check_shape(name: WeightName, got: &[usize], config: &ModelConfig) -> Result<()> {
@@ -247,38 +258,64 @@ impl WeightSource for GgufSource<'_> {
     }
 
     fn load(&self, name: WeightName, config: &ModelConfig) -> Result<Vec<f32>> {
-        let (shape, mut values) = self.file.tensor_f32(&name.gguf())?;
+        let (shape, values) = self.file.tensor_f32(&name.gguf())?;
         check_shape(name, &shape, config)?;
-        // llama.cpp's converter permutes the rows of Llama's query and key
-        // projections for its interleaved RoPE; undo it to get the
-        // Hugging Face (rotate-half) layout our RoPE uses.
-        if config.architecture == Architecture::Llama {
-            if let WeightName::Layer(_, w @ (LayerWeight::Q | LayerWeight::K)) = name {
-                let heads = if w == LayerWeight::Q {
-                    config.num_heads
-                } else {
-                    config.num_kv_heads
-                };
-                values = unpermute_rows(&values, heads, config.head_dim, shape[1]);
-            }
-        }
-        Ok(values)
+        Ok(match permuted_head_dim(name, config) {
+            Some(head_dim) => unpermute_rows(&values, head_dim, shape[1]),
+            None => values,
+        })
+    }
+
+    fn load_packed(&self, name: WeightName, config: &ModelConfig) -> Result<Option<PackedMatrix>> {
+        let key = name.gguf();
+        let Some(format) = self
+            .file
+            .tensors
+            .get(&key)
+            .and_then(|info| BlockFormat::from_gguf(info.kind))
+        else {
+            return Ok(None);
+        };
+        let (info, bytes) = self.file.tensor_bytes(&key)?;
+        let shape = info.shape();
+        check_shape(name, &shape, config)?;
+        let &[rows, cols] = shape.as_slice() else {
+            return Ok(None);
+        };
+        let matrix = PackedMatrix::new(format, rows, cols, bytes.to_vec()).ok_or_else(|| {
+            InferenceError::weight(&key, "its block data does not match its shape")
+        })?;
+        Ok(Some(match permuted_head_dim(name, config) {
+            Some(head_dim) => matrix.permute_rows(|r| gguf_row(r, head_dim)),
+            None => matrix,
+        }))
     }
 }
 
-/// Inverts llama.cpp's `permute`: within each head, row `2*i + j` of the
-/// GGUF layout is row `j*half + i` of the Hugging Face layout.
-fn unpermute_rows(values: &[f32], heads: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+/// llama.cpp's converter permutes the rows of Llama's query and key
+/// projections for its interleaved RoPE; for those weights, the head size
+/// needed to undo it and get the Hugging Face (rotate-half) layout our RoPE
+/// uses.
+fn permuted_head_dim(name: WeightName, config: &ModelConfig) -> Option<usize> {
+    let is_qk = matches!(name, WeightName::Layer(_, LayerWeight::Q | LayerWeight::K));
+    (config.architecture == Architecture::Llama && is_qk).then_some(config.head_dim)
+}
+
+/// Where Hugging Face row `row` of a permuted projection lies in the GGUF
+/// layout: within each head, HF row `j*half + i` is GGUF row `2*i + j`.
+fn gguf_row(row: usize, head_dim: usize) -> usize {
     let half = head_dim / 2;
-    let mut out = vec![0f32; values.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = (h * head_dim + 2 * i + j) * cols;
-                let dst = (h * head_dim + j * half + i) * cols;
-                out[dst..dst + cols].copy_from_slice(&values[src..src + cols]);
-            }
-        }
+    let (head, within) = (row / head_dim, row % head_dim);
+    let (j, i) = (within / half, within % half);
+    head * head_dim + 2 * i + j
+}
+
+/// Inverts llama.cpp's `permute` on f32 rows of `cols` values.
+fn unpermute_rows(values: &[f32], head_dim: usize, cols: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(values.len());
+    for row in 0..values.len() / cols {
+        let src = gguf_row(row, head_dim) * cols;
+        out.extend_from_slice(&values[src..src + cols]);
     }
     out
 }
@@ -345,6 +382,6 @@ mod tests {
             }
         }
         assert_ne!(permuted, hf);
-        assert_eq!(unpermute_rows(&permuted, heads, hd, cols), hf);
+        assert_eq!(unpermute_rows(&permuted, hd, cols), hf);
     }
 }

@@ -10,7 +10,7 @@ use silk_inference::engine::{Engine, EngineConfig, Event, GenerateRequest, Promp
 use silk_inference::model::{LoadedModel, ModelSource};
 use silk_inference::sampling::argmax;
 use silk_inference::tokenizer::ChatMessage;
-use silk_inference::transformer::Segment;
+use silk_inference::transformer::{Segment, WeightLayout};
 
 const LOGIT_TOLERANCE: f32 = 1e-3;
 
@@ -55,7 +55,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 fn load(dir: &Path) -> LoadedModel<Cpu> {
     let source = ModelSource::from_path(dir).expect("source");
-    LoadedModel::<Cpu>::load(source, &Default::default()).expect("load")
+    LoadedModel::<Cpu>::load(source, WeightLayout::Dense, &Default::default()).expect("load")
 }
 
 fn prompt_ids(model: &LoadedModel<Cpu>, case: &Value) -> Vec<u32> {
@@ -327,7 +327,8 @@ fn smollm2_gguf_matches_transformers() {
         "{}",
         source.id
     );
-    let model = LoadedModel::<Cpu>::load(source, &Default::default()).expect("load");
+    let model = LoadedModel::<Cpu>::load(source.clone(), WeightLayout::Dense, &Default::default())
+        .expect("load");
     for case in exp["tokenizer_cases"].as_array().expect("cases") {
         let text = case["text"].as_str().expect("text");
         assert_eq!(
@@ -379,4 +380,118 @@ fn smollm2_gguf_matches_transformers() {
             .fold(0.0, f32::max);
         assert!(diff < 1e-2, "{cname}: top-20 logits differ by {diff}");
     }
+}
+
+/// Top-20 logits of `logits` against a reference's ids and values.
+fn top_logit_diff(logits: &[f32], reference: &Value) -> f32 {
+    ids(&reference["last_logits_top_ids"])
+        .iter()
+        .zip(floats(&reference["last_logits_top_values"]))
+        .map(|(&i, v)| (logits[i as usize] - v).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The packed layout, what a CPU worker runs: at one row per product it
+/// quantizes activations to 8 bits as llama.cpp does, so it is held to the
+/// issue's bar (16 greedy tokens agree with transformers) and to
+/// transformers' top logits within a bound that allows for that rounding.
+/// Agreement with llama.cpp is printed, not asserted: llama.cpp itself
+/// agrees with transformers on 5, 0 and 32 tokens of these three cases.
+#[test]
+fn smollm2_gguf_packed_matches_transformers_and_llama_cpp() {
+    let Some(path) = smollm2_path() else {
+        assert!(
+            std::env::var_os("SILK_ALLOW_MISSING_MODEL").is_some(),
+            "the default model is not installed: run `silk model fetch` (or set SILK_SMOLLM2_GGUF)"
+        );
+        eprintln!("SKIPPED: default model not installed and SILK_ALLOW_MISSING_MODEL is set");
+        return;
+    };
+    let exp = expected(&fixture("smollm2-q4_1"));
+    let source = ModelSource::from_path(&path).expect("source");
+    let model =
+        LoadedModel::<Cpu>::load(source, WeightLayout::Packed, &Default::default()).expect("load");
+    for case in exp["cases"].as_array().expect("cases") {
+        let cname = case["name"].as_str().expect("name");
+        let prompt = ids(&case["prompt_token_ids"]);
+        let want = ids(&case["greedy_token_ids"]);
+        let (logits, got) = greedy(&model, &prompt, want.len());
+        let llama = &case["llama_cpp"];
+        let agree = |other: &[u32]| got.iter().zip(other).take_while(|(a, b)| a == b).count();
+        let (with_hf, with_llama) = (agree(&want), agree(&ids(&llama["greedy_token_ids"])));
+        let (hf_diff, llama_diff) = (
+            top_logit_diff(&logits, case),
+            top_logit_diff(&logits, llama),
+        );
+        eprintln!(
+            "{cname}: {with_hf}/{} greedy tokens agree with transformers, {with_llama} with llama.cpp; \
+             top-20 logits differ by {hf_diff} and {llama_diff}",
+            want.len()
+        );
+        assert!(
+            with_hf >= 16,
+            "{cname}: {with_hf} tokens agree with transformers: {got:?}"
+        );
+        assert!(
+            hf_diff < 0.25,
+            "{cname}: top-20 logits differ from transformers' by {hf_diff}"
+        );
+    }
+}
+
+/// The packed layout against the dense one on the default model. With many
+/// rows per product (here every prompt position) both multiply in f32 and
+/// agree up to summation order; one row per product (a decode step) takes
+/// the 8-bit integer path, which may stray by the activations' rounding.
+#[test]
+fn smollm2_packed_and_dense_layouts_agree() {
+    let Some(path) = smollm2_path() else {
+        assert!(
+            std::env::var_os("SILK_ALLOW_MISSING_MODEL").is_some(),
+            "the default model is not installed: run `silk model fetch` (or set SILK_SMOLLM2_GGUF)"
+        );
+        eprintln!("SKIPPED: default model not installed and SILK_ALLOW_MISSING_MODEL is set");
+        return;
+    };
+    let source = ModelSource::from_path(&path).expect("source");
+    let load = |layout| {
+        LoadedModel::<Cpu>::load(source.clone(), layout, &Default::default()).expect("load")
+    };
+    let (packed, dense) = (load(WeightLayout::Packed), load(WeightLayout::Dense));
+    let prompt = packed
+        .tokenizer
+        .encode("The three primary colours are red, yellow and blue. The three primary colours are red, yellow and", false)
+        .expect("encode");
+    assert!(prompt.len() > 4, "the prompt must take the f32 path");
+    let run = |model: &LoadedModel<Cpu>| {
+        let t = &model.transformer;
+        let mut cache = t.new_cache();
+        let mut step = |tokens: &[u32], all: bool| {
+            t.forward(
+                &mut [Segment {
+                    tokens,
+                    cache: &mut cache,
+                }],
+                all,
+            )
+            .into_data()
+            .to_vec::<f32>()
+            .expect("logits")
+        };
+        let prompt_logits = step(&prompt, true);
+        let decode_logits = step(&[*prompt.last().expect("prompt")], false);
+        (prompt_logits, decode_logits)
+    };
+    let ((p_prompt, p_decode), (d_prompt, d_decode)) = (run(&packed), run(&dense));
+    let prompt_diff = max_abs_diff(&p_prompt, &d_prompt);
+    let decode_diff = max_abs_diff(&p_decode, &d_decode);
+    eprintln!("prompt logits differ by {prompt_diff}, a decode step's by {decode_diff}");
+    assert!(prompt_diff < 1e-3, "prompt logits differ by {prompt_diff}");
+    assert!(decode_diff < 2.0, "decode logits differ by {decode_diff}");
+    assert!(
+        decode_diff > 0.0,
+        "the decode step did not take the integer path"
+    );
+    let (p_next, d_next) = (argmax(&p_decode), argmax(&d_decode));
+    assert_eq!(p_next, d_next, "the decode step picks a different token");
 }

@@ -1,0 +1,941 @@
+//! Matrix products straight from a GGUF file's quantized blocks.
+//!
+//! Decoding one token reads every weight of the model once, so at small
+//! batches the CPU waits on memory, not arithmetic. A Q4_1 weight is 0.625
+//! bytes against 4 as f32: multiplying by the blocks as the file stores them
+//! reads about a sixth of the bytes. [`PackedMatrix`] keeps a weight in its
+//! block format (Q4_0, Q4_1 or Q8_0; 32 weights per block, blocks running
+//! along a row) and multiplies by it two ways:
+//!
+//! - a few input rows (decode): the input rows are quantized to 8-bit
+//!   blocks and each weight row is dotted with them in integer arithmetic
+//!   straight from its blocks, with AVX2 where the CPU has it (detected at
+//!   run time) and portable code elsewhere;
+//! - many input rows (prefill, large batches): a band of weight rows is
+//!   expanded to f32 once and multiplied by all input rows with the `gemm`
+//!   crate, so the expansion is paid once per band, not once per row.
+//!
+//! Both split the weight rows into bands run in parallel on rayon's pool.
+//!
+//! The integer path quantizes each input row to 8 bits per block first, as
+//! llama.cpp does, so a decode step's numbers differ from the f32 path's in
+//! the last digits; which path runs depends on how many rows a forward pass
+//! carries (prompt tokens plus the batch's decode tokens).
+//! Only the CPU backend uses this (see [`crate::transformer::WeightLayout`]);
+//! a GPU gets dense tensors.
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::gguf::TensorType;
+
+/// Weights per block in every supported format.
+pub const BLOCK: usize = 32;
+
+/// Up to this many input rows, products are computed block by block; past
+/// it, a band of weights is expanded to f32 and handed to `gemm`.
+const DOT_MAX_ROWS: usize = 4;
+
+/// Input rows the block-by-block kernel serves per pass over a weight row.
+const GROUP: usize = 4;
+
+/// A block format the kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    /// f16 scale `d`, 16 bytes of 4-bit `q`: `w = d * (q - 8)`.
+    Q4_0,
+    /// f16 scale `d` and minimum `m`, 16 bytes of 4-bit `q`: `w = d * q + m`.
+    Q4_1,
+    /// f16 scale `d`, 32 signed bytes `q`: `w = d * q`.
+    Q8_0,
+}
+
+impl BlockFormat {
+    /// The format of a GGUF tensor type, if the kernels read it.
+    pub fn from_gguf(kind: TensorType) -> Option<Self> {
+        match kind {
+            TensorType::Q4_0 => Some(Self::Q4_0),
+            TensorType::Q4_1 => Some(Self::Q4_1),
+            TensorType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes per block of [`BLOCK`] weights.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+}
+
+/// How a product with few input rows treats the inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// Rounded to 8-bit blocks and multiplied in integers: fastest, as
+    /// llama.cpp; the transformer's layers use it.
+    Int8,
+    /// Kept in f32 against the expanded weights: slower, exact up to f32
+    /// rounding; the output projection uses it, where rounding the final
+    /// hidden state can flip a close choice of next token.
+    F32,
+}
+
+/// Input rows quantized for the integer kernels, as llama.cpp does for its
+/// matrix-vector products: per block of 32 values a scale `d = max|x| / 127`
+/// and 32 signed bytes `round(x / d)`, plus the block's exact f32 sum (for
+/// the formats with an offset: Q4_0's `-8`, Q4_1's minimum).
+struct QuantizedRows {
+    /// `[n, cols]`
+    qs: Vec<i8>,
+    /// `[n, cols / 32]` of `(d, sum)`
+    info: Vec<[f32; 2]>,
+}
+
+impl QuantizedRows {
+    fn new(x: &[f32]) -> Self {
+        let mut qs = vec![0i8; x.len()];
+        let mut info = Vec::with_capacity(x.len() / BLOCK);
+        for (x, q) in x.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK)) {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            for (q, &v) in q.iter_mut().zip(x) {
+                // |v * inv| <= 127 by construction; `as` saturates anyway.
+                *q = (v * inv).round() as i8;
+            }
+            info.push([d, x.iter().sum()]);
+        }
+        Self { qs, info }
+    }
+}
+
+/// A `[rows, cols]` matrix of quantized blocks, row-major, each row
+/// `cols / 32` blocks: the layout of a GGUF weight, one row per output
+/// feature.
+#[derive(Clone)]
+pub struct PackedMatrix {
+    format: BlockFormat,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedMatrix")
+            .field("format", &self.format)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PackedMatrix {
+    /// Wraps `data`; `None` unless `cols` is a multiple of 32 and `data` is
+    /// exactly `rows * cols / 32` blocks.
+    pub fn new(format: BlockFormat, rows: usize, cols: usize, data: Vec<u8>) -> Option<Self> {
+        let fits = cols.is_multiple_of(BLOCK)
+            && rows
+                .checked_mul(cols / BLOCK * format.block_bytes())
+                .is_some_and(|len| len == data.len());
+        fits.then_some(Self {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// Its block format.
+    pub fn format(&self) -> BlockFormat {
+        self.format
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / BLOCK * self.format.block_bytes()
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let len = self.row_bytes();
+        &self.data[r * len..(r + 1) * len]
+    }
+
+    /// Reorders rows: row `i` of the result is row `source(i)` of `self`.
+    /// `source` must be a permutation of `0..rows`.
+    pub fn permute_rows(&self, source: impl Fn(usize) -> usize) -> Self {
+        let mut data = Vec::with_capacity(self.data.len());
+        for r in 0..self.rows {
+            data.extend_from_slice(self.row(source(r)));
+        }
+        Self {
+            data,
+            ..self.clone()
+        }
+    }
+
+    /// The rows of every part, in order, as one matrix; `None` when the
+    /// parts differ in format or width.
+    pub fn stack(parts: &[PackedMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|p| p.format != first.format || p.cols != first.cols)
+        {
+            return None;
+        }
+        Some(Self {
+            format: first.format,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+        })
+    }
+
+    /// Expands row `r` to f32 into `out` (`cols` long).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let kernels = Kernels::detect();
+        kernels.dequantize(self.format, self.row(r), &mut out[..self.cols]);
+    }
+
+    /// `x · selfᵀ`: `x` is `[n, cols]` row-major; returns `[n, rows]`.
+    /// With few rows and [`Activations::Int8`], `x` is rounded to 8 bits
+    /// per block first (see the module docs).
+    ///
+    /// # Panics
+    /// If `x.len() != n * cols` (a caller's shape bug, not bad input).
+    pub fn matmul(&self, x: &[f32], n: usize, activations: Activations) -> Vec<f32> {
+        assert_eq!(x.len(), n * self.cols, "input is not [n, cols]");
+        if n == 0 || self.rows == 0 {
+            return Vec::new();
+        }
+        let kernels = Kernels::detect();
+        let band = band_rows(self.rows);
+        let bands: Vec<std::ops::Range<usize>> = (0..self.rows)
+            .step_by(band)
+            .map(|first| first..(first + band).min(self.rows))
+            .collect();
+        // Each band yields its outputs as `[n, band]`, copied into place at
+        // the end (bands run in parallel and cannot share `out`).
+        let parts: Vec<Vec<f32>> = if n <= DOT_MAX_ROWS && activations == Activations::F32 {
+            bands
+                .par_iter()
+                .map(|rows| {
+                    let mut part = vec![0f32; n * rows.len()];
+                    for (k, r) in rows.clone().enumerate() {
+                        for i in 0..n {
+                            let x = &x[i * self.cols..(i + 1) * self.cols];
+                            part[i * rows.len() + k] = kernels.dot_f32(self.format, self.row(r), x);
+                        }
+                    }
+                    part
+                })
+                .collect()
+        } else if n <= DOT_MAX_ROWS {
+            let x = QuantizedRows::new(x);
+            bands
+                .par_iter()
+                .map(|rows| {
+                    let mut part = vec![0f32; n * rows.len()];
+                    let mut column = [0f32; DOT_MAX_ROWS];
+                    for (k, r) in rows.clone().enumerate() {
+                        kernels.dot(self.format, self.row(r), &x, self.cols, &mut column[..n]);
+                        for (i, &v) in column[..n].iter().enumerate() {
+                            part[i * rows.len() + k] = v;
+                        }
+                    }
+                    part
+                })
+                .collect()
+        } else {
+            bands
+                .par_iter()
+                .map_init(
+                    || vec![0f32; band * self.cols],
+                    |scratch, rows| {
+                        let w = &mut scratch[..rows.len() * self.cols];
+                        for (k, r) in rows.clone().enumerate() {
+                            let out = &mut w[k * self.cols..(k + 1) * self.cols];
+                            kernels.dequantize(self.format, self.row(r), out);
+                        }
+                        // gemm is quickest writing [band, n]; turn it into
+                        // [n, band] while it is in cache.
+                        let mut product = vec![0f32; rows.len() * n];
+                        gemm_band(&mut product, w, x, rows.len(), n, self.cols);
+                        let mut part = vec![0f32; n * rows.len()];
+                        for (k, values) in product.chunks_exact(n).enumerate() {
+                            for (i, &v) in values.iter().enumerate() {
+                                part[i * rows.len() + k] = v;
+                            }
+                        }
+                        part
+                    },
+                )
+                .collect()
+        };
+        let mut out = vec![0f32; n * self.rows];
+        for (rows, part) in bands.iter().zip(&parts) {
+            for (i, values) in part.chunks_exact(rows.len()).enumerate() {
+                out[i * self.rows + rows.start..i * self.rows + rows.end].copy_from_slice(values);
+            }
+        }
+        out
+    }
+}
+
+/// Rows per parallel task: a few tasks per thread so the pool stays busy,
+/// large enough that a task is worth scheduling.
+fn band_rows(rows: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    (rows / (4 * threads)).clamp(16, 256)
+}
+
+/// `dst[rows, n] = w[rows, cols] · x[n, cols]ᵀ`, single-threaded (the
+/// caller runs bands in parallel).
+fn gemm_band(dst: &mut [f32], w: &[f32], x: &[f32], rows: usize, n: usize, cols: usize) {
+    assert!(dst.len() == rows * n && w.len() == rows * cols && x.len() == n * cols);
+    let stride = |v: usize| isize::try_from(v).expect("matrix dimension fits isize");
+    // SAFETY: the assert above bounds every access: dst is [rows, n] (row
+    // stride n, column stride 1), w is [rows, cols] (row stride cols), and
+    // xᵀ is [cols, n] read from x with row stride 1, column stride cols.
+    // The three slices do not overlap (dst is the only &mut).
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            rows,
+            n,
+            cols,
+            dst.as_mut_ptr(),
+            1,
+            stride(n),
+            false,
+            w.as_ptr(),
+            1,
+            stride(cols),
+            x.as_ptr(),
+            stride(cols),
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The kernels this CPU can run, chosen once per call.
+#[derive(Clone, Copy)]
+enum Kernels {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Kernels {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                return Self::Avx2;
+            }
+        }
+        Self::Portable
+    }
+
+    /// The dot products of one weight row with each of the `out.len()`
+    /// quantized input rows of `x`, into `out`.
+    fn dot(self, format: BlockFormat, row: &[u8], x: &QuantizedRows, cols: usize, out: &mut [f32]) {
+        let blocks = cols / BLOCK;
+        match self {
+            Self::Portable => {
+                for (i, out) in out.iter_mut().enumerate() {
+                    *out = portable::dot(
+                        format,
+                        row,
+                        &x.qs[i * cols..(i + 1) * cols],
+                        &x.info[i * blocks..(i + 1) * blocks],
+                    );
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => {
+                for (g, out) in out.chunks_mut(GROUP).enumerate() {
+                    let (qs, info) = (&x.qs[g * GROUP * cols..], &x.info[g * GROUP * blocks..]);
+                    // SAFETY: `detect` saw avx2, fma and f16c on this CPU;
+                    // the kernel checks its slice lengths.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        type Kernel =
+                            unsafe fn(BlockFormat, &[u8], &[i8], &[[f32; 2]], usize, &mut [f32]);
+                        let dot: Kernel = match out.len() {
+                            1 => avx2::dot::<1>,
+                            2 => avx2::dot::<2>,
+                            3 => avx2::dot::<3>,
+                            _ => avx2::dot::<GROUP>,
+                        };
+                        dot(format, row, qs, info, cols, out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The dot product of one weight row with one f32 input row.
+    fn dot_f32(self, format: BlockFormat, row: &[u8], x: &[f32]) -> f32 {
+        match self {
+            Self::Portable => portable::dot_f32(format, row, x),
+            // SAFETY: `detect` saw avx2, fma and f16c on this CPU; the
+            // kernel checks its slice lengths.
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            Self::Avx2 => unsafe { avx2::dot_f32(format, row, x) },
+        }
+    }
+
+    fn dequantize(self, format: BlockFormat, row: &[u8], out: &mut [f32]) {
+        match self {
+            Self::Portable => portable::dequantize(format, row, out),
+            // SAFETY: as in `dot`.
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            Self::Avx2 => unsafe { avx2::dequantize(format, row, out) },
+        }
+    }
+}
+
+fn half_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// Plain Rust kernels: the reference the SIMD ones are tested against, and
+/// what other CPUs run.
+mod portable {
+    use super::{half_at, BlockFormat, BLOCK};
+
+    /// One weight row against one quantized input row: the integer
+    /// products of each block, scaled, plus the format's offset times the
+    /// input block's sum.
+    pub(super) fn dot(format: BlockFormat, row: &[u8], qs: &[i8], info: &[[f32; 2]]) -> f32 {
+        let mut total = 0f32;
+        for (b, block) in row.chunks_exact(format.block_bytes()).enumerate() {
+            let x = &qs[b * BLOCK..(b + 1) * BLOCK];
+            let [dx, sum] = info[b];
+            total += match format {
+                BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                    let (d, offset, q) = if format == BlockFormat::Q4_0 {
+                        let d = half_at(block, 0);
+                        (d, -8.0 * d, &block[2..18])
+                    } else {
+                        (half_at(block, 0), half_at(block, 2), &block[4..20])
+                    };
+                    let mut s = 0i32;
+                    for (j, &q) in q.iter().enumerate() {
+                        s += i32::from(q & 0x0F) * i32::from(x[j])
+                            + i32::from(q >> 4) * i32::from(x[j + 16]);
+                    }
+                    d * dx * s as f32 + offset * sum
+                }
+                BlockFormat::Q8_0 => {
+                    let s: i32 = block[2..34]
+                        .iter()
+                        .zip(x)
+                        .map(|(&q, &v)| i32::from(q as i8) * i32::from(v))
+                        .sum();
+                    half_at(block, 0) * dx * s as f32
+                }
+            };
+        }
+        total
+    }
+
+    pub(super) fn dot_f32(format: BlockFormat, row: &[u8], x: &[f32]) -> f32 {
+        let mut w = [0f32; BLOCK];
+        let mut total = 0f32;
+        for (b, block) in row.chunks_exact(format.block_bytes()).enumerate() {
+            dequantize(format, block, &mut w);
+            let x = &x[b * BLOCK..(b + 1) * BLOCK];
+            total += w.iter().zip(x).map(|(w, x)| w * x).sum::<f32>();
+        }
+        total
+    }
+
+    pub(super) fn dequantize(format: BlockFormat, row: &[u8], out: &mut [f32]) {
+        for (block, out) in row
+            .chunks_exact(format.block_bytes())
+            .zip(out.chunks_exact_mut(BLOCK))
+        {
+            match format {
+                BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                    let (d, offset, qs) = if format == BlockFormat::Q4_0 {
+                        let d = half_at(block, 0);
+                        (d, -8.0 * d, &block[2..18])
+                    } else {
+                        (half_at(block, 0), half_at(block, 2), &block[4..20])
+                    };
+                    for (j, &q) in qs.iter().enumerate() {
+                        out[j] = f32::from(q & 0x0F) * d + offset;
+                        out[j + 16] = f32::from(q >> 4) * d + offset;
+                    }
+                }
+                BlockFormat::Q8_0 => {
+                    let d = half_at(block, 0);
+                    for (o, &q) in out.iter_mut().zip(&block[2..34]) {
+                        *o = f32::from(q as i8) * d;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// AVX2 + FMA + F16C kernels. Every function requires those features.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BlockFormat, BLOCK, GROUP};
+
+    /// Eight unsigned bytes (the low half of `v`) as eight f32.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn u8x8(v: __m128i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+    }
+
+    /// Eight signed bytes at `p` as eight f32.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn i8x8(p: *const u8) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable bytes at p.
+        let v = unsafe { _mm_loadl_epi64(p.cast()) };
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+    }
+
+    /// The f16 at `p` as f32.
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    unsafe fn half(p: *const u8) -> f32 {
+        // SAFETY: the caller guarantees 2 readable bytes at p.
+        let bits = unsafe { p.cast::<u16>().read_unaligned() };
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn sum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The 32 four-bit values of a block's 16 bytes at `p`, as four vectors
+    /// of eight f32: low nibbles 0..8, 8..16, then high nibbles 0..8, 8..16
+    /// (weights 0..32 in order).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles(p: *const u8) -> [__m256; 4] {
+        // SAFETY: the caller guarantees 16 readable bytes at p.
+        let qs = unsafe { _mm_loadu_si128(p.cast()) };
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(qs, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+        [
+            u8x8(lo),
+            u8x8(_mm_srli_si128(lo, 8)),
+            u8x8(hi),
+            u8x8(_mm_srli_si128(hi, 8)),
+        ]
+    }
+
+    /// The 32 weights of the block at `p`, expanded to f32 in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block(format: BlockFormat, p: *const u8) -> [__m256; 4] {
+        // SAFETY: the caller guarantees a whole block of `format` at p.
+        let (d, offset, q) = unsafe {
+            match format {
+                BlockFormat::Q4_0 => {
+                    let d = half(p);
+                    (d, -8.0 * d, nibbles(p.add(2)))
+                }
+                BlockFormat::Q4_1 => (half(p), half(p.add(2)), nibbles(p.add(4))),
+                BlockFormat::Q8_0 => (
+                    half(p),
+                    0.0,
+                    [
+                        i8x8(p.add(2)),
+                        i8x8(p.add(10)),
+                        i8x8(p.add(18)),
+                        i8x8(p.add(26)),
+                    ],
+                ),
+            }
+        };
+        let (d, offset) = (_mm256_set1_ps(d), _mm256_set1_ps(offset));
+        q.map(|q| _mm256_fmadd_ps(q, d, offset))
+    }
+
+    /// A block's weights as 32 bytes in order, and the pair `[d, offset]`
+    /// (Q4_0: offset `-8d`; Q4_1: its minimum; Q8_0: 0). Q8_0's bytes are
+    /// signed; the 4-bit formats' are 0..=15.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn block_bytes(format: BlockFormat, p: *const u8) -> (__m256i, __m128) {
+        // SAFETY: the caller guarantees a whole block of `format` at p.
+        unsafe {
+            let four_bit = |qs: *const u8| {
+                let qs = _mm_loadu_si128(qs.cast());
+                let mask = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(qs, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+                _mm256_set_m128i(hi, lo)
+            };
+            match format {
+                BlockFormat::Q4_0 => {
+                    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                        p.cast::<u16>().read_unaligned(),
+                    )));
+                    let dm = _mm_mul_ps(_mm_moveldup_ps(d), _mm_setr_ps(1.0, -8.0, 0.0, 0.0));
+                    (four_bit(p.add(2)), dm)
+                }
+                BlockFormat::Q4_1 => {
+                    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()));
+                    (four_bit(p.add(4)), dm)
+                }
+                BlockFormat::Q8_0 => {
+                    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                        p.cast::<u16>().read_unaligned(),
+                    )));
+                    (_mm256_loadu_si256(p.add(2).cast()), d)
+                }
+            }
+        }
+    }
+
+    /// Dot products of one weight row with `N` quantized input rows (`qs`
+    /// and `info` hold them back to back, `cols` and `cols / 32` apart), into
+    /// `out`. Each block's weights are loaded once for all `N`.
+    ///
+    /// Per block and input: integer products summed in pairs by
+    /// `maddubs` (unsigned × signed bytes; the 4-bit weights are unsigned,
+    /// Q8_0's signs move onto the input so its magnitudes can be), widened
+    /// by `madd`, then scaled by `d_w · d_x` in f32. The offset term
+    /// `offset_w · sum_x` goes to a second accumulator.
+    ///
+    /// Safety: the CPU has avx2, fma and f16c. Lengths are checked here.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot<const N: usize>(
+        format: BlockFormat,
+        row: &[u8],
+        qs: &[i8],
+        info: &[[f32; 2]],
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        const { assert!(N >= 1 && N <= GROUP) };
+        let blocks = row.len() / format.block_bytes();
+        let per_row = cols / BLOCK;
+        assert!(blocks <= per_row && qs.len() >= N * cols && info.len() >= N * per_row);
+        assert!(out.len() >= N);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut offsets = [_mm_setzero_ps(); N];
+        for b in 0..blocks {
+            // SAFETY: block b lies within row (b < blocks); input i's 32
+            // bytes and its info for block b lie within qs and info
+            // (asserted above).
+            unsafe {
+                let p = row.as_ptr().add(b * format.block_bytes());
+                // Hint the block eight ahead (past the row's end is harmless:
+                // a prefetch never faults).
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(8 * format.block_bytes()).cast());
+                let (w, dm) = block_bytes(format, p);
+                for i in 0..N {
+                    let x = _mm256_loadu_si256(qs.as_ptr().add(i * cols + b * BLOCK).cast());
+                    let pairs = if format == BlockFormat::Q8_0 {
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
+                    } else {
+                        _mm256_maddubs_epi16(w, x)
+                    };
+                    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                    // [d_x, sum_x] of this input's block.
+                    let xi = _mm_castpd_ps(_mm_load_sd(info.as_ptr().add(i * per_row + b).cast()));
+                    // [d_w · d_x, offset_w · sum_x]
+                    let scaled = _mm_mul_ps(dm, xi);
+                    acc[i] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scaled), dot, acc[i]);
+                    offsets[i] = _mm_add_ps(offsets[i], scaled);
+                }
+            }
+        }
+        for i in 0..N {
+            let offset = _mm_cvtss_f32(_mm_movehdup_ps(offsets[i]));
+            out[i] = sum(acc[i]) + offset;
+        }
+    }
+
+    /// One weight row against one f32 input row, each block expanded in
+    /// registers.
+    ///
+    /// Safety: the CPU has avx2, fma and f16c. Lengths are checked here.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_f32(format: BlockFormat, row: &[u8], x: &[f32]) -> f32 {
+        let blocks = row.len() / format.block_bytes();
+        assert!(x.len() >= blocks * BLOCK);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for b in 0..blocks {
+            // SAFETY: block b lies within row and its 32 inputs within x.
+            unsafe {
+                let p = row.as_ptr().add(b * format.block_bytes());
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(8 * format.block_bytes()).cast());
+                let w = block(format, p);
+                let xp = x.as_ptr().add(b * BLOCK);
+                acc[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xp), acc[0]);
+                acc[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), acc[1]);
+                acc[0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), acc[0]);
+                acc[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), acc[1]);
+            }
+        }
+        sum(_mm256_add_ps(acc[0], acc[1]))
+    }
+
+    /// Safety: the CPU has avx2, fma and f16c. Lengths are checked here.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize(format: BlockFormat, row: &[u8], out: &mut [f32]) {
+        let blocks = row.len() / format.block_bytes();
+        assert!(out.len() >= blocks * BLOCK);
+        for b in 0..blocks {
+            // SAFETY: block b lies within row and its 32 outputs within out.
+            unsafe {
+                let w = block(format, row.as_ptr().add(b * format.block_bytes()));
+                let op = out.as_mut_ptr().add(b * BLOCK);
+                for (k, w) in w.into_iter().enumerate() {
+                    _mm256_storeu_ps(op.add(8 * k), w);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::dequantize;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn random_matrix(format: BlockFormat, rows: usize, cols: usize, rng: &mut StdRng) -> Vec<u8> {
+        let mut data = Vec::new();
+        for _ in 0..rows * cols / BLOCK {
+            let scale = f16::from_f32(rng.random_range(-0.05..0.05));
+            data.extend_from_slice(&scale.to_le_bytes());
+            if format == BlockFormat::Q4_1 {
+                let min = f16::from_f32(rng.random_range(-0.3..0.3));
+                data.extend_from_slice(&min.to_le_bytes());
+            }
+            let quants = if format == BlockFormat::Q8_0 { 32 } else { 16 };
+            data.extend((0..quants).map(|_| rng.random::<u8>()));
+        }
+        data
+    }
+
+    fn gguf_kind(format: BlockFormat) -> TensorType {
+        match format {
+            BlockFormat::Q4_0 => TensorType::Q4_0,
+            BlockFormat::Q4_1 => TensorType::Q4_1,
+            BlockFormat::Q8_0 => TensorType::Q8_0,
+        }
+    }
+
+    /// `x · wᵀ` in f64 over the reference dequantization.
+    fn reference(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n * rows];
+        for i in 0..n {
+            for r in 0..rows {
+                let s: f64 = (0..cols)
+                    .map(|k| f64::from(w[r * cols + k]) * f64::from(x[i * cols + k]))
+                    .sum();
+                out[i * rows + r] = s as f32;
+            }
+        }
+        out
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], tolerance: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (k, ((g, w), t)) in got.iter().zip(want).zip(tolerance).enumerate() {
+            assert!(
+                (g - w).abs() <= *t,
+                "{what}: element {k}: {g} vs {w} (tolerance {t})"
+            );
+        }
+    }
+
+    /// Per output, how far the integer kernels may stray from the exact
+    /// product: each input rounded to its block's step `d_x` errs by at most
+    /// `d_x / 2`, times the weight it meets; plus f32 rounding.
+    fn quantization_bound(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n * rows];
+        for i in 0..n {
+            let x = &x[i * cols..(i + 1) * cols];
+            let steps: Vec<f32> = x
+                .chunks_exact(BLOCK)
+                .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0)
+                .collect();
+            for r in 0..rows {
+                let bound: f32 = (0..cols)
+                    .map(|k| w[r * cols + k].abs() * steps[k / BLOCK] / 2.0)
+                    .sum();
+                out[i * rows + r] = bound * 1.001 + 1e-4;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn products_match_the_dequantized_reference_on_both_paths() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let (rows, cols) = (70, 96);
+            let data = random_matrix(format, rows, cols, &mut rng);
+            let w = dequantize(gguf_kind(format), &data, rows * cols).expect("dequantize");
+            let m = PackedMatrix::new(format, rows, cols, data).expect("shape");
+            for n in [1, 2, 3, 4, 5, 9, 16, 17, 40] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let want = reference(&w, &x, rows, cols, n);
+                let exact: Vec<f32> = want.iter().map(|w| 1e-4 * (1.0 + w.abs())).collect();
+                let tolerance = if n <= DOT_MAX_ROWS {
+                    quantization_bound(&w, &x, rows, cols, n)
+                } else {
+                    exact.clone()
+                };
+                let what = format!("{format:?} n={n}");
+                assert_close(
+                    &m.matmul(&x, n, Activations::Int8),
+                    &want,
+                    &tolerance,
+                    &what,
+                );
+                let what = format!("{format:?} n={n} f32");
+                assert_close(&m.matmul(&x, n, Activations::F32), &want, &exact, &what);
+            }
+            let mut row = vec![0f32; cols];
+            m.dequantize_row(5, &mut row);
+            let exact: Vec<f32> = w[5 * cols..6 * cols]
+                .iter()
+                .map(|v| 1e-6 * (1.0 + v.abs()))
+                .collect();
+            assert_close(
+                &row,
+                &w[5 * cols..6 * cols],
+                &exact,
+                &format!("{format:?} row"),
+            );
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_kernels_agree_with_the_portable_ones() {
+        if !matches!(Kernels::detect(), Kernels::Avx2) {
+            eprintln!("skipped: this CPU lacks avx2/fma/f16c");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(11);
+        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let cols = 256;
+            let row = random_matrix(format, 1, cols, &mut rng);
+            for n in 1..=6 {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let x = QuantizedRows::new(&x);
+                let (mut portable, mut simd) = (vec![0f32; n], vec![0f32; n]);
+                Kernels::Portable.dot(format, &row, &x, cols, &mut portable);
+                Kernels::Avx2.dot(format, &row, &x, cols, &mut simd);
+                for (p, s) in portable.iter().zip(&simd) {
+                    assert!(
+                        (p - s).abs() <= 1e-4 * (1.0 + p.abs()),
+                        "{format:?}: {p} vs {s}"
+                    );
+                }
+            }
+            let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let (p, s) = (
+                Kernels::Portable.dot_f32(format, &row, &x),
+                Kernels::Avx2.dot_f32(format, &row, &x),
+            );
+            assert!(
+                (p - s).abs() <= 1e-4 * (1.0 + p.abs()),
+                "{format:?} f32: {p} vs {s}"
+            );
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            Kernels::Portable.dequantize(format, &row, &mut a);
+            Kernels::Avx2.dequantize(format, &row, &mut b);
+            // The SIMD kernel fuses `q * d + offset` into one rounding.
+            for (a, b) in a.iter().zip(&b) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + a.abs()),
+                    "{format:?}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn stack_and_permute_move_whole_rows() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let cols = 64;
+        let a = PackedMatrix::new(
+            BlockFormat::Q8_0,
+            2,
+            cols,
+            random_matrix(BlockFormat::Q8_0, 2, cols, &mut rng),
+        )
+        .expect("a");
+        let b = PackedMatrix::new(
+            BlockFormat::Q8_0,
+            3,
+            cols,
+            random_matrix(BlockFormat::Q8_0, 3, cols, &mut rng),
+        )
+        .expect("b");
+        let both = PackedMatrix::stack(&[a.clone(), b.clone()]).expect("same format");
+        assert_eq!(both.rows(), 5);
+        assert_eq!(both.row(3), b.row(1));
+        let reversed = both.permute_rows(|r| 4 - r);
+        assert_eq!(reversed.row(0), b.row(2));
+        assert_eq!(reversed.row(4), a.row(0));
+        let other = PackedMatrix::new(
+            BlockFormat::Q4_1,
+            1,
+            cols,
+            random_matrix(BlockFormat::Q4_1, 1, cols, &mut rng),
+        )
+        .expect("other");
+        assert!(PackedMatrix::stack(&[a, other]).is_none());
+    }
+
+    #[test]
+    fn mismatched_sizes_are_refused() {
+        assert!(PackedMatrix::new(BlockFormat::Q4_1, 2, 48, vec![0; 40]).is_none());
+        assert!(PackedMatrix::new(BlockFormat::Q4_1, 2, 32, vec![0; 39]).is_none());
+        assert!(PackedMatrix::new(BlockFormat::Q4_1, 2, 32, vec![0; 40]).is_some());
+    }
+}
