@@ -237,9 +237,22 @@ impl Engine {
             active: Vec::new(),
             kv_bytes_per_token,
         };
+        // The scheduler runs on a worker of its own rayon pool, so the
+        // parallel matrix products of a forward pass (`packed`, burn-flex)
+        // split across the pool with the scheduler's thread taking a share,
+        // instead of parking it and waking other threads for every product.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name({
+                let name = source.name.clone();
+                move |i| format!("silk-engine-{name}-{i}")
+            })
+            .build()
+            .map_err(|e| {
+                InferenceError::Backend(format!("cannot start the engine's threads: {e}"))
+            })?;
         std::thread::Builder::new()
             .name(format!("silk-engine-{}", source.name))
-            .spawn(move || scheduler.run())
+            .spawn(move || pool.install(|| scheduler.run()))
             .map_err(|e| {
                 InferenceError::Backend(format!("cannot start the scheduler thread: {e}"))
             })?;

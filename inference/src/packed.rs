@@ -7,20 +7,21 @@
 //! block format (Q4_0, Q4_1 or Q8_0; 32 weights per block, blocks running
 //! along a row) and multiplies by it two ways:
 //!
-//! - a few input rows (decode): the input rows are quantized to 8-bit
-//!   blocks and each weight row is dotted with them in integer arithmetic
-//!   straight from its blocks, with AVX2 where the CPU has it (detected at
-//!   run time) and portable code elsewhere;
+//! - a few input rows (decode): the input rows are rounded to 8- or 16-bit
+//!   integers per block ([`Activations`]) and each weight row is dotted
+//!   with them in integer arithmetic straight from its blocks, with AVX2
+//!   where the CPU has it (detected at run time) and portable code
+//!   elsewhere;
 //! - many input rows (prefill, large batches): a band of weight rows is
 //!   expanded to f32 once and multiplied by all input rows with the `gemm`
 //!   crate, so the expansion is paid once per band, not once per row.
 //!
 //! Both split the weight rows into bands run in parallel on rayon's pool.
 //!
-//! The integer path quantizes each input row to 8 bits per block first, as
-//! llama.cpp does, so a decode step's numbers differ from the f32 path's in
-//! the last digits; which path runs depends on how many rows a forward pass
-//! carries (prompt tokens plus the batch's decode tokens).
+//! Rounding the inputs is what llama.cpp does (at 8 bits); it makes a
+//! decode step's numbers differ from the f32 path's in the last digits, and
+//! which path runs depends on how many rows a forward pass carries (prompt
+//! tokens plus the batch's decode tokens).
 //! Only the CPU backend uses this (see [`crate::transformer::WeightLayout`]);
 //! a GPU gets dense tensors.
 
@@ -71,44 +72,64 @@ impl BlockFormat {
     }
 }
 
-/// How a product with few input rows treats the inputs.
+/// How a product with few input rows rounds its inputs before the
+/// integer kernels multiply them, per block of 32 values: a scale
+/// `d = max|x| / M` and the integers `round(x / d)`, so each input is off by
+/// at most `d / 2`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activations {
-    /// Rounded to 8-bit blocks and multiplied in integers: fastest, as
-    /// llama.cpp; the transformer's layers use it.
+    /// `M = 127`, one byte each, as llama.cpp does: fastest. The
+    /// transformer uses it where the inputs are RMS-normed (q|k|v, gate|up).
     Int8,
-    /// Kept in f32 against the expanded weights: slower, exact up to f32
-    /// rounding; the output projection uses it, where rounding the final
-    /// hidden state can flip a close choice of next token.
-    F32,
+    /// `M = 32767`, two bytes each: a rounding error a quarter of f16's,
+    /// for products where 8 bits flipped close choices of the next token
+    /// (attention output, down, the output projection).
+    Int16,
 }
 
-/// Input rows quantized for the integer kernels, as llama.cpp does for its
-/// matrix-vector products: per block of 32 values a scale `d = max|x| / 127`
-/// and 32 signed bytes `round(x / d)`, plus the block's exact f32 sum (for
-/// the formats with an offset: Q4_0's `-8`, Q4_1's minimum).
-struct QuantizedRows {
+/// Input rows rounded for the integer kernels (see [`Activations`]), plus
+/// each block's exact f32 sum (for the formats with an offset: Q4_0's
+/// `-8`, Q4_1's minimum).
+struct QuantizedRows<T> {
     /// `[n, cols]`
-    qs: Vec<i8>,
+    qs: Vec<T>,
     /// `[n, cols / 32]` of `(d, sum)`
     info: Vec<[f32; 2]>,
 }
 
-impl QuantizedRows {
-    fn new(x: &[f32]) -> Self {
-        let mut qs = vec![0i8; x.len()];
+impl<T: Copy + Default> QuantizedRows<T> {
+    /// Rounds `x` with `d = max|x| / max`; `cast` turns a value already
+    /// within `±max` into `T`.
+    fn new(x: &[f32], max: f32, cast: impl Fn(f32) -> T) -> Self {
+        let mut qs = vec![T::default(); x.len()];
         let mut info = Vec::with_capacity(x.len() / BLOCK);
         for (x, q) in x.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK)) {
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
+            let d = amax / max;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             for (q, &v) in q.iter_mut().zip(x) {
-                // |v * inv| <= 127 by construction; `as` saturates anyway.
-                *q = (v * inv).round() as i8;
+                *q = cast((v * inv).round());
             }
             info.push([d, x.iter().sum()]);
         }
         Self { qs, info }
+    }
+}
+
+/// Rows rounded to one of the two widths.
+enum Inputs {
+    Int8(QuantizedRows<i8>),
+    Int16(QuantizedRows<i16>),
+}
+
+impl Inputs {
+    fn new(x: &[f32], activations: Activations) -> Self {
+        // The casts see values within ±max by construction (and `as`
+        // saturates anyway).
+        match activations {
+            Activations::Int8 => Self::Int8(QuantizedRows::new(x, 127.0, |v| v as i8)),
+            Activations::Int16 => Self::Int16(QuantizedRows::new(x, 32767.0, |v| v as i16)),
+        }
     }
 }
 
@@ -211,8 +232,8 @@ impl PackedMatrix {
     }
 
     /// `x · selfᵀ`: `x` is `[n, cols]` row-major; returns `[n, rows]`.
-    /// With few rows and [`Activations::Int8`], `x` is rounded to 8 bits
-    /// per block first (see the module docs).
+    /// With few rows, `x` is first rounded as `activations` says; with many,
+    /// the product is in f32.
     ///
     /// # Panics
     /// If `x.len() != n * cols` (a caller's shape bug, not bad input).
@@ -229,22 +250,8 @@ impl PackedMatrix {
             .collect();
         // Each band yields its outputs as `[n, band]`, copied into place at
         // the end (bands run in parallel and cannot share `out`).
-        let parts: Vec<Vec<f32>> = if n <= DOT_MAX_ROWS && activations == Activations::F32 {
-            bands
-                .par_iter()
-                .map(|rows| {
-                    let mut part = vec![0f32; n * rows.len()];
-                    for (k, r) in rows.clone().enumerate() {
-                        for i in 0..n {
-                            let x = &x[i * self.cols..(i + 1) * self.cols];
-                            part[i * rows.len() + k] = kernels.dot_f32(self.format, self.row(r), x);
-                        }
-                    }
-                    part
-                })
-                .collect()
-        } else if n <= DOT_MAX_ROWS {
-            let x = QuantizedRows::new(x);
+        let parts: Vec<Vec<f32>> = if n <= DOT_MAX_ROWS {
+            let x = Inputs::new(x, activations);
             bands
                 .par_iter()
                 .map(|rows| {
@@ -360,52 +367,31 @@ impl Kernels {
     }
 
     /// The dot products of one weight row with each of the `out.len()`
-    /// quantized input rows of `x`, into `out`.
-    fn dot(self, format: BlockFormat, row: &[u8], x: &QuantizedRows, cols: usize, out: &mut [f32]) {
-        let blocks = cols / BLOCK;
-        match self {
-            Self::Portable => {
-                for (i, out) in out.iter_mut().enumerate() {
-                    *out = portable::dot(
-                        format,
-                        row,
-                        &x.qs[i * cols..(i + 1) * cols],
-                        &x.info[i * blocks..(i + 1) * blocks],
-                    );
-                }
+    /// rounded input rows of `x`, into `out`.
+    fn dot(self, format: BlockFormat, row: &[u8], x: &Inputs, cols: usize, out: &mut [f32]) {
+        match (self, x) {
+            (Self::Portable, Inputs::Int8(x)) => portable_rows(format, row, x, cols, out),
+            (Self::Portable, Inputs::Int16(x)) => portable_rows(format, row, x, cols, out),
+            #[cfg(target_arch = "x86_64")]
+            (Self::Avx2, Inputs::Int8(x)) => {
+                let kernels: [Avx2Kernel<i8>; GROUP] = [
+                    avx2::dot::<1>,
+                    avx2::dot::<2>,
+                    avx2::dot::<3>,
+                    avx2::dot::<GROUP>,
+                ];
+                avx2_rows(kernels, format, row, x, cols, out);
             }
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => {
-                for (g, out) in out.chunks_mut(GROUP).enumerate() {
-                    let (qs, info) = (&x.qs[g * GROUP * cols..], &x.info[g * GROUP * blocks..]);
-                    // SAFETY: `detect` saw avx2, fma and f16c on this CPU;
-                    // the kernel checks its slice lengths.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        type Kernel =
-                            unsafe fn(BlockFormat, &[u8], &[i8], &[[f32; 2]], usize, &mut [f32]);
-                        let dot: Kernel = match out.len() {
-                            1 => avx2::dot::<1>,
-                            2 => avx2::dot::<2>,
-                            3 => avx2::dot::<3>,
-                            _ => avx2::dot::<GROUP>,
-                        };
-                        dot(format, row, qs, info, cols, out);
-                    }
-                }
+            (Self::Avx2, Inputs::Int16(x)) => {
+                let kernels: [Avx2Kernel<i16>; GROUP] = [
+                    avx2::dot16::<1>,
+                    avx2::dot16::<2>,
+                    avx2::dot16::<3>,
+                    avx2::dot16::<GROUP>,
+                ];
+                avx2_rows(kernels, format, row, x, cols, out);
             }
-        }
-    }
-
-    /// The dot product of one weight row with one f32 input row.
-    fn dot_f32(self, format: BlockFormat, row: &[u8], x: &[f32]) -> f32 {
-        match self {
-            Self::Portable => portable::dot_f32(format, row, x),
-            // SAFETY: `detect` saw avx2, fma and f16c on this CPU; the
-            // kernel checks its slice lengths.
-            #[cfg(target_arch = "x86_64")]
-            #[allow(unsafe_code)]
-            Self::Avx2 => unsafe { avx2::dot_f32(format, row, x) },
         }
     }
 
@@ -416,6 +402,51 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             #[allow(unsafe_code)]
             Self::Avx2 => unsafe { avx2::dequantize(format, row, out) },
+        }
+    }
+}
+
+/// [`Kernels::dot`] on the portable kernel, one input row at a time.
+fn portable_rows<T: Copy + Into<i32>>(
+    format: BlockFormat,
+    row: &[u8],
+    x: &QuantizedRows<T>,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let blocks = cols / BLOCK;
+    for (i, out) in out.iter_mut().enumerate() {
+        let (qs, info) = (
+            &x.qs[i * cols..(i + 1) * cols],
+            &x.info[i * blocks..(i + 1) * blocks],
+        );
+        *out = portable::dot(format, row, qs, info);
+    }
+}
+
+/// An AVX2 kernel serving `N` input rows at once.
+#[cfg(target_arch = "x86_64")]
+type Avx2Kernel<T> = unsafe fn(BlockFormat, &[u8], &[T], &[[f32; 2]], usize, &mut [f32]);
+
+/// [`Kernels::dot`] on AVX2: input rows in groups of up to [`GROUP`], each
+/// group by the kernel for its size (`kernels[size - 1]`).
+#[cfg(target_arch = "x86_64")]
+fn avx2_rows<T>(
+    kernels: [Avx2Kernel<T>; GROUP],
+    format: BlockFormat,
+    row: &[u8],
+    x: &QuantizedRows<T>,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let blocks = cols / BLOCK;
+    for (g, out) in out.chunks_mut(GROUP).enumerate() {
+        let (qs, info) = (&x.qs[g * GROUP * cols..], &x.info[g * GROUP * blocks..]);
+        // SAFETY: only `Kernels::Avx2` calls this, which `detect` returned
+        // after seeing avx2, fma and f16c; the kernels check their slices.
+        #[allow(unsafe_code)]
+        unsafe {
+            kernels[out.len() - 1](format, row, qs, info, cols, out);
         }
     }
 }
@@ -432,7 +463,12 @@ mod portable {
     /// One weight row against one quantized input row: the integer
     /// products of each block, scaled, plus the format's offset times the
     /// input block's sum.
-    pub(super) fn dot(format: BlockFormat, row: &[u8], qs: &[i8], info: &[[f32; 2]]) -> f32 {
+    pub(super) fn dot<T: Copy + Into<i32>>(
+        format: BlockFormat,
+        row: &[u8],
+        qs: &[T],
+        info: &[[f32; 2]],
+    ) -> f32 {
         let mut total = 0f32;
         for (b, block) in row.chunks_exact(format.block_bytes()).enumerate() {
             let x = &qs[b * BLOCK..(b + 1) * BLOCK];
@@ -447,8 +483,8 @@ mod portable {
                     };
                     let mut s = 0i32;
                     for (j, &q) in q.iter().enumerate() {
-                        s += i32::from(q & 0x0F) * i32::from(x[j])
-                            + i32::from(q >> 4) * i32::from(x[j + 16]);
+                        s += i32::from(q & 0x0F) * x[j].into()
+                            + i32::from(q >> 4) * x[j + 16].into();
                     }
                     d * dx * s as f32 + offset * sum
                 }
@@ -456,22 +492,11 @@ mod portable {
                     let s: i32 = block[2..34]
                         .iter()
                         .zip(x)
-                        .map(|(&q, &v)| i32::from(q as i8) * i32::from(v))
+                        .map(|(&q, &v)| i32::from(q as i8) * v.into())
                         .sum();
                     half_at(block, 0) * dx * s as f32
                 }
             };
-        }
-        total
-    }
-
-    pub(super) fn dot_f32(format: BlockFormat, row: &[u8], x: &[f32]) -> f32 {
-        let mut w = [0f32; BLOCK];
-        let mut total = 0f32;
-        for (b, block) in row.chunks_exact(format.block_bytes()).enumerate() {
-            dequantize(format, block, &mut w);
-            let x = &x[b * BLOCK..(b + 1) * BLOCK];
-            total += w.iter().zip(x).map(|(w, x)| w * x).sum::<f32>();
         }
         total
     }
@@ -692,29 +717,77 @@ mod avx2 {
         }
     }
 
-    /// One weight row against one f32 input row, each block expanded in
-    /// registers.
+    /// A block's weights as two vectors of sixteen 16-bit integers
+    /// (weights 0..16, 16..32), and `[d, offset]` as in `block_bytes`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn block_words(format: BlockFormat, p: *const u8) -> ([__m256i; 2], __m128) {
+        // SAFETY: the caller guarantees a whole block of `format` at p.
+        unsafe {
+            match format {
+                BlockFormat::Q8_0 => {
+                    let bits = i32::from(p.cast::<u16>().read_unaligned());
+                    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+                    let lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(2).cast()));
+                    let hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(18).cast()));
+                    ([lo, hi], d)
+                }
+                BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                    let (w, dm) = block_bytes(format, p);
+                    let lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(w));
+                    let hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(w));
+                    ([lo, hi], dm)
+                }
+            }
+        }
+    }
+
+    /// As [`dot`], with 16-bit inputs: products of 16-bit pairs summed by
+    /// `madd` (Q8_0's weights are simply sign-extended).
     ///
     /// Safety: the CPU has avx2, fma and f16c. Lengths are checked here.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_f32(format: BlockFormat, row: &[u8], x: &[f32]) -> f32 {
+    pub(super) unsafe fn dot16<const N: usize>(
+        format: BlockFormat,
+        row: &[u8],
+        qs: &[i16],
+        info: &[[f32; 2]],
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        const { assert!(N >= 1 && N <= GROUP) };
         let blocks = row.len() / format.block_bytes();
-        assert!(x.len() >= blocks * BLOCK);
-        let mut acc = [_mm256_setzero_ps(); 2];
+        let per_row = cols / BLOCK;
+        assert!(blocks <= per_row && qs.len() >= N * cols && info.len() >= N * per_row);
+        assert!(out.len() >= N);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut offsets = [_mm_setzero_ps(); N];
         for b in 0..blocks {
-            // SAFETY: block b lies within row and its 32 inputs within x.
+            // SAFETY: block b lies within row (b < blocks); input i's 32
+            // values and its info for block b lie within qs and info
+            // (asserted above).
             unsafe {
                 let p = row.as_ptr().add(b * format.block_bytes());
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(8 * format.block_bytes()).cast());
-                let w = block(format, p);
-                let xp = x.as_ptr().add(b * BLOCK);
-                acc[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xp), acc[0]);
-                acc[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), acc[1]);
-                acc[0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), acc[0]);
-                acc[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), acc[1]);
+                let ([w0, w1], dm) = block_words(format, p);
+                for i in 0..N {
+                    let xp = qs.as_ptr().add(i * cols + b * BLOCK);
+                    let x0 = _mm256_loadu_si256(xp.cast());
+                    let x1 = _mm256_loadu_si256(xp.add(16).cast());
+                    let sums =
+                        _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                    let dot = _mm256_cvtepi32_ps(sums);
+                    let xi = _mm_castpd_ps(_mm_load_sd(info.as_ptr().add(i * per_row + b).cast()));
+                    let scaled = _mm_mul_ps(dm, xi);
+                    acc[i] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scaled), dot, acc[i]);
+                    offsets[i] = _mm_add_ps(offsets[i], scaled);
+                }
             }
         }
-        sum(_mm256_add_ps(acc[0], acc[1]))
+        for i in 0..N {
+            let offset = _mm_cvtss_f32(_mm_movehdup_ps(offsets[i]));
+            out[i] = sum(acc[i]) + offset;
+        }
     }
 
     /// Safety: the CPU has avx2, fma and f16c. Lengths are checked here.
@@ -790,15 +863,21 @@ mod tests {
     }
 
     /// Per output, how far the integer kernels may stray from the exact
-    /// product: each input rounded to its block's step `d_x` errs by at most
-    /// `d_x / 2`, times the weight it meets; plus f32 rounding.
-    fn quantization_bound(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<f32> {
+    /// product: each input rounded to its block's step `d_x = max|x| / max`
+    /// errs by at most `d_x / 2`, times the weight it meets; plus f32
+    /// rounding.
+    fn quantization_bound(
+        w: &[f32],
+        x: &[f32],
+        (rows, cols, n): (usize, usize, usize),
+        max: f32,
+    ) -> Vec<f32> {
         let mut out = vec![0f32; n * rows];
         for i in 0..n {
             let x = &x[i * cols..(i + 1) * cols];
             let steps: Vec<f32> = x
                 .chunks_exact(BLOCK)
-                .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0)
+                .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())) / max)
                 .collect();
             for r in 0..rows {
                 let bound: f32 = (0..cols)
@@ -821,21 +900,17 @@ mod tests {
             for n in [1, 2, 3, 4, 5, 9, 16, 17, 40] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let want = reference(&w, &x, rows, cols, n);
-                let exact: Vec<f32> = want.iter().map(|w| 1e-4 * (1.0 + w.abs())).collect();
-                let tolerance = if n <= DOT_MAX_ROWS {
-                    quantization_bound(&w, &x, rows, cols, n)
-                } else {
-                    exact.clone()
-                };
-                let what = format!("{format:?} n={n}");
-                assert_close(
-                    &m.matmul(&x, n, Activations::Int8),
-                    &want,
-                    &tolerance,
-                    &what,
-                );
-                let what = format!("{format:?} n={n} f32");
-                assert_close(&m.matmul(&x, n, Activations::F32), &want, &exact, &what);
+                for (activations, max) in
+                    [(Activations::Int8, 127.0), (Activations::Int16, 32767.0)]
+                {
+                    let tolerance = if n <= DOT_MAX_ROWS {
+                        quantization_bound(&w, &x, (rows, cols, n), max)
+                    } else {
+                        want.iter().map(|w| 1e-4 * (1.0 + w.abs())).collect()
+                    };
+                    let what = format!("{format:?} n={n} {activations:?}");
+                    assert_close(&m.matmul(&x, n, activations), &want, &tolerance, &what);
+                }
             }
             let mut row = vec![0f32; cols];
             m.dequantize_row(5, &mut row);
@@ -865,26 +940,17 @@ mod tests {
             let row = random_matrix(format, 1, cols, &mut rng);
             for n in 1..=6 {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
-                let x = QuantizedRows::new(&x);
-                let (mut portable, mut simd) = (vec![0f32; n], vec![0f32; n]);
-                Kernels::Portable.dot(format, &row, &x, cols, &mut portable);
-                Kernels::Avx2.dot(format, &row, &x, cols, &mut simd);
-                for (p, s) in portable.iter().zip(&simd) {
-                    assert!(
-                        (p - s).abs() <= 1e-4 * (1.0 + p.abs()),
-                        "{format:?}: {p} vs {s}"
-                    );
+                for activations in [Activations::Int8, Activations::Int16] {
+                    let x = Inputs::new(&x, activations);
+                    let (mut portable, mut simd) = (vec![0f32; n], vec![0f32; n]);
+                    Kernels::Portable.dot(format, &row, &x, cols, &mut portable);
+                    Kernels::Avx2.dot(format, &row, &x, cols, &mut simd);
+                    for (p, s) in portable.iter().zip(&simd) {
+                        let what = format!("{format:?} {activations:?}: {p} vs {s}");
+                        assert!((p - s).abs() <= 1e-4 * (1.0 + p.abs()), "{what}");
+                    }
                 }
             }
-            let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let (p, s) = (
-                Kernels::Portable.dot_f32(format, &row, &x),
-                Kernels::Avx2.dot_f32(format, &row, &x),
-            );
-            assert!(
-                (p - s).abs() <= 1e-4 * (1.0 + p.abs()),
-                "{format:?} f32: {p} vs {s}"
-            );
             let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
             Kernels::Portable.dequantize(format, &row, &mut a);
             Kernels::Avx2.dequantize(format, &row, &mut b);

@@ -195,9 +195,9 @@ impl<B: Backend> Transformer<B> {
             Some(table) => {
                 let table = Arc::new(table);
                 let lm_head = if tied {
-                    Linear::Packed(table.clone(), Activations::F32)
+                    Linear::Packed(table.clone(), Activations::Int16)
                 } else {
-                    linear(&[WeightName::LmHead], Activations::F32)?
+                    linear(&[WeightName::LmHead], Activations::Int16)?
                 };
                 (Embedding::Packed(table), lm_head)
             }
@@ -210,7 +210,7 @@ impl<B: Backend> Transformer<B> {
                         device,
                     ))
                 } else {
-                    linear(&[WeightName::LmHead], Activations::F32)?
+                    linear(&[WeightName::LmHead], Activations::Int16)?
                 };
                 let table = TensorData::new(table, [c.vocab_size, c.hidden_size]);
                 (Embedding::Dense(Tensor::from_data(table, device)), lm_head)
@@ -234,12 +234,12 @@ impl<B: Backend> Transformer<B> {
             blocks.push(Block {
                 attn_norm: vec1(load(LayerWeight::AttnNorm)?),
                 qkv: linear(&[w(Q), w(K), w(V)], Activations::Int8)?,
-                o: linear(&[w(O)], Activations::F32)?,
+                o: linear(&[w(O)], Activations::Int16)?,
                 q_norm: norm(LayerWeight::QNorm)?,
                 k_norm: norm(LayerWeight::KNorm)?,
                 mlp_norm: vec1(load(LayerWeight::MlpNorm)?),
                 gate_up: linear(&[w(Gate), w(Up)], Activations::Int8)?,
-                down: linear(&[w(Down)], Activations::F32)?,
+                down: linear(&[w(Down)], Activations::Int16)?,
             });
         }
 

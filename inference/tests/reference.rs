@@ -300,6 +300,20 @@ fn batched_engine_matches_reference_greedy_tokens() {
     }
 }
 
+/// The default model's path; `None` (the test skips) only where
+/// `SILK_ALLOW_MISSING_MODEL` allows it to be missing.
+fn smollm2_or_skip() -> Option<PathBuf> {
+    let path = smollm2_path();
+    if path.is_none() {
+        assert!(
+            std::env::var_os("SILK_ALLOW_MISSING_MODEL").is_some(),
+            "the default model is not installed: run `silk model fetch` (or set SILK_SMOLLM2_GGUF)"
+        );
+        eprintln!("SKIPPED: default model not installed and SILK_ALLOW_MISSING_MODEL is set");
+    }
+    path
+}
+
 fn smollm2_path() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("SILK_SMOLLM2_GGUF") {
         return Some(PathBuf::from(p));
@@ -312,12 +326,7 @@ fn smollm2_path() -> Option<PathBuf> {
 /// The default model, against transformers reading the same GGUF.
 #[test]
 fn smollm2_gguf_matches_transformers() {
-    let Some(path) = smollm2_path() else {
-        assert!(
-            std::env::var_os("SILK_ALLOW_MISSING_MODEL").is_some(),
-            "the default model is not installed: run `silk model fetch` (or set SILK_SMOLLM2_GGUF)"
-        );
-        eprintln!("SKIPPED: default model not installed and SILK_ALLOW_MISSING_MODEL is set");
+    let Some(path) = smollm2_or_skip() else {
         return;
     };
     let exp = expected(&fixture("smollm2-q4_1"));
@@ -399,12 +408,7 @@ fn top_logit_diff(logits: &[f32], reference: &Value) -> f32 {
 /// agrees with transformers on 5, 0 and 32 tokens of these three cases.
 #[test]
 fn smollm2_gguf_packed_matches_transformers_and_llama_cpp() {
-    let Some(path) = smollm2_path() else {
-        assert!(
-            std::env::var_os("SILK_ALLOW_MISSING_MODEL").is_some(),
-            "the default model is not installed: run `silk model fetch` (or set SILK_SMOLLM2_GGUF)"
-        );
-        eprintln!("SKIPPED: default model not installed and SILK_ALLOW_MISSING_MODEL is set");
+    let Some(path) = smollm2_or_skip() else {
         return;
     };
     let exp = expected(&fixture("smollm2-q4_1"));
@@ -445,12 +449,7 @@ fn smollm2_gguf_packed_matches_transformers_and_llama_cpp() {
 /// the 8-bit integer path, which may stray by the activations' rounding.
 #[test]
 fn smollm2_packed_and_dense_layouts_agree() {
-    let Some(path) = smollm2_path() else {
-        assert!(
-            std::env::var_os("SILK_ALLOW_MISSING_MODEL").is_some(),
-            "the default model is not installed: run `silk model fetch` (or set SILK_SMOLLM2_GGUF)"
-        );
-        eprintln!("SKIPPED: default model not installed and SILK_ALLOW_MISSING_MODEL is set");
+    let Some(path) = smollm2_or_skip() else {
         return;
     };
     let source = ModelSource::from_path(&path).expect("source");
