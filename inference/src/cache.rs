@@ -1,8 +1,11 @@
 //! The key/value cache of one sequence.
 //!
-//! Each layer keeps keys and values as `[kv_heads, capacity, head_dim]`
-//! tensors; capacity grows in chunks so appending a token is a slice write,
-//! not a reallocation.
+//! On the device, each layer keeps keys and values as
+//! `[kv_heads, capacity, head_dim]` tensors; capacity grows in chunks so
+//! appending a token is a slice write, not a reallocation. With the packed
+//! (CPU) weight layout the transformer attends in plain Rust instead, and
+//! each layer keeps `[positions, kv_heads, head_dim]` in host vectors
+//! ([`HostLayer`]).
 
 use burn::prelude::*;
 
@@ -16,10 +19,24 @@ struct LayerCache<B: Backend> {
     values: Tensor<B, 3>,
 }
 
+/// Keys and values of one layer in host memory, each
+/// `[positions, kv_heads, head_dim]` row-major.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HostLayer {
+    pub(crate) keys: Vec<f32>,
+    pub(crate) values: Vec<f32>,
+}
+
+#[derive(Debug)]
+enum Storage<B: Backend> {
+    Device(Vec<Option<LayerCache<B>>>),
+    Host(Vec<HostLayer>),
+}
+
 /// The cache of one sequence across all layers.
 #[derive(Debug)]
 pub struct KvCache<B: Backend> {
-    layers: Vec<Option<LayerCache<B>>>,
+    storage: Storage<B>,
     /// Positions already stored (identical for every layer between forwards).
     len: usize,
     capacity: usize,
@@ -28,10 +45,23 @@ pub struct KvCache<B: Backend> {
 }
 
 impl<B: Backend> KvCache<B> {
-    /// An empty cache for a model with the given shape.
+    /// An empty cache on the device for a model with the given shape.
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+        Self::with_storage(Storage::Device(vec![None; layers]), kv_heads, head_dim)
+    }
+
+    /// An empty cache in host memory, for the transformer's host attention.
+    pub(crate) fn new_host(layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+        Self::with_storage(
+            Storage::Host(vec![HostLayer::default(); layers]),
+            kv_heads,
+            head_dim,
+        )
+    }
+
+    fn with_storage(storage: Storage<B>, kv_heads: usize, head_dim: usize) -> Self {
         Self {
-            layers: vec![None; layers],
+            storage,
             len: 0,
             capacity: 0,
             kv_heads,
@@ -51,12 +81,11 @@ impl<B: Backend> KvCache<B> {
 
     /// Bytes of f32 reserved by this cache (for the KV budget).
     pub fn reserved_bytes(&self) -> usize {
-        bytes_for(
-            self.layers.len(),
-            self.kv_heads,
-            self.head_dim,
-            self.capacity,
-        )
+        let layers = match &self.storage {
+            Storage::Device(layers) => layers.len(),
+            Storage::Host(layers) => layers.len(),
+        };
+        bytes_for(layers, self.kv_heads, self.head_dim, self.capacity)
     }
 
     /// Appends `new` positions of keys and values for `layer` and returns
@@ -76,7 +105,10 @@ impl<B: Backend> KvCache<B> {
         let device = keys.device();
         let (kv, hd) = (self.kv_heads, self.head_dim);
         let cap = self.capacity.max(end.div_ceil(CHUNK) * CHUNK);
-        let slot = self.layers[layer].take();
+        let Storage::Device(layers) = &mut self.storage else {
+            unreachable!("a host cache is only used by the host attention");
+        };
+        let slot = layers[layer].take();
         let mut lc = match slot {
             Some(lc) if lc.keys.dims()[1] >= end => lc,
             old => {
@@ -104,8 +136,17 @@ impl<B: Backend> KvCache<B> {
             lc.keys.clone().slice([0..kv, 0..end, 0..hd]),
             lc.values.clone().slice([0..kv, 0..end, 0..hd]),
         );
-        self.layers[layer] = Some(lc);
+        layers[layer] = Some(lc);
         out
+    }
+
+    /// Layer `layer`'s host keys and values; `None` for a device cache.
+    /// The caller appends new positions; [`KvCache::advance`] counts them.
+    pub(crate) fn host_layer(&mut self, layer: usize) -> Option<&mut HostLayer> {
+        match &mut self.storage {
+            Storage::Host(layers) => layers.get_mut(layer),
+            Storage::Device(_) => None,
+        }
     }
 
     /// Records that every layer now holds `new` more positions. Called by

@@ -15,6 +15,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, TensorData};
+use rayon::prelude::*;
 
 use crate::cache::KvCache;
 use crate::config::{Architecture, ModelConfig};
@@ -122,6 +123,9 @@ pub struct Transformer<B: Backend> {
     /// `[max_positions, head_dim]`, each frequency's value repeated for both halves.
     cos: Tensor<B, 2>,
     sin: Tensor<B, 2>,
+    /// Attention in plain Rust over host caches (the packed layout, on the
+    /// CPU) rather than as Burn operations per sequence.
+    host_attention: bool,
     device: B::Device,
 }
 
@@ -256,6 +260,7 @@ impl<B: Backend> Transformer<B> {
             lm_head,
             final_norm,
             blocks,
+            host_attention: layout == WeightLayout::Packed,
             device: device.clone(),
         })
     }
@@ -267,11 +272,12 @@ impl<B: Backend> Transformer<B> {
 
     /// A fresh cache for one sequence of this model.
     pub fn new_cache(&self) -> KvCache<B> {
-        KvCache::new(
-            self.config.num_layers,
-            self.config.num_kv_heads,
-            self.config.head_dim,
-        )
+        let c = &self.config;
+        if self.host_attention {
+            KvCache::new_host(c.num_layers, c.num_kv_heads, c.head_dim)
+        } else {
+            KvCache::new(c.num_layers, c.num_kv_heads, c.head_dim)
+        }
     }
 
     /// Runs the new tokens of every segment through the model, extending each
@@ -324,29 +330,10 @@ impl<B: Backend> Transformer<B> {
             }
             let q = rope(q, &cos, &sin);
             let k = rope(k, &cos, &sin);
-            let mut outs = Vec::with_capacity(segments.len());
-            let mut row = 0;
-            for seg in segments.iter_mut() {
-                let t = seg.tokens.len();
-                let rows = row..row + t;
-                row += t;
-                // [heads, t, hd]
-                let q = q
-                    .clone()
-                    .slice([rows.clone(), 0..nh, 0..hd])
-                    .swap_dims(0, 1);
-                let k = k
-                    .clone()
-                    .slice([rows.clone(), 0..nkv, 0..hd])
-                    .swap_dims(0, 1);
-                let v = v.clone().slice([rows, 0..nkv, 0..hd]).swap_dims(0, 1);
-                outs.push(self.attention(layer, q, k, v, seg.cache));
-            }
-            let attn = if outs.len() == 1 {
-                outs.pop()
-                    .unwrap_or_else(|| Tensor::zeros([n, q_out], &self.device))
+            let attn = if self.host_attention {
+                self.host_attention(layer, segments, [q, k, v])
             } else {
-                Tensor::cat(outs, 0)
+                self.device_attention(layer, segments, [q, k, v])
             };
             x = x + block.o.forward(attn);
 
@@ -374,6 +361,130 @@ impl<B: Backend> Transformer<B> {
         }
         self.lm_head
             .forward(rms_norm(x, &self.final_norm, c.rms_norm_eps))
+    }
+
+    /// Attention of every segment's new tokens on Burn, one sequence at a
+    /// time against its device cache.
+    ///
+    /// # Shapes
+    /// - `q`: `[n, heads, head_dim]`; `k`, `v`: `[n, kv_heads, head_dim]`
+    /// - returns `[n, heads * head_dim]`
+    fn device_attention(
+        &self,
+        layer: usize,
+        segments: &mut [Segment<'_, B>],
+        [q, k, v]: [Tensor<B, 3>; 3],
+    ) -> Tensor<B, 2> {
+        let [n, nh, hd] = q.dims();
+        let nkv = self.config.num_kv_heads;
+        let mut outs = Vec::with_capacity(segments.len());
+        let mut row = 0;
+        for seg in segments.iter_mut() {
+            let t = seg.tokens.len();
+            let rows = row..row + t;
+            row += t;
+            // [heads, t, hd]
+            let q = q
+                .clone()
+                .slice([rows.clone(), 0..nh, 0..hd])
+                .swap_dims(0, 1);
+            let k = k
+                .clone()
+                .slice([rows.clone(), 0..nkv, 0..hd])
+                .swap_dims(0, 1);
+            let v = v.clone().slice([rows, 0..nkv, 0..hd]).swap_dims(0, 1);
+            outs.push(self.attention(layer, q, k, v, seg.cache));
+        }
+        if outs.len() == 1 {
+            outs.pop()
+                .unwrap_or_else(|| Tensor::zeros([n, nh * hd], &self.device))
+        } else {
+            Tensor::cat(outs, 0)
+        }
+    }
+
+    /// Attention of every segment's new tokens in plain Rust against host
+    /// caches: appends the new keys and values, then runs one task per
+    /// (segment, head) on rayon. Causal within a segment's new tokens. A
+    /// batch of decode steps is a few hundred small dot-product loops here,
+    /// where on Burn it is dozens of tensor operations per sequence.
+    ///
+    /// # Shapes
+    /// - `q`: `[n, heads, head_dim]`; `k`, `v`: `[n, kv_heads, head_dim]`
+    /// - returns `[n, heads * head_dim]`
+    fn host_attention(
+        &self,
+        layer: usize,
+        segments: &mut [Segment<'_, B>],
+        [q, k, v]: [Tensor<B, 3>; 3],
+    ) -> Tensor<B, 2> {
+        let [n, nh, hd] = q.dims();
+        let nkv = self.config.num_kv_heads;
+        let host = |t: Tensor<B, 3>| -> Vec<f32> { t.into_data().iter::<f32>().collect() };
+        let (q, k, v) = (host(q), host(k), host(v));
+        let kv_row = nkv * hd;
+        // (cache, first row in the batch, new tokens, positions before them)
+        let mut jobs = Vec::with_capacity(segments.len());
+        let mut row = 0;
+        for seg in segments.iter_mut() {
+            let t = seg.tokens.len();
+            let start = seg.cache.len();
+            let Some(cache) = seg.cache.host_layer(layer) else {
+                unreachable!("host attention runs only with host caches (new_cache)");
+            };
+            cache
+                .keys
+                .extend_from_slice(&k[row * kv_row..(row + t) * kv_row]);
+            cache
+                .values
+                .extend_from_slice(&v[row * kv_row..(row + t) * kv_row]);
+            jobs.push((&*cache, row, t, start));
+            row += t;
+        }
+        let tasks: Vec<(usize, usize)> = (0..jobs.len())
+            .flat_map(|j| (0..nh).map(move |h| (j, h)))
+            .collect();
+        let group = nh / nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let outs: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&(j, h)| {
+                let (cache, row, t, start) = jobs[j];
+                let g = h / group;
+                let key = |p: usize| &cache.keys[(p * nkv + g) * hd..][..hd];
+                let value = |p: usize| &cache.values[(p * nkv + g) * hd..][..hd];
+                let mut out = vec![0f32; t * hd];
+                let mut weights = Vec::with_capacity(start + t);
+                for (i, out) in out.chunks_exact_mut(hd).enumerate() {
+                    let query = &q[((row + i) * nh + h) * hd..][..hd];
+                    weights.clear();
+                    weights.extend((0..start + i + 1).map(|p| dot(query, key(p)) * scale));
+                    let max = weights.iter().fold(f32::NEG_INFINITY, |m, &w| m.max(w));
+                    let mut total = 0f32;
+                    for w in weights.iter_mut() {
+                        *w = (*w - max).exp();
+                        total += *w;
+                    }
+                    for (p, &w) in weights.iter().enumerate() {
+                        let w = w / total;
+                        for (o, &v) in out.iter_mut().zip(value(p)) {
+                            *o += w * v;
+                        }
+                    }
+                }
+                out
+            })
+            .collect();
+        let q_out = nh * hd;
+        let mut attn = vec![0f32; n * q_out];
+        for (&(j, h), out) in tasks.iter().zip(&outs) {
+            let (_, row, _, _) = jobs[j];
+            for (i, values) in out.chunks_exact(hd).enumerate() {
+                let at = (row + i) * q_out + h * hd;
+                attn[at..at + hd].copy_from_slice(values);
+            }
+        }
+        Tensor::from_data(TensorData::new(attn, [n, q_out]), &self.device)
     }
 
     /// Self-attention of one sequence's new tokens (already normed and
@@ -419,6 +530,24 @@ impl<B: Backend> Transformer<B> {
         };
         out.swap_dims(0, 1).reshape([t, nh * hd])
     }
+}
+
+/// `a · b` with eight running sums, which the compiler turns into SIMD.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (a, b) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] += a[l] * b[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Rotary position embedding, rotate-half convention (as transformers).

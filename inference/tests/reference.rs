@@ -53,9 +53,13 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn load(dir: &Path) -> LoadedModel<Cpu> {
+/// Both layouts: on these safetensors models `Packed` keeps dense weights
+/// but attends in plain Rust over host caches, as a CPU worker does.
+const LAYOUTS: [WeightLayout; 2] = [WeightLayout::Dense, WeightLayout::Packed];
+
+fn load(dir: &Path, layout: WeightLayout) -> LoadedModel<Cpu> {
     let source = ModelSource::from_path(dir).expect("source");
-    LoadedModel::<Cpu>::load(source, WeightLayout::Dense, &Default::default()).expect("load")
+    LoadedModel::<Cpu>::load(source, layout, &Default::default()).expect("load")
 }
 
 fn prompt_ids(model: &LoadedModel<Cpu>, case: &Value) -> Vec<u32> {
@@ -114,9 +118,16 @@ fn greedy(model: &LoadedModel<Cpu>, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<
 }
 
 fn check_tiny(name: &str) {
+    for layout in LAYOUTS {
+        check_tiny_in(name, layout);
+    }
+}
+
+fn check_tiny_in(name: &str, layout: WeightLayout) {
     let dir = fixture(name);
     let exp = expected(&dir);
-    let model = load(&dir);
+    let model = load(&dir, layout);
+    let name = &format!("{name} ({layout:?})");
 
     let sample = &exp["chat_template_sample"];
     let msgs = messages(&sample["messages"]);
@@ -216,8 +227,11 @@ fn tiny_qwen3_matches_transformers() {
 /// whole sequence at once.
 #[test]
 fn cached_decoding_equals_full_recomputation() {
-    for name in ["tiny-llama", "tiny-qwen3"] {
-        let model = load(&fixture(name));
+    for (name, layout) in ["tiny-llama", "tiny-qwen3"]
+        .into_iter()
+        .flat_map(|name| LAYOUTS.map(|layout| (name, layout)))
+    {
+        let model = load(&fixture(name), layout);
         let t = &model.transformer;
         let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 500).collect();
         let mut full_cache = t.new_cache();
@@ -264,10 +278,16 @@ fn cached_decoding_equals_full_recomputation() {
 /// Continuous batching gives each request exactly what it gets alone.
 #[test]
 fn batched_engine_matches_reference_greedy_tokens() {
+    for layout in LAYOUTS {
+        batched_engine_in(layout);
+    }
+}
+
+fn batched_engine_in(layout: WeightLayout) {
     let dir = fixture("tiny-qwen3");
     let exp = expected(&dir);
     let engine = Engine::start(
-        load(&dir),
+        load(&dir, layout),
         EngineConfig {
             max_batch: 3,
             prefill_chunk: 5,
@@ -293,7 +313,7 @@ fn batched_engine_matches_reference_greedy_tokens() {
                 Event::Error(e) => panic!("engine error: {e}"),
             }
         }
-        assert_eq!(got, want);
+        assert_eq!(got, want, "{layout:?}");
         let usage = done.expect("a final usage record");
         assert_eq!(usage.completion_tokens, want.len());
         assert_eq!(usage.prompt_tokens, stream.prompt_token_ids.len());
