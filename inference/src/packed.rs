@@ -269,10 +269,14 @@ impl PackedMatrix {
         } else {
             bands
                 .par_iter()
-                .map_init(
-                    || vec![0f32; band * self.cols],
-                    |scratch, rows| {
-                        let w = &mut scratch[..rows.len() * self.cols];
+                .map(|rows| {
+                    SCRATCH.with_borrow_mut(|scratch| {
+                        let need = rows.len() * self.cols;
+                        if scratch.len() < need {
+                            scratch.resize(need, 0.0);
+                        }
+                        // Every row of the band is written before gemm reads it.
+                        let w = &mut scratch[..need];
                         for (k, r) in rows.clone().enumerate() {
                             let out = &mut w[k * self.cols..(k + 1) * self.cols];
                             kernels.dequantize(self.format, self.row(r), out);
@@ -288,8 +292,8 @@ impl PackedMatrix {
                             }
                         }
                         part
-                    },
-                )
+                    })
+                })
                 .collect()
         };
         let mut out = vec![0f32; n * self.rows];
@@ -300,6 +304,12 @@ impl PackedMatrix {
         }
         out
     }
+}
+
+thread_local! {
+    /// Each thread's buffer for a band of weights expanded to f32, kept
+    /// across products (a fresh one per band cost page faults and zeroing).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Rows per parallel task: a few tasks per thread so the pool stays busy,

@@ -52,7 +52,7 @@ impl<B: Backend> Linear<B> {
             Self::Packed(m, activations) => {
                 let [n, _] = x.dims();
                 let device = x.device();
-                let values: Vec<f32> = x.into_data().iter::<f32>().collect();
+                let values = host_values(x);
                 let out = m.matmul(&values, n, *activations);
                 Tensor::from_data(TensorData::new(out, [n, m.rows()]), &device)
             }
@@ -338,11 +338,7 @@ impl<B: Backend> Transformer<B> {
             x = x + block.o.forward(attn);
 
             let h = rms_norm(x.clone(), &block.mlp_norm, c.rms_norm_eps);
-            let gu = block.gate_up.forward(h);
-            let inter = c.intermediate_size;
-            let gate = gu.clone().slice([0..n, 0..inter]);
-            let up = gu.slice([0..n, inter..2 * inter]);
-            x = x + block.down.forward(silu(gate) * up);
+            x = x + self.mlp(block, h);
         }
         for seg in segments.iter_mut() {
             seg.cache.advance(seg.tokens.len());
@@ -361,6 +357,37 @@ impl<B: Backend> Transformer<B> {
         }
         self.lm_head
             .forward(rms_norm(x, &self.final_norm, c.rms_norm_eps))
+    }
+
+    /// `down(silu(gate(h)) * up(h))`. With both matrices packed the
+    /// activation is applied on the host between the two products, which
+    /// spares two trips through tensors and three strided tensor operations.
+    ///
+    /// # Shapes
+    /// - `h`: `[n, hidden]`; returns `[n, hidden]`
+    fn mlp(&self, block: &Block<B>, h: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [n, _] = h.dims();
+        let inter = self.config.intermediate_size;
+        if let (Linear::Packed(gate_up, ga), Linear::Packed(down, da)) =
+            (&block.gate_up, &block.down)
+        {
+            let gu = gate_up.matmul(&host_values(h), n, *ga);
+            let mut act = Vec::with_capacity(n * inter);
+            for row in gu.chunks_exact(2 * inter) {
+                let (gate, up) = row.split_at(inter);
+                act.extend(
+                    gate.iter()
+                        .zip(up)
+                        .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u),
+                );
+            }
+            let out = down.matmul(&act, n, *da);
+            return Tensor::from_data(TensorData::new(out, [n, down.rows()]), &self.device);
+        }
+        let gu = block.gate_up.forward(h);
+        let gate = gu.clone().slice([0..n, 0..inter]);
+        let up = gu.slice([0..n, inter..2 * inter]);
+        block.down.forward(silu(gate) * up)
     }
 
     /// Attention of every segment's new tokens on Burn, one sequence at a
@@ -420,8 +447,7 @@ impl<B: Backend> Transformer<B> {
     ) -> Tensor<B, 2> {
         let [n, nh, hd] = q.dims();
         let nkv = self.config.num_kv_heads;
-        let host = |t: Tensor<B, 3>| -> Vec<f32> { t.into_data().iter::<f32>().collect() };
-        let (q, k, v) = (host(q), host(k), host(v));
+        let (q, k, v) = (host_values(q), host_values(k), host_values(v));
         let kv_row = nkv * hd;
         // (cache, first row in the batch, new tokens, positions before them)
         let mut jobs = Vec::with_capacity(segments.len());
@@ -441,47 +467,37 @@ impl<B: Backend> Transformer<B> {
             jobs.push((&*cache, row, t, start));
             row += t;
         }
+        // One task per (segment, key/value head), serving the query heads
+        // that share it, so each cached key and value is read once.
         let tasks: Vec<(usize, usize)> = (0..jobs.len())
-            .flat_map(|j| (0..nh).map(move |h| (j, h)))
+            .flat_map(|j| (0..nkv).map(move |g| (j, g)))
             .collect();
         let group = nh / nkv;
         let scale = 1.0 / (hd as f32).sqrt();
         let outs: Vec<Vec<f32>> = tasks
             .par_iter()
-            .map(|&(j, h)| {
+            .map(|&(j, g)| {
                 let (cache, row, t, start) = jobs[j];
-                let g = h / group;
-                let key = |p: usize| &cache.keys[(p * nkv + g) * hd..][..hd];
-                let value = |p: usize| &cache.values[(p * nkv + g) * hd..][..hd];
-                let mut out = vec![0f32; t * hd];
-                let mut weights = Vec::with_capacity(start + t);
-                for (i, out) in out.chunks_exact_mut(hd).enumerate() {
-                    let query = &q[((row + i) * nh + h) * hd..][..hd];
-                    weights.clear();
-                    weights.extend((0..start + i + 1).map(|p| dot(query, key(p)) * scale));
-                    let max = weights.iter().fold(f32::NEG_INFINITY, |m, &w| m.max(w));
-                    let mut total = 0f32;
-                    for w in weights.iter_mut() {
-                        *w = (*w - max).exp();
-                        total += *w;
-                    }
-                    for (p, &w) in weights.iter().enumerate() {
-                        let w = w / total;
-                        for (o, &v) in out.iter_mut().zip(value(p)) {
-                            *o += w * v;
-                        }
-                    }
-                }
-                out
+                let task = HeadTask {
+                    keys: &cache.keys,
+                    values: &cache.values,
+                    queries: &q[row * nh * hd..(row + t) * nh * hd],
+                    kv_head: g,
+                    shape: (nh, nkv, hd),
+                    start,
+                    scale,
+                };
+                task.attend()
             })
             .collect();
         let q_out = nh * hd;
         let mut attn = vec![0f32; n * q_out];
-        for (&(j, h), out) in tasks.iter().zip(&outs) {
+        for (&(j, g), out) in tasks.iter().zip(&outs) {
             let (_, row, _, _) = jobs[j];
-            for (i, values) in out.chunks_exact(hd).enumerate() {
-                let at = (row + i) * q_out + h * hd;
-                attn[at..at + hd].copy_from_slice(values);
+            // `out` is [t, group, hd]; the group's heads are adjacent.
+            for (i, values) in out.chunks_exact(group * hd).enumerate() {
+                let at = (row + i) * q_out + g * group * hd;
+                attn[at..at + group * hd].copy_from_slice(values);
             }
         }
         Tensor::from_data(TensorData::new(attn, [n, q_out]), &self.device)
@@ -532,22 +548,124 @@ impl<B: Backend> Transformer<B> {
     }
 }
 
+/// A tensor's values on the host, row-major.
+fn host_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("converted to f32 just above")
+}
+
+/// Attention for one sequence's new tokens and one key/value head, over
+/// the query heads that share it (host attention).
+struct HeadTask<'a> {
+    /// The sequence's cached keys and values, new tokens included:
+    /// `[positions, kv_heads, head_dim]`.
+    keys: &'a [f32],
+    values: &'a [f32],
+    /// The new tokens' queries, `[t, heads, head_dim]`.
+    queries: &'a [f32],
+    kv_head: usize,
+    /// `(heads, kv_heads, head_dim)`
+    shape: (usize, usize, usize),
+    /// Positions cached before the new tokens.
+    start: usize,
+    scale: f32,
+}
+
+impl HeadTask<'_> {
+    /// `[t, group, head_dim]`: for new token `i` and each query head of the
+    /// group, softmax over positions `0..=start + i` of `q·k * scale`,
+    /// times the values.
+    fn attend(&self) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has avx2; the body is plain safe Rust that
+            // the compiler may vectorise with it.
+            #[allow(unsafe_code)]
+            return unsafe { self.attend_avx2() };
+        }
+        self.attend_body()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn attend_avx2(&self) -> Vec<f32> {
+        self.attend_body()
+    }
+
+    /// Plain loops only, no iterator adaptors: their closures would be
+    /// compiled apart from `attend_avx2` and lose its target features.
+    #[inline(always)]
+    fn attend_body(&self) -> Vec<f32> {
+        let (nh, nkv, hd) = self.shape;
+        let group = nh / nkv;
+        let t = self.queries.len() / (nh * hd);
+        let positions = self.start + t;
+        let at = |p: usize| (p * nkv + self.kv_head) * hd;
+        let mut out = vec![0f32; t * group * hd];
+        // [group, positions]
+        let mut weights = vec![0f32; group * positions];
+        for i in 0..t {
+            let visible = self.start + i + 1;
+            let queries = (i * nh + self.kv_head * group) * hd;
+            for p in 0..visible {
+                let key = &self.keys[at(p)..at(p) + hd];
+                for j in 0..group {
+                    let query = &self.queries[queries + j * hd..queries + (j + 1) * hd];
+                    weights[j * positions + p] = dot(query, key) * self.scale;
+                }
+            }
+            for j in 0..group {
+                let weights = &mut weights[j * positions..j * positions + visible];
+                let mut max = f32::NEG_INFINITY;
+                for &w in weights.iter() {
+                    max = max.max(w);
+                }
+                let mut total = 0f32;
+                for w in weights.iter_mut() {
+                    *w = (*w - max).exp();
+                    total += *w;
+                }
+                for w in weights.iter_mut() {
+                    *w /= total;
+                }
+            }
+            for p in 0..visible {
+                let value = &self.values[at(p)..at(p) + hd];
+                for j in 0..group {
+                    let w = weights[j * positions + p];
+                    let first = (i * group + j) * hd;
+                    for (o, &v) in out[first..first + hd].iter_mut().zip(value) {
+                        *o += w * v;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 /// `a · b` with eight running sums, which the compiler turns into SIMD.
+/// Plain loops only (see [`HeadTask::attend_body`]).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let mut tail = 0f32;
+    for (x, y) in a8.remainder().iter().zip(b8.remainder()) {
+        tail += x * y;
+    }
     for (a, b) in a8.zip(b8) {
         for l in 0..8 {
             lanes[l] += a[l] * b[l];
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    let mut total = tail;
+    for l in lanes {
+        total += l;
+    }
+    total
 }
 
 /// Rotary position embedding, rotate-half convention (as transformers).
