@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use crate::cache::KvCache;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::Result;
-use crate::packed::{Activations, PackedMatrix};
+use crate::packed::{matmul_into, Activations, PackedMatrix, View};
 use crate::weights::{layer_weights, LayerWeight, WeightName, WeightSource};
 
 /// How a loaded model holds its weight matrices.
@@ -430,11 +430,12 @@ impl<B: Backend> Transformer<B> {
         }
     }
 
-    /// Attention of every segment's new tokens in plain Rust against host
-    /// caches: appends the new keys and values, then runs one task per
-    /// (segment, head) on rayon. Causal within a segment's new tokens. A
-    /// batch of decode steps is a few hundred small dot-product loops here,
-    /// where on Burn it is dozens of tensor operations per sequence.
+    /// Attention of every segment's new tokens on the host against host
+    /// caches: appends the new keys and values, then runs one rayon task
+    /// per (segment, key/value head), whose scores and weighted values are
+    /// two small products with the `gemm` crate per new token. Causal
+    /// within a segment's new tokens. On Burn a batch of decode steps was
+    /// dozens of small tensor operations per sequence per layer.
     ///
     /// # Shapes
     /// - `q`: `[n, heads, head_dim]`; `k`, `v`: `[n, kv_heads, head_dim]`
@@ -578,44 +579,29 @@ impl HeadTask<'_> {
     /// group, softmax over positions `0..=start + i` of `q·k * scale`,
     /// times the values.
     fn attend(&self) -> Vec<f32> {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has avx2; the body is plain safe Rust that
-            // the compiler may vectorise with it.
-            #[allow(unsafe_code)]
-            return unsafe { self.attend_avx2() };
-        }
-        self.attend_body()
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn attend_avx2(&self) -> Vec<f32> {
-        self.attend_body()
-    }
-
-    /// Plain loops only, no iterator adaptors: their closures would be
-    /// compiled apart from `attend_avx2` and lose its target features.
-    #[inline(always)]
-    fn attend_body(&self) -> Vec<f32> {
         let (nh, nkv, hd) = self.shape;
         let group = nh / nkv;
         let t = self.queries.len() / (nh * hd);
         let positions = self.start + t;
-        let at = |p: usize| (p * nkv + self.kv_head) * hd;
         let mut out = vec![0f32; t * group * hd];
         // [group, positions]
         let mut weights = vec![0f32; group * positions];
+        // This head's keys and values: [positions, hd], row stride nkv * hd.
+        let first = self.kv_head * hd;
+        let keys = &self.keys[first..];
+        let values = &self.values[first..];
         for i in 0..t {
             let visible = self.start + i + 1;
-            let queries = (i * nh + self.kv_head * group) * hd;
-            for p in 0..visible {
-                let key = &self.keys[at(p)..at(p) + hd];
-                for j in 0..group {
-                    let query = &self.queries[queries + j * hd..queries + (j + 1) * hd];
-                    weights[j * positions + p] = dot(query, key) * self.scale;
-                }
-            }
+            // The group's queries for token i: [group, hd], contiguous.
+            let at = (i * nh + self.kv_head * group) * hd;
+            let queries = View::new(&self.queries[at..at + group * hd], group, hd, hd, 1);
+            // scores = queries · keysᵀ · scale: [group, visible]
+            matmul_into(
+                View::new(&mut weights[..], group, visible, positions, 1),
+                queries,
+                View::new(keys, hd, visible, 1, nkv * hd),
+                self.scale,
+            );
             for j in 0..group {
                 let weights = &mut weights[j * positions..j * positions + visible];
                 let mut max = f32::NEG_INFINITY;
@@ -631,41 +617,17 @@ impl HeadTask<'_> {
                     *w /= total;
                 }
             }
-            for p in 0..visible {
-                let value = &self.values[at(p)..at(p) + hd];
-                for j in 0..group {
-                    let w = weights[j * positions + p];
-                    let first = (i * group + j) * hd;
-                    for (o, &v) in out[first..first + hd].iter_mut().zip(value) {
-                        *o += w * v;
-                    }
-                }
-            }
+            // out_i = weights · values: [group, hd]
+            let out_i = &mut out[i * group * hd..(i + 1) * group * hd];
+            matmul_into(
+                View::new(out_i, group, hd, hd, 1),
+                View::new(&weights[..], group, visible, positions, 1),
+                View::new(values, visible, hd, nkv * hd, 1),
+                1.0,
+            );
         }
         out
     }
-}
-
-/// `a · b` with eight running sums, which the compiler turns into SIMD.
-/// Plain loops only (see [`HeadTask::attend_body`]).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let mut tail = 0f32;
-    for (x, y) in a8.remainder().iter().zip(b8.remainder()) {
-        tail += x * y;
-    }
-    for (a, b) in a8.zip(b8) {
-        for l in 0..8 {
-            lanes[l] += a[l] * b[l];
-        }
-    }
-    let mut total = tail;
-    for l in lanes {
-        total += l;
-    }
-    total
 }
 
 /// Rotary position embedding, rotate-half convention (as transformers).
