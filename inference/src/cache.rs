@@ -3,7 +3,7 @@
 //! On the device, each layer keeps keys and values as
 //! `[kv_heads, capacity, head_dim]` tensors; capacity grows in chunks so
 //! appending a token is a slice write, not a reallocation. With the packed
-//! (CPU) weight layout the transformer attends in plain Rust instead, and
+//! (CPU) weight layout the transformer attends on the host instead, and
 //! each layer keeps `[positions, kv_heads, head_dim]` in host vectors
 //! ([`HostLayer`]).
 
