@@ -42,6 +42,11 @@ pub const ANNOUNCE_POLL: Duration = Duration::from_millis(250);
 const ANNOUNCE_TTL: Duration = Duration::from_secs(45);
 /// A worker that failed a job is ranked last for this long.
 const FAILURE_MEMORY: Duration = Duration::from_secs(30);
+/// How long a DHT provider lookup for a model is reused. The DHT is the
+/// fallback when gossip knows fewer than two workers for a model; asking it
+/// on every request added its round trips (about 2 ms on loopback) to
+/// every job of a small mesh.
+const DHT_LOOKUP_REUSE: Duration = ANNOUNCE_EVERY;
 /// Tokens buffered between a worker's stream and the HTTP response.
 const JOB_CHANNEL: usize = 64;
 /// Candidates tried before giving up.
@@ -118,6 +123,8 @@ pub struct Node {
     max_jobs_per_worker: u32,
     in_flight: Arc<Mutex<HashMap<PeerId, u32>>>,
     failures: Mutex<HashMap<PeerId, Instant>>,
+    /// The last DHT lookup per model: when, and the workers it found.
+    dht_lookups: Mutex<HashMap<String, (Instant, Vec<Announcement>)>>,
     reputation: Arc<Mutex<Reputation>>,
     appraiser: Arc<Mutex<attest::Appraiser>>,
     cancel: CancellationToken,
@@ -307,6 +314,7 @@ impl Node {
             max_jobs_per_worker: options.max_jobs_per_worker.max(1),
             in_flight: Arc::default(),
             failures: Mutex::default(),
+            dht_lookups: Mutex::default(),
             reputation: Arc::default(),
             appraiser: Arc::new(Mutex::new(
                 attest::Appraiser::new(policy, options.allow_insecure_workers)
@@ -649,7 +657,8 @@ impl Node {
             })
             .collect();
         if raw.len() < 2 {
-            raw.extend(self.dht_candidates(model, &raw).await);
+            let found = self.dht_candidates_reused(model, &raw).await;
+            raw.extend(found.into_iter().map(|a| (a, None)));
         }
         if raw.is_empty() {
             return Err(DispatchError::UnknownModel(model.to_string()));
@@ -717,11 +726,41 @@ impl Node {
 
     /// Workers found through provider records that gossip does not know:
     /// their attestation document tells their mode; load is unknown.
+    /// [`Node::dht_candidates`], asked at most once per
+    /// [`DHT_LOOKUP_REUSE`] per model; in between, the last lookup's
+    /// workers that gossip does not know now.
+    async fn dht_candidates_reused(
+        &self,
+        model: &str,
+        known: &[(Announcement, Option<Duration>)],
+    ) -> Vec<Announcement> {
+        let fresh = self.dht_lookups.lock().ok().and_then(|lookups| {
+            lookups
+                .get(model)
+                .filter(|(at, _)| at.elapsed() < DHT_LOOKUP_REUSE)
+                .map(|(_, found)| found.clone())
+        });
+        let found = match fresh {
+            Some(found) => found,
+            None => {
+                let found = self.dht_candidates(model, known).await;
+                if let Ok(mut lookups) = self.dht_lookups.lock() {
+                    lookups.insert(model.to_string(), (Instant::now(), found.clone()));
+                }
+                found
+            }
+        };
+        found
+            .into_iter()
+            .filter(|a| known.iter().all(|(k, _)| k.peer_id != a.peer_id))
+            .collect()
+    }
+
     async fn dht_candidates(
         &self,
         model: &str,
         known: &[(Announcement, Option<Duration>)],
-    ) -> Vec<(Announcement, Option<Duration>)> {
+    ) -> Vec<Announcement> {
         let providers = match tokio::time::timeout(
             Duration::from_secs(5),
             self.overlay.get_providers(model.as_bytes()),
@@ -750,25 +789,22 @@ impl Node {
             if !doc.claims.models.iter().any(|m| m == model) {
                 continue;
             }
-            out.push((
-                Announcement {
-                    peer_id: peer,
-                    models: doc.claims.models.clone(),
-                    free_slots: 1,
-                    queue_depth: 0,
-                    decode_tokens_per_s_milli: 0,
-                    price_coefficient_milli: 1000,
-                    attestation_mode: match doc.mode {
-                        attest::AttestationMode::Tdx => AttestationMode::Tdx,
-                        attest::AttestationMode::Insecure => AttestationMode::Insecure,
-                    },
-                    attestation_digest: Some(doc.digest().0),
-                    seq: 0,
-                    expires_at_ms: now_ms(),
-                    payout: None,
+            out.push(Announcement {
+                peer_id: peer,
+                models: doc.claims.models.clone(),
+                free_slots: 1,
+                queue_depth: 0,
+                decode_tokens_per_s_milli: 0,
+                price_coefficient_milli: 1000,
+                attestation_mode: match doc.mode {
+                    attest::AttestationMode::Tdx => AttestationMode::Tdx,
+                    attest::AttestationMode::Insecure => AttestationMode::Insecure,
                 },
-                None,
-            ));
+                attestation_digest: Some(doc.digest().0),
+                seq: 0,
+                expires_at_ms: now_ms(),
+                payout: None,
+            });
         }
         out
     }
