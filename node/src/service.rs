@@ -727,8 +727,8 @@ impl Node {
     /// Workers found through provider records that gossip does not know:
     /// their attestation document tells their mode; load is unknown.
     /// [`Node::dht_candidates`], asked at most once per
-    /// [`DHT_LOOKUP_REUSE`] per model; in between, the last lookup's
-    /// workers that gossip does not know now.
+    /// [`DHT_LOOKUP_REUSE`] per model once a lookup has found providers; in
+    /// between, that lookup's workers that gossip does not know now.
     async fn dht_candidates_reused(
         &self,
         model: &str,
@@ -742,13 +742,17 @@ impl Node {
         });
         let found = match fresh {
             Some(found) => found,
-            None => {
-                let found = self.dht_candidates(model, known).await;
-                if let Ok(mut lookups) = self.dht_lookups.lock() {
-                    lookups.insert(model.to_string(), (Instant::now(), found.clone()));
+            None => match self.dht_candidates(model, known).await {
+                Some(found) => {
+                    if let Ok(mut lookups) = self.dht_lookups.lock() {
+                        lookups.insert(model.to_string(), (Instant::now(), found.clone()));
+                    }
+                    found
                 }
-                found
-            }
+                // Nothing to reuse: a node whose DHT is still filling asks
+                // again on the next request.
+                None => Vec::new(),
+            },
         };
         found
             .into_iter()
@@ -756,19 +760,22 @@ impl Node {
             .collect()
     }
 
+    /// Workers the DHT lists as providers of `model` that `known` lacks,
+    /// described from their attestation documents; `None` when the lookup
+    /// failed or found no provider at all.
     async fn dht_candidates(
         &self,
         model: &str,
         known: &[(Announcement, Option<Duration>)],
-    ) -> Vec<Announcement> {
+    ) -> Option<Vec<Announcement>> {
         let providers = match tokio::time::timeout(
             Duration::from_secs(5),
             self.overlay.get_providers(model.as_bytes()),
         )
         .await
         {
-            Ok(Ok(p)) => p,
-            _ => return Vec::new(),
+            Ok(Ok(p)) if !p.is_empty() => p,
+            _ => return None,
         };
         let mut out = Vec::new();
         for peer in providers {
@@ -806,7 +813,7 @@ impl Node {
                 payout: None,
             });
         }
-        out
+        Some(out)
     }
 
     /// Applies the attestation policy to a worker's announcement.
