@@ -175,7 +175,7 @@ impl OverlayHandle {
 
     /// Opens a job stream to `peer` and sends `request`; read the worker's
     /// frames from the returned [`JobStream`]. Dials the peer when needed; if
-    /// no address is known, looks it up in Kademlia and tries once more.
+    /// that fails, looks it up in Kademlia and tries once more.
     pub async fn open_job(
         &self,
         peer: PeerId,
@@ -184,23 +184,36 @@ impl OverlayHandle {
         if self.commands.is_closed() {
             return Err(OverlayError::Stopped);
         }
-        let open = |request| {
-            job::open(
-                self.control.clone(),
-                peer,
-                request,
-                self.limits,
-                self.reports.clone(),
-            )
-        };
-        match open(request.clone()).await {
-            Err(OverlayError::OpenStream { reason, .. }) => {
-                tracing::debug!(%peer, %reason, "job stream failed; looking the peer up in the DHT");
+        match self.connect_and_open(peer, request.clone()).await {
+            Err(e @ (OverlayError::Dial { .. } | OverlayError::OpenStream { .. })) => {
+                tracing::debug!(%peer, error = %e, "job stream failed; looking the peer up in the DHT");
                 self.find_peer(peer).await?;
-                open(request).await
+                self.connect_and_open(peer, request).await
             }
             other => other,
         }
+    }
+
+    async fn connect_and_open(
+        &self,
+        peer: PeerId,
+        request: Vec<u8>,
+    ) -> Result<JobStream, OverlayError> {
+        let connect = self.ask(|reply| Command::Connect { peer, reply });
+        tokio::time::timeout(self.limits.idle_timeout, connect)
+            .await
+            .map_err(|_| OverlayError::Dial {
+                target: peer.to_string(),
+                reason: format!("not connected after {:?}", self.limits.idle_timeout),
+            })???;
+        job::open(
+            self.control.clone(),
+            peer,
+            request,
+            self.limits,
+            self.reports.clone(),
+        )
+        .await
     }
 
     /// Reports that `peer` misbehaved (e.g. sent an undecodable job payload).

@@ -8,8 +8,14 @@ use std::{
 
 use futures::StreamExt;
 use libp2p::{
-    autonat, gossipsub, identify, kad, mdns, multiaddr::Protocol, ping, request_response,
-    swarm::SwarmEvent, Multiaddr, PeerId, Swarm,
+    autonat, gossipsub, identify, kad, mdns,
+    multiaddr::Protocol,
+    ping, request_response,
+    swarm::{
+        dial_opts::{DialOpts, PeerCondition},
+        DialError, SwarmEvent,
+    },
+    Multiaddr, PeerId, Swarm,
 };
 use tokio::{
     sync::{mpsc, oneshot},
@@ -48,6 +54,12 @@ type Reply<T> = oneshot::Sender<Result<T, OverlayError>>;
 pub(crate) enum Command {
     Dial {
         addr: Multiaddr,
+        reply: Reply<()>,
+    },
+    /// Answers once this node holds a connection to `peer`, dialling it
+    /// (by the addresses the behaviours know) when needed.
+    Connect {
+        peer: PeerId,
         reply: Reply<()>,
     },
     ListenAddrs {
@@ -306,6 +318,7 @@ impl Overlay {
             provider_queries: HashMap::new(),
             attest_requests: HashMap::new(),
             find_queries: HashMap::new(),
+            connect_waiters: HashMap::new(),
             max_announcement_size: config.max_announcement_size,
             max_reputation_size: config.max_reputation_size,
             keypair: config.keypair.clone(),
@@ -432,6 +445,8 @@ struct EventLoop {
     provider_queries: HashMap<kad::QueryId, ProviderQuery>,
     attest_requests: HashMap<request_response::OutboundRequestId, (PeerId, Reply<Vec<u8>>)>,
     find_queries: HashMap<kad::QueryId, (PeerId, Reply<Vec<Multiaddr>>)>,
+    /// `Connect` callers waiting for a dial to `peer` to succeed or fail.
+    connect_waiters: HashMap<PeerId, Vec<Reply<()>>>,
     max_announcement_size: usize,
     max_reputation_size: usize,
     keypair: libp2p::identity::Keypair,
@@ -545,6 +560,54 @@ impl EventLoop {
         });
     }
 
+    /// Serves [`Command::Connect`]. A job stream must only be opened once the
+    /// connection is fully set up: libp2p-stream asked during the moment a
+    /// connection is being established parks the request on a dial that the
+    /// swarm refuses (the peer is already connected) and never answers it.
+    fn connect(&mut self, peer: PeerId, reply: Reply<()>) {
+        if self.swarm.is_connected(&peer) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        if self.policy.is_banned(&peer) {
+            let _ = reply.send(Err(OverlayError::Banned { peer }));
+            return;
+        }
+        let waiting = self.connect_waiters.get(&peer).map_or(0, Vec::len);
+        if waiting == 0 && self.connect_waiters.len() >= MAX_PENDING {
+            let _ = reply.send(Err(OverlayError::Dial {
+                target: peer.to_string(),
+                reason: "too many dials in flight".into(),
+            }));
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match self.swarm.dial(opts) {
+            // Refused because a dial to the peer is already under way: wait for that one.
+            Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {
+                self.connect_waiters.entry(peer).or_default().push(reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(OverlayError::Dial {
+                    target: peer.to_string(),
+                    reason: e.to_string(),
+                }));
+            }
+        }
+    }
+
+    /// Answers the `Connect` callers waiting on `peer`.
+    fn connected(&mut self, peer: PeerId, result: Result<(), String>) {
+        for reply in self.connect_waiters.remove(&peer).unwrap_or_default() {
+            let _ = reply.send(result.clone().map_err(|reason| OverlayError::Dial {
+                target: peer.to_string(),
+                reason,
+            }));
+        }
+    }
+
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Dial { addr, reply } => {
@@ -557,6 +620,7 @@ impl EventLoop {
                     });
                 let _ = reply.send(result);
             }
+            Command::Connect { peer, reply } => self.connect(peer, reply),
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
@@ -775,6 +839,7 @@ impl EventLoop {
                 if endpoint.is_dialer() {
                     state.add_address(address.clone());
                 }
+                self.connected(peer_id, Ok(()));
                 if num_established.get() == 1 {
                     tracing::debug!(peer = %peer_id, %address, "connected");
                     self.emit(OverlayEvent::PeerConnected {
@@ -795,6 +860,12 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, %error, "outgoing connection failed");
+                // Another dial to the peer may still be under way (a bootstrap
+                // dial by address next to one by peer id); a caller that gets
+                // this error and asks again waits for that one.
+                if let Some(peer) = peer_id.filter(|p| !self.swarm.is_connected(p)) {
+                    self.connected(peer, Err(error.to_string()));
+                }
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 tracing::debug!(%error, "incoming connection failed");

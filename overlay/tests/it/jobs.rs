@@ -149,3 +149,33 @@ async fn a_busy_worker_refuses_jobs_past_its_cap() {
     );
     drop(held);
 }
+
+/// A job opened while the connection to the worker is still being set up
+/// must wait for it, not hang: libp2p-stream alone parks a stream request
+/// made in the middle of connection establishment forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_opened_while_the_connection_is_set_up_is_answered() {
+    init_tracing();
+    for round in 0..40u64 {
+        let worker = spawn_local(local_config(seeded_keypair(7_000 + 2 * round)))
+            .await
+            .expect("worker");
+        let mut config = local_config(seeded_keypair(7_001 + 2 * round));
+        config.bootstrap = vec![worker.addr.clone()];
+        let gateway = spawn_local(config).await.expect("gateway");
+        let server = tokio::spawn(serve_one(worker.events, gateway.peer_id));
+        // Sweep the moment of the request across the connection handshake.
+        let until = std::time::Instant::now() + std::time::Duration::from_micros(100 * round);
+        while std::time::Instant::now() < until {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            run_job(&gateway.handle, worker.peer_id).await,
+            expected_frames(),
+            "round {round}"
+        );
+        server.await.expect("worker task");
+        gateway.handle.shutdown();
+        worker.handle.shutdown();
+    }
+}
