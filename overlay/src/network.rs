@@ -312,6 +312,7 @@ impl Overlay {
             peers: HashMap::new(),
             own: None,
             republish: false,
+            unsent: false,
             republish_every: config.announce_republish_interval,
             last_published: Instant::now(),
             provide_queries: HashMap::new(),
@@ -437,6 +438,9 @@ struct EventLoop {
     own: Option<OwnAnnouncement>,
     /// A peer subscribed since we last published our announcement.
     republish: bool,
+    /// Our announcement has reached no peer yet (none was subscribed when
+    /// it was published).
+    unsent: bool,
     /// Period of the unconditional re-publication of our announcement.
     republish_every: Duration,
     /// When our announcement last went out.
@@ -513,27 +517,34 @@ impl EventLoop {
             self.republish = true;
         }
         if self.republish {
-            if let Some(own) = &self.own {
-                let topic = self.announce_topic.clone();
-                match self
-                    .swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .publish(topic, own.wire.clone())
-                {
-                    Ok(_) => {
-                        self.republish = false;
-                        self.last_published = now;
-                    }
-                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
-                    Err(e) => {
-                        tracing::debug!(error = %e, "re-publishing our announcement failed");
-                        self.republish = false;
-                        self.last_published = now;
-                    }
-                }
-            } else {
+            self.publish_own(now);
+        }
+    }
+
+    /// Publishes our current announcement again.
+    fn publish_own(&mut self, now: Instant) {
+        let Some(own) = &self.own else {
+            self.republish = false;
+            return;
+        };
+        let topic = self.announce_topic.clone();
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(topic, own.wire.clone())
+        {
+            Ok(_) => {
                 self.republish = false;
+                self.unsent = false;
+                self.last_published = now;
+            }
+            // Still nobody to send it to: try again when a peer subscribes.
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => self.unsent = true,
+            Err(e) => {
+                tracing::debug!(error = %e, "re-publishing our announcement failed");
+                self.republish = false;
+                self.last_published = now;
             }
         }
     }
@@ -799,11 +810,13 @@ impl EventLoop {
         self.own = Some(OwnAnnouncement { announcement, wire });
         match published {
             Ok(_) => {
+                self.unsent = false;
                 self.last_published = Instant::now();
                 Ok(())
             }
             Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
                 // Nobody listens yet: publish when the first peer subscribes.
+                self.unsent = true;
                 self.republish = true;
                 Ok(())
             }
@@ -979,8 +992,16 @@ impl EventLoop {
             gossipsub::Event::Subscribed { peer_id, topic }
                 if topic == self.announce_topic.hash() && self.own.is_some() =>
             {
-                tracing::trace!(peer = %peer_id, "peer subscribed: will re-publish our announcement");
-                self.republish = true;
+                if self.unsent {
+                    // A starting worker is unknown until this goes out:
+                    // send it now, not at the next tick.
+                    tracing::trace!(peer = %peer_id, "first subscriber: publishing our announcement");
+                    self.publish_own(Instant::now());
+                } else {
+                    // Coalesced: many peers subscribe within one tick.
+                    tracing::trace!(peer = %peer_id, "peer subscribed: will re-publish our announcement");
+                    self.republish = true;
+                }
             }
             _ => {}
         }
