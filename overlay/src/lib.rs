@@ -33,8 +33,11 @@
 //!   (size, signature, signer = announced peer = gossip author, expiry,
 //!   growing `seq`, rate) *before* gossipsub forwards it. Rejections lower
 //!   the sender's gossipsub score and raise its misbehaviour score.
-//! - Jobs: [`OverlayHandle::open_job`] (dials the worker, looking its address
-//!   up in Kademlia when no connection exists) → length-prefixed postcard frames →
+//! - Jobs: [`OverlayHandle::open_job`] (asks the overlay task for a
+//!   connection to the worker and waits until it is established, looking the
+//!   worker's address up in Kademlia when the dial fails; only then opens the
+//!   stream, because `libp2p-stream` loses a request made while a connection
+//!   is half set up) → length-prefixed postcard frames →
 //!   the worker's node gets [`OverlayEvent::InboundJob`] with a
 //!   [`JobResponder`]; frames are opaque bytes to this crate.
 //! - Attestation: [`OverlayHandle::fetch_attestation`] ↔

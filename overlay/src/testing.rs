@@ -201,101 +201,14 @@ pub async fn wait_until_connected(
         })?
 }
 
-/// What [`measure_convergence`] measured.
-#[derive(Clone, Debug)]
-pub struct ConvergenceReport {
-    /// Nodes in the mesh.
-    pub nodes: usize,
-    /// Time to start every node.
-    pub spawn: Duration,
-    /// Time until every node had `min(n - 1, 4)` connections.
-    pub meshed: Duration,
-    /// Time from the announcements until every node held every announcement.
-    pub converged: Duration,
-}
-
-/// Starts `n` in-process nodes (the first is everyone's bootstrap node),
-/// waits until each has a few connections, has each announce itself once,
-/// and measures how long until every node holds every node's announcement.
-/// Arrival times are taken from each node's own event stream (an
-/// [`OverlayEvent::Announcement`] is emitted when a node accepts one), not
-/// by polling handles: on a small machine a mesh of many in-process nodes
-/// keeps the CPU busy enough that polling all of them takes seconds.
-/// `timeout` bounds each phase. Stops the nodes before returning.
-pub async fn measure_convergence(
-    n: usize,
-    seed: u64,
-    timeout: Duration,
-) -> Result<ConvergenceReport, OverlayError> {
-    let started = Instant::now();
-    let nodes = spawn_mesh(n, seed).await?;
-    let spawn = started.elapsed();
-    let (handles, mut arrivals, mut watchers) = watch_announcements(nodes);
-    let expected: HashSet<PeerId> = handles.iter().map(OverlayHandle::local_peer_id).collect();
-    let result = async {
-        let meshed = wait_until_meshed(&handles, n.saturating_sub(1).min(4), timeout).await?;
-        let announced = Instant::now();
-        for handle in &handles {
-            let announcement = worker_announcement(handle.local_peer_id(), 1, &["bench-model"]);
-            handle.announce(announcement).await?;
-        }
-        // Each node holds its own announcement; it must receive the others.
-        let mut missing: Vec<HashSet<PeerId>> = handles
-            .iter()
-            .map(|h| {
-                let mut m = expected.clone();
-                m.remove(&h.local_peer_id());
-                m
-            })
-            .collect();
-        let mut left: usize = missing.iter().map(HashSet::len).sum();
-        let mut last = announced;
-        let wait = async {
-            while left > 0 {
-                let Some((i, peer, at)) = arrivals.recv().await else {
-                    break;
-                };
-                if missing[i].remove(&peer) {
-                    left -= 1;
-                    last = last.max(at);
-                }
-            }
-        };
-        tokio::time::timeout(timeout, wait)
-            .await
-            .map_err(|_| OverlayError::WaitTimeout {
-                what: format!("{left} announcements to reach their nodes"),
-                after: timeout,
-            })?;
-        if left > 0 {
-            return Err(OverlayError::Stopped);
-        }
-        Ok::<_, OverlayError>((meshed, last.duration_since(announced)))
-    }
-    .await;
-    for handle in &handles {
-        handle.shutdown();
-    }
-    watchers.shutdown().await;
-    let (meshed, converged) = result?;
-    Ok(ConvergenceReport {
-        nodes: n,
-        spawn,
-        meshed,
-        converged,
-    })
-}
+/// `(node index, announcing peer, arrival time)` for every announcement a
+/// node accepts, from [`watch_announcements`].
+pub type Arrivals = mpsc::Receiver<(usize, PeerId, Instant)>;
 
 /// Takes the nodes' event streams: returns their handles, a channel of
 /// `(node index, announcing peer, arrival time)` for every announcement a
 /// node accepts, and the tasks that read the streams.
-pub fn watch_announcements(
-    nodes: Vec<LocalNode>,
-) -> (
-    Vec<OverlayHandle>,
-    mpsc::Receiver<(usize, PeerId, Instant)>,
-    JoinSet<()>,
-) {
+pub fn watch_announcements(nodes: Vec<LocalNode>) -> (Vec<OverlayHandle>, Arrivals, JoinSet<()>) {
     let (tx, rx) = mpsc::channel(4096);
     let mut tasks = JoinSet::new();
     let mut handles = Vec::with_capacity(nodes.len());

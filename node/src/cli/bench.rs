@@ -21,6 +21,9 @@ pub enum BenchCommand {
     Settlement(super::wallet::SettlementBenchArgs),
     /// Routing overhead, time until a new worker is known, gossip convergence.
     Mesh(super::bench_mesh::MeshBenchArgs),
+    /// One process's share of the mesh `silk bench mesh` measures.
+    #[command(hide = true)]
+    MeshShard(super::mesh_shard::MeshShardArgs),
 }
 
 /// Arguments of `silk bench inference`.
@@ -57,6 +60,7 @@ pub fn run(cmd: BenchCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
         BenchCommand::Inference(args) => inference(args, data_dir),
         BenchCommand::Settlement(args) => super::wallet::bench_settlement(args),
         BenchCommand::Mesh(args) => super::bench_mesh::run(args, data_dir),
+        BenchCommand::MeshShard(args) => super::bench_mesh::run_shard(args),
     }
 }
 

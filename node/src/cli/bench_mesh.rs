@@ -1,7 +1,6 @@
 //! `silk bench mesh`: routing overhead, time until a new worker is known,
 //! and gossip convergence of in-process overlays. Prints a markdown table.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -9,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use silk_inference::{backend::Device, Event};
-use silk_overlay::testing;
 
+use super::mesh_shard::{self, MeshShardArgs};
 use crate::jobs::{JobRequest, WirePrompt};
 use crate::service::{JobEvent, Node, NodeOptions};
 
@@ -20,12 +19,17 @@ pub struct MeshBenchArgs {
     /// Model the in-process worker serves (name or path).
     #[arg(long, default_value = silk_inference::DEFAULT_MODEL)]
     pub model: String,
-    /// Jobs per route for the overhead measurement.
+    /// Jobs per route for the overhead measurement (0 skips it).
     #[arg(long, default_value_t = 50)]
     pub jobs: usize,
     /// Mesh sizes for gossip convergence, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "10,50,200")]
     pub sizes: Vec<usize>,
+    /// Most nodes run in one process; larger meshes are spread over
+    /// several processes of this binary (each connection costs a file
+    /// descriptor at both ends).
+    #[arg(long, default_value_t = 50)]
+    pub nodes_per_process: usize,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -34,6 +38,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     }
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
+}
+
+/// A measured time, or why there is none.
+fn outcome(r: &anyhow::Result<Duration>) -> String {
+    match r {
+        Ok(d) => ms(*d),
+        Err(e) => format!("failed: {e:#}"),
+    }
 }
 
 fn ms(d: Duration) -> String {
@@ -62,12 +74,73 @@ fn options(data_dir: &Path, models_dir: &Path, worker: Option<String>) -> NodeOp
 
 /// Runs `silk bench mesh`.
 pub fn run(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    raise_open_files_limit();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(bench(args, data_dir))?;
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs `silk bench mesh-shard`, a child of `silk bench mesh`.
+pub fn run_shard(args: MeshShardArgs) -> anyhow::Result<ExitCode> {
+    raise_open_files_limit();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(mesh_shard::run_shard(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Raises the soft open-files limit to the hard one: a mesh of in-process
+/// nodes needs a descriptor per connection end, far past the usual 1024.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
+}
+
 async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
+    println!("## silk bench mesh\n");
+    println!("machine: {}\n", super::bench::machine());
+    if args.jobs > 0 {
+        routing_overhead(&args, data_dir).await?;
+    }
+    println!(
+        "Overlay nodes on 127.0.0.1 (TCP), at most {} per process, with the production gossip \
+         settings. Settled: the mesh's connection count stayed within 1% for {} s (waiting at \
+         most {} s). Then one new node joins and announces itself, then every node announces \
+         itself at once.\n",
+        args.nodes_per_process,
+        mesh_shard::STEADY_FOR.as_secs(),
+        mesh_shard::SETTLE_LIMIT.as_secs(),
+    );
+    println!(
+        "| nodes | processes | spawn | meshed | settled | connections per node | a new worker known by all | every node holds every announcement |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for &n in &args.sizes {
+        eprintln!(
+            "gossip convergence with {n} overlay nodes, at most {} per process…",
+            args.nodes_per_process
+        );
+        match mesh_shard::measure(n, args.nodes_per_process).await {
+            Ok(r) => println!(
+                "| {n} | {} | {} | {} | {} | {:.1} | {} | {} |",
+                r.processes,
+                ms(r.spawn),
+                ms(r.meshed),
+                ms(r.settled),
+                r.connections_per_node,
+                outcome(&r.new_worker_known),
+                outcome(&r.converged),
+            ),
+            Err(e) => println!("| {n} | failed: {e:#} | | | | | | |"),
+        }
+    }
+    Ok(())
+}
+
+/// Times 1-token jobs on a worker's engine and through a gateway to that
+/// worker, in this process; prints the table.
+async fn routing_overhead(args: &MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
     let models_dir = data_dir.join("models");
     let tmp = tempfile::Builder::new()
         .prefix("silk-bench-mesh")
@@ -163,8 +236,6 @@ async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
     gateway.shutdown();
     worker.shutdown();
 
-    println!("## silk bench mesh\n");
-    println!("machine: {}\n", super::bench::machine());
     println!("| measurement | p50 | p99 |");
     println!("| --- | --- | --- |");
     println!(
@@ -183,86 +254,5 @@ async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
         ms(percentile(&overhead, 0.99))
     );
     println!("\n{} jobs per route, TCP on loopback. A new gateway knew the worker {} after it started.\n", args.jobs, ms(worker_known));
-    println!("| in-process nodes | spawn | meshed | every node holds every announcement | a new worker known by all |");
-    println!("| --- | --- | --- | --- | --- |");
-    for &n in &args.sizes {
-        eprintln!("gossip convergence with {n} in-process overlay nodes…");
-        match testing::measure_convergence(n, 7, Duration::from_secs(120)).await {
-            Ok(r) => {
-                let join = new_worker_known(n).await.ok();
-                println!(
-                    "| {n} | {} | {} | {} | {} |",
-                    ms(r.spawn),
-                    ms(r.meshed),
-                    ms(r.converged),
-                    join.map(ms).unwrap_or_else(|| "timed out".into())
-                );
-            }
-            Err(e) => println!("| {n} | failed: {e} | | | |"),
-        }
-    }
     Ok(())
-}
-
-/// Starts `n` nodes, waits until meshed, then starts one more node that
-/// announces itself and measures until all `n` have accepted its
-/// announcement (arrival times from their event streams, see
-/// [`testing::measure_convergence`]).
-async fn new_worker_known(n: usize) -> anyhow::Result<Duration> {
-    let nodes = testing::spawn_mesh(n, 11).await?;
-    let boot = nodes[0].addr.clone();
-    let (handles, mut arrivals, mut watchers) = testing::watch_announcements(nodes);
-    let result = async {
-        testing::wait_until_meshed(
-            &handles,
-            n.saturating_sub(1).min(4),
-            Duration::from_secs(120),
-        )
-        .await?;
-        let config =
-            testing::local_config(testing::seeded_keypair(1_000_000)).with_bootstrap(vec![boot]);
-        let new = testing::spawn_local(config).await?;
-        let peer_id = new.peer_id;
-        let (new_handles, _, mut new_watcher) = testing::watch_announcements(vec![new]);
-        let handle = &new_handles[0];
-        // Announce as soon as it has a peer, as a starting worker does.
-        testing::wait_until_meshed(std::slice::from_ref(handle), 1, Duration::from_secs(60))
-            .await?;
-        let start = Instant::now();
-        handle
-            .announce(testing::worker_announcement(peer_id, 1, &["bench-model"]))
-            .await?;
-        let mut seen = HashSet::new();
-        let mut last = start;
-        tokio::time::timeout(Duration::from_secs(120), async {
-            while seen.len() < n {
-                match arrivals.recv().await {
-                    Some((i, peer, at)) if peer == peer_id => {
-                        if seen.insert(i) {
-                            last = last.max(at);
-                        }
-                    }
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-        })
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "{} of {n} nodes never got the new announcement",
-                n - seen.len()
-            )
-        })?;
-        anyhow::ensure!(seen.len() == n, "the nodes stopped before all got it");
-        handle.shutdown();
-        new_watcher.shutdown().await;
-        anyhow::Ok(last.duration_since(start))
-    }
-    .await;
-    for h in &handles {
-        h.shutdown();
-    }
-    watchers.shutdown().await;
-    result
 }

@@ -7,6 +7,7 @@ pub mod bench_mesh;
 pub mod client;
 pub mod infer;
 pub mod init;
+pub mod mesh_shard;
 pub mod model;
 pub mod run;
 pub mod testnet;
