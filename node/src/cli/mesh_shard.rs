@@ -160,7 +160,7 @@ async fn shard(
     let (handles, mut arrivals, mut watchers) = testing::watch_announcements(nodes);
     let (base_instant, base_wall) = (Instant::now(), SystemTime::now());
     let first = args.first;
-    let forward = {
+    let _forward = AbortOnDrop({
         let reports = reports.clone();
         tokio::spawn(async move {
             while let Some((i, peer, at)) = arrivals.recv().await {
@@ -179,7 +179,7 @@ async fn shard(
                 }
             }
         })
-    };
+    });
 
     let result = async {
         testing::wait_until_meshed(&handles, args.min_peers, PHASE_TIMEOUT).await?;
@@ -222,7 +222,6 @@ async fn shard(
         handle.shutdown();
     }
     watchers.shutdown().await;
-    forward.abort();
     result
 }
 
@@ -266,8 +265,9 @@ struct Shard {
 type Reports = mpsc::UnboundedReceiver<(usize, ShardReport)>;
 
 /// Starts a mesh of `n` nodes over processes of at most `per_process`
-/// nodes, lets it run until its connection count is steady, then measures how fast a new worker's announcement reaches every
-/// node, and how fast `n` simultaneous announcements reach every node.
+/// nodes, lets it run until its connection count is steady, then measures
+/// how fast a new worker's announcement reaches every node, and how fast `n`
+/// simultaneous announcements reach every node.
 pub async fn measure(n: usize, per_process: usize) -> anyhow::Result<MeshReport> {
     ensure!(n >= 2, "a mesh needs at least 2 nodes");
     ensure!(per_process >= 1, "--nodes-per-process must be at least 1");
