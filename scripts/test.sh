@@ -21,7 +21,16 @@ echo "== format"
 cargo fmt --all -- --check
 
 echo "== cargo test"
-cargo test -j"$jobs" --workspace --no-fail-fast
+# The fidelity table is part of what the suite reports: that test runs on
+# its own below with its output shown.
+fidelity=smollm2_every_cpu_path_is_as_faithful_as_llama_cpp
+cargo test -j"$jobs" --workspace --no-fail-fast -- --skip "$fidelity"
+
+echo "== fidelity of every CPU path on the default model (against transformers and llama.cpp)"
+cargo test -j"$jobs" -p silk-inference --test reference "$fidelity" -- --nocapture
+
+echo "== silk-inference on an emulated CPU without AVX (qemu64)"
+scripts/test-portable-cpu.sh
 
 echo "== settlement contract (Tolk + @ton/sandbox)"
 chain/contracts/test.sh

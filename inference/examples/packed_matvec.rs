@@ -1,10 +1,12 @@
 //! Throughput of the packed (quantized) matrix products on random weights
 //! shaped like SmolLM2-135M's layers: `cargo run --release --example
-//! packed_matvec -p silk-inference [-- ROWS_IN_BATCH...]`.
+//! packed_matvec -p silk-inference [-- ROWS_IN_BATCH...]`, on the kernels
+//! `SILK_CPU_KERNELS` names (the widest this CPU runs by default).
 
 use std::time::Instant;
 
 use silk_inference::packed::{Activations, BlockFormat, PackedMatrix, BLOCK};
+use silk_inference::CpuKernels;
 
 fn random_bytes(len: usize, seed: &mut u64) -> Vec<u8> {
     (0..len)
@@ -38,6 +40,8 @@ fn main() {
     } else {
         batches
     };
+    let kernels = CpuKernels::from_env().unwrap_or_else(|e| panic!("{e}"));
+    println!("kernels: {kernels}");
     let mut seed = 0x9E37_79B9_7F4A_7C15;
     let (hidden, inter, kv) = (576, 1536, 192);
     let layers: Vec<[PackedMatrix; 4]> = (0..30)
@@ -58,10 +62,10 @@ fn main() {
         for _ in 0..10 {
             let start = Instant::now();
             for [qkv, o, gate_up, down] in &layers {
-                std::hint::black_box(qkv.matmul(&x_h, n, Activations::Int8));
-                std::hint::black_box(o.matmul(&x_h, n, Activations::Int8));
-                std::hint::black_box(gate_up.matmul(&x_h, n, Activations::Int8));
-                std::hint::black_box(down.matmul(&x_i, n, Activations::Int8));
+                std::hint::black_box(qkv.matmul(&x_h, n, Activations::Int8, kernels));
+                std::hint::black_box(o.matmul(&x_h, n, Activations::Int8, kernels));
+                std::hint::black_box(gate_up.matmul(&x_h, n, Activations::Int8, kernels));
+                std::hint::black_box(down.matmul(&x_i, n, Activations::Int8, kernels));
             }
             best = best.min(start.elapsed().as_secs_f64());
         }

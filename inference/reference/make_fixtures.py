@@ -522,15 +522,28 @@ def generator_info() -> dict:
     }
 
 
-NUMBER_ARRAY = re.compile(r"\[\s*(-?[0-9][-0-9.eE+]*(?:,\s*-?[0-9][-0-9.eE+]*)*)\s*\]")
-
-
 def write_json(path: Path, obj) -> None:
-    """Indented JSON with every array of plain numbers kept on one line."""
-    text = json.dumps(obj, indent=1, ensure_ascii=False)
-    text = NUMBER_ARRAY.sub(lambda m: "[" + ",".join(x.strip() for x in m.group(1).split(",")) + "]",
-                            text)
-    json.loads(text)
+    """Indented JSON with every array of plain numbers kept on one line.
+
+    Number arrays are swapped for placeholder strings before indenting and
+    written compactly in their place afterwards, so text inside strings (a
+    prompt holding "[1, 3]") is never touched.
+    """
+    arrays: list[str] = []
+
+    def swap(x):
+        if isinstance(x, dict):
+            return {k: swap(v) for k, v in x.items()}
+        if isinstance(x, list):
+            if x and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x):
+                arrays.append(json.dumps(x, separators=(",", ":")))
+                return f"\u0000array{len(arrays) - 1}\u0000"
+            return [swap(v) for v in x]
+        return x
+
+    text = json.dumps(swap(obj), indent=1, ensure_ascii=False)
+    text = re.sub(r'"\\u0000array([0-9]+)\\u0000"', lambda m: arrays[int(m.group(1))], text)
+    assert json.loads(text) == obj, "write_json changed the data"
     path.write_text(text + "\n", encoding="utf-8")
 
 

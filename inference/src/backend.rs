@@ -45,6 +45,10 @@ pub fn start_engine(source: ModelSource, device: Device, config: EngineConfig) -
         Device::Cpu => {
             let model =
                 LoadedModel::<Cpu>::load(source, WeightLayout::Packed, &Default::default())?;
+            tracing::info!(
+                kernels = %model.transformer.kernels(),
+                "CPU kernels (set SILK_CPU_KERNELS to pin them)"
+            );
             Engine::start(model, config)
         }
         Device::Cuda(index) => start_cuda(source, index, config),

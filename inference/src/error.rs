@@ -89,6 +89,9 @@ pub enum InferenceError {
     /// Fetching the default model failed.
     #[error("fetching the model: {0}")]
     Fetch(String),
+    /// The CPU kernels asked for cannot run here, or are not a known set.
+    #[error("CPU kernels: {0}")]
+    CpuKernels(String),
     /// The requested compute backend is unavailable.
     #[error("backend: {0}")]
     Backend(String),

@@ -3,7 +3,12 @@
 //!
 //! The file is memory-mapped; every offset and length read from it is checked
 //! against the file's size, so a truncated or corrupt file gives an error that
-//! names it instead of a panic.
+//! names it instead of a panic. A hostile header cannot make the parser
+//! allocate more than the file could hold: every count is checked against
+//! the bytes left in the file before anything is reserved for it, and the
+//! parsed header's memory is charged against [`MAX_HEADER_MEMORY`] as it
+//! grows (an item of one byte in the file costs a whole [`Value`] in
+//! memory).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +25,10 @@ const MAX_TENSORS: u64 = 1 << 20;
 const MAX_KV: u64 = 1 << 20;
 const MAX_ARRAY: u64 = 1 << 26;
 const MAX_STRING: u64 = 1 << 30;
+/// The most memory the parsed header (metadata and tensor table) may take.
+/// Real tokenizers are far below it: a 256k-token vocabulary with scores,
+/// types and merges is about 40 MiB as [`Value`]s.
+pub const MAX_HEADER_MEMORY: usize = 256 << 20;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -204,6 +213,8 @@ struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Header memory still allowed (see [`MAX_HEADER_MEMORY`]).
+    budget: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -254,6 +265,38 @@ impl<'a> Reader<'a> {
         InferenceError::format(self.path, format!("corrupt GGUF header: {reason}"))
     }
 
+    fn remaining(&self) -> u64 {
+        (self.bytes.len() - self.pos) as u64
+    }
+
+    /// Refuses `count` items of at least `min_bytes` each when the rest of
+    /// the file cannot hold them, before anything is allocated for them.
+    fn fits(&self, count: u64, min_bytes: u64, what: &str) -> Result<()> {
+        if count.saturating_mul(min_bytes) > self.remaining() {
+            return Err(self.corrupt(format!(
+                "{what} claims {count} items of at least {min_bytes} bytes, but only {} bytes follow",
+                self.remaining()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Takes `bytes` of header memory from the budget; `what` names the
+    /// field in the error.
+    fn charge(&mut self, bytes: usize, what: impl FnOnce() -> String) -> Result<()> {
+        match self.budget.checked_sub(bytes) {
+            Some(left) => {
+                self.budget = left;
+                Ok(())
+            }
+            None => Err(self.corrupt(format!(
+                "{} takes the parsed header past {} MiB of memory",
+                what(),
+                MAX_HEADER_MEMORY >> 20
+            ))),
+        }
+    }
+
     fn value(&mut self, kind: u32, key: &str, depth: u8) -> Result<Value> {
         Ok(match kind {
             0 => Value::U64(u64::from(self.array::<1>(key)?[0])),
@@ -264,7 +307,11 @@ impl<'a> Reader<'a> {
             5 => Value::I64(i64::from(i32::from_le_bytes(self.array(key)?))),
             6 => Value::F64(f64::from(f32::from_le_bytes(self.array(key)?))),
             7 => Value::Bool(self.array::<1>(key)?[0] != 0),
-            8 => Value::Str(self.string(key)?),
+            8 => {
+                let s = self.string(key)?;
+                self.charge(s.len(), || format!("`{key}`"))?;
+                Value::Str(s)
+            }
             9 => {
                 if depth > 2 {
                     return Err(self.corrupt(format!("`{key}` nests arrays too deeply")));
@@ -274,7 +321,16 @@ impl<'a> Reader<'a> {
                 if count > MAX_ARRAY {
                     return Err(self.corrupt(format!("`{key}` claims {count} array items")));
                 }
-                let mut items = Vec::with_capacity((count as usize).min(1 << 16));
+                let min_bytes = value_min_bytes(item_kind).ok_or_else(|| {
+                    self.corrupt(format!("`{key}` has unknown value type {item_kind}"))
+                })?;
+                self.fits(count, min_bytes, &format!("`{key}`"))?;
+                // `count` fits in the file, so it fits in usize.
+                let count = count as usize;
+                self.charge(count.saturating_mul(std::mem::size_of::<Value>()), || {
+                    format!("`{key}` ({count} items)")
+                })?;
+                let mut items = Vec::with_capacity(count);
                 for _ in 0..count {
                     items.push(self.value(item_kind, key, depth + 1)?);
                 }
@@ -287,6 +343,24 @@ impl<'a> Reader<'a> {
         })
     }
 }
+
+/// The fewest bytes a metadata value of type `kind` takes in the file
+/// (`None` for an unknown type).
+fn value_min_bytes(kind: u32) -> Option<u64> {
+    Some(match kind {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        // A string's length; an array's item type and count.
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => return None,
+    })
+}
+
+/// The fewest bytes a tensor's entry takes in the table: name length, one
+/// dimension, type, offset.
+const TENSOR_INFO_MIN_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
 
 impl GgufFile {
     /// Opens and parses the header of a GGUF file.
@@ -301,6 +375,7 @@ impl GgufFile {
             bytes: &map,
             pos: 0,
             path,
+            budget: MAX_HEADER_MEMORY,
         };
         if r.take(4, "the magic number")? != MAGIC {
             return Err(InferenceError::format(
@@ -320,11 +395,20 @@ impl GgufFile {
         if n_tensors > MAX_TENSORS || n_kv > MAX_KV {
             return Err(r.corrupt(format!("{n_tensors} tensors and {n_kv} metadata entries")));
         }
+        // A key's length, its type and the smallest value.
+        r.fits(n_kv, 8 + 4 + 1, "the metadata count")?;
+        r.fits(n_tensors, TENSOR_INFO_MIN_BYTES, "the tensor count")?;
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
             let key = r.string("a metadata key")?;
             let kind = r.u32(&key)?;
+            r.charge(key.len() + std::mem::size_of::<(String, Value)>(), || {
+                format!("`{key}`")
+            })?;
             let value = r.value(kind, &key, 0)?;
+            if metadata.contains_key(&key) {
+                return Err(r.corrupt(format!("metadata key `{key}` appears twice")));
+            }
             metadata.insert(key, value);
         }
         let mut tensors = BTreeMap::new();
@@ -334,12 +418,19 @@ impl GgufFile {
             if n_dims == 0 || n_dims > 4 {
                 return Err(r.corrupt(format!("tensor `{name}` has {n_dims} dimensions")));
             }
+            r.charge(
+                name.len() + std::mem::size_of::<(String, TensorInfo)>() + 8 * n_dims as usize,
+                || format!("tensor `{name}`"),
+            )?;
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
                 dims.push(r.u64(&name)?);
             }
             let kind = TensorType::from_raw(r.u32(&name)?);
             let offset = r.u64(&name)?;
+            if tensors.contains_key(&name) {
+                return Err(r.corrupt(format!("tensor `{name}` appears twice")));
+            }
             tensors.insert(name, TensorInfo { dims, kind, offset });
         }
         let alignment = metadata
@@ -402,8 +493,21 @@ impl GgufFile {
                 ),
             ));
         }
-        let len = n / per_block as u64 * block_bytes as u64;
-        Ok((self.data_start + info.offset, len))
+        let len = (n / per_block as u64)
+            .checked_mul(block_bytes as u64)
+            .ok_or_else(|| {
+                InferenceError::format(&self.path, format!("tensor `{name}` is impossibly large"))
+            })?;
+        let start = self.data_start.checked_add(info.offset).ok_or_else(|| {
+            InferenceError::format(
+                &self.path,
+                format!(
+                    "corrupt GGUF header: tensor `{name}` has offset {} past any file",
+                    info.offset
+                ),
+            )
+        })?;
+        Ok((start, len))
     }
 
     /// A metadata value by key.
@@ -569,6 +673,248 @@ mod tests {
         let out = dequantize(TensorType::Q4_0, &block, 32).expect("supported");
         assert_eq!(out[0], (15.0 - 8.0) * 2.0);
         assert_eq!(out[16], (9.0 - 8.0) * 2.0);
+    }
+
+    /// A GGUF file built by hand, for hostile headers.
+    #[derive(Default)]
+    struct Builder {
+        kv: Vec<u8>,
+        n_kv: u64,
+        tensors: Vec<u8>,
+        n_tensors: u64,
+        data: Vec<u8>,
+    }
+
+    impl Builder {
+        fn string(out: &mut Vec<u8>, s: &str) {
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+
+        fn kv_str(mut self, key: &str, value: &str) -> Self {
+            Self::string(&mut self.kv, key);
+            self.kv.extend_from_slice(&8u32.to_le_bytes());
+            Self::string(&mut self.kv, value);
+            self.n_kv += 1;
+            self
+        }
+
+        /// An array of `count` u8 items, of which `present` are written.
+        fn kv_u8_array(mut self, key: &str, count: u64, present: usize) -> Self {
+            Self::string(&mut self.kv, key);
+            self.kv.extend_from_slice(&9u32.to_le_bytes());
+            self.kv.extend_from_slice(&0u32.to_le_bytes());
+            self.kv.extend_from_slice(&count.to_le_bytes());
+            self.kv.resize(self.kv.len() + present, 7);
+            self.n_kv += 1;
+            self
+        }
+
+        fn tensor(mut self, name: &str, dims: &[u64], offset: u64) -> Self {
+            Self::string(&mut self.tensors, name);
+            self.tensors
+                .extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                self.tensors.extend_from_slice(&d.to_le_bytes());
+            }
+            self.tensors.extend_from_slice(&0u32.to_le_bytes()); // F32
+            self.tensors.extend_from_slice(&offset.to_le_bytes());
+            self.n_tensors += 1;
+            self
+        }
+
+        fn data(mut self, bytes: usize) -> Self {
+            self.data.resize(bytes, 0);
+            self
+        }
+
+        fn bytes(&self, n_tensors: u64, n_kv: u64) -> Vec<u8> {
+            let mut out = b"GGUF".to_vec();
+            out.extend_from_slice(&3u32.to_le_bytes());
+            out.extend_from_slice(&n_tensors.to_le_bytes());
+            out.extend_from_slice(&n_kv.to_le_bytes());
+            out.extend_from_slice(&self.kv);
+            out.extend_from_slice(&self.tensors);
+            out.resize(out.len().div_ceil(32) * 32, 0);
+            out.extend_from_slice(&self.data);
+            out
+        }
+
+        /// Writes the file and opens it.
+        fn open_with_counts(&self, n_tensors: u64, n_kv: u64) -> Result<GgufFile> {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("hostile.gguf");
+            std::fs::write(&path, self.bytes(n_tensors, n_kv)).expect("write");
+            GgufFile::open(&path)
+        }
+
+        fn open(&self) -> Result<GgufFile> {
+            self.open_with_counts(self.n_tensors, self.n_kv)
+        }
+    }
+
+    fn refused(result: Result<GgufFile>) -> String {
+        match result {
+            Ok(_) => panic!("a hostile file was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_well_formed_file_opens() {
+        let file = Builder::default()
+            .kv_str("general.architecture", "llama")
+            .tensor("t", &[4], 0)
+            .data(16)
+            .open()
+            .expect("valid");
+        assert_eq!(
+            file.get("general.architecture").and_then(Value::as_str),
+            Some("llama")
+        );
+        let (_, values) = file.tensor_f32("t").expect("tensor");
+        assert_eq!(values, vec![0.0; 4]);
+    }
+
+    /// One-byte items cost a whole `Value` each: 9 Mi of them in a 9 MB
+    /// file would be 288 MiB of memory, past the cap.
+    #[test]
+    fn metadata_memory_is_capped_whatever_the_file_holds() {
+        let count = 9usize << 20;
+        let msg = refused(
+            Builder::default()
+                .kv_u8_array("tokenizer.ggml.token_type", count as u64, count)
+                .open(),
+        );
+        assert!(
+            msg.contains("tokenizer.ggml.token_type") && msg.contains("256 MiB"),
+            "{msg}"
+        );
+    }
+
+    /// A count the rest of the file cannot hold is refused before anything
+    /// is reserved for it.
+    #[test]
+    fn counts_past_the_end_of_the_file_are_refused_by_field() {
+        let msg = refused(
+            Builder::default()
+                .kv_u8_array("general.tags", 1 << 25, 10)
+                .open(),
+        );
+        assert!(
+            msg.contains("`general.tags` claims 33554432 items") && msg.contains("bytes follow"),
+            "{msg}"
+        );
+        let msg = refused(
+            Builder::default()
+                .kv_str("general.architecture", "llama")
+                .open_with_counts(1 << 19, 1),
+        );
+        assert!(
+            msg.contains("the tensor count claims 524288 items"),
+            "{msg}"
+        );
+        let msg = refused(Builder::default().open_with_counts(0, 1 << 19));
+        assert!(
+            msg.contains("the metadata count claims 524288 items"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_tensor_offset_that_would_wrap_is_refused_by_name() {
+        let msg = refused(
+            Builder::default()
+                .tensor("blk.0.attn_q.weight", &[4], u64::MAX - 8)
+                .data(16)
+                .open(),
+        );
+        assert!(
+            msg.contains("tensor `blk.0.attn_q.weight` has offset 18446744073709551607"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_tensor_past_the_end_or_impossibly_large_is_refused_by_name() {
+        let msg = refused(
+            Builder::default()
+                .tensor("output.weight", &[4], 64)
+                .data(16)
+                .open(),
+        );
+        assert!(
+            msg.contains("tensor `output.weight` needs bytes") && msg.contains("truncated"),
+            "{msg}"
+        );
+        let msg = refused(
+            Builder::default()
+                .tensor("huge", &[1 << 62, 2], 0)
+                .data(16)
+                .open(),
+        );
+        assert!(msg.contains("tensor `huge` is impossibly large"), "{msg}");
+        let msg = refused(
+            Builder::default()
+                .tensor("huge", &[1 << 62], 0)
+                .data(16)
+                .open(),
+        );
+        assert!(msg.contains("tensor `huge` is impossibly large"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_keys_and_tensor_names_are_refused() {
+        let msg = refused(
+            Builder::default()
+                .kv_str("general.architecture", "llama")
+                .kv_str("general.architecture", "qwen3")
+                .open(),
+        );
+        assert!(
+            msg.contains("metadata key `general.architecture` appears twice"),
+            "{msg}"
+        );
+        let msg = refused(
+            Builder::default()
+                .tensor("t", &[4], 0)
+                .tensor("t", &[4], 0)
+                .data(16)
+                .open(),
+        );
+        assert!(msg.contains("tensor `t` appears twice"), "{msg}");
+    }
+
+    proptest::proptest! {
+        /// Any corruption of a valid header is an error or a file, never a
+        /// panic.
+        #[test]
+        fn corrupted_headers_never_panic(
+            edits in proptest::collection::vec((0usize..200, proptest::prelude::any::<u8>()), 1..8),
+            cut in 0usize..260,
+        ) {
+            let mut bytes = Builder::default()
+                .kv_str("general.architecture", "llama")
+                .kv_u8_array("general.tags", 3, 3)
+                .tensor("t", &[4], 0)
+                .tensor("u", &[2, 2], 32)
+                .data(64)
+                .bytes(2, 2);
+            for (at, value) in edits {
+                if at < bytes.len() {
+                    bytes[at] = value;
+                }
+            }
+            bytes.truncate(cut.max(4));
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("fuzzed.gguf");
+            std::fs::write(&path, &bytes).expect("write");
+            if let Ok(file) = GgufFile::open(&path) {
+                for name in file.tensors.keys() {
+                    let _ = file.tensor_f32(name);
+                }
+            }
+        }
     }
 
     #[test]

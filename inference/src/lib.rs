@@ -13,7 +13,8 @@
 //!   `Flex` by default, CUDA behind the `cuda` feature), with a per-sequence
 //!   [`cache::KvCache`]; one forward pass serves many sequences at once. On
 //!   the CPU, weights a GGUF file stores as Q4_0/Q4_1/Q8_0 blocks stay in
-//!   that form and [`packed`] multiplies by them directly.
+//!   that form and [`packed`] multiplies by them directly, on the CPU
+//!   kernels [`cpu`] selects (`SILK_CPU_KERNELS`).
 //! - [`engine`] owns one scheduler thread per model: requests are
 //!   tokenized and validated on the caller's thread, queued (bounded), then
 //!   batched continuously; tokens stream back through a bounded channel per
@@ -26,6 +27,7 @@
 pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod cpu;
 pub mod engine;
 pub mod error;
 pub mod gguf;
@@ -37,6 +39,7 @@ pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
 
+pub use cpu::CpuKernels;
 pub use engine::{
     Engine, EngineConfig, EngineLoad, Event, FinishReason, GenerateRequest, GenerationStream,
     Prompt, Usage,

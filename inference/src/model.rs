@@ -9,6 +9,7 @@ use burn::prelude::Backend;
 use sha2::{Digest, Sha256};
 
 use crate::config::ModelConfig;
+use crate::cpu::CpuKernels;
 use crate::error::{InferenceError, Result};
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
@@ -138,15 +139,28 @@ pub struct LoadedModel<B: Backend> {
 }
 
 impl<B: Backend> LoadedModel<B> {
-    /// Reads config, tokenizer and weights, holding the weights in `layout`.
+    /// Reads config, tokenizer and weights, holding the weights in `layout`,
+    /// on the CPU kernels `SILK_CPU_KERNELS` asks for (the widest this CPU
+    /// runs by default; see [`crate::cpu`]).
     pub fn load(source: ModelSource, layout: WeightLayout, device: &B::Device) -> Result<Self> {
+        Self::load_on(source, layout, CpuKernels::from_env()?, device)
+    }
+
+    /// As [`Self::load`], on the CPU kernels `kernels` (an error if this CPU
+    /// cannot run them).
+    pub fn load_on(
+        source: ModelSource,
+        layout: WeightLayout,
+        kernels: CpuKernels,
+        device: &B::Device,
+    ) -> Result<Self> {
         let (tokenizer, transformer) = match &source.format {
             ModelFormat::Gguf(path) => {
                 let file = GgufFile::open(path)?;
                 let config = ModelConfig::from_gguf(&file)?;
                 let tokenizer = Tokenizer::from_gguf(&file)?;
                 let transformer =
-                    Transformer::load(config, &GgufSource::new(&file), layout, device)?;
+                    Transformer::load(config, &GgufSource::new(&file), layout, kernels, device)?;
                 (tokenizer, transformer)
             }
             ModelFormat::HfDir(dir) => {
@@ -160,7 +174,7 @@ impl<B: Backend> LoadedModel<B> {
                 let weights = SafetensorsSource::open(&safetensors_files(dir)?)?;
                 (
                     tokenizer,
-                    Transformer::load(config, &weights, layout, device)?,
+                    Transformer::load(config, &weights, layout, kernels, device)?,
                 )
             }
         };

@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use crate::cache::KvCache;
 use crate::config::{Architecture, ModelConfig};
+use crate::cpu::CpuKernels;
 use crate::error::Result;
 use crate::packed::{matmul_into, Activations, PackedMatrix, View};
 use crate::weights::{layer_weights, LayerWeight, WeightName, WeightSource};
@@ -46,14 +47,14 @@ enum Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
-    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    fn forward(&self, x: Tensor<B, 2>, kernels: CpuKernels) -> Tensor<B, 2> {
         match self {
             Self::Dense(w) => x.matmul(w.clone()),
             Self::Packed(m, activations) => {
                 let [n, _] = x.dims();
                 let device = x.device();
                 let values = host_values(x);
-                let out = m.matmul(&values, n, *activations);
+                let out = m.matmul(&values, n, *activations, kernels);
                 Tensor::from_data(TensorData::new(out, [n, m.rows()]), &device)
             }
         }
@@ -69,7 +70,7 @@ enum Embedding<B: Backend> {
 }
 
 impl<B: Backend> Embedding<B> {
-    fn lookup(&self, ids: &[i64], device: &B::Device) -> Tensor<B, 2> {
+    fn lookup(&self, ids: &[i64], device: &B::Device, kernels: CpuKernels) -> Tensor<B, 2> {
         match self {
             Self::Dense(table) => {
                 let n = ids.len();
@@ -81,7 +82,7 @@ impl<B: Backend> Embedding<B> {
                 let cols = m.cols();
                 let mut out = vec![0f32; ids.len() * cols];
                 for (&id, row) in ids.iter().zip(out.chunks_exact_mut(cols)) {
-                    m.dequantize_row(id as usize, row);
+                    m.dequantize_row(id as usize, row, kernels);
                 }
                 Tensor::from_data(TensorData::new(out, [ids.len(), cols]), device)
             }
@@ -126,6 +127,8 @@ pub struct Transformer<B: Backend> {
     /// Attention in plain Rust over host caches (the packed layout, on the
     /// CPU) rather than as Burn operations per sequence.
     host_attention: bool,
+    /// The CPU kernels of the packed products and host attention.
+    kernels: CpuKernels,
     device: B::Device,
 }
 
@@ -154,13 +157,16 @@ fn concat_columns(parts: &[(Vec<f32>, usize)], rows: usize) -> (Vec<f32>, usize)
 
 impl<B: Backend> Transformer<B> {
     /// Loads every weight from `source` in `layout`, checking shapes against
-    /// `config`.
+    /// `config`. The packed layout's products and host attention run on
+    /// `kernels` (see [`crate::cpu`]).
     pub fn load(
         config: ModelConfig,
         source: &dyn WeightSource,
         layout: WeightLayout,
+        kernels: CpuKernels,
         device: &B::Device,
     ) -> Result<Self> {
+        let kernels = kernels.require()?;
         let c = &config;
         let vec1 = |values: Vec<f32>| {
             Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [values.len()]), device)
@@ -242,7 +248,7 @@ impl<B: Backend> Transformer<B> {
                 q_norm: norm(LayerWeight::QNorm)?,
                 k_norm: norm(LayerWeight::KNorm)?,
                 mlp_norm: vec1(load(LayerWeight::MlpNorm)?),
-                gate_up: linear(&[w(Gate), w(Up)], Activations::Int8)?,
+                gate_up: linear(&[w(Gate), w(Up)], Activations::Int16)?,
                 down: linear(&[w(Down)], Activations::Int16)?,
             });
         }
@@ -261,6 +267,7 @@ impl<B: Backend> Transformer<B> {
             final_norm,
             blocks,
             host_attention: layout == WeightLayout::Packed,
+            kernels,
             device: device.clone(),
         })
     }
@@ -268,6 +275,11 @@ impl<B: Backend> Transformer<B> {
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The CPU kernels its packed products and host attention run on.
+    pub fn kernels(&self) -> CpuKernels {
+        self.kernels
     }
 
     /// A fresh cache for one sequence of this model.
@@ -308,14 +320,14 @@ impl<B: Backend> Transformer<B> {
             .unsqueeze_dim::<3>(1);
         let sin = self.sin.clone().select(0, positions).unsqueeze_dim::<3>(1);
         // [n, hidden]
-        let mut x = self.embed.lookup(&ids, &self.device);
+        let mut x = self.embed.lookup(&ids, &self.device, self.kernels);
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let (q_out, kv_out) = (nh * hd, nkv * hd);
 
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = rms_norm(x.clone(), &block.attn_norm, c.rms_norm_eps);
             // [n, q_out + 2 * kv_out]
-            let qkv = block.qkv.forward(h);
+            let qkv = block.qkv.forward(h, self.kernels);
             let mut q = qkv.clone().slice([0..n, 0..q_out]).reshape([n, nh, hd]);
             let mut k = qkv
                 .clone()
@@ -335,7 +347,7 @@ impl<B: Backend> Transformer<B> {
             } else {
                 self.device_attention(layer, segments, [q, k, v])
             };
-            x = x + block.o.forward(attn);
+            x = x + block.o.forward(attn, self.kernels);
 
             let h = rms_norm(x.clone(), &block.mlp_norm, c.rms_norm_eps);
             x = x + self.mlp(block, h);
@@ -356,7 +368,7 @@ impl<B: Backend> Transformer<B> {
             x = x.select(0, idx);
         }
         self.lm_head
-            .forward(rms_norm(x, &self.final_norm, c.rms_norm_eps))
+            .forward(rms_norm(x, &self.final_norm, c.rms_norm_eps), self.kernels)
     }
 
     /// `down(silu(gate(h)) * up(h))`. With both matrices packed the
@@ -371,7 +383,7 @@ impl<B: Backend> Transformer<B> {
         if let (Linear::Packed(gate_up, ga), Linear::Packed(down, da)) =
             (&block.gate_up, &block.down)
         {
-            let gu = gate_up.matmul(&host_values(h), n, *ga);
+            let gu = gate_up.matmul(&host_values(h), n, *ga, self.kernels);
             let mut act = Vec::with_capacity(n * inter);
             for row in gu.chunks_exact(2 * inter) {
                 let (gate, up) = row.split_at(inter);
@@ -381,13 +393,13 @@ impl<B: Backend> Transformer<B> {
                         .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u),
                 );
             }
-            let out = down.matmul(&act, n, *da);
+            let out = down.matmul(&act, n, *da, self.kernels);
             return Tensor::from_data(TensorData::new(out, [n, down.rows()]), &self.device);
         }
-        let gu = block.gate_up.forward(h);
+        let gu = block.gate_up.forward(h, self.kernels);
         let gate = gu.clone().slice([0..n, 0..inter]);
         let up = gu.slice([0..n, inter..2 * inter]);
-        block.down.forward(silu(gate) * up)
+        block.down.forward(silu(gate) * up, self.kernels)
     }
 
     /// Attention of every segment's new tokens on Burn, one sequence at a
@@ -487,6 +499,7 @@ impl<B: Backend> Transformer<B> {
                     shape: (nh, nkv, hd),
                     start,
                     scale,
+                    kernels: self.kernels,
                 };
                 task.attend()
             })
@@ -572,6 +585,7 @@ struct HeadTask<'a> {
     /// Positions cached before the new tokens.
     start: usize,
     scale: f32,
+    kernels: CpuKernels,
 }
 
 impl HeadTask<'_> {
@@ -601,6 +615,7 @@ impl HeadTask<'_> {
                 queries,
                 View::new(keys, hd, visible, 1, nkv * hd),
                 self.scale,
+                self.kernels,
             );
             for j in 0..group {
                 let weights = &mut weights[j * positions..j * positions + visible];
@@ -624,6 +639,7 @@ impl HeadTask<'_> {
                 View::new(&weights[..], group, visible, positions, 1),
                 View::new(values, visible, hd, nkv * hd, 1),
                 1.0,
+                self.kernels,
             );
         }
         out

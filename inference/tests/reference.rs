@@ -1,11 +1,15 @@
 //! Our engine against an independent reference: Hugging Face transformers
 //! on tiny random Llama and Qwen3 models (fixtures made by
-//! `inference/reference/make_fixtures.py`), and on the default SmolLM2 GGUF.
+//! `inference/reference/make_fixtures.py`), and on the default SmolLM2 GGUF
+//! (`make_fixtures.py` for greedy continuations, `make_fidelity.py` for the
+//! teacher-forced fidelity measure that holds every CPU path to llama.cpp's
+//! own on the same file).
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use silk_inference::backend::Cpu;
+use silk_inference::cpu::CpuKernels;
 use silk_inference::engine::{Engine, EngineConfig, Event, GenerateRequest, Prompt};
 use silk_inference::model::{LoadedModel, ModelSource};
 use silk_inference::sampling::argmax;
@@ -53,13 +57,23 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// Both layouts: on these safetensors models `Packed` keeps dense weights
-/// but attends in plain Rust over host caches, as a CPU worker does.
-const LAYOUTS: [WeightLayout; 2] = [WeightLayout::Dense, WeightLayout::Packed];
+/// Both layouts, the packed one on every kernel set this CPU runs: on these
+/// safetensors models `Packed` keeps dense weights but attends in plain
+/// Rust over host caches (with the kernel set's f32 products), as a CPU
+/// worker does.
+fn layouts() -> Vec<(WeightLayout, CpuKernels)> {
+    let mut out = vec![(WeightLayout::Dense, CpuKernels::best())];
+    out.extend(
+        CpuKernels::available()
+            .into_iter()
+            .map(|k| (WeightLayout::Packed, k)),
+    );
+    out
+}
 
-fn load(dir: &Path, layout: WeightLayout) -> LoadedModel<Cpu> {
+fn load(dir: &Path, (layout, kernels): (WeightLayout, CpuKernels)) -> LoadedModel<Cpu> {
     let source = ModelSource::from_path(dir).expect("source");
-    LoadedModel::<Cpu>::load(source, layout, &Default::default()).expect("load")
+    LoadedModel::<Cpu>::load_on(source, layout, kernels, &Default::default()).expect("load")
 }
 
 fn prompt_ids(model: &LoadedModel<Cpu>, case: &Value) -> Vec<u32> {
@@ -118,16 +132,16 @@ fn greedy(model: &LoadedModel<Cpu>, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<
 }
 
 fn check_tiny(name: &str) {
-    for layout in LAYOUTS {
-        check_tiny_in(name, layout);
+    for path in layouts() {
+        check_tiny_in(name, path);
     }
 }
 
-fn check_tiny_in(name: &str, layout: WeightLayout) {
+fn check_tiny_in(name: &str, path: (WeightLayout, CpuKernels)) {
     let dir = fixture(name);
     let exp = expected(&dir);
-    let model = load(&dir, layout);
-    let name = &format!("{name} ({layout:?})");
+    let model = load(&dir, path);
+    let name = &format!("{name} ({:?}, {})", path.0, path.1);
 
     let sample = &exp["chat_template_sample"];
     let msgs = messages(&sample["messages"]);
@@ -227,11 +241,11 @@ fn tiny_qwen3_matches_transformers() {
 /// whole sequence at once.
 #[test]
 fn cached_decoding_equals_full_recomputation() {
-    for (name, layout) in ["tiny-llama", "tiny-qwen3"]
+    for (name, path) in ["tiny-llama", "tiny-qwen3"]
         .into_iter()
-        .flat_map(|name| LAYOUTS.map(|layout| (name, layout)))
+        .flat_map(|name| layouts().into_iter().map(move |path| (name, path)))
     {
-        let model = load(&fixture(name), layout);
+        let model = load(&fixture(name), path);
         let t = &model.transformer;
         let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 500).collect();
         let mut full_cache = t.new_cache();
@@ -266,7 +280,7 @@ fn cached_decoding_equals_full_recomputation() {
             let diff = max_abs_diff(&out, &full[start * vocab..(start + len) * vocab]);
             assert!(
                 diff < 1e-4,
-                "{name}: positions {start}..{}: {diff}",
+                "{name} {path:?}: positions {start}..{}: {diff}",
                 start + len
             );
             start += len;
@@ -278,16 +292,16 @@ fn cached_decoding_equals_full_recomputation() {
 /// Continuous batching gives each request exactly what it gets alone.
 #[test]
 fn batched_engine_matches_reference_greedy_tokens() {
-    for layout in LAYOUTS {
-        batched_engine_in(layout);
+    for path in layouts() {
+        batched_engine_in(path);
     }
 }
 
-fn batched_engine_in(layout: WeightLayout) {
+fn batched_engine_in(path: (WeightLayout, CpuKernels)) {
     let dir = fixture("tiny-qwen3");
     let exp = expected(&dir);
     let engine = Engine::start(
-        load(&dir, layout),
+        load(&dir, path),
         EngineConfig {
             max_batch: 3,
             prefill_chunk: 5,
@@ -313,7 +327,7 @@ fn batched_engine_in(layout: WeightLayout) {
                 Event::Error(e) => panic!("engine error: {e}"),
             }
         }
-        assert_eq!(got, want, "{layout:?}");
+        assert_eq!(got, want, "{path:?}");
         let usage = done.expect("a final usage record");
         assert_eq!(usage.completion_tokens, want.len());
         assert_eq!(usage.prompt_tokens, stream.prompt_token_ids.len());
@@ -343,9 +357,50 @@ fn smollm2_path() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// The default model, against transformers reading the same GGUF.
+/// The default model on `layout` and `kernels`.
+fn smollm2(path: &Path, layout: WeightLayout, kernels: CpuKernels) -> LoadedModel<Cpu> {
+    let source = ModelSource::from_path(path).expect("source");
+    LoadedModel::<Cpu>::load_on(source, layout, kernels, &Default::default()).expect("load")
+}
+
+/// Every path a CPU worker can take on the default model: the dense f32
+/// layout, and the packed layout on each kernel set this CPU runs.
+fn smollm2_paths() -> Vec<(String, WeightLayout, CpuKernels)> {
+    let mut paths = vec![(
+        "dense f32".to_string(),
+        WeightLayout::Dense,
+        CpuKernels::best(),
+    )];
+    for kernels in CpuKernels::available() {
+        paths.push((format!("packed {kernels}"), WeightLayout::Packed, kernels));
+    }
+    let skipped: Vec<String> = CpuKernels::ALL
+        .into_iter()
+        .filter(|k| !k.is_supported())
+        .map(|k| format!("{k} (this CPU lacks {})", k.missing_features().join(", ")))
+        .collect();
+    if !skipped.is_empty() {
+        eprintln!("kernel sets not run here: {}", skipped.join("; "));
+    }
+    paths
+}
+
+/// Where the reference's top two logits are at least this far apart, every
+/// path must pick the reference's token. A path whose log-probabilities of
+/// the reference's top tokens are each within `FAR_APART / 2` of the
+/// reference's cannot reorder such a pair; the fidelity test checks that
+/// bound on every path (the packed decode path's worst position was 0.62
+/// on avx2 when this was set; 0.0001 for the f32 paths).
+const FAR_APART: f32 = 2.0;
+
+/// The default model on the SmolLM2 fixture: tokenizer and chat template
+/// equal transformers', and greedy continuations equal the reference's as
+/// long as its top two logits are far apart (after a near-tie, which path
+/// picks which token is rounding, not fidelity). How many greedy tokens
+/// agree in all is printed as information: llama.cpp itself agrees with
+/// transformers on 5, 0 and 32 tokens of these cases.
 #[test]
-fn smollm2_gguf_matches_transformers() {
+fn smollm2_greedy_matches_transformers_where_the_reference_is_decided() {
     let Some(path) = smollm2_or_skip() else {
         return;
     };
@@ -356,8 +411,55 @@ fn smollm2_gguf_matches_transformers() {
         "{}",
         source.id
     );
-    let model = LoadedModel::<Cpu>::load(source.clone(), WeightLayout::Dense, &Default::default())
-        .expect("load");
+    for (name, layout, kernels) in smollm2_paths() {
+        let model = smollm2(&path, layout, kernels);
+        if layout == WeightLayout::Dense {
+            check_smollm2_tokenizer(&model, &exp);
+        }
+        for case in exp["cases"].as_array().expect("cases") {
+            let cname = case["name"].as_str().expect("name");
+            let prompt = prompt_ids(&model, case);
+            assert_eq!(
+                prompt,
+                ids(&case["prompt_token_ids"]),
+                "{cname}: prompt ids"
+            );
+            let want = ids(&case["greedy_token_ids"]);
+            let margins = floats(&case["greedy_margins"]);
+            let decided = margins
+                .iter()
+                .position(|&m| m < FAR_APART)
+                .unwrap_or(want.len());
+            let (logits, got) = greedy(&model, &prompt, want.len());
+            let agree = |other: &[u32]| got.iter().zip(other).take_while(|(a, b)| a == b).count();
+            let llama = ids(&case["llama_cpp"]["greedy_token_ids"]);
+            let (hf_diff, llama_diff) = (
+                top_logit_diff(&logits, case),
+                top_logit_diff(&logits, &case["llama_cpp"]),
+            );
+            eprintln!(
+                "{name} {cname}: {}/{} greedy tokens agree with transformers ({decided} decided), \
+                 {} with llama.cpp; prompt top-20 logits differ by {hf_diff} and {llama_diff}",
+                agree(&want),
+                want.len(),
+                agree(&llama)
+            );
+            assert_eq!(
+                got[..decided],
+                want[..decided],
+                "{name} {cname}: greedy tokens part from the reference before its first near-tie \
+                 (step {decided})"
+            );
+            // The prompt takes the f32 path on both layouts.
+            assert!(
+                hf_diff < 1e-2,
+                "{name} {cname}: prompt top-20 logits differ from transformers' by {hf_diff}"
+            );
+        }
+    }
+}
+
+fn check_smollm2_tokenizer(model: &LoadedModel<Cpu>, exp: &Value) {
     for case in exp["tokenizer_cases"].as_array().expect("cases") {
         let text = case["text"].as_str().expect("text");
         assert_eq!(
@@ -383,32 +485,6 @@ fn smollm2_gguf_matches_transformers() {
             .as_str()
             .expect("s")
     );
-    for case in exp["cases"].as_array().expect("cases") {
-        let cname = case["name"].as_str().expect("name");
-        let prompt = prompt_ids(&model, case);
-        assert_eq!(
-            prompt,
-            ids(&case["prompt_token_ids"]),
-            "{cname}: prompt ids"
-        );
-        let want = ids(&case["greedy_token_ids"]);
-        let (logits, got) = greedy(&model, &prompt, want.len());
-        let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        eprintln!("{cname}: {agree}/{} greedy tokens agree", want.len());
-        assert!(
-            agree >= 16,
-            "{cname}: only the first {agree} greedy tokens agree: {got:?} vs {want:?}"
-        );
-        // The reference's top logits, at the last prompt position.
-        let top_ids = ids(&case["last_logits_top_ids"]);
-        let top_vals = floats(&case["last_logits_top_values"]);
-        let diff = top_ids
-            .iter()
-            .zip(&top_vals)
-            .map(|(&i, &v)| (logits[i as usize] - v).abs())
-            .fold(0.0, f32::max);
-        assert!(diff < 1e-2, "{cname}: top-20 logits differ by {diff}");
-    }
 }
 
 /// Top-20 logits of `logits` against a reference's ids and values.
@@ -420,45 +496,311 @@ fn top_logit_diff(logits: &[f32], reference: &Value) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// The packed layout, what a CPU worker runs: at one row per product it
-/// quantizes activations to 8 bits as llama.cpp does, so it is held to the
-/// issue's bar (16 greedy tokens agree with transformers) and to
-/// transformers' top logits within a bound that allows for that rounding.
-/// Agreement with llama.cpp is printed, not asserted: llama.cpp itself
-/// agrees with transformers on 5, 0 and 32 tokens of these three cases.
+/// `fidelity.json` (written by `inference/reference/make_fidelity.py`).
+#[derive(serde::Deserialize)]
+struct Fidelity {
+    sha256: String,
+    top_k: usize,
+    positions: usize,
+    reference_ppl: f64,
+    llama_cpp: LlamaCpp,
+    segments: Vec<FidelitySegment>,
+}
+
+#[derive(serde::Deserialize)]
+struct LlamaCpp {
+    llama_cpp_python: String,
+    mean_kld: f64,
+    mean_kld_full_vocab: f64,
+    same_top1: f64,
+    ppl: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct FidelitySegment {
+    name: String,
+    kind: String,
+    text: String,
+    messages: Option<Vec<ChatMessage>>,
+    add_special_tokens: bool,
+    token_ids: Vec<u32>,
+    positions: Positions,
+}
+
+/// Per position `t`, the reference's prediction of `token_ids[t + 1]`.
+#[derive(serde::Deserialize)]
+struct Positions {
+    /// Its top-K token ids, most likely first, and their logits.
+    top_ids: Vec<Vec<u32>>,
+    top_logits: Vec<Vec<f32>>,
+    /// log Σ exp(logits) over the whole vocabulary.
+    lse: Vec<f64>,
+    /// log of the probability of every token outside the top K.
+    tail_logprob: Vec<f64>,
+}
+
+/// A path's agreement with the reference over the fidelity text.
+#[derive(Default)]
+struct Tally {
+    kl: f64,
+    same_top1: usize,
+    nll: f64,
+    positions: usize,
+    /// Largest |logit − reference logit| over each position's top K, with
+    /// both shifted by their log-sum-exp (so a constant offset is no error).
+    max_logprob_err: f64,
+    /// The path's top-1 token at every position.
+    top1: Vec<u32>,
+}
+
+impl Tally {
+    /// Scores one position: `logits` (the whole vocabulary) for the token
+    /// after position `t` of `seg`. KL divergence is over K + 1 outcomes, the
+    /// reference's top K and "any other token", as the fixture's script
+    /// computes it for llama.cpp.
+    fn score(&mut self, seg: &FidelitySegment, t: usize, logits: &[f32]) {
+        let p = &seg.positions;
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let lse = f64::from(max)
+            + logits
+                .iter()
+                .map(|&v| f64::from(v - max).exp())
+                .sum::<f64>()
+                .ln();
+        let logq = |id: u32| f64::from(logits[id as usize]) - lse;
+        let mut kl = 0.0;
+        let mut q_top = 0.0;
+        for (&id, &z) in p.top_ids[t].iter().zip(&p.top_logits[t]) {
+            let logp = f64::from(z) - p.lse[t];
+            let lq = logq(id);
+            kl += logp.exp() * (logp - lq);
+            q_top += lq.exp();
+            self.max_logprob_err = self.max_logprob_err.max((logp - lq).abs());
+        }
+        // The path's tail, summed directly rather than as 1 − q_top.
+        let mut q_tail = 0.0;
+        let mut in_top = vec![false; logits.len()];
+        for &id in &p.top_ids[t] {
+            in_top[id as usize] = true;
+        }
+        for (id, &v) in logits.iter().enumerate() {
+            if !in_top[id] {
+                q_tail += (f64::from(v) - lse).exp();
+            }
+        }
+        debug_assert!((q_top + q_tail - 1.0).abs() < 1e-6);
+        let tail = p.tail_logprob[t];
+        if tail.is_finite() {
+            kl += tail.exp() * (tail - q_tail.max(f64::MIN_POSITIVE).ln());
+        }
+        self.kl += kl;
+        let top1 = argmax(logits);
+        self.same_top1 += usize::from(top1 == p.top_ids[t][0]);
+        self.top1.push(top1);
+        self.nll -= logq(seg.token_ids[t + 1]);
+        self.positions += 1;
+    }
+
+    fn mean_kld(&self) -> f64 {
+        self.kl / self.positions as f64
+    }
+
+    fn same_top1(&self) -> f64 {
+        self.same_top1 as f64 / self.positions as f64
+    }
+
+    fn ppl(&self) -> f64 {
+        (self.nll / self.positions as f64).exp()
+    }
+}
+
+/// Feeds each segment through `model` `chunk` tokens per forward pass,
+/// teacher-forced, and scores every position.
+fn teacher_forced(model: &LoadedModel<Cpu>, fidelity: &Fidelity, chunk: usize) -> Tally {
+    let t = &model.transformer;
+    let vocab = t.config().vocab_size;
+    let mut tally = Tally::default();
+    for seg in &fidelity.segments {
+        let mut cache = t.new_cache();
+        let scored = seg.token_ids.len() - 1;
+        let mut at = 0;
+        while at < scored {
+            let tokens = &seg.token_ids[at..(at + chunk).min(scored)];
+            let logits = t
+                .forward(
+                    &mut [Segment {
+                        tokens,
+                        cache: &mut cache,
+                    }],
+                    true,
+                )
+                .into_data()
+                .to_vec::<f32>()
+                .expect("logits");
+            for (i, row) in logits.chunks_exact(vocab).enumerate() {
+                tally.score(seg, at + i, row);
+            }
+            at += tokens.len();
+        }
+    }
+    tally
+}
+
+/// Teacher-forced fidelity of every CPU path, measured as llama.cpp
+/// measures its own quantizations (`llama-perplexity --kl-divergence`):
+/// mean KL divergence from the f32 reference's next-token distribution,
+/// the share of positions whose top token is the reference's, and
+/// perplexity, over a fixed text of prose, code and chat. Each path must be
+/// at least as faithful as llama.cpp's own path on the same GGUF (measured
+/// once into the fixture), and wherever the reference's top two logits are
+/// far apart every path picks the reference's token.
+///
+/// Each packed kernel set runs twice: the whole segment in one pass (the
+/// f32 products a prefill takes) and four tokens per pass through the
+/// cache (at most four rows per product, the integer path of a decode
+/// step; each row's products are the same as with one token per pass).
 #[test]
-fn smollm2_gguf_packed_matches_transformers_and_llama_cpp() {
+fn smollm2_every_cpu_path_is_as_faithful_as_llama_cpp() {
     let Some(path) = smollm2_or_skip() else {
         return;
     };
-    let exp = expected(&fixture("smollm2-q4_1"));
+    let text = std::fs::read_to_string(fixture("smollm2-q4_1").join("fidelity.json"))
+        .expect("fidelity.json");
+    let fidelity: Fidelity = serde_json::from_str(&text).expect("fidelity.json");
     let source = ModelSource::from_path(&path).expect("source");
-    let model =
-        LoadedModel::<Cpu>::load(source, WeightLayout::Packed, &Default::default()).expect("load");
-    for case in exp["cases"].as_array().expect("cases") {
-        let cname = case["name"].as_str().expect("name");
-        let prompt = ids(&case["prompt_token_ids"]);
-        let want = ids(&case["greedy_token_ids"]);
-        let (logits, got) = greedy(&model, &prompt, want.len());
-        let llama = &case["llama_cpp"];
-        let agree = |other: &[u32]| got.iter().zip(other).take_while(|(a, b)| a == b).count();
-        let (with_hf, with_llama) = (agree(&want), agree(&ids(&llama["greedy_token_ids"])));
-        let (hf_diff, llama_diff) = (
-            top_logit_diff(&logits, case),
-            top_logit_diff(&logits, llama),
-        );
+    assert!(source.id.ends_with(&fidelity.sha256), "{}", source.id);
+    let positions: usize = fidelity
+        .segments
+        .iter()
+        .map(|s| s.token_ids.len() - 1)
+        .sum();
+    assert_eq!(positions, fidelity.positions);
+    assert!(positions >= 512, "the fidelity text is too short");
+
+    let mut runs: Vec<(String, Tally)> = Vec::new();
+    for (name, layout, kernels) in smollm2_paths() {
+        let model = smollm2(&path, layout, kernels);
+        if layout == WeightLayout::Dense {
+            check_fidelity_tokens(&model, &fidelity);
+            runs.push((name, teacher_forced(&model, &fidelity, usize::MAX)));
+        } else {
+            runs.push((
+                format!("{name} prefill"),
+                teacher_forced(&model, &fidelity, usize::MAX),
+            ));
+            runs.push((
+                format!("{name} decode"),
+                teacher_forced(&model, &fidelity, 4),
+            ));
+        }
+    }
+
+    let llama = &fidelity.llama_cpp;
+    eprintln!(
+        "fidelity over {positions} teacher-forced positions (KL over the reference's top {} + rest)",
+        fidelity.top_k
+    );
+    eprintln!(
+        "{:<24} {:>10} {:>10} {:>9} {:>9} {:>12}",
+        "path", "mean KLD", "same top1", "PPL", "ΔPPL", "max |Δlogp|"
+    );
+    eprintln!(
+        "{:<24} {:>10} {:>10} {:>9.4} {:>9} {:>12}",
+        "transformers f32", "-", "-", fidelity.reference_ppl, "-", "-"
+    );
+    eprintln!(
+        "{:<24} {:>10.6} {:>10.4} {:>9.4} {:>+9.4} {:>12}",
+        format!("llama.cpp {}", llama.llama_cpp_python),
+        llama.mean_kld,
+        llama.same_top1,
+        llama.ppl,
+        llama.ppl - fidelity.reference_ppl,
+        "-"
+    );
+    for (name, tally) in &runs {
         eprintln!(
-            "{cname}: {with_hf}/{} greedy tokens agree with transformers, {with_llama} with llama.cpp; \
-             top-20 logits differ by {hf_diff} and {llama_diff}",
-            want.len()
+            "{:<24} {:>10.6} {:>10.4} {:>9.4} {:>+9.4} {:>12.4}",
+            name,
+            tally.mean_kld(),
+            tally.same_top1(),
+            tally.ppl(),
+            tally.ppl() - fidelity.reference_ppl,
+            tally.max_logprob_err
+        );
+    }
+    eprintln!(
+        "(llama.cpp's KLD over the whole vocabulary: {:.6})",
+        llama.mean_kld_full_vocab
+    );
+
+    for (name, tally) in &runs {
+        assert_eq!(tally.positions, positions, "{name}");
+        assert!(
+            tally.max_logprob_err <= f64::from(FAR_APART) / 2.0,
+            "{name}: a log-probability is {} off the reference's, past FAR_APART / 2",
+            tally.max_logprob_err
         );
         assert!(
-            with_hf >= 16,
-            "{cname}: {with_hf} tokens agree with transformers: {got:?}"
+            tally.mean_kld() <= llama.mean_kld,
+            "{name}: mean KLD {} is above llama.cpp's {}",
+            tally.mean_kld(),
+            llama.mean_kld
         );
         assert!(
-            hf_diff < 0.25,
-            "{cname}: top-20 logits differ from transformers' by {hf_diff}"
+            tally.same_top1() >= llama.same_top1,
+            "{name}: same top-1 {} is below llama.cpp's {}",
+            tally.same_top1(),
+            llama.same_top1
+        );
+    }
+
+    // Where the reference is decided, every path picks its token.
+    let mut decided = 0;
+    let mut t_all = 0;
+    for seg in &fidelity.segments {
+        let p = &seg.positions;
+        for t in 0..seg.token_ids.len() - 1 {
+            if p.top_logits[t][0] - p.top_logits[t][1] >= FAR_APART {
+                decided += 1;
+                for (name, tally) in &runs {
+                    assert_eq!(
+                        tally.top1[t_all],
+                        p.top_ids[t][0],
+                        "{name}: {} position {t} picks another token than the reference, \
+                         whose top two are {} apart",
+                        seg.name,
+                        p.top_logits[t][0] - p.top_logits[t][1]
+                    );
+                }
+            }
+            t_all += 1;
+        }
+    }
+    eprintln!("{decided} of {positions} positions are decided (top two ≥ {FAR_APART} apart): every path agrees on all");
+}
+
+/// Our tokenizer gives the fixture's token ids from its text.
+fn check_fidelity_tokens(model: &LoadedModel<Cpu>, fidelity: &Fidelity) {
+    for seg in &fidelity.segments {
+        let text = match (seg.kind.as_str(), &seg.messages) {
+            ("chat", Some(messages)) => {
+                let rendered = model
+                    .tokenizer
+                    .apply_chat_template(messages, false)
+                    .expect("template");
+                assert_eq!(rendered, seg.text, "{}: rendered chat", seg.name);
+                rendered
+            }
+            _ => seg.text.clone(),
+        };
+        assert_eq!(
+            model
+                .tokenizer
+                .encode(&text, seg.add_special_tokens)
+                .expect("encode"),
+            seg.token_ids,
+            "{}: token ids",
+            seg.name
         );
     }
 }
@@ -466,18 +808,14 @@ fn smollm2_gguf_packed_matches_transformers_and_llama_cpp() {
 /// The packed layout against the dense one on the default model. With many
 /// rows per product (here every prompt position) both multiply in f32 and
 /// agree up to summation order; one row per product (a decode step) takes
-/// the 8-bit integer path, which may stray by the activations' rounding.
+/// the integer path, which may stray by the activations' rounding.
 #[test]
 fn smollm2_packed_and_dense_layouts_agree() {
     let Some(path) = smollm2_or_skip() else {
         return;
     };
-    let source = ModelSource::from_path(&path).expect("source");
-    let load = |layout| {
-        LoadedModel::<Cpu>::load(source.clone(), layout, &Default::default()).expect("load")
-    };
-    let (packed, dense) = (load(WeightLayout::Packed), load(WeightLayout::Dense));
-    let prompt = packed
+    let dense = smollm2(&path, WeightLayout::Dense, CpuKernels::best());
+    let prompt = dense
         .tokenizer
         .encode("The three primary colours are red, yellow and blue. The three primary colours are red, yellow and", false)
         .expect("encode");
@@ -501,16 +839,52 @@ fn smollm2_packed_and_dense_layouts_agree() {
         let decode_logits = step(&[*prompt.last().expect("prompt")], false);
         (prompt_logits, decode_logits)
     };
-    let ((p_prompt, p_decode), (d_prompt, d_decode)) = (run(&packed), run(&dense));
-    let prompt_diff = max_abs_diff(&p_prompt, &d_prompt);
-    let decode_diff = max_abs_diff(&p_decode, &d_decode);
-    eprintln!("prompt logits differ by {prompt_diff}, a decode step's by {decode_diff}");
-    assert!(prompt_diff < 1e-3, "prompt logits differ by {prompt_diff}");
-    assert!(decode_diff < 2.0, "decode logits differ by {decode_diff}");
-    assert!(
-        decode_diff > 0.0,
-        "the decode step did not take the integer path"
-    );
-    let (p_next, d_next) = (argmax(&p_decode), argmax(&d_decode));
-    assert_eq!(p_next, d_next, "the decode step picks a different token");
+    let (d_prompt, d_decode) = run(&dense);
+    for kernels in CpuKernels::available() {
+        let packed = smollm2(&path, WeightLayout::Packed, kernels);
+        let (p_prompt, p_decode) = run(&packed);
+        let prompt_diff = max_abs_diff(&p_prompt, &d_prompt);
+        let decode_diff = max_abs_diff(&p_decode, &d_decode);
+        eprintln!(
+            "{kernels}: prompt logits differ by {prompt_diff}, a decode step's by {decode_diff}"
+        );
+        assert!(
+            prompt_diff < 1e-3,
+            "{kernels}: prompt logits differ by {prompt_diff}"
+        );
+        assert!(
+            decode_diff < 2.0,
+            "{kernels}: decode logits differ by {decode_diff}"
+        );
+        assert!(
+            decode_diff > 0.0,
+            "{kernels}: the decode step did not take the integer path"
+        );
+        let (p_next, d_next) = (argmax(&p_decode), argmax(&d_decode));
+        assert_eq!(
+            p_next, d_next,
+            "{kernels}: the decode step picks a different token"
+        );
+    }
+}
+
+#[test]
+fn unknown_or_unrunnable_kernel_sets_are_refused_at_load() {
+    let dir = fixture("tiny-llama");
+    for kernels in CpuKernels::ALL {
+        let source = ModelSource::from_path(&dir).expect("source");
+        let loaded =
+            LoadedModel::<Cpu>::load_on(source, WeightLayout::Packed, kernels, &Default::default());
+        match loaded {
+            Ok(model) => {
+                assert!(kernels.is_supported());
+                assert_eq!(model.transformer.kernels(), kernels);
+            }
+            Err(e) => {
+                assert!(!kernels.is_supported());
+                let msg = e.to_string();
+                assert!(msg.contains("this CPU lacks"), "{msg}");
+            }
+        }
+    }
 }

@@ -9,7 +9,9 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use silk_inference::backend::{start_engine, Device};
 use silk_inference::model::ModelFormat;
-use silk_inference::{Engine, EngineConfig, Event, GenerateRequest, ModelStore, Prompt};
+use silk_inference::{
+    CpuKernels, Engine, EngineConfig, Event, GenerateRequest, ModelStore, Prompt,
+};
 
 /// `silk bench ...`
 #[derive(Debug, Subcommand)]
@@ -153,7 +155,9 @@ fn measure(
     })
 }
 
-/// The CPU model, core count and architecture, printed with every benchmark.
+/// The CPU model, core count, architecture, the vector extensions the
+/// kernels care about and the kernel set in use, printed with every
+/// benchmark.
 pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -167,7 +171,21 @@ pub(crate) fn machine() -> String {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    format!("{cpu}, {cores} cores, {}", std::env::consts::ARCH)
+    let isa = if CpuKernels::Avx512.is_supported() {
+        "AVX-512F and AVX2"
+    } else if CpuKernels::Avx2.is_supported() {
+        "AVX2, no AVX-512"
+    } else {
+        "neither AVX2 nor AVX-512"
+    };
+    let kernels = match CpuKernels::from_env() {
+        Ok(k) => k.to_string(),
+        Err(e) => format!("unusable ({e})"),
+    };
+    format!(
+        "{cpu}, {cores} cores, {} ({isa}), silk kernels {kernels}",
+        std::env::consts::ARCH
+    )
 }
 
 fn reference(args: &InferenceBenchArgs, gguf: &Path) -> anyhow::Result<Option<(String, Vec<Row>)>> {
