@@ -265,8 +265,7 @@ impl PackedMatrix {
         if n == 0 || self.rows == 0 {
             return Vec::new();
         }
-        let set = kernels;
-        let kernels = Kernels::of(set);
+        let blocks = Kernels::of(kernels);
         let band = band_rows(self.rows);
         let bands: Vec<std::ops::Range<usize>> = (0..self.rows)
             .step_by(band)
@@ -282,7 +281,7 @@ impl PackedMatrix {
                     let mut part = vec![0f32; n * rows.len()];
                     let mut column = [0f32; DOT_MAX_ROWS];
                     for (k, r) in rows.clone().enumerate() {
-                        kernels.dot(self.format, self.row(r), &x, self.cols, &mut column[..n]);
+                        blocks.dot(self.format, self.row(r), &x, self.cols, &mut column[..n]);
                         for (i, &v) in column[..n].iter().enumerate() {
                             part[i * rows.len() + k] = v;
                         }
@@ -303,9 +302,9 @@ impl PackedMatrix {
                         let w = &mut scratch[..need];
                         for (k, r) in rows.clone().enumerate() {
                             let out = &mut w[k * self.cols..(k + 1) * self.cols];
-                            kernels.dequantize(self.format, self.row(r), out);
+                            blocks.dequantize(self.format, self.row(r), out);
                         }
-                        gemm_band(w, x, rows.len(), n, self.cols, set)
+                        gemm_band(w, x, rows.len(), n, self.cols, kernels)
                     })
                 })
                 .collect()
@@ -1061,6 +1060,48 @@ mod tests {
                     &exact,
                     &format!("{format:?} row {kernels}"),
                 );
+            }
+        }
+    }
+
+    /// The inputs rounded as the kernels round them, independently: per
+    /// block of 32, `d = max|x| / max` and `d · round(x · (1 / d))` (the
+    /// same f32 operations, so ties round alike).
+    fn rounded(x: &[f32], max: f32) -> Vec<f32> {
+        x.chunks_exact(BLOCK)
+            .flat_map(|b| {
+                let d = b.iter().fold(0f32, |m, v| m.max(v.abs())) / max;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                b.iter().map(move |&v| d * (v * inv).round())
+            })
+            .collect::<Vec<_>>()
+    }
+
+    /// The integer path computes exactly `Σ w · x̂`, the product of the
+    /// weights with the rounded inputs, offset term included (up to f32
+    /// summation). With the exact input sum in Q4_0's and Q4_1's offset
+    /// term, it strayed from it by `offset · Σ (x − x̂)` per block.
+    #[test]
+    fn few_row_products_are_those_of_the_rounded_inputs() {
+        let mut rng = StdRng::seed_from_u64(13);
+        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let (rows, cols) = (24, 256);
+            let data = random_matrix(format, rows, cols, &mut rng);
+            let w = dequantize(gguf_kind(format), &data, rows * cols).expect("dequantize");
+            let m = PackedMatrix::new(format, rows, cols, data).expect("shape");
+            for n in 1..=DOT_MAX_ROWS {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+                for (activations, max) in
+                    [(Activations::Int8, 127.0), (Activations::Int16, 32767.0)]
+                {
+                    let want = reference(&w, &rounded(&x, max), rows, cols, n);
+                    let tolerance: Vec<f32> = want.iter().map(|w| 2e-5 * (1.0 + w.abs())).collect();
+                    for kernels in CpuKernels::available() {
+                        let what = format!("{format:?} n={n} {activations:?} {kernels}");
+                        let got = m.matmul(&x, n, activations, kernels);
+                        assert_close(&got, &want, &tolerance, &what);
+                    }
+                }
             }
         }
     }
