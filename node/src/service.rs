@@ -826,11 +826,14 @@ impl Node {
                     .attestation_digest
                     .ok_or("announces tdx without a digest")?);
                 let now = attest::now_unix();
+                // The verdict is looked up by this peer's key and the digest:
+                // the digest alone is public and proves nothing (audit F1).
+                let key = peer_public_key(&a.peer_id).ok_or("peer id is not an ed25519 key")?;
                 if let Some(v) = self
                     .appraiser
                     .lock()
                     .ok()
-                    .and_then(|mut ap| ap.cached(&digest, now))
+                    .and_then(|mut ap| ap.cached(&key, &digest, now))
                 {
                     return if v.is_accepted() {
                         Ok(())
@@ -838,7 +841,6 @@ impl Node {
                         Err(v.to_string())
                     };
                 }
-                let key = peer_public_key(&a.peer_id).ok_or("peer id is not an ed25519 key")?;
                 let bytes = tokio::time::timeout(
                     Duration::from_secs(10),
                     self.overlay.fetch_attestation(a.peer_id, Vec::new()),
@@ -885,8 +887,8 @@ impl Node {
     }
 
     /// Places `request` (its `model` already resolved to an id) on the best
-    /// worker whose coefficient is at most `max_coefficient_milli` (the
-    /// node's default when `None`), retrying the next candidate while no
+    /// worker whose coefficient is at most the node's maximum, or
+    /// `max_coefficient_milli` when the caller asked for less, retrying the next candidate while no
     /// token has arrived. With payments, the job's worst case is reserved
     /// on the lane to the worker first and released if the worker fails.
     pub async fn dispatch(
@@ -894,7 +896,10 @@ impl Node {
         request: JobRequest,
         max_coefficient_milli: Option<u32>,
     ) -> Result<Dispatch, DispatchError> {
-        let max_coefficient = max_coefficient_milli.unwrap_or(self.default_max_coefficient_milli);
+        let max_coefficient = crate::payments::capped_coefficient(
+            max_coefficient_milli,
+            self.default_max_coefficient_milli,
+        );
         let candidates = self
             .candidates(&request.model, &request, max_coefficient)
             .await?;

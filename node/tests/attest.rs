@@ -378,19 +378,24 @@ fn documents_round_trip_and_are_appraised() {
     assert!(AttestationDocument::decode(&bytes[..bytes.len() / 2]).is_err());
     assert!(AttestationDocument::decode(&vec![0u8; 300 * 1024]).is_err());
 
-    // Verdicts are cached by digest until valid_until.
+    // Verdicts are cached by peer key and digest until valid_until.
     let mut cache = VerdictCache::default();
+    let peer = tdx.claims.peer_public_key.0;
     cache.insert(
-        tdx.digest(),
+        (peer, tdx.digest()),
         appraisal.verdict.clone(),
         appraisal.valid_until,
         INSIDE_WINDOW,
     );
     assert_eq!(
-        cache.get(&tdx.digest(), INSIDE_WINDOW),
+        cache.get(&(peer, tdx.digest()), INSIDE_WINDOW),
         Some(&appraisal.verdict)
     );
-    assert_eq!(cache.get(&tdx.digest(), appraisal.valid_until), None);
+    assert_eq!(
+        cache.get(&(peer, tdx.digest()), appraisal.valid_until),
+        None
+    );
+    assert_eq!(cache.get(&([0; 32], tdx.digest()), INSIDE_WINDOW), None);
 }
 
 /// A minimal PCCS on 127.0.0.1 serving the sample collateral the way a PCCS
@@ -669,10 +674,13 @@ fn appraiser_caches_verdicts_and_prefers_its_own_collateral() {
     let insecure = AttestationDocument::insecure(claims.clone());
 
     let mut strict = Appraiser::new(sample_policy(), false);
-    assert_eq!(strict.cached(&insecure.digest(), INSIDE_WINDOW), None);
+    assert_eq!(strict.cached(&key, &insecure.digest(), INSIDE_WINDOW), None);
     let v = strict.appraise(&insecure, &key, INSIDE_WINDOW);
     assert_eq!(v.reason(), Some(&RejectReason::InsecureNotAllowed));
-    assert_eq!(strict.cached(&insecure.digest(), INSIDE_WINDOW), Some(v));
+    assert_eq!(
+        strict.cached(&key, &insecure.digest(), INSIDE_WINDOW),
+        Some(v)
+    );
 
     // A document that is not the announced one is refused outright.
     let v = strict.appraise_announced(&insecure, &key, &Hex([0; 32]), INSIDE_WINDOW);
@@ -715,5 +723,51 @@ fn appraiser_caches_verdicts_and_prefers_its_own_collateral() {
     assert!(
         matches!(v.reason(), Some(RejectReason::MissingCollateral { .. })),
         "{v:?}"
+    );
+}
+
+/// Audit F1: a digest is public (workers gossip it), so a verdict must only
+/// answer for the peer whose document was appraised. Before the fix the
+/// cache was keyed by digest alone: `cached(digest)` answered `Accepted` to
+/// an attacker announcing an honest worker's digest, and the attacker's
+/// key-mismatch rejection was stored under the honest worker's digest.
+#[test]
+fn a_verdict_answers_only_for_the_peer_whose_document_was_appraised() {
+    let claims = some_claims();
+    let honest = claims.peer_public_key.0;
+    let attacker = [7u8; 32];
+    let doc = AttestationDocument::insecure(claims);
+    let digest = doc.digest();
+    let mut gateway = Appraiser::new(Policy::default(), true);
+
+    assert_eq!(
+        gateway.appraise_announced(&doc, &honest, &digest, INSIDE_WINDOW),
+        Verdict::AcceptedInsecure
+    );
+    assert_eq!(
+        gateway.cached(&honest, &digest, INSIDE_WINDOW),
+        Some(Verdict::AcceptedInsecure)
+    );
+    // The attacker announces the honest worker's digest: nothing cached
+    // answers for it, so the gateway must fetch and appraise its document.
+    assert_eq!(gateway.cached(&attacker, &digest, INSIDE_WINDOW), None);
+    // It relays the honest worker's document: refused for the key...
+    let v = gateway.appraise_announced(&doc, &attacker, &digest, INSIDE_WINDOW);
+    assert_eq!(v.reason(), Some(&RejectReason::PeerKeyMismatch));
+    assert_eq!(
+        gateway
+            .cached(&attacker, &digest, INSIDE_WINDOW)
+            .as_ref()
+            .and_then(Verdict::reason),
+        Some(&RejectReason::PeerKeyMismatch)
+    );
+    // ...and that rejection does not poison the honest worker's verdict.
+    assert_eq!(
+        gateway.cached(&honest, &digest, INSIDE_WINDOW),
+        Some(Verdict::AcceptedInsecure)
+    );
+    assert_eq!(
+        gateway.appraise(&doc, &honest, INSIDE_WINDOW),
+        Verdict::AcceptedInsecure
     );
 }

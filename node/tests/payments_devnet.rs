@@ -91,6 +91,21 @@ async fn two_clients_four_workers_hundreds_of_jobs_then_exact_redemptions() {
         pricey,
         Err(PaymentsError::CoefficientTooHigh { .. })
     ));
+    // Audit F4: a caller's max_coefficient only lowers the operator's cap
+    // (2.0 here), never raises it. Before the fix `Some(900_000)` replaced
+    // the cap and this reservation at 900x succeeded.
+    let lifted =
+        clients[0].before_dispatch(&workers[0].wallet_address(), 900_000, Some(900_000), 1, 1);
+    assert!(
+        matches!(
+            lifted,
+            Err(PaymentsError::CoefficientTooHigh {
+                worker_milli: 900_000,
+                max_milli: 2_000
+            })
+        ),
+        "{lifted:?}"
+    );
 
     let mut before = HashMap::new();
     for c in &clients {

@@ -60,9 +60,16 @@ impl Appraiser {
         self.allow_insecure
     }
 
-    /// The cached verdict for a gossiped digest, if still valid at `now`.
-    pub fn cached(&mut self, digest: &Digest, now: u64) -> Option<Verdict> {
-        self.cache.get(digest, now).cloned()
+    /// The cached verdict for a gossiped digest announced by the peer whose
+    /// raw ed25519 key is `peer_public_key`, if still valid at `now`. A
+    /// verdict on the same digest served by another peer does not answer.
+    pub fn cached(
+        &mut self,
+        peer_public_key: &[u8; 32],
+        digest: &Digest,
+        now: u64,
+    ) -> Option<Verdict> {
+        self.cache.get(&(*peer_public_key, *digest), now).cloned()
     }
 
     /// Like [`Appraiser::appraise`], for a document fetched because of an
@@ -87,8 +94,8 @@ impl Appraiser {
     }
 
     /// Appraises `doc` received from the peer whose raw ed25519 key is
-    /// `peer_public_key`, caches the verdict under the document's digest and
-    /// returns it.
+    /// `peer_public_key`, caches the verdict under that key and the
+    /// document's digest, and returns it.
     pub fn appraise(
         &mut self,
         doc: &AttestationDocument,
@@ -96,7 +103,8 @@ impl Appraiser {
         now: u64,
     ) -> Verdict {
         let digest = doc.digest();
-        if let Some(v) = self.cache.get(&digest, now) {
+        let key = (*peer_public_key, digest);
+        if let Some(v) = self.cache.get(&key, now) {
             return v.clone();
         }
         let own = match (&self.collateral, &doc.quote) {
@@ -118,12 +126,8 @@ impl Appraiser {
             now,
         );
         info!(%digest, mode = %doc.mode, verdict = %appraisal.verdict, "appraised attestation");
-        self.cache.insert(
-            digest,
-            appraisal.verdict.clone(),
-            appraisal.valid_until,
-            now,
-        );
+        self.cache
+            .insert(key, appraisal.verdict.clone(), appraisal.valid_until, now);
         appraisal.verdict
     }
 }

@@ -55,7 +55,7 @@ use sha2::Digest as _;
 use tracing::warn;
 
 pub use appraiser::Appraiser;
-pub use cache::VerdictCache;
+pub use cache::{VerdictCache, VerdictKey};
 pub use claims::Claims;
 pub use collateral::{CollateralCache, CollateralKey, CollateralSource, PccsClient};
 pub use hex::Hex;

@@ -58,6 +58,13 @@ pub const STORE_FILE: &str = "payments.redb";
 /// File name of the wallet mnemonic inside the data directory.
 pub const MNEMONIC_FILE: &str = "wallet.mnemonic";
 
+/// The highest coefficient a job may pay: the caller's `requested`, but
+/// never above the operator's `cap` (a caller cannot raise what the
+/// operator's wallet pays, audit F4).
+pub fn capped_coefficient(requested: Option<u32>, cap: u32) -> u32 {
+    requested.map_or(cap, |r| r.min(cap))
+}
+
 /// Prices, credit and redemption policy.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
@@ -66,7 +73,8 @@ pub struct PaymentsConfig {
     pub price: Price,
     /// Coefficient this node announces as a worker, per mille.
     pub coefficient_milli: u32,
-    /// Highest worker coefficient a request accepts when it sets no `max_coefficient`.
+    /// Highest worker coefficient this gateway pays, per mille. A request's
+    /// `max_coefficient` can lower it, never raise it.
     pub default_max_coefficient_milli: u32,
     /// Uncovered work a worker tolerates from one client before refusing it.
     #[serde(with = "nano_u64")]
@@ -294,8 +302,9 @@ impl Payments {
 
     /// Gateway: reserves the worst case of a job (`prompt_tokens` plus
     /// `max_tokens` at the worker's coefficient) on the lane to `worker`.
-    /// Refused when the coefficient is above `max_coefficient_milli` (the
-    /// request's `max_coefficient`, else the config's default).
+    /// Refused when the coefficient is above the config's
+    /// `default_max_coefficient_milli`, or above `max_coefficient_milli`
+    /// (the request's `max_coefficient`) when that is lower.
     pub fn before_dispatch(
         &self,
         worker: &Address,
@@ -304,7 +313,10 @@ impl Payments {
         prompt_tokens: u64,
         max_tokens: u64,
     ) -> Result<Reservation> {
-        let max = max_coefficient_milli.unwrap_or(self.config.default_max_coefficient_milli);
+        let max = capped_coefficient(
+            max_coefficient_milli,
+            self.config.default_max_coefficient_milli,
+        );
         if !silk_chain::pricing::coefficient_acceptable(coefficient_milli, max) {
             return Err(PaymentsError::CoefficientTooHigh {
                 worker_milli: coefficient_milli,
