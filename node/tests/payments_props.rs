@@ -392,9 +392,11 @@ fn a_worker_refuses_bad_cheques_and_stops_serving_a_client_behind() {
         matches!(short, Err(PaymentsError::BadCheque(_))),
         "{short:?}"
     );
-    assert_eq!(book.outstanding(&contract).expect("outstanding"), Coins(60));
-    assert!(book.should_serve(&contract, Coins(60)).expect("serve"));
-    assert!(!book.should_serve(&contract, Coins(59)).expect("serve"));
+    // The short cheque is still kept: only the 10 it lacks is outstanding.
+    assert_eq!(book.outstanding(&contract).expect("outstanding"), Coins(10));
+    assert_eq!(book.owed().expect("owed"), Coins(150));
+    assert!(book.should_serve(&contract, Coins(10)).expect("serve"));
+    assert!(!book.should_serve(&contract, Coins(9)).expect("serve"));
     // Catching up restores service.
     book.accept(
         &contract,
@@ -407,4 +409,43 @@ fn a_worker_refuses_bad_cheques_and_stops_serving_a_client_behind() {
     assert_eq!(book.owed().expect("owed"), Coins(160));
     assert_eq!(book.due_for_redemption(Coins(161)).expect("due").len(), 0);
     assert_eq!(book.due_for_redemption(Coins(160)).expect("due").len(), 1);
+}
+
+/// Audit F7: after one shortfall (a price-list skew here: the worker counts
+/// 110 per job, the gateway pays 100) every later cheque is validly signed
+/// and higher, and must be kept. Before the fix each was refused and thrown
+/// away: the worker held no cheque at all (it failed at job 1 with
+/// `owed` 0 instead of 100) and outstanding grew by 110 per job.
+#[test]
+fn a_worker_keeps_every_higher_valid_cheque_after_a_shortfall() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = Keys::from_seed([6; 32]);
+    let contract = Address::new(0, [8; 32]);
+    let me = Address::new(0, [9; 32]);
+    let book = WorkerBook::new(
+        Store::open(&dir.path().join("w.redb")).expect("store"),
+        me.clone(),
+    );
+    let pk = client.public_key();
+    for job in 1..=5u128 {
+        let cheque = silk_chain::Cheque {
+            contract: contract.clone(),
+            worker: me.clone(),
+            lane_id: 1,
+            cumulative: Coins(100 * job),
+        }
+        .sign(&client)
+        .expect("sign");
+        let short = book.accept(&contract, &pk, &cheque, Coins(110));
+        assert!(
+            matches!(short, Err(PaymentsError::BadCheque(_))),
+            "{short:?}"
+        );
+        assert_eq!(book.owed().expect("owed"), Coins(100 * job), "job {job}");
+        assert_eq!(
+            book.outstanding(&contract).expect("outstanding"),
+            Coins(10 * job),
+            "job {job}"
+        );
+    }
 }

@@ -165,8 +165,10 @@ impl WorkerBook {
     /// cheque is refused, so a client that does not pay falls behind. A
     /// cheque is refused unless it is signed by `public_key`, drawn on
     /// `contract` to this worker, on the lane the client used before, and
-    /// covers everything the worker counted so far (no tolerance: prices
-    /// are integers). Committed before it returns.
+    /// at least the cheque already held. A valid cheque is kept as the
+    /// lane's best even when it does not cover everything the worker counted
+    /// so far; that shortfall is still an error (no tolerance: prices are
+    /// integers) and stays outstanding. Committed before it returns.
     pub fn accept(
         &self,
         contract: &Address,
@@ -189,10 +191,16 @@ impl WorkerBook {
                 deposited: Coins::ZERO,
             });
             lane.computed = lane.computed.checked_add(expected_cost)?;
+            // A validly signed cheque above the one held is kept even when it
+            // falls short of the worker's count: refusing it would throw away
+            // money the client signed for, and one shortfall would make every
+            // later, higher cheque worthless too (audit F7). The shortfall is
+            // still reported, and counts as outstanding work.
             let verdict = self.check(&lane, contract, public_key, cheque);
             if verdict.is_ok() {
                 lane.best = Some(cheque.clone());
             }
+            let verdict = verdict.and_then(|()| covers(&lane, cheque));
             t.insert(k.as_str(), encode(&lane)?.as_slice())
                 .map_err(store_err)?;
             verdict.map(|()| Acceptance {
@@ -204,6 +212,9 @@ impl WorkerBook {
         outcome
     }
 
+    /// Whether a cheque that passed [`WorkerBook::check`] is valid and at
+    /// least the one held (and so kept), but not whether it covers the
+    /// work: [`covers`] judges that.
     fn check(
         &self,
         lane: &WorkerLane,
@@ -233,13 +244,6 @@ impl WorkerBook {
                 "cumulative {} is below the {} already held",
                 c.cumulative.nano(),
                 lane.cheque_total().nano()
-            ));
-        }
-        if c.cumulative < lane.computed {
-            return bad(format!(
-                "cumulative {} nanoTON does not cover the {} nanoTON this worker counted",
-                c.cumulative.nano(),
-                lane.computed.nano()
             ));
         }
         Ok(())
@@ -288,4 +292,19 @@ impl WorkerBook {
             Ok(())
         })
     }
+}
+
+/// Whether `cheque` (already kept as the lane's best) covers everything the
+/// worker counted on `lane` (no tolerance: prices are integers).
+fn covers(lane: &WorkerLane, cheque: &SignedCheque) -> Result<()> {
+    let c = &cheque.cheque;
+    if c.cumulative < lane.computed {
+        return Err(PaymentsError::BadCheque(format!(
+            "cumulative {} nanoTON does not cover the {} nanoTON this worker counted (kept; {} nanoTON outstanding)",
+            c.cumulative.nano(),
+            lane.computed.nano(),
+            lane.outstanding().nano()
+        )));
+    }
+    Ok(())
 }
