@@ -398,3 +398,83 @@ async fn a_worker_admits_only_clients_with_a_real_lane_and_within_credit() {
     cancel.cancel();
     producer.await.expect("producer");
 }
+
+/// Audit F5: a lane whose redemption fails must not stop the others. The
+/// worker holds a validly signed cheque on a contract that does not exist
+/// on chain (its raw address sorts first) and a real one on a funded lane.
+/// Before the fix `redeem_with_threshold` returned the first lane's error
+/// and the real lane was never redeemed, on any later pass either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_lane_does_not_block_the_other_redemptions() {
+    let devnet = Devnet::in_memory(DevnetConfig::new(Duration::from_millis(10))).expect("devnet");
+    let cancel = CancellationToken::new();
+    let producer = devnet.spawn_block_producer(cancel.clone());
+    let ledger: Arc<dyn Ledger> = Arc::new(devnet.clone());
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let client = open(dirs[0].path(), 1, &ledger);
+    let worker = open(dirs[1].path(), 10, &ledger);
+    devnet
+        .mint(&client.wallet_address(), Coins::from_ton(10).expect("ton"))
+        .expect("mint");
+    devnet
+        .mint(&worker.wallet_address(), Coins::from_ton(10).expect("ton"))
+        .expect("mint");
+    client
+        .open_lane(&worker.wallet_address(), Coins::from_ton(1).expect("ton"))
+        .await
+        .expect("open lane");
+
+    // A cheque on a contract nobody deployed, signed by its "client".
+    let ghost_keys = Keys::from_seed([99; 32]);
+    let ghost = silk_chain::Address::new(0, [0; 32]);
+    let ghost_cheque = silk_chain::Cheque {
+        contract: ghost.clone(),
+        worker: worker.wallet_address(),
+        lane_id: 1,
+        cumulative: Coins(50_000_000),
+    }
+    .sign(&ghost_keys)
+    .expect("sign");
+    worker
+        .on_cheque(&ghost, &ghost_keys.public_key(), &ghost_cheque, 0, 0)
+        .expect("kept");
+
+    // One real job, paid.
+    let coefficient = worker.config().coefficient_milli;
+    let r = client
+        .before_dispatch(&worker.wallet_address(), coefficient, None, 100, 100)
+        .expect("reserve");
+    let (cheque, cost) = client.after_job(&r, coefficient, 100, 100).expect("settle");
+    worker
+        .on_cheque(
+            client.client_contract(),
+            &client.public_key(),
+            &cheque,
+            100,
+            100,
+        )
+        .expect("accepted");
+
+    for pass in 0..2 {
+        let done = worker
+            .redeem_with_threshold(Coins(1))
+            .await
+            .expect("a pass over the due lanes");
+        let real: Vec<_> = done
+            .iter()
+            .filter(|d| &d.contract == client.client_contract())
+            .collect();
+        if pass == 0 {
+            assert_eq!(real.len(), 1, "{done:?}");
+            assert_eq!(real[0].after, cost);
+        }
+        assert!(done.iter().all(|d| d.contract != ghost), "{done:?}");
+    }
+    let lane = ledger::settlement_lane(&*ledger, client.client_contract(), 1)
+        .await
+        .expect("lane")
+        .expect("exists");
+    assert_eq!(lane.redeemed, cost);
+    cancel.cancel();
+    let _ = producer.await;
+}

@@ -696,44 +696,61 @@ impl Payments {
 
     /// Worker: redeems every lane whose unredeemed cheques reach `threshold`.
     /// Idempotent after a crash: a lane the contract already paid is only
-    /// marked, not sent again.
+    /// marked, not sent again. Each lane stands alone: one whose redemption
+    /// fails (a lane the client reclaimed, a contract that is gone or
+    /// aborts) is logged and left for the next pass, and the others are
+    /// still redeemed (audit F5). Returns the redemptions that succeeded.
     pub async fn redeem_with_threshold(&self, threshold: Coins) -> Result<Vec<Redemption>> {
         let mut done = Vec::new();
         for lane in self.worker.due_for_redemption(threshold)? {
-            let Some(cheque) = lane.best.clone() else {
-                continue;
-            };
-            let before = ledger::settlement_lane(&*self.ledger, &lane.contract, lane.lane_id)
-                .await?
-                .map(|l| l.redeemed)
-                .unwrap_or(Coins::ZERO);
-            if before < cheque.cheque.cumulative {
-                let msg = OutMessage {
-                    dest: lane.contract.clone(),
-                    value: self.config.gas,
-                    bounce: true,
-                    body: Some(settlement::redeem_body(query_id(), &cheque)?),
-                    state_init: None,
-                };
-                let tx = self.transfer(&[msg]).await?;
-                self.contract_result(&lane.contract, tx.lt, "redeem")
-                    .await?;
+            match self.redeem_lane(&lane).await {
+                Ok(Some(r)) => done.push(r),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    contract = %lane.contract,
+                    lane = lane.lane_id,
+                    error = %e,
+                    "redemption failed; the other lanes go on"
+                ),
             }
-            let after = ledger::settlement_lane(&*self.ledger, &lane.contract, lane.lane_id)
-                .await?
-                .map(|l| l.redeemed)
-                .unwrap_or(before);
-            self.worker
-                .mark_redeemed(&lane.contract, lane.lane_id, after)?;
-            tracing::info!(contract = %lane.contract, lane = lane.lane_id, before = before.nano(), after = after.nano(), "redeemed");
-            done.push(Redemption {
-                contract: lane.contract,
-                lane_id: lane.lane_id,
-                before,
-                after,
-            });
         }
         Ok(done)
+    }
+
+    /// Redeems one lane's best cheque (see [`Payments::redeem_with_threshold`]).
+    async fn redeem_lane(&self, lane: &WorkerLane) -> Result<Option<Redemption>> {
+        let Some(cheque) = lane.best.clone() else {
+            return Ok(None);
+        };
+        let before = ledger::settlement_lane(&*self.ledger, &lane.contract, lane.lane_id)
+            .await?
+            .map(|l| l.redeemed)
+            .unwrap_or(Coins::ZERO);
+        if before < cheque.cheque.cumulative {
+            let msg = OutMessage {
+                dest: lane.contract.clone(),
+                value: self.config.gas,
+                bounce: true,
+                body: Some(settlement::redeem_body(query_id(), &cheque)?),
+                state_init: None,
+            };
+            let tx = self.transfer(&[msg]).await?;
+            self.contract_result(&lane.contract, tx.lt, "redeem")
+                .await?;
+        }
+        let after = ledger::settlement_lane(&*self.ledger, &lane.contract, lane.lane_id)
+            .await?
+            .map(|l| l.redeemed)
+            .unwrap_or(before);
+        self.worker
+            .mark_redeemed(&lane.contract, lane.lane_id, after)?;
+        tracing::info!(contract = %lane.contract, lane = lane.lane_id, before = before.nano(), after = after.nano(), "redeemed");
+        Ok(Some(Redemption {
+            contract: lane.contract.clone(),
+            lane_id: lane.lane_id,
+            before,
+            after,
+        }))
     }
 
     /// Worker: redeems lanes past the configured threshold.
