@@ -20,8 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use silk_inference::{backend::Device, Engine, EngineConfig, Event, ModelStore};
 use silk_overlay::{
-    Announcement, AttestationMode, JobFrame, Multiaddr, Overlay, OverlayConfig, OverlayEvent,
-    OverlayHandle, PeerId,
+    Announcement, AttestationMode, JobErrorCode, JobFrame, Multiaddr, Overlay, OverlayConfig,
+    OverlayEvent, OverlayHandle, PeerId,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -170,6 +170,63 @@ pub enum JobEvent {
     Failed(String),
 }
 
+/// Whose fault a failed attempt on one worker was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Blame {
+    /// The worker's: it counts against its reputation.
+    Worker,
+    /// The caller's: the request is invalid on any worker.
+    Caller,
+    /// Nobody's, but the worker has no room now: route elsewhere for a while.
+    Busy,
+    /// Nobody's (this gateway's own frame, a payment this gateway could not
+    /// make, a wire version apart).
+    Nobody,
+}
+
+impl Blame {
+    /// Blame for a worker's refusal with `code` before the first token.
+    fn of_refusal(code: JobErrorCode) -> Self {
+        match code {
+            // The engine's validation: prompt over the context window,
+            // max_tokens past it, a KV budget the request can never fit.
+            JobErrorCode::Rejected => Self::Caller,
+            JobErrorCode::Busy => Self::Busy,
+            // Our frame was too large or malformed, or a wire version apart.
+            JobErrorCode::FrameTooLarge
+            | JobErrorCode::Malformed
+            | JobErrorCode::ProtocolVersion => Self::Nobody,
+            // Payment terms this gateway offered, or a cheque it sent.
+            JobErrorCode::Application(
+                jobs::ERR_PAYMENT_REQUIRED
+                | jobs::ERR_PAYMENT_REFUSED
+                | jobs::ERR_BAD_CHEQUE
+                | jobs::ERR_NOT_CHARGING,
+            ) => Self::Nobody,
+            // It announced a model it does not serve, failed, or stalled.
+            JobErrorCode::Application(_) | JobErrorCode::Internal | JobErrorCode::Timeout => {
+                Self::Worker
+            }
+        }
+    }
+}
+
+/// A failed attempt on one worker.
+#[derive(Debug)]
+struct AttemptError {
+    message: String,
+    blame: Blame,
+}
+
+impl AttemptError {
+    fn worker(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            blame: Blame::Worker,
+        }
+    }
+}
+
 /// Why a job could not be placed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DispatchError {
@@ -195,6 +252,11 @@ pub enum DispatchError {
         /// The caller's maximum, × 1000.
         max_milli: u32,
     },
+    /// A worker judged the request itself invalid (a prompt longer than the
+    /// context window, `max_tokens` past it): the caller's fault, so no
+    /// other worker is tried and no worker is blamed.
+    #[error("the worker refused the request: {0}")]
+    InvalidRequest(String),
     /// Every attempt failed before the first token.
     #[error("no worker could take the job: {0}")]
     AllFailed(String),
@@ -941,10 +1003,28 @@ impl Node {
                     if let Some(p) = paid.take() {
                         p.billing.release(p.reservation).await;
                     }
-                    tracing::info!(worker = %c.peer, error = %e, "worker failed before the first token; trying the next");
-                    self.note_failure(c.peer);
-                    Self::record_outcome(&self.reputation, c.peer, false);
-                    errors.push(format!("{}: {e}", c.peer));
+                    // Only a fault of the worker counts against it (audit
+                    // F11): a request the caller got wrong, or a frame this
+                    // gateway could not send, says nothing about the worker.
+                    match e.blame {
+                        Blame::Caller => {
+                            tracing::info!(worker = %c.peer, error = %e.message, "the worker refused the request as invalid");
+                            return Err(DispatchError::InvalidRequest(e.message));
+                        }
+                        Blame::Worker => {
+                            tracing::info!(worker = %c.peer, error = %e.message, "worker failed before the first token; trying the next");
+                            self.note_failure(c.peer);
+                            Self::record_outcome(&self.reputation, c.peer, false);
+                        }
+                        Blame::Busy => {
+                            tracing::info!(worker = %c.peer, error = %e.message, "worker busy; trying the next");
+                            self.note_failure(c.peer);
+                        }
+                        Blame::Nobody => {
+                            tracing::info!(worker = %c.peer, error = %e.message, "attempt failed without the worker's fault; trying the next");
+                        }
+                    }
+                    errors.push(format!("{}: {}", c.peer, e.message));
                 }
             }
         }
@@ -993,12 +1073,21 @@ impl Node {
         &self,
         request: &JobRequest,
         slot: InFlight,
-    ) -> Result<mpsc::Receiver<JobEvent>, String> {
-        let worker = self.worker.clone().ok_or("not a worker")?;
+    ) -> Result<mpsc::Receiver<JobEvent>, AttemptError> {
+        let worker = self.worker.clone().ok_or(AttemptError {
+            message: "not a worker".into(),
+            blame: Blame::Nobody,
+        })?;
         let mut stream = worker
             .engine
             .submit(request.to_generate())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| AttemptError {
+                blame: match e {
+                    silk_inference::InferenceError::Busy { .. } => Blame::Busy,
+                    _ => Blame::Caller,
+                },
+                message: e.to_string(),
+            })?;
         let (tx, rx) = mpsc::channel(JOB_CHANNEL);
         let price = self.price_milli;
         let cancel = self.cancel.clone();
@@ -1040,7 +1129,7 @@ impl Node {
         peer: PeerId,
         slot: InFlight,
         paid: &mut Option<PaidJob>,
-    ) -> Result<mpsc::Receiver<JobEvent>, String> {
+    ) -> Result<mpsc::Receiver<JobEvent>, AttemptError> {
         let mut request = request.clone();
         request.payment = paid.as_ref().map(|p| p.terms.clone());
         let mut stream = tokio::time::timeout(
@@ -1049,20 +1138,32 @@ impl Node {
                 .open_job(peer, jobs::encode(&JobMessage::Generate(request))),
         )
         .await
-        .map_err(|_| "opening the job stream timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| AttemptError::worker("opening the job stream timed out"))?
+        .map_err(|e| match e {
+            // Our own request frame was over the limit: not the worker's doing.
+            silk_overlay::OverlayError::TooLarge { .. } => AttemptError {
+                message: e.to_string(),
+                blame: Blame::Nobody,
+            },
+            e => AttemptError::worker(e.to_string()),
+        })?;
         let first = match stream.next_frame().await {
             Some(Ok(JobFrame::Data(d))) => Frame::Tokens(
-                postcard::from_bytes(&d).map_err(|e| format!("undecodable token frame: {e}"))?,
+                postcard::from_bytes(&d)
+                    .map_err(|e| AttemptError::worker(format!("undecodable token frame: {e}")))?,
             ),
             Some(Ok(JobFrame::End(u))) => Frame::End(
-                postcard::from_bytes(&u).map_err(|e| format!("undecodable usage frame: {e}"))?,
+                postcard::from_bytes(&u)
+                    .map_err(|e| AttemptError::worker(format!("undecodable usage frame: {e}")))?,
             ),
             Some(Ok(JobFrame::Error { code, message })) => {
-                return Err(format!("worker refused ({code:?}): {message}"))
+                return Err(AttemptError {
+                    blame: Blame::of_refusal(code),
+                    message: format!("worker refused ({code:?}): {message}"),
+                })
             }
-            Some(Err(e)) => return Err(e.to_string()),
-            None => return Err("the worker closed the stream".into()),
+            Some(Err(e)) => return Err(AttemptError::worker(e.to_string())),
+            None => return Err(AttemptError::worker("the worker closed the stream")),
         };
         let paid = paid.take();
         let overlay = self.overlay.clone();

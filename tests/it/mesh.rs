@@ -114,6 +114,52 @@ async fn five_node_mesh() -> anyhow::Result<()> {
         "{body}"
     );
 
+    // Audit F11: a prompt longer than the context window is the caller's
+    // fault. It gets a 400 and leaves the workers' reputation alone. Before
+    // the fix each such request counted as a failure of every worker tried
+    // (503 `no_worker_available`), and ten of them pushed both workers'
+    // reputation from 0.5/0.75 to 0.08/0.21 on the gateway.
+    let reputations = |mesh: &Value| -> Vec<(String, f64)> {
+        let mut r: Vec<(String, f64)> = mesh["workers"]
+            .as_array()
+            .map(|ws| {
+                ws.iter()
+                    .filter_map(|w| {
+                        Some((
+                            w["peer_id"].as_str()?.to_string(),
+                            w["reputation"].as_f64()?,
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        r.sort_by(|a, b| a.0.cmp(&b.0));
+        r
+    };
+    let before = reputations(
+        &net.get_json(&format!("{}/v1/mesh", net.nodes[0].api_url))
+            .await?,
+    );
+    ensure!(before.len() == 2, "{before:?}");
+    let too_long = "hello ".repeat(9000);
+    for _ in 0..10 {
+        let (status, _, body) =
+            post(&net, 0, "/v1/chat/completions", &chat_body(&too_long, 4)).await?;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+    }
+    let after = reputations(
+        &net.get_json(&format!("{}/v1/mesh", net.nodes[0].api_url))
+            .await?,
+    );
+    for ((w, b), (w2, a)) in before.iter().zip(&after) {
+        assert_eq!(w, w2);
+        assert!(
+            a >= b,
+            "{w}: reputation fell from {b} to {a} on requests the caller got wrong"
+        );
+    }
+
     // A gateway without --allow-insecure-workers refuses them, clearly.
     let (status, _, body) = post(&net, 4, "/v1/chat/completions", &chat_body("hi", 4)).await?;
     assert_eq!(status, 403, "{body}");

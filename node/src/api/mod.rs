@@ -132,6 +132,11 @@ impl From<DispatchError> for ApiError {
                 "invalid_request_error",
                 "price_above_max_coefficient",
             ),
+            DispatchError::InvalidRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request",
+            ),
             DispatchError::AllFailed(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
