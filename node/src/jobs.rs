@@ -354,8 +354,18 @@ async fn serve_job(
                 .await;
             return;
         }
-        Err(e) => {
+        // Only the request's own faults are `Rejected`: a gateway takes that
+        // as the caller's error and blames no worker. Anything else (the
+        // engine shut down, the tokenizer or template failed) is ours.
+        Err(
+            e @ (silk_inference::InferenceError::InvalidRequest { .. }
+            | silk_inference::InferenceError::PromptTooLong { .. }),
+        ) => {
             let _ = responder.error(JobErrorCode::Rejected, e.to_string()).await;
+            return;
+        }
+        Err(e) => {
+            let _ = responder.error(JobErrorCode::Internal, e.to_string()).await;
             return;
         }
     };

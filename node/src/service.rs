@@ -1084,7 +1084,9 @@ impl Node {
             .map_err(|e| AttemptError {
                 blame: match e {
                     silk_inference::InferenceError::Busy { .. } => Blame::Busy,
-                    _ => Blame::Caller,
+                    silk_inference::InferenceError::InvalidRequest { .. }
+                    | silk_inference::InferenceError::PromptTooLong { .. } => Blame::Caller,
+                    _ => Blame::Worker,
                 },
                 message: e.to_string(),
             })?;
