@@ -950,8 +950,8 @@ impl Node {
 
     /// Places `request` (its `model` already resolved to an id) on the best
     /// worker whose coefficient is at most the node's maximum, or
-    /// `max_coefficient_milli` when the caller asked for less, retrying the next candidate while no
-    /// token has arrived. With payments, the job's worst case is reserved
+    /// `max_coefficient_milli` when the caller asked for less, retrying the
+    /// next candidate while no token has arrived. With payments, the job's worst case is reserved
     /// on the lane to the worker first and released if the worker fails.
     pub async fn dispatch(
         &self,
