@@ -4,9 +4,12 @@
 //! pointing their TON HTTP ledger at `http://127.0.0.1:PORT/api/v2/jsonRPC`.
 //!
 //! A deliberately small HTTP/1.1 server: one request per connection, bodies
-//! up to [`MAX_BODY`], at most [`MAX_CONNECTIONS`] at once.
+//! up to [`MAX_BODY`], at most [`MAX_CONNECTIONS`] at once, each request
+//! read within [`READ_TIMEOUT`] (so idle sockets cannot hold every
+//! connection and stall every node's payments, audit F21).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
 use num_bigint::BigInt;
@@ -26,6 +29,8 @@ use crate::message::{from_boc, to_boc};
 pub const MAX_BODY: usize = 1 << 20;
 /// Most connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Time a connection has to send its whole request.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most transactions one `getTransactions` returns.
 const MAX_TXS: usize = 100;
 
@@ -45,7 +50,16 @@ pub async fn serve(devnet: Devnet, listener: TcpListener, cancel: CancellationTo
         let (sock, peer) = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Ok(()),
-            r = listener.accept() => r.map_err(|e| Error::Ledger(format!("devnet server accept: {e}")))?,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, or a connection reset in the
+                    // backlog: the server goes on.
+                    tracing::warn!(error = %e, "devnet server could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
         };
         let devnet = devnet.clone();
         tokio::spawn(async move {
@@ -58,6 +72,43 @@ pub async fn serve(devnet: Devnet, listener: TcpListener, cancel: CancellationTo
 }
 
 async fn handle(devnet: Devnet, mut sock: TcpStream) -> Result<()> {
+    let request = tokio::time::timeout(READ_TIMEOUT, read_request(&mut sock))
+        .await
+        .map_err(|_| Error::Ledger(format!("no whole request within {READ_TIMEOUT:?}")))??;
+    let body = match request {
+        Request::Body(body) => body,
+        Request::TooLarge => {
+            return respond(
+                &mut sock,
+                413,
+                &json!({ "ok": false, "error": "request body too large", "code": 413 }),
+            )
+            .await
+        }
+    };
+    let reply = match serde_json::from_slice::<Value>(&body) {
+        Ok(req) => match dispatch(&devnet, &req).await {
+            Ok(result) => {
+                json!({ "ok": true, "result": result, "id": req["id"], "jsonrpc": "2.0" })
+            }
+            Err(e) => {
+                json!({ "ok": false, "error": e.to_string(), "code": 500, "id": req["id"], "jsonrpc": "2.0" })
+            }
+        },
+        Err(e) => json!({ "ok": false, "error": format!("body is not JSON: {e}"), "code": 400 }),
+    };
+    respond(&mut sock, 200, &reply).await
+}
+
+/// A request as read off a connection.
+enum Request {
+    /// Its body.
+    Body(Vec<u8>),
+    /// It announced a body over [`MAX_BODY`].
+    TooLarge,
+}
+
+async fn read_request(sock: &mut TcpStream) -> Result<Request> {
     let io = |e: std::io::Error| Error::Ledger(format!("devnet server: {e}"));
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -83,12 +134,7 @@ async fn handle(devnet: Devnet, mut sock: TcpStream) -> Result<()> {
         }
     };
     if content_len > MAX_BODY {
-        return respond(
-            &mut sock,
-            413,
-            &json!({ "ok": false, "error": "request body too large", "code": 413 }),
-        )
-        .await;
+        return Ok(Request::TooLarge);
     }
     while buf.len() < head_len + content_len {
         let n = sock.read(&mut chunk).await.map_err(io)?;
@@ -97,18 +143,9 @@ async fn handle(devnet: Devnet, mut sock: TcpStream) -> Result<()> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let reply = match serde_json::from_slice::<Value>(&buf[head_len..head_len + content_len]) {
-        Ok(req) => match dispatch(&devnet, &req).await {
-            Ok(result) => {
-                json!({ "ok": true, "result": result, "id": req["id"], "jsonrpc": "2.0" })
-            }
-            Err(e) => {
-                json!({ "ok": false, "error": e.to_string(), "code": 500, "id": req["id"], "jsonrpc": "2.0" })
-            }
-        },
-        Err(e) => json!({ "ok": false, "error": format!("body is not JSON: {e}"), "code": 400 }),
-    };
-    respond(&mut sock, 200, &reply).await
+    Ok(Request::Body(
+        buf[head_len..head_len + content_len].to_vec(),
+    ))
 }
 
 async fn respond(sock: &mut TcpStream, status: u16, body: &Value) -> Result<()> {

@@ -456,3 +456,58 @@ async fn ton_http_drives_a_devnet_served_over_http() {
     producer.await.expect("producer");
     server.await.expect("server").expect("serve");
 }
+
+/// Idle sockets cannot hold every connection of the devnet server (audit
+/// F21): with all of them taken by connections that never send a request,
+/// a real request is still answered once those time out. Before the fix it
+/// waited forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_stall_the_devnet_server() {
+    let devnet = Devnet::in_memory(DevnetConfig {
+        block_interval: Duration::from_millis(10),
+        clock: Clock::Manual {
+            start: 1_800_000_000,
+        },
+    })
+    .expect("devnet");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(silk_chain::devnet_http::serve(
+        devnet.clone(),
+        listener,
+        cancel.clone(),
+    ));
+    let mut idle = Vec::new();
+    for _ in 0..silk_chain::devnet_http::MAX_CONNECTIONS {
+        idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    let body = serde_json::json!({
+        "id": 1, "jsonrpc": "2.0", "method": "getAddressInformation",
+        "params": { "address": Address::new(0, [7; 32]).to_string() },
+    })
+    .to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!(
+            "POST /api/v2/jsonRPC HTTP/1.1\r\nHost: devnet\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(
+        silk_chain::devnet_http::READ_TIMEOUT * 3,
+        s.read_to_end(&mut out),
+    )
+    .await
+    .expect("answered once the idle connections timed out")
+    .expect("read");
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"ok\":true"), "{text}");
+    cancel.cancel();
+    server.await.expect("server").expect("serve");
+}
