@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use silk_chain::{Address, Coins};
 use tokio_util::sync::CancellationToken;
 
-use crate::jobs::{ChequeAck, ChequeDelivery, JobUsage, PaymentTerms};
+use crate::jobs::{ChequeAck, ChequeDelivery, JobUsage, PaymentTerms, TokenChunk};
 use crate::payments::{Payments, PaymentsError, Reservation};
 
 /// How long a worker waits for the cheque of a finished job before it
@@ -36,6 +36,74 @@ use crate::payments::{Payments, PaymentsError, Reservation};
 pub const CHEQUE_WAIT: Duration = Duration::from_secs(30);
 /// Jobs a worker remembers while their cheques are on the way.
 const MAX_PENDING: usize = 4096;
+
+/// Most bytes of text one token can stand for. No tokenizer silk serves
+/// has a longer token; a worker sending more text than this per token of
+/// `max_tokens` is refused, which also bounds what a gateway buffers.
+pub const MAX_TOKEN_BYTES: u64 = 256;
+
+/// What a gateway received of one job, and so what it pays for (audit F8):
+/// completion tokens that came with text (at most one per byte of text
+/// received), never more than `max_tokens`; and nothing at all, prompt
+/// included, when no such token came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    max_tokens: u32,
+    ids: u32,
+    text_bytes: u64,
+}
+
+impl Delivery {
+    /// A job that may generate `max_tokens`.
+    pub fn new(max_tokens: u32) -> Self {
+        Self {
+            max_tokens,
+            ids: 0,
+            text_bytes: 0,
+        }
+    }
+
+    /// Takes in a chunk before it is passed on. Returns whether it moved
+    /// the job forward (a paid token more), or why the worker broke the
+    /// job's terms: more tokens than `max_tokens`, or more text than they
+    /// can stand for. A refused chunk changes nothing.
+    pub fn accept(&mut self, chunk: &TokenChunk) -> Result<bool, String> {
+        let ids = u32::try_from(chunk.ids.len())
+            .ok()
+            .and_then(|n| self.ids.checked_add(n))
+            .filter(|&n| n <= self.max_tokens)
+            .ok_or_else(|| {
+                format!(
+                    "sent {} tokens after {}, past max_tokens {}",
+                    chunk.ids.len(),
+                    self.ids,
+                    self.max_tokens
+                )
+            })?;
+        let text_bytes = self.text_bytes.saturating_add(chunk.text.len() as u64);
+        if text_bytes > MAX_TOKEN_BYTES * u64::from(self.max_tokens) {
+            return Err(format!(
+                "sent {text_bytes} bytes of text, more than {MAX_TOKEN_BYTES} per token of max_tokens {}",
+                self.max_tokens
+            ));
+        }
+        let before = self.paid_tokens();
+        self.ids = ids;
+        self.text_bytes = text_bytes;
+        Ok(self.paid_tokens() > before)
+    }
+
+    /// Completion tokens to pay for.
+    pub fn paid_tokens(&self) -> u32 {
+        let by_text = u32::try_from(self.text_bytes).unwrap_or(u32::MAX);
+        self.ids.min(by_text).min(self.max_tokens)
+    }
+
+    /// Tokens received, paid or not.
+    pub fn tokens(&self) -> u32 {
+        self.ids
+    }
+}
 
 /// A finished job waiting for its cheque.
 #[derive(Debug, Clone)]
@@ -135,11 +203,12 @@ impl Billing {
     }
 
     /// Settles a job: `usage` is the worker's record (absent when the job
-    /// failed midway) and `delivered` the tokens the caller received. The
-    /// gateway pays for at most `delivered` completion tokens and at most
-    /// `prompt_tokens_bound` prompt tokens, at `coefficient_milli`; a job
-    /// that failed midway pays its delivered tokens only. The new cumulative
-    /// cheque is committed before this returns.
+    /// failed midway) and `delivered` the completion tokens the gateway
+    /// pays for ([`Delivery::paid_tokens`]). The gateway pays for at most
+    /// `delivered` completion tokens and at most `prompt_tokens_bound`
+    /// prompt tokens, at `coefficient_milli`; a job that failed midway pays
+    /// its delivered tokens only, and one that delivered none pays nothing.
+    /// The new cumulative cheque is committed before this returns.
     pub async fn settle(
         &self,
         reservation: Reservation,
@@ -149,7 +218,7 @@ impl Billing {
         usage: Option<&JobUsage>,
         delivered: u32,
     ) -> Result<Bill, PaymentsError> {
-        let (prompt, completion) = match usage {
+        let (prompt, completion) = match usage.filter(|_| delivered > 0) {
             Some(u) => (
                 u64::from(u.prompt_tokens).min(prompt_tokens_bound),
                 u64::from(u.completion_tokens.min(delivered)),
@@ -181,8 +250,13 @@ impl Billing {
             .await
     }
 
-    /// Remembers a finished job's cost until its cheque arrives.
+    /// Remembers a finished job's cost until its cheque arrives. A job that
+    /// generated no token costs nothing, prompt included: gateways pay
+    /// nothing for it ([`Delivery`]), so it is not booked.
     pub fn job_done(&self, terms: &PaymentTerms, usage: &JobUsage) {
+        if usage.completion_tokens == 0 {
+            return;
+        }
         let pending = Pending {
             contract: terms.contract.clone(),
             lane_id: terms.lane_id,
@@ -312,5 +386,50 @@ impl Billing {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: usize, text: &str) -> TokenChunk {
+        TokenChunk {
+            ids: vec![7; n],
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn a_gateway_pays_only_for_tokens_that_came_with_text_up_to_max_tokens() {
+        // Tokens without text are not paid for (audit F8: one chunk of
+        // `max_tokens` ids and no text billed them all).
+        let mut d = Delivery::new(64);
+        assert_eq!(d.accept(&chunk(50, "")), Ok(false));
+        assert_eq!(d.paid_tokens(), 0);
+        // Text pays for at most one token a byte; held-back text that comes
+        // later pays for the tokens before it.
+        assert_eq!(d.accept(&chunk(1, "ab")), Ok(true));
+        assert_eq!(d.paid_tokens(), 2);
+        assert_eq!(d.accept(&chunk(1, &"x".repeat(100))), Ok(true));
+        assert_eq!((d.paid_tokens(), d.tokens()), (52, 52));
+
+        // Past max_tokens the chunk is refused and changes nothing.
+        let mut d = Delivery::new(3);
+        assert_eq!(d.accept(&chunk(2, "hi")), Ok(true));
+        assert!(d.accept(&chunk(2, "yo")).is_err());
+        assert_eq!((d.paid_tokens(), d.tokens()), (2, 2));
+        assert_eq!(d.accept(&chunk(1, "!")), Ok(true));
+        assert!(d.accept(&chunk(1, "!")).is_err());
+        assert_eq!(d.paid_tokens(), 3);
+
+        // Text is bounded by max_tokens, so a gateway never buffers more
+        // than MAX_TOKEN_BYTES a token.
+        let mut d = Delivery::new(2);
+        let huge = "x".repeat((2 * MAX_TOKEN_BYTES + 1) as usize);
+        assert!(d.accept(&chunk(1, &huge)).is_err());
+        assert_eq!(d.paid_tokens(), 0);
+        // Empty chunks are no progress.
+        assert_eq!(d.accept(&chunk(0, "")), Ok(false));
     }
 }

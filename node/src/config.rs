@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use silk_chain::{Ledger, TonHttp, TonHttpConfig};
 
+use crate::api::guard::HttpConfig;
 use crate::payments::PaymentsConfig;
 use crate::MeshError;
 
@@ -42,6 +43,9 @@ pub struct NodeConfig {
     /// Prices, lanes, credit and redemption (defaults when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payments: Option<PaymentsConfig>,
+    /// Who may call the HTTP API, and the server's limits (defaults when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpConfig>,
 }
 
 /// The `[ledger]` section: which chain settles jobs.
@@ -127,6 +131,7 @@ impl Default for NodeConfig {
             mdns: false,
             ledger: None,
             payments: None,
+            http: None,
         }
     }
 }
@@ -174,6 +179,11 @@ impl NodeConfig {
         self.payments.clone().unwrap_or_default()
     }
 
+    /// The `[http]` section, defaults filled in.
+    pub fn http(&self) -> HttpConfig {
+        self.http.clone().unwrap_or_default()
+    }
+
     /// The models directory: `models_dir`, else `<data_dir>/models`.
     pub fn models_dir(&self, data_dir: &Path) -> PathBuf {
         self.models_dir
@@ -218,6 +228,7 @@ mod tests {
         assert_eq!(p.lane_amount, silk_chain::Coins(2_000_000_000));
         assert_eq!(p.redeem_every_s, 5);
         assert_eq!(p.credit, PaymentsConfig::default().credit);
+        assert_eq!(c.http(), HttpConfig::default());
         c.save(dir.path()).expect("save with sections");
         assert_eq!(NodeConfig::load_or_default(dir.path()).expect("reload"), c);
         std::fs::write(NodeConfig::path(dir.path()), "[ledger]\nkind = \"moon\"\n").expect("write");

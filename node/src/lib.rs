@@ -25,11 +25,14 @@
 //!   outcomes seen here plus gossiped reports weighted by the reporter's
 //!   standing), [`jobs`] (the postcard job protocol inside
 //!   the overlay's `/silk/job/1.0.0` frames, and the worker side), [`api`]
-//!   (the OpenAI-compatible HTTP API on axum).
+//!   (the OpenAI-compatible HTTP API on axum over hyper, behind a guard:
+//!   Host, Origin and JSON checks, API keys with rate limits and daily spend
+//!   caps, header, body and request timeouts, connection caps).
 //!
 //! # Data flow of a job
 //!
-//! HTTP request → [`api`] validates → [`service::Node::dispatch`] ranks
+//! HTTP request → [`api`] guards and validates, and holds the job's worst
+//! case against the caller's key → [`service::Node::dispatch`] ranks
 //! workers from gossiped announcements (DHT providers when gossip knows too
 //! few), filtered by the attestation policy → job stream to the worker →
 //! [`jobs::serve_stream`] runs the engine and streams tokens → the gateway's

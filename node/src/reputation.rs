@@ -234,14 +234,18 @@ mod tests {
             r.record(failing, false);
         }
         // A trusted reporter saying the worker fails lowers it a lot …
-        let mut by_trusted = Reputation::default();
-        by_trusted.own = r.own.clone();
+        let mut by_trusted = Reputation {
+            own: r.own.clone(),
+            ..Reputation::default()
+        };
         by_trusted
             .absorb(trusted, &report(1, &[(worker, 0.0, 1000.0)]))
             .expect("absorb");
         // … a reporter that fails its own jobs, much less.
-        let mut by_failing = Reputation::default();
-        by_failing.own = r.own.clone();
+        let mut by_failing = Reputation {
+            own: r.own.clone(),
+            ..Reputation::default()
+        };
         by_failing
             .absorb(failing, &report(1, &[(worker, 0.0, 1000.0)]))
             .expect("absorb");

@@ -26,8 +26,9 @@ use silk_overlay::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::keys::SpendHold;
 use crate::attest::{self, AttestationDocument, Claims, Hex, NodeIdentity, Policy, TsmReport};
-use crate::billing::Billing;
+use crate::billing::{Billing, Delivery};
 use crate::jobs::{self, JobMessage, JobRequest, JobUsage, PaymentTerms, TokenChunk};
 use crate::payments::Reservation;
 use crate::reputation::Reputation;
@@ -91,7 +92,18 @@ pub struct NodeOptions {
     /// PCCS to fetch DCAP collateral from; without it, only collateral
     /// already in `<data_dir>/attest/collateral` is used.
     pub pccs_url: Option<String>,
+    /// How long a worker may go without sending a new token once a job
+    /// started (frames without one do not count); past it, or past the
+    /// job's deadline, the gateway ends the job as the worker's failure.
+    pub job_progress_timeout: Duration,
 }
+
+/// Default of [`NodeOptions::job_progress_timeout`]: the overlay's idle
+/// timeout for a frame.
+pub const JOB_PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
+/// The slowest average decode a job's deadline allows, seconds per token:
+/// a job must end within the progress timeout plus this per `max_tokens`.
+const SECONDS_PER_TOKEN_AT_WORST: u32 = 2;
 
 /// What the served model is.
 #[derive(Debug, Clone)]
@@ -121,6 +133,7 @@ pub struct Node {
     default_max_coefficient_milli: u32,
     billing: Option<Arc<Billing>>,
     max_jobs_per_worker: u32,
+    job_progress_timeout: Duration,
     in_flight: Arc<Mutex<HashMap<PeerId, u32>>>,
     failures: Mutex<HashMap<PeerId, Instant>>,
     /// The last DHT lookup per model: when, and the workers it found.
@@ -374,6 +387,7 @@ impl Node {
             default_max_coefficient_milli: options.default_max_coefficient_milli,
             billing: options.billing.clone(),
             max_jobs_per_worker: options.max_jobs_per_worker.max(1),
+            job_progress_timeout: options.job_progress_timeout,
             in_flight: Arc::default(),
             failures: Mutex::default(),
             dht_lookups: Mutex::default(),
@@ -948,15 +962,47 @@ impl Node {
         }
     }
 
+    /// The most `request` can cost this gateway: its prompt bound and
+    /// `max_tokens` at the highest coefficient it accepts, at this node's
+    /// prices. Zero on a node without payments; the largest amount when
+    /// the price overflows, so a spend cap refuses it.
+    pub fn worst_case_cost(
+        &self,
+        request: &JobRequest,
+        max_coefficient_milli: Option<u32>,
+    ) -> silk_chain::Coins {
+        let Some(billing) = &self.billing else {
+            return silk_chain::Coins::ZERO;
+        };
+        let max = crate::payments::capped_coefficient(
+            max_coefficient_milli,
+            self.default_max_coefficient_milli,
+        );
+        billing
+            .payments()
+            .config()
+            .price
+            .worst_case(
+                max,
+                request.prompt_tokens_bound(),
+                u64::from(request.max_tokens),
+            )
+            .unwrap_or(silk_chain::Coins(u128::MAX))
+    }
+
     /// Places `request` (its `model` already resolved to an id) on the best
     /// worker whose coefficient is at most the node's maximum, or
     /// `max_coefficient_milli` when the caller asked for less, retrying the
     /// next candidate while no token has arrived. With payments, the job's worst case is reserved
     /// on the lane to the worker first and released if the worker fails.
+    /// `spend`, the caller's API-key hold, is settled with what the job
+    /// cost when it ends (before its last event), or dropped if no worker
+    /// took it.
     pub async fn dispatch(
         &self,
         request: JobRequest,
         max_coefficient_milli: Option<u32>,
+        mut spend: Option<SpendHold>,
     ) -> Result<Dispatch, DispatchError> {
         let max_coefficient = crate::payments::capped_coefficient(
             max_coefficient_milli,
@@ -986,9 +1032,10 @@ impl Node {
             };
             let slot = self.take_slot(c.peer);
             let attempt = if local {
-                self.run_local(&request, slot)
+                self.run_local(&request, slot, &mut spend)
             } else {
-                self.run_remote(&request, c.peer, slot, &mut paid).await
+                self.run_remote(&request, c.peer, slot, &mut paid, &mut spend)
+                    .await
             };
             match attempt {
                 Ok(events) => {
@@ -1073,6 +1120,7 @@ impl Node {
         &self,
         request: &JobRequest,
         slot: InFlight,
+        spend: &mut Option<SpendHold>,
     ) -> Result<mpsc::Receiver<JobEvent>, AttemptError> {
         let worker = self.worker.clone().ok_or(AttemptError {
             message: "not a worker".into(),
@@ -1093,6 +1141,7 @@ impl Node {
         let (tx, rx) = mpsc::channel(JOB_CHANNEL);
         let price = self.price_milli;
         let cancel = self.cancel.clone();
+        let mut spend = spend.take();
         tokio::spawn(async move {
             let _slot = slot;
             loop {
@@ -1114,6 +1163,10 @@ impl Node {
                     None => JobEvent::Failed("the engine stopped".into()),
                 };
                 let last = !matches!(out, JobEvent::Token(_));
+                if last {
+                    // A node does not pay itself: the job cost nothing.
+                    settle_spend(spend.take(), Some(silk_chain::Coins::ZERO)).await;
+                }
                 if tx.send(out).await.is_err() || last {
                     return;
                 }
@@ -1131,7 +1184,9 @@ impl Node {
         peer: PeerId,
         slot: InFlight,
         paid: &mut Option<PaidJob>,
+        spend: &mut Option<SpendHold>,
     ) -> Result<mpsc::Receiver<JobEvent>, AttemptError> {
+        let max_tokens = request.max_tokens;
         let mut request = request.clone();
         request.payment = paid.as_ref().map(|p| p.terms.clone());
         let mut stream = tokio::time::timeout(
@@ -1168,46 +1223,82 @@ impl Node {
             None => return Err(AttemptError::worker("the worker closed the stream")),
         };
         let paid = paid.take();
+        let spend = spend.take();
         let overlay = self.overlay.clone();
         let reputation = Arc::clone(&self.reputation);
         let (tx, rx) = mpsc::channel(JOB_CHANNEL);
         let cancel = self.cancel.clone();
+        let progress_timeout = self.job_progress_timeout;
+        // The whole job ends by this (audit F16): a worker that trickles
+        // frames cannot hold the slot, the reservation and the caller.
+        let deadline = tokio::time::Instant::now()
+            + progress_timeout
+            + Duration::from_secs(u64::from(SECONDS_PER_TOKEN_AT_WORST)) * max_tokens;
+        let mut delivery = Delivery::new(max_tokens);
         tokio::spawn(async move {
             let _slot = slot;
-            let mut delivered = 0u32;
             let mut next = Some(first);
+            let mut last_progress = tokio::time::Instant::now();
             loop {
                 let frame = match next.take() {
                     Some(f) => f,
                     None => {
+                        let stall = (last_progress + progress_timeout).min(deadline);
                         let raw = tokio::select! {
                             biased;
                             () = cancel.cancelled() => None,
+                            // The caller went away: stop and pay for what it got.
+                            () = tx.closed() => Some(Err(silk_overlay::OverlayError::Stopped)),
+                            () = tokio::time::sleep_until(stall) => {
+                                let why = if stall == deadline {
+                                    format!("worker {peer} did not finish within the job's deadline")
+                                } else {
+                                    format!(
+                                        "worker {peer} sent no token for {} s",
+                                        progress_timeout.as_secs()
+                                    )
+                                };
+                                next = Some(Frame::Failed(why));
+                                continue;
+                            }
                             f = stream.next_frame() => f,
                         };
-                        Frame::decode(raw, peer, delivered)
+                        if tx.is_closed() {
+                            let cost = match paid {
+                                Some(p) => {
+                                    p.finish(&overlay, peer, None, delivery.paid_tokens()).await
+                                }
+                                None => Some(silk_chain::Coins::ZERO),
+                            };
+                            settle_spend(spend, cost).await;
+                            return;
+                        }
+                        Frame::decode(raw, peer, delivery.tokens())
                     }
                 };
                 let (out, usage) = match frame {
-                    Frame::Tokens(chunk) => {
-                        let n = chunk.ids.len() as u32;
-                        if tx.send(JobEvent::Token(chunk)).await.is_err() {
-                            // The caller went away: pay for what it received.
-                            if let Some(p) = paid {
-                                p.finish(&overlay, peer, None, delivered).await;
+                    Frame::Tokens(chunk) => match delivery.accept(&chunk) {
+                        Ok(progress) => {
+                            if progress {
+                                last_progress = tokio::time::Instant::now();
                             }
-                            return;
+                            // A closed channel is seen at the next select.
+                            let _ = tx.send(JobEvent::Token(chunk)).await;
+                            continue;
                         }
-                        delivered = delivered.saturating_add(n);
-                        continue;
-                    }
+                        Err(why) => (Some(format!("worker {peer} {why}")), None),
+                    },
                     Frame::End(usage) => (None, Some(usage)),
                     Frame::Failed(message) => (Some(message), None),
                 };
                 let cost = match paid {
-                    Some(p) => p.finish(&overlay, peer, usage.as_ref(), delivered).await,
+                    Some(p) => {
+                        p.finish(&overlay, peer, usage.as_ref(), delivery.paid_tokens())
+                            .await
+                    }
                     None => Some(silk_chain::Coins::ZERO),
                 };
+                settle_spend(spend, cost).await;
                 Self::record_outcome(&reputation, peer, usage.is_some());
                 let event = match (out, usage) {
                     (_, Some(usage)) => JobEvent::Done { usage, cost },
@@ -1219,6 +1310,13 @@ impl Node {
             }
         });
         Ok(rx)
+    }
+}
+
+/// Commits what a job cost to the caller's API-key spending, if it has a key.
+async fn settle_spend(spend: Option<SpendHold>, cost: Option<silk_chain::Coins>) {
+    if let Some(hold) = spend {
+        hold.settle(cost).await;
     }
 }
 

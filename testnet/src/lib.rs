@@ -13,7 +13,9 @@
 //! [`Testnet::restart`] play failures; dropping the [`Testnet`] kills every
 //! process it started. [`NodeOptions`] start single nodes elsewhere: through
 //! a launcher such as `ip netns exec`, on another address, with extra
-//! config.toml lines.
+//! config.toml lines. A node whose API is not on loopback gets an API key
+//! (`silk api-key create`) before it first starts, kept in
+//! [`NodeHandle::api_key`] and sent by [`Testnet::get_json`].
 //!
 //! With `payments` (the default) it first starts a `silk devnet` (a local
 //! TON chain running the real wallet and settlement contract code), gives
@@ -183,6 +185,9 @@ pub struct NodeHandle {
     pub data_dir: PathBuf,
     /// Its wallet address, when the testnet settles payments.
     pub wallet: Option<String>,
+    /// The API key the harness created for it: nodes whose API is not on
+    /// loopback answer only requests that carry a key.
+    pub api_key: Option<String>,
     args: Vec<String>,
     child: Option<Child>,
 }
@@ -437,6 +442,15 @@ impl Testnet {
         if !toml.is_empty() {
             std::fs::write(data_dir.join("config.toml"), toml)?;
         }
+        let loopback = host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false);
+        let api_key = if loopback {
+            None
+        } else {
+            Some(self.create_api_key(&data_dir, "testnet", &[]).await?)
+        };
         let mut node = NodeHandle {
             index,
             api_url: format!("http://{api}"),
@@ -445,6 +459,7 @@ impl Testnet {
             allows_insecure,
             data_dir,
             wallet: None,
+            api_key,
             args,
             child: None,
         };
@@ -453,6 +468,42 @@ impl Testnet {
             self.fund(&wallet, self.config.fund_ton).await?;
         }
         Ok(node)
+    }
+
+    /// Runs `silk api-key create --name NAME EXTRA…` on a data directory
+    /// (its node must be stopped) and returns the key.
+    pub async fn create_api_key(
+        &self,
+        data_dir: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<String> {
+        let mut cmd = tokio::process::Command::new(&self.config.silk_bin);
+        cmd.arg("--data-dir")
+            .arg(data_dir)
+            .args(["api-key", "create", "--name", name])
+            .args(extra)
+            .stdin(Stdio::null());
+        let out = cmd.output().await.context("running silk api-key create")?;
+        if !out.status.success() {
+            bail!(
+                "silk api-key create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let key = String::from_utf8(out.stdout)?.trim().to_string();
+        if !key.starts_with("sk-silk-") {
+            bail!("silk api-key create printed {key:?}, not a key");
+        }
+        Ok(key)
+    }
+
+    /// The API key of the node whose API `url` is on, if it has one.
+    pub fn api_key_for(&self, url: &str) -> Option<&str> {
+        self.nodes
+            .iter()
+            .find(|n| !n.api_url.is_empty() && url.starts_with(&n.api_url))
+            .and_then(|n| n.api_key.as_deref())
     }
 
     async fn launch(&self, node: &mut NodeHandle) -> anyhow::Result<()> {
@@ -486,7 +537,10 @@ impl Testnet {
                     node.log()
                 );
             }
-            if let Ok(h) = self.get_json(&format!("{}/health", node.api_url)).await {
+            if let Ok(h) = self
+                .get_json_with(&format!("{}/health", node.api_url), node.api_key.as_deref())
+                .await
+            {
                 node.peer_id = h["peer_id"].as_str().unwrap_or_default().to_string();
                 node.wallet = h["wallet"].as_str().map(str::to_string);
                 return Ok(());
@@ -510,15 +564,17 @@ impl Testnet {
             .unwrap_or_default()
     }
 
-    /// `GET url` as JSON.
+    /// `GET url` as JSON, with the API key of the node it is on.
     pub async fn get_json(&self, url: &str) -> anyhow::Result<Value> {
-        let r = self
-            .client
-            .get(url)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await?;
-        Ok(r.error_for_status()?.json().await?)
+        self.get_json_with(url, self.api_key_for(url)).await
+    }
+
+    async fn get_json_with(&self, url: &str, key: Option<&str>) -> anyhow::Result<Value> {
+        let mut r = self.client.get(url).timeout(Duration::from_secs(5));
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        Ok(r.send().await?.error_for_status()?.json().await?)
     }
 
     /// Peer ids of the running workers.
@@ -600,6 +656,7 @@ impl Testnet {
                 allows_insecure: false,
                 data_dir: PathBuf::new(),
                 wallet: None,
+                api_key: None,
                 args: Vec::new(),
                 child: None,
             },

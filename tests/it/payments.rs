@@ -191,3 +191,116 @@ async fn jobs_are_paid_with_cheques_and_redeemed_on_chain() -> anyhow::Result<()
     }
     Ok(())
 }
+
+/// The audit's F4 on a paying testnet: a web page cannot make the gateway
+/// pay, and an API key's daily spend cap holds to the nanoTON. Node 1 is
+/// the worker; node 2, the gateway, bootstraps from node 0, so it rejoins
+/// the mesh after its restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_pages_cannot_spend_and_api_keys_hold_their_caps() -> anyhow::Result<()> {
+    let mut net = Testnet::spawn(TestnetConfig::new(3, 1)?)
+        .await
+        .context("testnet did not start")?;
+    let gw = 2;
+    ensure!(!net.nodes[gw].worker, "node {gw} should be a gateway");
+    let url = format!("{}/v1/chat/completions", net.nodes[gw].api_url);
+    let body = json!({
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 4,
+        "temperature": 0,
+    })
+    .to_string();
+
+    // What the audit reproduced: served and charged before the fix.
+    let r = net
+        .client()
+        .post(&url)
+        .header("Content-Type", "text/plain")
+        .header("Origin", "https://evil.example")
+        .body(body.clone())
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 403);
+    let r = net
+        .client()
+        .post(&url)
+        .header("Content-Type", "text/plain")
+        .body(body.clone())
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 415);
+    let p = payments(&net, gw).await?;
+    assert_eq!(p["spent_nanoton"].as_u64(), Some(0), "{p}");
+    assert_eq!(p["reserved_nanoton"].as_u64(), Some(0), "{p}");
+    assert_eq!(
+        p["lanes"].as_array().map(Vec::len),
+        Some(0),
+        "no lane opened: {p}"
+    );
+
+    // A key with a cap of 400 000 nanoTON a day. A job here costs about
+    // 40 000 (its real prompt and 4 tokens at ×1) but holds its worst case
+    // first: 67 prompt tokens (the byte bound) and 4 completion tokens at
+    // the gateway's ×2 maximum, 158 000.
+    const CAP: u64 = 400_000;
+    net.kill(gw);
+    let key = net
+        .create_api_key(
+            &net.nodes[gw].data_dir,
+            "capped",
+            &["--spend-cap", "0.0004"],
+        )
+        .await?;
+    net.restart(gw).await?;
+    net.wait_converged(Duration::from_secs(60)).await?;
+
+    let mut paid = 0u64;
+    let mut served = 0;
+    let refusal = loop {
+        let before = payments(&net, gw).await?["spent_nanoton"]
+            .as_u64()
+            .context("spent")?;
+        let r = net
+            .client()
+            .post(&url)
+            .bearer_auth(&key)
+            .header("Content-Type", "application/json")
+            .body(body.clone())
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let v: Value = r.json().await?;
+        if status == 429 {
+            // Refused before any money moved.
+            let p = payments(&net, gw).await?;
+            assert_eq!(p["spent_nanoton"].as_u64(), Some(before), "{p}");
+            assert_eq!(p["reserved_nanoton"].as_u64(), Some(0), "{p}");
+            break v;
+        }
+        ensure!(status == 200, "job {served}: HTTP {status}: {v}");
+        paid += v["silk"]["cost_nanoton"].as_u64().context("cost")?;
+        served += 1;
+        ensure!(served < 20, "the cap never refused a job");
+    };
+    eprintln!("{served} jobs cost {paid} nanoTON before the cap refused: {refusal}");
+    assert_eq!(refusal["error"]["code"], "insufficient_quota", "{refusal}");
+    assert!(served >= 2, "only {served} jobs before the cap");
+    assert!(paid <= CAP, "the key spent {paid} of a {CAP} cap");
+    let spent = payments(&net, gw).await?["spent_nanoton"]
+        .as_u64()
+        .context("spent")?;
+    assert_eq!(spent, paid, "the gateway paid for exactly the key's jobs");
+
+    // The key's tally is durable: after a crash it reads what was paid.
+    net.kill(gw);
+    let out = tokio::process::Command::new(&net.config().silk_bin)
+        .arg("--data-dir")
+        .arg(&net.nodes[gw].data_dir)
+        .args(["api-key", "list"])
+        .output()
+        .await?;
+    let list = String::from_utf8(out.stdout)?;
+    let expected = format!("({paid} nanoTON)");
+    assert!(list.contains(&expected), "{list:?} should say {expected:?}");
+    Ok(())
+}

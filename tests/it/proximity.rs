@@ -164,12 +164,15 @@ impl Drop for Lab {
 
 /// A non-streamed chat job through the gateway: (status, serving worker).
 async fn chat(net: &Testnet, max_tokens: u32) -> anyhow::Result<(u16, Option<String>)> {
-    let r = net
-        .client()
-        .post(format!(
-            "{}/v1/chat/completions",
-            net.nodes[GATEWAY].api_url
-        ))
+    let mut r = net.client().post(format!(
+        "{}/v1/chat/completions",
+        net.nodes[GATEWAY].api_url
+    ));
+    // The gateway's API is on a namespace address, not loopback: it needs a key.
+    if let Some(key) = &net.nodes[GATEWAY].api_key {
+        r = r.bearer_auth(key);
+    }
+    let r = r
         .json(&json!({
             "messages": [{"role": "user", "content": "Hi."}],
             "max_tokens": max_tokens,

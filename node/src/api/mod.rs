@@ -7,28 +7,44 @@
 //!
 //! Every completion names its worker and that worker's attestation mode in
 //! the `x-silk-worker` / `x-silk-attestation` headers and in `silk` in the body.
+//!
+//! # Layout
+//!
+//! - [`server`]: the HTTP/1.1 server (header timeout, connection caps);
+//! - [`guard`]: what a request must be to reach a handler (Host, Origin,
+//!   JSON, API key, rate, concurrency, deadline);
+//! - [`keys`]: API keys in redb, with rate limits and daily spend caps;
+//! - [`types`]: request bodies and their validation;
+//! - this file: the routes.
 
+pub mod guard;
+pub mod keys;
+pub mod server;
 pub mod types;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::jobs::JobRequest;
 use crate::service::{model_name, Dispatch, DispatchError, JobEvent, Node};
 use crate::MeshError;
+use guard::{Caller, Deadlines, Guard, HttpConfig, API_BODY_LIMIT};
+use keys::{ApiKeys, KeyError};
 use types::{ApiError, ChatRequest, CompletionRequest, Validated};
 
 /// Header naming the worker that served a completion.
@@ -36,9 +52,9 @@ pub const WORKER_HEADER: &str = "x-silk-worker";
 /// Header with that worker's attestation mode (`tdx` or `insecure`).
 pub const ATTESTATION_HEADER: &str = "x-silk-attestation";
 
-/// The API's routes over `node`.
-pub fn router(node: Arc<Node>) -> Router {
-    Router::new()
+/// The API's routes over `node`, behind `guard`.
+pub fn router(node: Arc<Node>, guard: Arc<Guard>, config: &HttpConfig) -> Router {
+    let mut app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
@@ -53,35 +69,71 @@ pub fn router(node: Arc<Node>) -> Router {
             )
         })
         .with_state(node)
+        .layer(axum::middleware::from_fn_with_state(guard, guard::check));
+    if !config.allowed_origins.is_empty() {
+        // Browser apps at the allowed origins get CORS answers; the guard
+        // refuses every other origin.
+        let origins: Vec<HeaderValue> = config
+            .allowed_origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        app = app.layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([Method::GET, Method::POST])
+                .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+                .max_age(Duration::from_secs(600)),
+        );
+    }
+    app
 }
 
-/// Binds `addr` and serves the API until `cancel` fires. Returns the bound
-/// address (useful with port 0) and the server task.
+/// How the API is served.
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    /// Address to bind, e.g. `127.0.0.1:8080`.
+    pub addr: String,
+    /// Access rules and server limits.
+    pub http: HttpConfig,
+    /// The API keys.
+    pub keys: ApiKeys,
+}
+
+/// Binds `options.addr` and serves the API until `cancel` fires. Returns
+/// the bound address (useful with port 0) and the server task. On a bind
+/// that is not loopback every request needs an API key.
 pub async fn serve(
     node: Arc<Node>,
-    addr: &str,
+    options: ApiOptions,
     cancel: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), MeshError> {
-    let listener = tokio::net::TcpListener::bind(addr)
+    let addr = options.addr.clone();
+    options
+        .http
+        .validate()
+        .map_err(|reason| MeshError::Config {
+            path: crate::config::CONFIG_FILE.into(),
+            reason,
+        })?;
+    let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|source| MeshError::ApiBind {
-            addr: addr.to_string(),
+            addr: addr.clone(),
             source,
         })?;
-    let local = listener.local_addr().map_err(|source| MeshError::ApiBind {
-        addr: addr.to_string(),
-        source,
-    })?;
-    let app = router(node);
-    let task = tokio::spawn(async move {
-        let shutdown = cancel.clone();
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-        {
-            tracing::error!(error = %e, "HTTP API stopped");
-        }
-    });
+    let local = listener
+        .local_addr()
+        .map_err(|source| MeshError::ApiBind { addr, source })?;
+    let guard = Arc::new(Guard::new(&options.http, options.keys, local.ip()));
+    let app = router(node, guard, &options.http);
+    let task = tokio::spawn(server::run(
+        listener,
+        app,
+        options.http,
+        cancel,
+        Duration::from_secs(3),
+    ));
     Ok((local, task))
 }
 
@@ -153,21 +205,71 @@ enum Kind {
     Text,
 }
 
-async fn chat_completions(State(node): State<Arc<Node>>, body: Bytes) -> Response {
-    match types::parse::<ChatRequest>(&body).and_then(ChatRequest::validate) {
-        Ok(v) => complete(node, v, Kind::Chat).await,
+/// Reads a request body within its deadline and [`API_BODY_LIMIT`].
+async fn read_body(body: Body, deadline: Instant) -> Result<Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(body, API_BODY_LIMIT);
+    match tokio::time::timeout_at(deadline, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("the request body is over {API_BODY_LIMIT} bytes"),
+        )),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "bad_body",
+            format!("could not read the request body: {e}"),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "body_timeout",
+            "the request body did not arrive in time",
+        )),
+    }
+}
+
+async fn chat_completions(
+    State(node): State<Arc<Node>>,
+    Extension(caller): Extension<Caller>,
+    Extension(deadlines): Extension<Deadlines>,
+    body: Body,
+) -> Response {
+    let parsed = match read_body(body, deadlines.body).await {
+        Ok(body) => types::parse::<ChatRequest>(&body).and_then(ChatRequest::validate),
+        Err(e) => Err(e),
+    };
+    match parsed {
+        Ok(v) => complete(node, caller, v, Kind::Chat, deadlines.request).await,
         Err(e) => e.into_response(),
     }
 }
 
-async fn completions(State(node): State<Arc<Node>>, body: Bytes) -> Response {
-    match types::parse::<CompletionRequest>(&body).and_then(CompletionRequest::validate) {
-        Ok(v) => complete(node, v, Kind::Text).await,
+async fn completions(
+    State(node): State<Arc<Node>>,
+    Extension(caller): Extension<Caller>,
+    Extension(deadlines): Extension<Deadlines>,
+    body: Body,
+) -> Response {
+    let parsed = match read_body(body, deadlines.body).await {
+        Ok(body) => types::parse::<CompletionRequest>(&body).and_then(CompletionRequest::validate),
+        Err(e) => Err(e),
+    };
+    match parsed {
+        Ok(v) => complete(node, caller, v, Kind::Text, deadlines.request).await,
         Err(e) => e.into_response(),
     }
 }
 
-async fn complete(node: Arc<Node>, v: Validated, kind: Kind) -> Response {
+async fn complete(
+    node: Arc<Node>,
+    caller: Caller,
+    v: Validated,
+    kind: Kind,
+    deadline: Instant,
+) -> Response {
     let model = match node.resolve_model(v.model.as_deref()).await {
         Ok(m) => m,
         Err(e) => return ApiError::from(e).into_response(),
@@ -183,7 +285,32 @@ async fn complete(node: Arc<Node>, v: Validated, kind: Kind) -> Response {
         ignore_eos: v.ignore_eos,
         payment: None,
     };
-    let dispatch = match node.dispatch(request, v.max_coefficient_milli).await {
+    // The key's daily cap is checked against the job's worst case before
+    // any lane is opened or reserved.
+    let worst = node.worst_case_cost(&request, v.max_coefficient_milli);
+    let spend = match caller.hold(worst) {
+        Ok(hold) => hold,
+        Err(e @ KeyError::SpendCapReached { .. }) => {
+            return ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "insufficient_quota",
+                e.to_string(),
+            )
+            .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "API key spend check failed");
+            return ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "key_store_failed",
+                "the node could not check the API key's spending; try again",
+            )
+            .into_response();
+        }
+    };
+    let dispatch = match node.dispatch(request, v.max_coefficient_milli, spend).await {
         Ok(d) => d,
         Err(e) => return ApiError::from(e).into_response(),
     };
@@ -196,7 +323,7 @@ async fn complete(node: Arc<Node>, v: Validated, kind: Kind) -> Response {
         HeaderValue::from_static(mode_str(dispatch.attestation)),
     );
     if v.stream {
-        (headers, stream_response(dispatch, kind)).into_response()
+        (headers, stream_response(dispatch, kind, deadline)).into_response()
     } else {
         match collect(dispatch, kind).await {
             Ok(body) => (headers, Json(body)).into_response(),
@@ -287,9 +414,10 @@ async fn collect(mut d: Dispatch, kind: Kind) -> Result<Value, ApiError> {
 fn stream_response(
     d: Dispatch,
     kind: Kind,
+    deadline: Instant,
 ) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
     let (tx, rx) = mpsc::channel::<SseEvent>(64);
-    tokio::spawn(pump(d, kind, tx));
+    tokio::spawn(pump(d, kind, tx, deadline));
     let stream =
         futures::stream::unfold(
             rx,
@@ -299,8 +427,9 @@ fn stream_response(
 }
 
 /// Turns job events into SSE events; stops (dropping the job, which cancels
-/// it on the worker) as soon as the client goes away.
-async fn pump(mut d: Dispatch, kind: Kind, tx: mpsc::Sender<SseEvent>) {
+/// it on the worker) as soon as the client goes away or the request's
+/// deadline passes.
+async fn pump(mut d: Dispatch, kind: Kind, tx: mpsc::Sender<SseEvent>, deadline: Instant) {
     let id = completion_id(if kind == Kind::Chat {
         "chatcmpl"
     } else {
@@ -344,7 +473,15 @@ async fn pump(mut d: Dispatch, kind: Kind, tx: mpsc::Sender<SseEvent>) {
     };
     let mut first = true;
     loop {
-        let event = match d.events.recv().await {
+        let Ok(next) = tokio::time::timeout_at(deadline, d.events.recv()).await else {
+            let err = json!({ "error": {
+                "message": "the request passed its deadline ([http] request_timeout_s)",
+                "type": "server_error", "param": null, "code": "request_timeout",
+            }});
+            let _ = tx.send(SseEvent::default().data(err.to_string())).await;
+            return;
+        };
+        let event = match next {
             Some(JobEvent::Token(t)) => {
                 let e = chunk(Some(&t.text), None, first, None, &silk);
                 first = false;
@@ -423,7 +560,7 @@ async fn models(State(node): State<Arc<Node>>) -> Response {
     Json(json!({ "object": "list", "data": data })).into_response()
 }
 
-async fn mesh(State(node): State<Arc<Node>>) -> Response {
+async fn mesh(State(node): State<Arc<Node>>, Extension(caller): Extension<Caller>) -> Response {
     let overlay = node.overlay();
     let peers = overlay.peers().await.unwrap_or_default();
     let listen = overlay.listen_addrs().await.unwrap_or_default();
@@ -476,7 +613,7 @@ async fn mesh(State(node): State<Arc<Node>>) -> Response {
         "worker": node.served_model().map(|m| json!({ "model": m.id, "name": m.name })),
         "peers": peers,
         "workers": workers,
-        "payments": node.billing().map(|b| payments_json(b)),
+        "payments": node.billing().filter(|_| caller.sees_books()).map(|b| payments_json(b)),
     }))
     .into_response()
 }
@@ -526,7 +663,12 @@ fn payments_json(b: &crate::billing::Billing) -> Value {
     })
 }
 
-async fn health(State(node): State<Arc<Node>>) -> Response {
+/// Liveness. Without a key on a bind that needs one, it says only that the
+/// node is up (no peer id, no wallet).
+async fn health(State(node): State<Arc<Node>>, Extension(caller): Extension<Caller>) -> Response {
+    if !caller.sees_books() {
+        return Json(json!({ "status": "ok" })).into_response();
+    }
     Json(json!({
         "status": "ok",
         "peer_id": node.peer_id().to_string(),

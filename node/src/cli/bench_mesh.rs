@@ -69,6 +69,7 @@ fn options(data_dir: &Path, models_dir: &Path, worker: Option<String>) -> NodeOp
         fast_gossip: true,
         attestation_policy: None,
         pccs_url: None,
+        job_progress_timeout: crate::service::JOB_PROGRESS_TIMEOUT,
     }
 }
 
@@ -210,7 +211,7 @@ async fn routing_overhead(args: &MeshBenchArgs, data_dir: &Path) -> anyhow::Resu
         }
         let d = t.elapsed();
         let t = Instant::now();
-        let mut job = gateway.dispatch(request.clone(), None).await?;
+        let mut job = gateway.dispatch(request.clone(), None, None).await?;
         anyhow::ensure!(job.worker == wpeer, "routed to an unexpected worker");
         while let Some(e) = job.events.recv().await {
             match e {

@@ -17,6 +17,10 @@ pub struct StatusArgs {
     /// The node's API.
     #[arg(long, default_value = DEFAULT_API)]
     pub api: String,
+    /// API key, sent as `Authorization: Bearer` (needed by nodes whose API
+    /// is not on loopback; see `silk api-key`).
+    #[arg(long, env = "SILK_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Print the raw `/v1/mesh` JSON.
     #[arg(long)]
     pub json: bool,
@@ -28,6 +32,10 @@ pub struct SubmitArgs {
     /// The node's API.
     #[arg(long, default_value = DEFAULT_API)]
     pub api: String,
+    /// API key, sent as `Authorization: Bearer` (needed by nodes whose API
+    /// is not on loopback; see `silk api-key`).
+    #[arg(long, env = "SILK_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// The user message.
     #[arg(long)]
     pub prompt: String,
@@ -48,12 +56,30 @@ pub struct ChatArgs {
     /// The node's API.
     #[arg(long, default_value = DEFAULT_API)]
     pub api: String,
+    /// API key, sent as `Authorization: Bearer` (needed by nodes whose API
+    /// is not on loopback; see `silk api-key`).
+    #[arg(long, env = "SILK_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Model id or name (default: the mesh's only model).
     #[arg(long)]
     pub model: Option<String>,
     /// Most tokens per answer.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: u32,
+}
+
+/// An HTTP client that sends `key` with every request.
+fn http_client(key: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = key {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .context("the API key has characters a header cannot carry")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -74,11 +100,24 @@ fn base(api: &str) -> String {
 /// Runs `silk status`.
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let url = format!("{}/v1/mesh", base(&args.api));
+    let client = http_client(args.api_key.as_deref())?;
     let mesh: Value = runtime()?.block_on(async {
-        let r = reqwest::get(&url)
+        let r = client
+            .get(&url)
+            .send()
             .await
             .with_context(|| format!("no node answers at {url}: is `silk run` running?"))?;
-        anyhow::Ok(r.error_for_status()?.json().await?)
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!(
+                "HTTP {status}: {}",
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap_or("no error message")
+            );
+        }
+        anyhow::Ok(body)
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&mesh)?);
@@ -181,7 +220,7 @@ pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         body["model"] = json!(m);
     }
     runtime()?.block_on(async {
-        let client = reqwest::Client::new();
+        let client = http_client(args.api_key.as_deref())?;
         if args.json {
             let r = client
                 .post(format!("{url}/v1/chat/completions"))
@@ -226,7 +265,7 @@ pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
 pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
     let url = base(&args.api);
     let rt = runtime()?;
-    let client = reqwest::Client::new();
+    let client = http_client(args.api_key.as_deref())?;
     let mut messages: Vec<Value> = Vec::new();
     let stdin = std::io::stdin();
     eprintln!("chatting through {url}; an empty line or Ctrl-D ends");

@@ -1,6 +1,7 @@
 //! The `silk` command line (clap derive). One subcommand module per
 //! subsystem; this file only holds the top-level parser and dispatch.
 
+pub mod api_key;
 pub mod attest;
 pub mod bench;
 pub mod bench_mesh;
@@ -62,6 +63,9 @@ pub enum Command {
     /// Run a local TON devnet (the real settlement contract in a TVM) for
     /// testnets, or mint to an address from its faucet.
     Devnet(wallet::DevnetArgs),
+    /// API keys for this node's HTTP API: create, list, revoke.
+    #[command(subcommand, name = "api-key")]
+    ApiKey(api_key::ApiKeyCommand),
 }
 
 impl Cli {
@@ -101,5 +105,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Status(args) => client::status(args),
         Command::Submit(args) => client::submit(args),
         Command::Chat(args) => client::chat(args),
+        Command::ApiKey(cmd) => api_key::run(cmd, &data_dir),
     }
 }

@@ -126,12 +126,22 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         fast_gossip: args.fast_gossip,
         attestation_policy: args.attestation_policy.clone(),
         pccs_url: args.pccs_url.clone(),
+        job_progress_timeout: crate::service::JOB_PROGRESS_TIMEOUT,
     };
+    // Opened before the node starts: a second node on this data directory
+    // fails here, and `silk api-key` says the store is in use.
+    let keys = crate::api::keys::ApiKeys::open(&data_dir.join(crate::api::keys::KEYS_FILE))?;
+    let key_count = keys.list()?.iter().filter(|k| !k.key.revoked).count();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let node = Node::start(options).await?;
         let cancel = node.cancellation();
-        let (addr, server) = crate::api::serve(node.clone(), &config.api, cancel.clone()).await?;
+        let api = crate::api::ApiOptions {
+            addr: config.api.clone(),
+            http: config.http(),
+            keys,
+        };
+        let (addr, server) = crate::api::serve(node.clone(), api, cancel.clone()).await?;
         let listen = node.overlay().listen_addrs().await.unwrap_or_default();
         println!("peer id: {}", node.peer_id());
         for a in &listen {
@@ -159,6 +169,13 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             println!("insecure workers allowed: their operators can read prompts");
         }
         println!("api: http://{addr}");
+        if crate::api::guard::key_required(addr.ip()) {
+            let active = key_count;
+            println!(
+                "api keys: required on every request (this address is not loopback); {active} active{}",
+                if active == 0 { ": create one with `silk api-key create --name NAME`" } else { "" }
+            );
+        }
         tokio::select! {
             r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
             () = cancel.cancelled() => {}

@@ -1,0 +1,273 @@
+//! A gateway pays for at most what it received (audit F8) and ends a job
+//! that stops making progress (F16). The gateway is a real node in this
+//! process, settling on an in-process devnet; the worker is a hostile peer
+//! built from `silk-overlay` and `silk-node`'s wire types: it announces a
+//! model, takes the gateway's paid jobs, and answers each with frames the
+//! stock worker never sends.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use silk_chain::devnet::{Devnet, DevnetConfig};
+use silk_chain::ledger::Ledger;
+use silk_chain::{Address, Coins, Keys};
+use silk_node::billing::Billing;
+use silk_node::jobs::{self, Finish, JobMessage, JobRequest, JobUsage, TokenChunk, WirePrompt};
+use silk_node::payments::{Payments, PaymentsConfig};
+use silk_node::service::{JobEvent, Node, NodeOptions};
+use silk_overlay::testing::{local_config, seeded_keypair, spawn_local, worker_announcement};
+use silk_overlay::{JobResponder, OverlayEvent};
+use tokio_util::sync::CancellationToken;
+
+const MODEL: &str = "hostile@sha256:00";
+
+/// What the hostile worker does with the next job.
+#[derive(Clone, Copy, Debug)]
+enum Play {
+    /// 40 token ids with no text, then a usage record claiming a huge prompt.
+    IdsWithoutText,
+    /// Tokens with text, three more than the job's `max_tokens`.
+    PastMaxTokens,
+    /// One token, then empty frames every 100 ms, forever.
+    EmptyFramesForever,
+}
+
+fn token(text: &str) -> Vec<u8> {
+    jobs::encode(&TokenChunk {
+        ids: vec![42],
+        text: text.into(),
+    })
+}
+
+fn usage(prompt_tokens: u32, completion_tokens: u32) -> Vec<u8> {
+    jobs::encode(&JobUsage {
+        prompt_tokens,
+        completion_tokens,
+        finish: Finish::Length,
+        decode_tokens_per_s_milli: 1_000_000,
+        price_coefficient_milli: 1_000,
+    })
+}
+
+async fn play(play: Play, max_tokens: u32, mut r: JobResponder) {
+    match play {
+        Play::IdsWithoutText => {
+            let chunk = TokenChunk {
+                ids: vec![42; 40],
+                text: String::new(),
+            };
+            let _ = r.send_data(jobs::encode(&chunk)).await;
+            let _ = r.end(usage(1_000_000, 40)).await;
+        }
+        Play::PastMaxTokens => {
+            for _ in 0..max_tokens + 3 {
+                if r.send_data(token("a")).await.is_err() {
+                    return;
+                }
+            }
+            let _ = r.end(usage(3, max_tokens + 3)).await;
+        }
+        Play::EmptyFramesForever => {
+            let _ = r.send_data(token("a")).await;
+            let empty = jobs::encode(&TokenChunk {
+                ids: Vec::new(),
+                text: String::new(),
+            });
+            for _ in 0..6000 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if r.send_data(empty.clone()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn dispatch(gateway: &Node, max_tokens: u32) -> (u32, Result<Option<Coins>, String>) {
+    let request = JobRequest {
+        model: MODEL.into(),
+        prompt: WirePrompt::Text("Hello there.".into()),
+        max_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: None,
+        stop: Vec::new(),
+        ignore_eos: false,
+        payment: None,
+    };
+    let mut job = gateway
+        .dispatch(request, None, None)
+        .await
+        .expect("the hostile worker takes the job");
+    let mut tokens = 0;
+    let end = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match job.events.recv().await {
+                Some(JobEvent::Token(t)) => tokens += t.ids.len() as u32,
+                Some(JobEvent::Done { cost, .. }) => return Ok(cost),
+                Some(JobEvent::Failed(e)) => return Err(e),
+                None => return Err("ended without a result".into()),
+            }
+        }
+    })
+    .await
+    .expect("the job ends within 60 s");
+    (tokens, end)
+}
+
+/// What the gateway's lane to the worker says: (signed, reserved).
+fn lane(billing: &Billing, worker: &Address) -> (Coins, Coins) {
+    let l = billing
+        .payments()
+        .client_book()
+        .lane(worker)
+        .expect("book")
+        .expect("a lane to the worker");
+    (l.signed, l.reserved)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_pays_only_for_what_it_received_and_drops_stalled_jobs() {
+    let devnet = Devnet::in_memory(DevnetConfig::new(Duration::from_millis(10))).expect("devnet");
+    let cancel = CancellationToken::new();
+    let producer = devnet.spawn_block_producer(cancel.clone());
+    let ledger: Arc<dyn Ledger> = Arc::new(devnet.clone());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = PaymentsConfig {
+        timeout_s: 30,
+        ..PaymentsConfig::default()
+    };
+    let payments = Payments::open(dir.path(), config.clone(), ledger, Keys::from_seed([3; 32]))
+        .expect("payments");
+    devnet
+        .mint(
+            &payments.wallet_address(),
+            Coins::from_ton(100).expect("ton"),
+        )
+        .expect("mint");
+    let billing = Arc::new(Billing::new(payments));
+    let gateway = Node::start(NodeOptions {
+        data_dir: dir.path().to_path_buf(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
+        bootstrap: Vec::new(),
+        worker_model: None,
+        models_dir: dir.path().join("models"),
+        device: Default::default(),
+        allow_insecure_workers: true,
+        price_coefficient_milli: 1000,
+        default_max_coefficient_milli: 2000,
+        billing: Some(Arc::clone(&billing)),
+        max_jobs_per_worker: 8,
+        mdns: false,
+        fast_gossip: true,
+        attestation_policy: None,
+        pccs_url: None,
+        job_progress_timeout: Duration::from_secs(2),
+    })
+    .await
+    .expect("gateway");
+    let gw_addr: silk_overlay::Multiaddr = format!(
+        "{}/p2p/{}",
+        gateway.overlay().listen_addrs().await.expect("addrs")[0],
+        gateway.peer_id()
+    )
+    .parse()
+    .expect("multiaddr");
+
+    // The hostile worker: a plain overlay node that announces MODEL.
+    let payout = Address::new(0, [0x66; 32]);
+    let mut hostile = spawn_local(local_config(seeded_keypair(66)).with_bootstrap(vec![gw_addr]))
+        .await
+        .expect("hostile node");
+    let next_play = Arc::new(Mutex::new(Play::IdsWithoutText));
+    let plays = Arc::clone(&next_play);
+    let handle = hostile.handle.clone();
+    let peer = hostile.peer_id;
+    let payout_raw = payout.to_raw();
+    let worker = tokio::spawn(async move {
+        let mut seq = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    seq += 1;
+                    let mut a = worker_announcement(peer, seq, &[MODEL]);
+                    a.payout = Some(payout_raw.clone());
+                    let _ = handle.announce(a).await;
+                }
+                event = hostile.events.recv() => match event {
+                    Some(OverlayEvent::InboundJob { request, responder, .. }) => {
+                        match postcard::from_bytes::<JobMessage>(&request) {
+                            Ok(JobMessage::Generate(job)) => {
+                                let p = *plays.lock().expect("lock");
+                                tokio::spawn(play(p, job.max_tokens, responder));
+                            }
+                            // Cheques are taken and never acknowledged.
+                            _ => drop(responder),
+                        }
+                    }
+                    Some(_) => {}
+                    None => return,
+                },
+            }
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !gateway
+        .overlay()
+        .announcements()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .any(|a| a.peer_id == peer)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never heard the hostile worker"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 40 ids without text and a claimed prompt of a million tokens: the
+    // caller got no text, so nothing is paid. Before the fix the gateway
+    // paid its prompt bound and all 40 tokens.
+    let (tokens, end) = dispatch(&gateway, 64).await;
+    assert_eq!(tokens, 40);
+    assert_eq!(end, Ok(Some(Coins::ZERO)));
+    assert_eq!(lane(&billing, &payout), (Coins::ZERO, Coins::ZERO));
+
+    // Three tokens past max_tokens: the caller gets max_tokens, the job
+    // ends as the worker's failure, and only those tokens are paid (no
+    // prompt: the worker never finished). Before the fix all eight were
+    // passed on and paid.
+    *next_play.lock().expect("lock") = Play::PastMaxTokens;
+    let (tokens, end) = dispatch(&gateway, 5).await;
+    assert_eq!(tokens, 5);
+    let why = end.expect_err("the job fails");
+    assert!(why.contains("past max_tokens"), "{why}");
+    let five = config.price.cost(1_000, 0, 5).expect("price");
+    assert_eq!(lane(&billing, &payout), (five, Coins::ZERO));
+
+    // One token, then empty frames forever: the job ends once no token came
+    // for the progress timeout (2 s here), and the one token is paid.
+    // Before the fix each empty frame reset the 60 s idle timeout, so the
+    // job held its slot, reservation and caller forever.
+    *next_play.lock().expect("lock") = Play::EmptyFramesForever;
+    let (tokens, end) = dispatch(&gateway, 64).await;
+    assert_eq!(tokens, 1);
+    let why = end.expect_err("the job fails");
+    assert!(why.contains("sent no token"), "{why}");
+    let six = config.price.cost(1_000, 0, 6).expect("price");
+    assert_eq!(lane(&billing, &payout), (six, Coins::ZERO));
+    assert!(
+        gateway.reputation_of(&peer) < 0.5,
+        "the worker's failures count against it: {}",
+        gateway.reputation_of(&peer)
+    );
+
+    worker.abort();
+    gateway.shutdown();
+    cancel.cancel();
+    producer.await.expect("producer");
+}
