@@ -9,21 +9,24 @@
 //!   tops it up on chain when needed)
 //! JobMessage::Generate{.., payment: terms} ──►    admit_client (lane checked on chain
 //!                                                   once, credit, lane funds)
-//!                 ◄── tokens …, usage             job_done: remember the job's cost
+//!                                                 start_job: a row in redb (refused
+//!                                                   while that job id is open)
+//!                 ◄── tokens …, usage             end_job: the tokens produced, also
+//!                                                   when the stream was cancelled
 //! settle: sign the cumulative cheque for
 //!   the tokens actually delivered
 //! JobMessage::Cheque{job, cheque}          ──►    on_cheque: check against the job's
-//!                 ◄── ChequeAck                     cost, commit to redb, then ack
+//!                 ◄── ChequeAck                     cost, commit cheque and job in one
+//!                                                   transaction, then ack
 //! ```
 //!
-//! A job whose cheque does not arrive within [`CHEQUE_WAIT`] is booked as
-//! unpaid work, so a client that stops paying falls behind and, past its
-//! credit, is refused. A gateway never pays itself: jobs it serves on its
+//! A job whose cheque does not arrive within [`CHEQUE_WAIT`] of its end is
+//! booked as unpaid work, so a client that stops paying falls behind and,
+//! past its credit, is refused. Jobs live in the payments store from
+//! admission to cheque, so a restart forgets none. A gateway never pays itself: jobs it serves on its
 //! own engine carry no terms.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use silk_chain::{Address, Coins};
 use tokio_util::sync::CancellationToken;
@@ -34,8 +37,13 @@ use crate::payments::{Payments, PaymentsError, Reservation};
 /// How long a worker waits for the cheque of a finished job before it
 /// books the job as unpaid.
 pub const CHEQUE_WAIT: Duration = Duration::from_secs(30);
-/// Jobs a worker remembers while their cheques are on the way.
-const MAX_PENDING: usize = 4096;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// Most bytes of text one token can stand for. No tokenizer silk serves
 /// has a longer token; a worker sending more text than this per token of
@@ -105,21 +113,10 @@ impl Delivery {
     }
 }
 
-/// A finished job waiting for its cheque.
-#[derive(Debug, Clone)]
-struct Pending {
-    contract: Address,
-    lane_id: u32,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    due: Instant,
-}
-
 /// A node's payments as the job path uses them.
 #[derive(Debug)]
 pub struct Billing {
     payments: Payments,
-    pending: Mutex<HashMap<(Address, u64), Pending>>,
 }
 
 /// A job's bill as the gateway settled it.
@@ -133,11 +130,16 @@ pub struct Bill {
 
 impl Billing {
     /// Wraps `payments`.
+    /// Wraps `payments`. Jobs a crash interrupted mid-run are dropped from
+    /// the worker's book (how many tokens they produced is unknown; a
+    /// cheque that still comes for one counts as a top-up).
     pub fn new(payments: Payments) -> Self {
-        Billing {
-            payments,
-            pending: Mutex::default(),
+        match payments.worker_book().drop_interrupted_jobs() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(jobs = n, "jobs interrupted by a restart were dropped"),
+            Err(e) => tracing::error!(error = %e, "could not read the worker's open jobs"),
         }
+        Billing { payments }
     }
 
     /// The payments underneath.
@@ -250,43 +252,40 @@ impl Billing {
             .await
     }
 
-    /// Remembers a finished job's cost until its cheque arrives. A job that
-    /// generated no token costs nothing, prompt included: gateways pay
-    /// nothing for it ([`Delivery`]), so it is not booked.
-    pub fn job_done(&self, terms: &PaymentTerms, usage: &JobUsage) {
-        if usage.completion_tokens == 0 {
-            return;
-        }
-        let pending = Pending {
-            contract: terms.contract.clone(),
-            lane_id: terms.lane_id,
-            prompt_tokens: u64::from(usage.prompt_tokens),
-            completion_tokens: u64::from(usage.completion_tokens),
-            due: Instant::now() + CHEQUE_WAIT,
-        };
-        let overflow = {
-            let Ok(mut map) = self.pending.lock() else {
-                return;
-            };
-            map.insert((terms.contract.clone(), terms.job), pending);
-            if map.len() > MAX_PENDING {
-                // Book the oldest as unpaid rather than forget it.
-                let oldest = map
-                    .iter()
-                    .min_by_key(|(_, p)| p.due)
-                    .map(|(k, _)| k.clone());
-                oldest.and_then(|k| map.remove(&k))
-            } else {
-                None
-            }
-        };
-        if let Some(p) = overflow {
-            self.book_unpaid(&p);
+    /// Opens the worker's row for a paid job before it runs (committed);
+    /// refused while the client has a job with that id open (audit F3).
+    pub async fn start_job(&self, terms: &PaymentTerms) -> Result<(), PaymentsError> {
+        let p = self.payments.clone();
+        let (contract, lane, job) = (terms.contract.clone(), terms.lane_id, terms.job);
+        tokio::task::spawn_blocking(move || p.start_job(&contract, lane, job))
+            .await
+            .map_err(|e| PaymentsError::Store(format!("job task failed: {e}")))?
+    }
+
+    /// Records what a job produced when it ended, finished or cancelled
+    /// (committed). A job that produced no token costs nothing, prompt
+    /// included: gateways pay nothing for it ([`Delivery`]).
+    pub async fn end_job(&self, terms: &PaymentTerms, prompt_tokens: u32, completion_tokens: u32) {
+        let p = self.payments.clone();
+        let (contract, job) = (terms.contract.clone(), terms.job);
+        let r = tokio::task::spawn_blocking(move || {
+            p.end_job(
+                &contract,
+                job,
+                u64::from(prompt_tokens),
+                u64::from(completion_tokens),
+                now_ms(),
+            )
+        })
+        .await;
+        if !matches!(r, Ok(Ok(()))) {
+            tracing::error!(job = terms.job, result = ?r, "could not record the end of a job");
         }
     }
 
-    /// Checks and stores a cheque; the ack is sent only after this returns
-    /// `Ok`, so an acknowledged cheque is on disk.
+    /// Checks and stores a cheque, settling its job in the same
+    /// transaction; the ack is sent only after this returns `Ok`, so an
+    /// acknowledged cheque is on disk.
     pub async fn on_cheque(&self, d: ChequeDelivery) -> Result<ChequeAck, PaymentsError> {
         let contract = d.cheque.cheque.contract.clone();
         // Only lanes this worker checked on chain before serving them are
@@ -303,19 +302,9 @@ impl Billing {
                 d.cheque.cheque.lane_id
             )));
         }
-        let job = self
-            .pending
-            .lock()
-            .ok()
-            .and_then(|mut m| m.remove(&(contract.clone(), d.job)));
-        // A cheque for a job the worker did not run (or already booked as
-        // unpaid) is checked as a plain top-up of the cumulative amount.
-        let (prompt, completion) = job
-            .as_ref()
-            .map_or((0, 0), |p| (p.prompt_tokens, p.completion_tokens));
         let p = self.payments.clone();
         let a = tokio::task::spawn_blocking(move || {
-            p.on_cheque(&contract, &d.public_key, &d.cheque, prompt, completion)
+            p.on_job_cheque(&contract, &d.public_key, &d.cheque, d.job)
         })
         .await
         .map_err(|e| PaymentsError::Store(format!("cheque task failed: {e}")))??;
@@ -325,36 +314,16 @@ impl Billing {
         })
     }
 
-    fn book_unpaid(&self, p: &Pending) {
-        match self.payments.record_unpaid(
-            &p.contract,
-            p.lane_id,
-            p.prompt_tokens,
-            p.completion_tokens,
-        ) {
-            Ok(cost) => {
-                tracing::warn!(contract = %p.contract, lane = p.lane_id, cost = cost.nano(), "no cheque for a finished job; booked as unpaid")
-            }
-            Err(e) => tracing::error!(error = %e, "could not book unpaid work"),
-        }
-    }
-
     /// Books every job whose cheque is overdue as unpaid.
     pub fn book_overdue(&self) {
-        let now = Instant::now();
-        let overdue: Vec<Pending> = match self.pending.lock() {
-            Ok(mut map) => {
-                let keys: Vec<_> = map
-                    .iter()
-                    .filter(|(_, p)| p.due <= now)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                keys.iter().filter_map(|k| map.remove(k)).collect()
+        let before = now_ms().saturating_sub(CHEQUE_WAIT.as_millis() as u64);
+        match self.payments.book_overdue(before) {
+            Ok(booked) => {
+                for (job, cost) in booked {
+                    tracing::warn!(contract = %job.contract, lane = job.lane_id, job = job.job, cost = cost.nano(), "no cheque for a finished job; booked as unpaid");
+                }
             }
-            Err(_) => return,
-        };
-        for p in &overdue {
-            self.book_unpaid(p);
+            Err(e) => tracing::error!(error = %e, "could not book unpaid work"),
         }
     }
 
@@ -364,7 +333,7 @@ impl Billing {
     pub async fn run_worker_duties(self: std::sync::Arc<Self>, cancel: CancellationToken) {
         let every = Duration::from_secs(self.payments.config().redeem_every_s.max(1));
         let mut tick = tokio::time::interval(every.min(CHEQUE_WAIT));
-        let mut last_redeem = Instant::now();
+        let mut last_redeem = std::time::Instant::now();
         loop {
             tokio::select! {
                 biased;
@@ -376,7 +345,7 @@ impl Billing {
                 tracing::error!(error = %e, "booking overdue jobs failed");
             }
             if last_redeem.elapsed() >= every {
-                last_redeem = Instant::now();
+                last_redeem = std::time::Instant::now();
                 match self.payments.redeem_due().await {
                     Ok(done) if !done.is_empty() => {
                         tracing::info!(lanes = done.len(), "redeemed cheques")

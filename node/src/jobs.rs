@@ -307,7 +307,7 @@ async fn serve_job(
     engine: &Engine,
     peer: PeerId,
     request: JobRequest,
-    mut responder: JobResponder,
+    responder: JobResponder,
     cancel: CancellationToken,
 ) {
     if request.model != engine.source().id {
@@ -332,11 +332,14 @@ async fn serve_job(
                     billing.payout()
                 ),
             )),
-            Some(terms) => billing
-                .admit(terms)
-                .await
-                .err()
-                .map(|e| (ERR_PAYMENT_REFUSED, e.to_string())),
+            Some(terms) => match billing.admit(terms).await {
+                Ok(()) => billing
+                    .start_job(terms)
+                    .await
+                    .err()
+                    .map(|e| (ERR_PAYMENT_REFUSED, e.to_string())),
+                Err(e) => Some((ERR_PAYMENT_REFUSED, e.to_string())),
+            },
         };
         if let Some((code, message)) = refusal {
             tracing::info!(%peer, %message, "job refused");
@@ -346,13 +349,33 @@ async fn serve_job(
             return;
         }
     }
+    // From here on a paid job has a row in the worker's book: whatever
+    // happens, its end is recorded with the tokens produced (audit F3).
+    let (prompt_tokens, produced) =
+        run_job(engine, peer, &request, responder, ctx.price_milli, &cancel).await;
+    if let (Some(billing), Some(terms)) = (ctx.billing, &request.payment) {
+        billing.end_job(terms, prompt_tokens, produced).await;
+    }
+}
+
+/// Runs `request` on `engine`, streaming tokens to `responder`, and ends
+/// the stream. Returns the prompt tokens (0 unless the job finished) and
+/// the tokens produced, a cancelled stream's included.
+async fn run_job(
+    engine: &Engine,
+    peer: PeerId,
+    request: &JobRequest,
+    mut responder: JobResponder,
+    price_milli: u64,
+    cancel: &CancellationToken,
+) -> (u32, u32) {
     let mut stream = match engine.submit(request.to_generate()) {
         Ok(s) => s,
         Err(silk_inference::InferenceError::Busy { .. }) => {
             let _ = responder
                 .error(JobErrorCode::Busy, "worker queue is full")
                 .await;
-            return;
+            return (0, 0);
         }
         // Only the request's own faults are `Rejected`: a gateway takes that
         // as the caller's error and blames no worker. Anything else (the
@@ -362,19 +385,20 @@ async fn serve_job(
             | silk_inference::InferenceError::PromptTooLong { .. }),
         ) => {
             let _ = responder.error(JobErrorCode::Rejected, e.to_string()).await;
-            return;
+            return (0, 0);
         }
         Err(e) => {
             let _ = responder.error(JobErrorCode::Internal, e.to_string()).await;
-            return;
+            return (0, 0);
         }
     };
+    let mut produced = 0u32;
     loop {
         let event = tokio::select! {
             biased;
             () = cancel.cancelled() => {
                 let _ = responder.error(JobErrorCode::Internal, "worker is shutting down").await;
-                return;
+                return (0, produced);
             }
             event = stream.next() => event,
         };
@@ -386,28 +410,26 @@ async fn serve_job(
                 };
                 if let Err(e) = responder.send_data(encode(&chunk)).await {
                     tracing::debug!(%peer, error = %e, "gateway went away; cancelling the job");
-                    return;
+                    return (0, produced);
                 }
+                produced = produced.saturating_add(1);
             }
             Some(Event::Done(usage)) => {
-                let record = usage_record(&usage, ctx.price_milli);
-                if let (Some(billing), Some(terms)) = (ctx.billing, &request.payment) {
-                    billing.job_done(terms, &record);
-                }
+                let record = usage_record(&usage, price_milli);
                 if let Err(e) = responder.end(encode(&record)).await {
                     tracing::debug!(%peer, error = %e, "could not send the usage frame");
                 }
-                return;
+                return (record.prompt_tokens, record.completion_tokens);
             }
             Some(Event::Error(e)) => {
                 let _ = responder.error(JobErrorCode::Internal, e).await;
-                return;
+                return (0, produced);
             }
             None => {
                 let _ = responder
                     .error(JobErrorCode::Internal, "the engine stopped")
                     .await;
-                return;
+                return (0, produced);
             }
         }
     }

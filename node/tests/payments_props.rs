@@ -449,3 +449,140 @@ fn a_worker_keeps_every_higher_valid_cheque_after_a_shortfall() {
         );
     }
 }
+
+/// Audit F3 and F17, on the worker's book: a job is a row in redb from
+/// admission to its cheque. A reused job id is refused while its job is
+/// open (before, a second job with the same id overwrote the first, in
+/// memory, and reset its 30 s wait, so a gateway reusing one id was never
+/// booked); a job cancelled after producing tokens is owed for them (before,
+/// a reset stream was never booked); rows survive a restart (before, the
+/// pending map lived in memory); and the cheque settles its own job only,
+/// on its own lane (audit F23).
+#[test]
+fn worker_jobs_are_booked_in_redb_from_admission_to_cheque() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.redb");
+    let client = Keys::from_seed([6; 32]);
+    let pk = client.public_key();
+    let contract = Address::new(0, [8; 32]);
+    let me = Address::new(0, [9; 32]);
+    let cost_of = |p: u64, c: u64| Ok(PRICE.cost(1_000, p, c)?);
+    let cheque = |amount: u128, lane_id: u32| {
+        silk_chain::Cheque {
+            contract: contract.clone(),
+            worker: me.clone(),
+            lane_id,
+            cumulative: Coins(amount),
+        }
+        .sign(&client)
+        .expect("sign")
+    };
+    let book = WorkerBook::new(Store::open(&path).expect("store"), me.clone());
+    for lane in [1, 2] {
+        book.register(&contract, &pk, lane, Coins(1_000_000_000))
+            .expect("lane");
+    }
+
+    // Job 7 runs; the same id is refused while it runs and while it waits
+    // for its cheque.
+    book.start_job(&contract, 1, 7).expect("start");
+    assert!(matches!(
+        book.start_job(&contract, 1, 7),
+        Err(PaymentsError::JobOpen { job: 7, .. })
+    ));
+    // Cancelled after 5 tokens (no prompt count: it never finished).
+    book.end_job(&contract, 7, 0, 5, 1_000, &cost_of)
+        .expect("end");
+    assert!(matches!(
+        book.start_job(&contract, 1, 7),
+        Err(PaymentsError::JobOpen { .. })
+    ));
+    // A job that produced nothing is owed nothing and closes at once.
+    book.start_job(&contract, 1, 8).expect("start");
+    book.end_job(&contract, 8, 40, 0, 1_000, &cost_of)
+        .expect("end");
+    book.start_job(&contract, 2, 9).expect("start");
+    book.end_job(&contract, 9, 10, 2, 1_000, &cost_of)
+        .expect("end");
+
+    // A crash: the open rows are all still there.
+    drop(book);
+    let book = WorkerBook::new(Store::open(&path).expect("reopen"), me.clone());
+    let mut open: Vec<(u64, u64, u64)> = book
+        .jobs()
+        .expect("jobs")
+        .iter()
+        .map(|j| (j.job, j.prompt_tokens, j.completion_tokens))
+        .collect();
+    open.sort();
+    assert_eq!(open, vec![(7, 0, 5), (9, 10, 2)]);
+
+    // Job 9's cheque on lane 1 does not settle job 9 (it ran on lane 2).
+    let lane1 = book
+        .accept_for_job(&contract, &pk, &cheque(15_000, 1), 9, &cost_of)
+        .expect("a top-up of lane 1");
+    assert_eq!(lane1.outstanding, Coins(0));
+    assert_eq!(book.jobs().expect("jobs").len(), 2);
+    // Job 7's cheque settles it (5 tokens × 3000) and frees its id.
+    let a = book
+        .accept_for_job(&contract, &pk, &cheque(15_000, 1), 7, &cost_of)
+        .expect("cheque");
+    assert_eq!((a.cumulative, a.outstanding), (Coins(15_000), Coins(0)));
+    book.start_job(&contract, 1, 7)
+        .expect("the id is free again");
+    book.end_job(&contract, 7, 0, 0, 2_000, &cost_of)
+        .expect("end");
+
+    // Job 9's cheque never comes: once overdue it is booked as unpaid, in
+    // the same transaction that drops its row.
+    assert!(book
+        .book_overdue(999, &cost_of)
+        .expect("none yet")
+        .is_empty());
+    let booked = book.book_overdue(1_000, &cost_of).expect("booked");
+    assert_eq!(booked.len(), 1);
+    assert_eq!(booked[0].1, Coins(16_000));
+    assert_eq!(
+        book.outstanding(&contract).expect("outstanding"),
+        Coins(16_000)
+    );
+    assert!(book.jobs().expect("jobs").is_empty());
+
+    // A cheque that comes while its job still runs marks it; the job is
+    // booked when it ends, and the cheque covers it.
+    book.start_job(&contract, 1, 11).expect("start");
+    book.accept_for_job(&contract, &pk, &cheque(21_000, 1), 11, &cost_of)
+        .expect("early cheque");
+    book.end_job(&contract, 11, 0, 2, 3_000, &cost_of)
+        .expect("end");
+    assert!(book.jobs().expect("jobs").is_empty());
+    let lane1 = book.lane(&contract, 1).expect("lane").expect("lane 1");
+    assert_eq!(
+        (lane1.computed, lane1.cheque_total()),
+        (Coins(21_000), Coins(21_000))
+    );
+
+    // Anyone can resend a cheque the worker already holds (cheques are
+    // public once redeemed): that writes nothing (audit F23; before, each
+    // resend was a durable redb write).
+    let modified = || {
+        std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .expect("mtime")
+    };
+    let before = modified();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    for job in 100..110 {
+        book.accept_for_job(&contract, &pk, &cheque(21_000, 1), job, &cost_of)
+            .expect("the held cheque");
+    }
+    assert_eq!(modified(), before, "a resent cheque was written");
+
+    // A crash mid-job: the interrupted row goes at the next start.
+    book.start_job(&contract, 1, 12).expect("start");
+    drop(book);
+    let book = WorkerBook::new(Store::open(&path).expect("reopen"), me);
+    assert_eq!(book.drop_interrupted_jobs().expect("drop"), 1);
+    book.start_job(&contract, 1, 12)
+        .expect("free after the restart");
+}

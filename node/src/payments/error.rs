@@ -88,6 +88,22 @@ pub enum PaymentsError {
     /// Something the user passed or configured is unusable.
     #[error("{0}")]
     Config(String),
+    /// A job id the client already used is still open on this worker.
+    #[error("job {job} of {contract} is still open on this worker: every job needs a new id")]
+    JobOpen {
+        /// The client's contract.
+        contract: Address,
+        /// The job id.
+        job: u64,
+    },
+    /// The client has too many jobs waiting for their cheques.
+    #[error("{contract} has {open} jobs waiting for cheques on this worker; pay for them first")]
+    TooManyOpenJobs {
+        /// The client's contract.
+        contract: Address,
+        /// How many.
+        open: usize,
+    },
 }
 
 /// Result with [`PaymentsError`].

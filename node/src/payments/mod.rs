@@ -51,7 +51,9 @@ use silk_chain::{Address, Coins, Keys, Price, SignedCheque, Wallet, WalletVersio
 pub use client_book::{ClientBook, ClientLane, Reservation};
 pub use error::{PaymentsError, Result};
 pub use store::Store;
-pub use worker_book::{Acceptance, WorkerBook, WorkerLane};
+pub use worker_book::{
+    Acceptance, CostOf, WorkerBook, WorkerJob, WorkerLane, MAX_OPEN_JOBS_PER_CLIENT,
+};
 
 /// File name of the payments database inside the data directory.
 pub const STORE_FILE: &str = "payments.redb";
@@ -527,6 +529,54 @@ impl Payments {
         let expected = self.own_cost(prompt_tokens, completion_tokens)?;
         self.worker
             .accept(client_contract, client_public_key, cheque, expected)
+    }
+
+    /// Worker: opens job `job` of `client_contract` on `lane_id` before it
+    /// runs; refused while that job id is open.
+    pub fn start_job(&self, client_contract: &Address, lane_id: u32, job: u64) -> Result<()> {
+        self.worker.start_job(client_contract, lane_id, job)
+    }
+
+    /// Worker: job `job` ended at `now_ms` having produced
+    /// `completion_tokens` (after a prompt of `prompt_tokens`).
+    pub fn end_job(
+        &self,
+        client_contract: &Address,
+        job: u64,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        now_ms: u64,
+    ) -> Result<()> {
+        self.worker.end_job(
+            client_contract,
+            job,
+            prompt_tokens,
+            completion_tokens,
+            now_ms,
+            &|p, c| self.own_cost(p, c),
+        )
+    }
+
+    /// Worker: checks and stores the cheque for job `job`, settling the
+    /// job in the same transaction; acknowledge only after this returns `Ok`.
+    pub fn on_job_cheque(
+        &self,
+        client_contract: &Address,
+        client_public_key: &[u8; 32],
+        cheque: &SignedCheque,
+        job: u64,
+    ) -> Result<Acceptance> {
+        self.worker
+            .accept_for_job(client_contract, client_public_key, cheque, job, &|p, c| {
+                self.own_cost(p, c)
+            })
+    }
+
+    /// Worker: books jobs that ended at or before `ended_before_ms` without
+    /// a cheque as unpaid work; returns them with their cost.
+    pub fn book_overdue(&self, ended_before_ms: u64) -> Result<Vec<(WorkerJob, Coins)>> {
+        self.worker
+            .book_overdue(ended_before_ms, &|p, c| self.own_cost(p, c))
     }
 
     /// Worker: whether the client behind `client_contract` is within credit.

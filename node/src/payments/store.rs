@@ -16,6 +16,9 @@ pub(crate) const CLIENT_LANES: TableDefinition<&str, &[u8]> = TableDefinition::n
 pub(crate) const RESERVATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("reservations");
 /// Worker-side lanes, keyed by `contract/lane_id`.
 pub(crate) const WORKER_LANES: TableDefinition<&str, &[u8]> = TableDefinition::new("worker_lanes");
+/// Jobs a worker ran for a paying client, until their cheque arrives or
+/// they are booked as unpaid; keyed by `contract/job`.
+pub(crate) const WORKER_JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("worker_jobs");
 /// Counters.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -42,6 +45,7 @@ impl Store {
         tx.open_table(CLIENT_LANES).map_err(store_err)?;
         tx.open_table(RESERVATIONS).map_err(store_err)?;
         tx.open_table(WORKER_LANES).map_err(store_err)?;
+        tx.open_table(WORKER_JOBS).map_err(store_err)?;
         tx.open_table(META).map_err(store_err)?;
         tx.commit().map_err(store_err)?;
         Ok(Store { db: Arc::new(db) })

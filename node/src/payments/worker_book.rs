@@ -3,11 +3,50 @@
 //!
 //! [`WorkerBook::accept`] commits before it returns, so an acknowledged
 //! cheque survives a crash and is redeemed after a restart.
+//!
+//! Each paid job is a row from admission to its cheque (audit F3, F17):
+//! [`WorkerBook::start_job`] refuses a job id the client already has open,
+//! [`WorkerBook::end_job`] records the tokens produced (a cancelled stream
+//! included), [`WorkerBook::accept_for_job`] takes the row away with the
+//! cheque in one transaction, and [`WorkerBook::book_overdue`] moves rows
+//! whose cheque never came onto the lane as unpaid work, also in one
+//! transaction. A restart forgets none of them.
 
 use silk_chain::{Address, Coins, SignedCheque};
 
+use redb::ReadableTable;
+
 use super::error::{store_err, PaymentsError, Result};
-use super::store::{encode, get_in, Store, WORKER_LANES};
+use super::store::{encode, get_in, Store, WORKER_JOBS, WORKER_LANES};
+
+/// Jobs one client may have open (running or waiting for a cheque) on a worker.
+pub const MAX_OPEN_JOBS_PER_CLIENT: usize = 256;
+
+/// A paid job from admission until its cheque arrives or it is booked as unpaid.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerJob {
+    /// The client's settlement contract.
+    pub contract: Address,
+    /// The lane it is paid on.
+    pub lane_id: u32,
+    /// The client's job id.
+    pub job: u64,
+    /// Prompt tokens (known once the job finished; 0 when it was cancelled).
+    pub prompt_tokens: u64,
+    /// Tokens produced.
+    pub completion_tokens: u64,
+    /// When it ended (Unix ms); `None` while it runs.
+    pub ended_ms: Option<u64>,
+    /// A cheque naming this job came while it still ran.
+    pub cheque_seen: bool,
+}
+
+fn job_key(contract: &Address, job: u64) -> String {
+    format!("{}/{job:020}", contract.to_raw())
+}
+
+/// What a job's tokens cost at the worker's own price.
+pub type CostOf<'a> = &'a dyn Fn(u64, u64) -> Result<Coins>;
 
 /// One client lane as the worker books it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -128,6 +167,200 @@ impl WorkerBook {
         Ok(lane)
     }
 
+    /// Opens a row for job `job` of `contract` on `lane_id` before it runs.
+    /// Refused while the client has a job with that id open, or
+    /// [`MAX_OPEN_JOBS_PER_CLIENT`] jobs open.
+    pub fn start_job(&self, contract: &Address, lane_id: u32, job: u64) -> Result<()> {
+        let k = job_key(contract, job);
+        let prefix = format!("{}/", contract.to_raw());
+        let tx = self.store.write()?;
+        {
+            let mut t = tx.open_table(WORKER_JOBS).map_err(store_err)?;
+            if t.get(k.as_str()).map_err(store_err)?.is_some() {
+                return Err(PaymentsError::JobOpen {
+                    contract: contract.clone(),
+                    job,
+                });
+            }
+            let open = t
+                .range(prefix.as_str()..)
+                .map_err(store_err)?
+                .take(MAX_OPEN_JOBS_PER_CLIENT)
+                .filter_map(std::result::Result::ok)
+                .take_while(|(key, _)| key.value().starts_with(&prefix))
+                .count();
+            if open >= MAX_OPEN_JOBS_PER_CLIENT {
+                return Err(PaymentsError::TooManyOpenJobs {
+                    contract: contract.clone(),
+                    open,
+                });
+            }
+            let row = WorkerJob {
+                contract: contract.clone(),
+                lane_id,
+                job,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                ended_ms: None,
+                cheque_seen: false,
+            };
+            t.insert(k.as_str(), encode(&row)?.as_slice())
+                .map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)
+    }
+
+    /// Records that job `job` of `contract` ended at `now_ms` having
+    /// produced `completion_tokens` (and read `prompt_tokens`). A job that
+    /// produced nothing is owed nothing and its row goes; one whose cheque
+    /// already came is booked at once; any other waits for its cheque.
+    pub fn end_job(
+        &self,
+        contract: &Address,
+        job: u64,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        now_ms: u64,
+        cost_of: CostOf<'_>,
+    ) -> Result<()> {
+        let k = job_key(contract, job);
+        let tx = self.store.write()?;
+        {
+            let mut jobs = tx.open_table(WORKER_JOBS).map_err(store_err)?;
+            let Some(mut row) = get_in::<WorkerJob>(&jobs, &k)? else {
+                return Ok(());
+            };
+            row.prompt_tokens = prompt_tokens;
+            row.completion_tokens = completion_tokens;
+            row.ended_ms = Some(now_ms);
+            if completion_tokens == 0 {
+                jobs.remove(k.as_str()).map_err(store_err)?;
+            } else if row.cheque_seen {
+                jobs.remove(k.as_str()).map_err(store_err)?;
+                let mut lanes = tx.open_table(WORKER_LANES).map_err(store_err)?;
+                add_work(&mut lanes, &row, cost_of)?;
+            } else {
+                jobs.insert(k.as_str(), encode(&row)?.as_slice())
+                    .map_err(store_err)?;
+            }
+        }
+        tx.commit().map_err(store_err)
+    }
+
+    /// Every open job.
+    pub fn jobs(&self) -> Result<Vec<WorkerJob>> {
+        self.store.all(WORKER_JOBS)
+    }
+
+    /// Books every job that ended at or before `ended_before_ms` and got no
+    /// cheque as unpaid work on its lane, in one transaction; returns them
+    /// with their cost.
+    pub fn book_overdue(
+        &self,
+        ended_before_ms: u64,
+        cost_of: CostOf<'_>,
+    ) -> Result<Vec<(WorkerJob, Coins)>> {
+        let tx = self.store.write()?;
+        let mut booked = Vec::new();
+        {
+            let mut jobs = tx.open_table(WORKER_JOBS).map_err(store_err)?;
+            let mut lanes = tx.open_table(WORKER_LANES).map_err(store_err)?;
+            let mut due = Vec::new();
+            for row in jobs.iter().map_err(store_err)? {
+                let (k, v) = row.map_err(store_err)?;
+                let job: WorkerJob = serde_json::from_slice(v.value()).map_err(store_err)?;
+                if job.ended_ms.is_some_and(|t| t <= ended_before_ms) {
+                    due.push((k.value().to_string(), job));
+                }
+            }
+            for (k, job) in due {
+                jobs.remove(k.as_str()).map_err(store_err)?;
+                let cost = add_work(&mut lanes, &job, cost_of)?;
+                booked.push((job, cost));
+            }
+        }
+        tx.commit().map_err(store_err)?;
+        Ok(booked)
+    }
+
+    /// After a restart: jobs that were running when the process died
+    /// produced an unknown number of tokens; their rows go (a cheque that
+    /// still comes for one is taken as a top-up).
+    pub fn drop_interrupted_jobs(&self) -> Result<usize> {
+        let tx = self.store.write()?;
+        let n = {
+            let mut jobs = tx.open_table(WORKER_JOBS).map_err(store_err)?;
+            let mut running = Vec::new();
+            for row in jobs.iter().map_err(store_err)? {
+                let (k, v) = row.map_err(store_err)?;
+                let job: WorkerJob = serde_json::from_slice(v.value()).map_err(store_err)?;
+                if job.ended_ms.is_none() {
+                    running.push(k.value().to_string());
+                }
+            }
+            for k in &running {
+                jobs.remove(k.as_str()).map_err(store_err)?;
+            }
+            running.len()
+        };
+        tx.commit().map_err(store_err)?;
+        Ok(n)
+    }
+
+    /// Like [`WorkerBook::accept`] for the cheque of job `job`: the job's
+    /// row is taken away in the same transaction, and its cost (at the
+    /// worker's price, `cost_of`) is what the cheque must add. A cheque for
+    /// a job still running marks it, so the job is booked when it ends; one
+    /// for a job the worker has no row of (run before a crash, booked as
+    /// unpaid already, or never run) is a plain top-up.
+    pub fn accept_for_job(
+        &self,
+        contract: &Address,
+        public_key: &[u8; 32],
+        cheque: &SignedCheque,
+        job: u64,
+        cost_of: CostOf<'_>,
+    ) -> Result<Acceptance> {
+        let k = job_key(contract, job);
+        // A cheque the worker already holds, for no open job, changes
+        // nothing: answered without a disk write, so resending a public
+        // cheque is no way to make the worker write (audit F23).
+        if self.store.get::<WorkerJob>(WORKER_JOBS, &k)?.is_none() {
+            if let Some(lane) = self.lane(contract, cheque.cheque.lane_id)? {
+                if lane.best.as_ref() == Some(cheque) {
+                    return covers(&lane, cheque).map(|()| Acceptance {
+                        cumulative: lane.cheque_total(),
+                        outstanding: lane.outstanding(),
+                    });
+                }
+            }
+        }
+        let tx = self.store.write()?;
+        let outcome = {
+            let mut jobs = tx.open_table(WORKER_JOBS).map_err(store_err)?;
+            let expected = match get_in::<WorkerJob>(&jobs, &k)? {
+                // Another lane's job: the cheque does not settle it.
+                Some(row) if row.lane_id != cheque.cheque.lane_id => Coins::ZERO,
+                Some(row) if row.ended_ms.is_some() => {
+                    jobs.remove(k.as_str()).map_err(store_err)?;
+                    cost_of(row.prompt_tokens, row.completion_tokens)?
+                }
+                Some(mut row) => {
+                    row.cheque_seen = true;
+                    jobs.insert(k.as_str(), encode(&row)?.as_slice())
+                        .map_err(store_err)?;
+                    Coins::ZERO
+                }
+                None => Coins::ZERO,
+            };
+            let mut lanes = tx.open_table(WORKER_LANES).map_err(store_err)?;
+            self.accept_in(&mut lanes, contract, public_key, cheque, expected)
+        };
+        // A refused cheque still commits: the work stays recorded.
+        tx.commit().map_err(store_err)?;
+        outcome
+    }
+
     /// Records work worth `cost` on a booked lane for which no cheque came
     /// (the client never paid for that job): the client falls behind by it.
     pub fn record_work(&self, contract: &Address, lane_id: u32, cost: Coins) -> Result<()> {
@@ -176,12 +409,28 @@ impl WorkerBook {
         cheque: &SignedCheque,
         expected_cost: Coins,
     ) -> Result<Acceptance> {
-        let c = &cheque.cheque;
-        let k = key(contract, c.lane_id);
         let tx = self.store.write()?;
         let outcome = {
             let mut t = tx.open_table(WORKER_LANES).map_err(store_err)?;
-            let mut lane: WorkerLane = get_in(&t, &k)?.unwrap_or_else(|| WorkerLane {
+            self.accept_in(&mut t, contract, public_key, cheque, expected_cost)
+        };
+        tx.commit().map_err(store_err)?;
+        outcome
+    }
+
+    /// [`WorkerBook::accept`] inside a write transaction.
+    fn accept_in(
+        &self,
+        t: &mut redb::Table<'_, &'static str, &'static [u8]>,
+        contract: &Address,
+        public_key: &[u8; 32],
+        cheque: &SignedCheque,
+        expected_cost: Coins,
+    ) -> Result<Acceptance> {
+        let c = &cheque.cheque;
+        let k = key(contract, c.lane_id);
+        {
+            let mut lane: WorkerLane = get_in(&*t, &k)?.unwrap_or_else(|| WorkerLane {
                 contract: contract.clone(),
                 public_key: *public_key,
                 lane_id: c.lane_id,
@@ -207,9 +456,7 @@ impl WorkerBook {
                 cumulative: lane.cheque_total(),
                 outstanding: lane.outstanding(),
             })
-        };
-        tx.commit().map_err(store_err)?;
-        outcome
+        }
     }
 
     /// Whether a cheque that passed [`WorkerBook::check`] is valid and at
@@ -292,6 +539,28 @@ impl WorkerBook {
             Ok(())
         })
     }
+}
+
+/// Adds `job`'s cost to its lane's computed work inside a transaction.
+fn add_work(
+    lanes: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    job: &WorkerJob,
+    cost_of: CostOf<'_>,
+) -> Result<Coins> {
+    let cost = cost_of(job.prompt_tokens, job.completion_tokens)?;
+    let k = key(&job.contract, job.lane_id);
+    let Some(mut lane) = get_in::<WorkerLane>(&*lanes, &k)? else {
+        // Admission books the lane before any job starts.
+        return Err(PaymentsError::BadCheque(format!(
+            "no lane {} of {} in this worker's book",
+            job.lane_id, job.contract
+        )));
+    };
+    lane.computed = lane.computed.checked_add(cost)?;
+    lanes
+        .insert(k.as_str(), encode(&lane)?.as_slice())
+        .map_err(store_err)?;
+    Ok(cost)
 }
 
 /// Whether `cheque` (already kept as the lane's best) covers everything the
