@@ -35,6 +35,12 @@ pub struct OverlayConfig {
     pub job_idle_timeout: Duration,
     /// Inbound job streams served at once; further ones are refused as busy.
     pub max_inbound_jobs: usize,
+    /// Inbound job streams served at once for one peer; its further ones
+    /// are refused as busy, so one peer cannot take every slot.
+    pub max_inbound_jobs_per_peer: usize,
+    /// Time a new inbound job stream has to send its request frame; a
+    /// stream that stays silent counts as misbehaviour.
+    pub job_first_frame_timeout: Duration,
     /// Largest signed announcement accepted from gossip, in bytes.
     pub max_announcement_size: usize,
     /// Largest signed reputation report accepted from gossip, in bytes.
@@ -90,6 +96,8 @@ impl OverlayConfig {
             max_frame_size: 1024 * 1024,
             job_idle_timeout: Duration::from_secs(60),
             max_inbound_jobs: 64,
+            max_inbound_jobs_per_peer: 16,
+            job_first_frame_timeout: Duration::from_secs(10),
             max_announcement_size: 4 * 1024,
             max_reputation_size: 16 * 1024,
             max_announcement_ttl: Duration::from_secs(10 * 60),
@@ -139,6 +147,12 @@ impl OverlayConfig {
         }
         if self.max_inbound_jobs == 0 {
             return bad("max_inbound_jobs must be at least 1");
+        }
+        if self.max_inbound_jobs_per_peer == 0 {
+            return bad("max_inbound_jobs_per_peer must be at least 1");
+        }
+        if self.job_first_frame_timeout.is_zero() {
+            return bad("job_first_frame_timeout must be above zero");
         }
         if self.gossip_rate_burst == 0 || self.gossip_rate_period.is_zero() {
             return bad("the gossip rate limit needs a burst of at least 1 and a non-zero period");

@@ -11,6 +11,7 @@
 //! usage record are defined by the node.
 
 use std::{
+    collections::HashMap,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -99,6 +100,8 @@ impl WireFrame {
 pub(crate) struct JobLimits {
     pub(crate) max_frame_size: usize,
     pub(crate) idle_timeout: Duration,
+    /// Time an inbound stream has to send its request frame.
+    pub(crate) first_frame_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -311,7 +314,56 @@ pub struct JobResponder {
     peer: PeerId,
     stream: Stream,
     limits: JobLimits,
-    _slot: OwnedSemaphorePermit,
+    /// Boxed: it carries the peer id, and every `OverlayEvent` is as
+    /// large as its largest variant.
+    _slot: Box<JobSlot>,
+}
+
+/// An inbound job's place: one of the node's `max_inbound_jobs` and one of
+/// its peer's `max_inbound_jobs_per_peer`, both given back on drop.
+#[derive(Debug)]
+struct JobSlot {
+    _global: OwnedSemaphorePermit,
+    peer: PeerId,
+    per_peer: PerPeer,
+}
+
+/// Inbound job streams open per peer.
+type PerPeer = Arc<std::sync::Mutex<HashMap<PeerId, usize>>>;
+
+impl JobSlot {
+    /// A slot for `peer`, or `None` when it already has `max` streams.
+    fn take(
+        global: OwnedSemaphorePermit,
+        peer: PeerId,
+        per_peer: &PerPeer,
+        max: usize,
+    ) -> Option<Self> {
+        let mut open = per_peer.lock().ok()?;
+        let n = open.entry(peer).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            _global: global,
+            peer,
+            per_peer: Arc::clone(per_peer),
+        })
+    }
+}
+
+impl Drop for JobSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.per_peer.lock() {
+            if let Some(n) = open.get_mut(&self.peer) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    open.remove(&self.peer);
+                }
+            }
+        }
+    }
 }
 
 impl JobResponder {
@@ -362,11 +414,13 @@ pub(crate) async fn accept_jobs(
     mut incoming: libp2p_stream::IncomingStreams,
     limits: JobLimits,
     max_inbound: usize,
+    max_per_peer: usize,
     events: mpsc::Sender<OverlayEvent>,
     reports: Reports,
     cancel: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(max_inbound));
+    let per_peer = PerPeer::default();
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let mut tasks = JoinSet::new();
     loop {
@@ -382,16 +436,24 @@ pub(crate) async fn accept_jobs(
             }
             next = incoming.next() => {
                 let Some((peer, stream)) = next else { break };
-                match slots.clone().try_acquire_owned() {
+                let slot = slots
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| "no free job slot")
+                    .and_then(|global| {
+                        JobSlot::take(global, peer, &per_peer, max_per_peer)
+                            .ok_or("too many jobs from this peer at once")
+                    });
+                match slot {
                     Ok(slot) => {
                         tasks.spawn(handshake(peer, stream, slot, limits, events.clone(), reports.clone()));
                     }
-                    Err(_) => match refusals.clone().try_acquire_owned() {
+                    Err(why) => match refusals.clone().try_acquire_owned() {
                         Ok(permit) => {
-                            tracing::debug!(%peer, "refusing a job: all inbound slots are busy");
+                            tracing::debug!(%peer, why, "refusing a job");
                             let mut stream = stream;
                             tasks.spawn(async move {
-                                fail(&mut stream, JobErrorCode::Busy, "no free job slot".into(), limits).await;
+                                fail(&mut stream, JobErrorCode::Busy, why.into(), limits).await;
                                 drop(permit);
                             });
                         }
@@ -407,27 +469,26 @@ pub(crate) async fn accept_jobs(
 async fn handshake(
     peer: PeerId,
     mut stream: Stream,
-    slot: OwnedSemaphorePermit,
+    slot: JobSlot,
     limits: JobLimits,
     events: mpsc::Sender<OverlayEvent>,
     reports: Reports,
 ) {
     let first = tokio::time::timeout(
-        limits.idle_timeout,
+        limits.first_frame_timeout,
         read_frame(&mut stream, limits.max_frame_size),
     )
     .await;
     let (offence, code, message) = match first {
-        Err(_) => {
-            fail(
-                &mut stream,
-                JobErrorCode::Timeout,
-                "no request frame in time".into(),
-                limits,
-            )
-            .await;
-            return;
-        }
+        // A silent stream holds one of the node's job slots: misbehaviour.
+        Err(_) => (
+            Misbehaviour::SilentJobStream,
+            JobErrorCode::Timeout,
+            format!(
+                "no request frame within {} s",
+                limits.first_frame_timeout.as_secs_f64()
+            ),
+        ),
         Ok(Err(FrameError::Closed)) | Ok(Err(FrameError::Io(_))) => return,
         Ok(Err(FrameError::TooLarge(size))) => (
             Misbehaviour::OversizedFrame,
@@ -443,7 +504,7 @@ async fn handshake(
                     peer,
                     stream,
                     limits,
-                    _slot: slot,
+                    _slot: Box::new(slot),
                 };
                 if events
                     .send(OverlayEvent::InboundJob {

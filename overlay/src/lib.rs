@@ -14,7 +14,10 @@
 //! events, misbehaviour reports from job tasks, [`OverlayHandle`] commands,
 //! and a housekeeping tick. Its children, in a `JoinSet`, are the *job
 //! acceptor* (admits inbound `/silk/job/1.0.0` streams up to
-//! `max_inbound_jobs`) and the short handshake tasks it starts. Each outbound
+//! `max_inbound_jobs`, `max_inbound_jobs_per_peer` of them from one peer)
+//! and the short handshake tasks it starts, which wait
+//! `job_first_frame_timeout` for the request and report a silent stream as
+//! misbehaviour. Each outbound
 //! [`JobStream`] has one reader task, aborted when the stream is dropped.
 //!
 //! **Ownership.** The overlay task owns the swarm, the pending replies

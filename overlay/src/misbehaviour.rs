@@ -27,6 +27,8 @@ pub enum Misbehaviour {
     InvalidGossip,
     /// The node could not decode a job payload (reported by the node).
     UndecodablePayload,
+    /// A job stream that sent no request frame in time (holding a slot).
+    SilentJobStream,
     /// Any other offence the node detected, with its own penalty.
     Other {
         /// What happened, for logs.
@@ -45,6 +47,7 @@ impl Misbehaviour {
             Misbehaviour::MalformedFrame => 25,
             Misbehaviour::InvalidGossip => 20,
             Misbehaviour::UndecodablePayload => 25,
+            Misbehaviour::SilentJobStream => 10,
             Misbehaviour::Other { penalty, .. } => *penalty,
         }
     }
@@ -58,6 +61,7 @@ impl fmt::Display for Misbehaviour {
             Misbehaviour::MalformedFrame => f.write_str("malformed job frame"),
             Misbehaviour::InvalidGossip => f.write_str("invalid gossip message"),
             Misbehaviour::UndecodablePayload => f.write_str("undecodable job payload"),
+            Misbehaviour::SilentJobStream => f.write_str("job stream without a request in time"),
             Misbehaviour::Other { reason, .. } => f.write_str(reason),
         }
     }

@@ -281,6 +281,7 @@ impl Overlay {
         let limits = JobLimits {
             max_frame_size: config.max_frame_size,
             idle_timeout: config.job_idle_timeout,
+            first_frame_timeout: config.job_first_frame_timeout,
         };
 
         let mut tasks = JoinSet::new();
@@ -288,6 +289,7 @@ impl Overlay {
             incoming,
             limits,
             config.max_inbound_jobs,
+            config.max_inbound_jobs_per_peer,
             event_tx.clone(),
             report_tx.clone(),
             cancel.child_token(),

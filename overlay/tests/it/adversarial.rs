@@ -241,3 +241,92 @@ async fn forged_and_replayed_announcements_are_rejected_and_not_forwarded() {
         0
     );
 }
+
+/// Audit F13: one peer opening silent job streams could take every inbound
+/// job slot of a worker for the whole 60 s idle timeout, and the silence
+/// cost it nothing. Now a peer holds at most `max_inbound_jobs_per_peer`
+/// streams (the rest are refused as busy at once), a stream must send its
+/// request within `job_first_frame_timeout`, and a silent one is
+/// misbehaviour. Before the fix the attacker's 8 streams took all 8 slots
+/// and the honest gateway's job was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_hold_every_job_slot_and_silence_is_misbehaviour() {
+    use silk_overlay::testing::{local_config, spawn_local};
+    init_tracing();
+    let mut config = local_config(seeded_keypair(7_100));
+    config.max_inbound_jobs = 8;
+    config.max_inbound_jobs_per_peer = 3;
+    config.job_first_frame_timeout = std::time::Duration::from_secs(1);
+    let mut victim = spawn_local(config).await.expect("victim");
+    let attacker =
+        spawn_local(local_config(seeded_keypair(7_101)).with_bootstrap(vec![victim.addr.clone()]))
+            .await
+            .expect("attacker");
+    let honest =
+        spawn_local(local_config(seeded_keypair(7_102)).with_bootstrap(vec![victim.addr.clone()]))
+            .await
+            .expect("honest");
+    for node in [&attacker, &honest] {
+        wait_until_connected(&node.handle, victim.peer_id, WAIT)
+            .await
+            .expect("connected");
+    }
+    let max = local_config(seeded_keypair(0)).max_frame_size;
+
+    // As many silent streams as the worker has slots.
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(
+            attacker
+                .handle
+                .open_raw_job_stream(victim.peer_id)
+                .await
+                .expect("raw stream"),
+        );
+    }
+    // The honest gateway still gets its job in.
+    let _job = honest
+        .handle
+        .open_job(victim.peer_id, b"a job".to_vec())
+        .await
+        .expect("job stream");
+    next_event(&mut victim.events, "the honest job", |e| match e {
+        OverlayEvent::InboundJob { peer, request, .. } if peer == honest.peer_id => {
+            assert_eq!(request, b"a job");
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
+
+    // Five of the attacker's streams were refused as busy; three were held
+    // until the first-frame timeout, each counted as misbehaviour.
+    let (mut busy, mut timed_out) = (0, 0);
+    for stream in &mut silent {
+        let frame = tokio::time::timeout(WAIT, read_raw_job_frame(stream, max))
+            .await
+            .expect("an answer in time")
+            .expect("an error frame");
+        match frame {
+            JobFrame::Error {
+                code: JobErrorCode::Busy,
+                ..
+            } => busy += 1,
+            JobFrame::Error {
+                code: JobErrorCode::Timeout,
+                ..
+            } => timed_out += 1,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+    assert_eq!((busy, timed_out), (5, 3));
+    eventually("three silent-stream offences", || {
+        let h = victim.handle.clone();
+        let peer = attacker.peer_id;
+        async move {
+            let score = h.misbehaviour_score(peer).await.ok()?;
+            (score == 3 * Misbehaviour::SilentJobStream.penalty()).then_some(())
+        }
+    })
+    .await;
+}
