@@ -329,8 +329,10 @@ impl Node {
     /// Starts the overlay, loads the engine on workers (measuring its decode
     /// speed with a short warm-up), and spawns the node's tasks.
     pub async fn start(options: NodeOptions) -> Result<Arc<Self>, MeshError> {
+        // In a TDX guest the key is made here, in memory, at each start.
+        let tdx = TsmReport::default().is_available();
         let identity =
-            NodeIdentity::load_or_generate(&attest::identity::identity_path(&options.data_dir))?;
+            NodeIdentity::for_start(&attest::identity::identity_path(&options.data_dir), tdx)?;
         let keypair =
             silk_overlay::keypair_from_secret(&identity.secret_bytes()).ok_or_else(|| {
                 MeshError::Config {

@@ -1,7 +1,9 @@
 //! The node's identity key file: a raw 32-byte ed25519 secret, the same
 //! bytes `libp2p::identity::ed25519::SecretKey::try_from_bytes` takes, so the
 //! overlay can build its libp2p keypair from the same file. On a TDX worker
-//! the file is created inside the trust domain and never leaves it.
+//! there is no file: [`NodeIdentity::for_start`] makes the key inside the
+//! trust domain at each start and keeps it in memory, and refuses a key
+//! file found on the data disk.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -85,6 +87,36 @@ impl NodeIdentity {
         Ok(Self { key })
     }
 
+    /// A fresh key that lives in memory only.
+    pub fn ephemeral() -> Self {
+        Self {
+            key: SigningKey::generate(&mut rand_core::OsRng),
+        }
+    }
+
+    /// The identity of a node about to start. Outside TDX: the key at
+    /// `path`, created on first start. In TDX mode (`tdx`): a fresh key made
+    /// here, inside the trust domain, kept in memory and never written to
+    /// the data disk; a key file that is already at `path` is refused,
+    /// since the host could have placed it there or could read it, and
+    /// would then hold the key its quotes bind (audit F9).
+    pub fn for_start(path: &Path, tdx: bool) -> Result<Self, AttestError> {
+        if !tdx {
+            return Self::load_or_generate(path);
+        }
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::ephemeral()),
+            Ok(_) => Err(AttestError::PreexistingIdentity {
+                path: path.to_path_buf(),
+            }),
+            Err(source) => Err(AttestError::Io {
+                action: "look for an identity key",
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
     /// Loads the key at `path`, creating it first if it does not exist.
     pub fn load_or_generate(path: &Path) -> Result<Self, AttestError> {
         match Self::load(path) {
@@ -132,5 +164,29 @@ mod tests {
             NodeIdentity::load(&path),
             Err(AttestError::InvalidIdentity { len: 31, .. })
         ));
+    }
+
+    /// Audit F9: in TDX mode the key is made in memory at each start and a
+    /// key file found on the data disk is refused. Before, the file was
+    /// loaded (or created on the data disk), so a host that placed a key
+    /// there ran a non-TD node with the key the TD's quotes bind.
+    #[test]
+    fn in_tdx_mode_the_key_is_made_at_start_and_a_key_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = identity_path(dir.path());
+        let a = NodeIdentity::for_start(&path, true).expect("fresh key");
+        let b = NodeIdentity::for_start(&path, true).expect("fresh key");
+        assert_ne!(a.public_key(), b.public_key(), "a new key at each start");
+        assert!(!path.exists(), "nothing written to the data disk");
+
+        // The host places a key it knows.
+        let planted = NodeIdentity::generate(&path).expect("planted");
+        match NodeIdentity::for_start(&path, true) {
+            Err(AttestError::PreexistingIdentity { path: p }) => assert_eq!(p, path),
+            other => panic!("expected the planted key to be refused, got {other:?}"),
+        }
+        // Outside TDX the file is the node's identity, as before.
+        let loaded = NodeIdentity::for_start(&path, false).expect("load");
+        assert_eq!(loaded.public_key(), planted.public_key());
     }
 }

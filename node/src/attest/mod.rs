@@ -147,6 +147,17 @@ pub enum AttestError {
         /// Where it was expected.
         path: PathBuf,
     },
+    /// In TDX mode a key file existed before the node started: the host
+    /// could have put it there, or could read it (audit F9).
+    #[error(
+        "{path} exists, but in TDX mode the identity key is made inside the trust domain at each \
+         start and never stored on the data disk, where the host could have placed or read it; \
+         remove the file (this node will get a new peer id)"
+    )]
+    PreexistingIdentity {
+        /// The refused file.
+        path: PathBuf,
+    },
     /// The identity key file has the wrong size.
     #[error(
         "{path} is not an identity key: expected a 32-byte raw ed25519 secret, found {len} bytes"

@@ -137,7 +137,16 @@ fn show(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let key_path = identity_path(data_dir);
+    let tsm = TsmReport::default();
     let identity = match NodeIdentity::load(&key_path) {
+        // In TDX mode a running node makes its key at each start and keeps
+        // it in memory (audit F9): the check uses a key made the same way,
+        // and writes nothing a later `silk run` would refuse.
+        _ if tsm.is_available() => {
+            let id = NodeIdentity::for_start(&key_path, true)?;
+            eprintln!("TDX: using a key made now, in memory, as `silk run` does at each start");
+            id
+        }
         Ok(id) => id,
         Err(AttestError::IdentityMissing { path }) if !create_identity => {
             eprintln!(
@@ -161,7 +170,6 @@ fn show(
         Err(e) => return Err(e.into()),
     };
     let claims = Claims::new(Hex(identity.public_key()), models, NODE_VERSION, now_unix())?;
-    let tsm = TsmReport::default();
     let mode = if tsm.is_available() {
         AttestationMode::Tdx
     } else {

@@ -22,7 +22,8 @@ pub struct InitArgs {
 
 /// Runs `silk init`.
 pub fn run(args: InitArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
-    let identity = NodeIdentity::load_or_generate(&identity_path(data_dir))
+    let tdx = crate::attest::TsmReport::default().is_available();
+    let identity = NodeIdentity::for_start(&identity_path(data_dir), tdx)
         .context("creating the identity key")?;
     let keypair = silk_overlay::keypair_from_secret(&identity.secret_bytes())
         .context("identity key is not a valid ed25519 secret")?;
@@ -37,7 +38,12 @@ pub fn run(args: InitArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         config.save(data_dir)?;
         println!("wrote {}", path.display());
     }
-    println!("peer id: {}", keypair.public().to_peer_id());
-    println!("identity: {}", identity_path(data_dir).display());
+    if tdx {
+        println!("peer id: a new one at each start (TDX)");
+        println!("identity: made inside the trust domain at each start, never stored");
+    } else {
+        println!("peer id: {}", keypair.public().to_peer_id());
+        println!("identity: {}", identity_path(data_dir).display());
+    }
     Ok(ExitCode::SUCCESS)
 }
