@@ -27,6 +27,11 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
 use crate::transformer::{Segment, Transformer};
 
+/// Most stop strings a request may carry.
+pub const MAX_STOP_STRINGS: usize = 4;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
 /// Limits of one engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -325,10 +330,17 @@ impl Engine {
                 ),
             });
         }
-        if request.stop.iter().any(String::is_empty) || request.stop.len() > 16 {
+        // Each token is checked against every stop string, and the text that
+        // may start one is held back: both grow with the strings (audit F19).
+        if request.stop.iter().any(String::is_empty)
+            || request.stop.len() > MAX_STOP_STRINGS
+            || request.stop.iter().any(|s| s.len() > MAX_STOP_BYTES)
+        {
             return Err(InferenceError::InvalidRequest {
                 field: "stop",
-                reason: "takes at most 16 non-empty strings".into(),
+                reason: format!(
+                    "takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_BYTES} bytes"
+                ),
             });
         }
         let prompt = self.tokenize(&request.prompt)?;

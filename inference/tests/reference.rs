@@ -334,6 +334,35 @@ fn batched_engine_in(path: (WeightLayout, CpuKernels)) {
     }
 }
 
+/// Audit F19: stop strings cost the scheduler thread work per token and
+/// held-back text in proportion to their number and length, and a custom
+/// gateway could send 16 of up to a frame's size. Both are capped now.
+#[test]
+fn stop_strings_are_capped_in_count_and_length() {
+    let dir = fixture("tiny-qwen3");
+    let engine = Engine::start(load(&dir, layouts()[0]), EngineConfig::default()).expect("engine");
+    let request = |stop: Vec<String>| {
+        let mut r = GenerateRequest::new(Prompt::Tokens(vec![1, 2, 3]), 2);
+        r.stop = stop;
+        r
+    };
+    let refused = |stop: Vec<String>| match engine.submit(request(stop)) {
+        Err(silk_inference::InferenceError::InvalidRequest { field: "stop", .. }) => true,
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => false,
+    };
+    assert!(!refused(vec!["a".into(); silk_inference::MAX_STOP_STRINGS]));
+    assert!(!refused(vec!["x".repeat(silk_inference::MAX_STOP_BYTES)]));
+    assert!(refused(vec![
+        "a".into();
+        silk_inference::MAX_STOP_STRINGS + 1
+    ]));
+    assert!(refused(
+        vec!["x".repeat(silk_inference::MAX_STOP_BYTES + 1)]
+    ));
+    assert!(refused(vec![String::new()]));
+}
+
 /// The default model's path; `None` (the test skips) only where
 /// `SILK_ALLOW_MISSING_MODEL` allows it to be missing.
 fn smollm2_or_skip() -> Option<PathBuf> {

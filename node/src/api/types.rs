@@ -16,7 +16,7 @@ pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
 /// Largest `max_tokens` accepted.
 pub const MAX_TOKENS_LIMIT: u32 = 8192;
 /// Most stop strings.
-pub const MAX_STOP: usize = 4;
+pub const MAX_STOP: usize = silk_inference::MAX_STOP_STRINGS;
 
 /// An OpenAI-style error: `{"error":{"message","type","param","code"}}`.
 #[derive(Debug, Clone)]
@@ -303,6 +303,19 @@ fn check_common(c: Common, default_max: u32) -> Result<(u32, f32, f32, Vec<Strin
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid("stop", "stop strings must not be empty"));
     }
+    if let Some(s) = stop
+        .iter()
+        .find(|s| s.len() > silk_inference::MAX_STOP_BYTES)
+    {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "stop strings are at most {} bytes, got one of {}",
+                silk_inference::MAX_STOP_BYTES,
+                s.len()
+            ),
+        ));
+    }
     Ok((max_tokens, temperature, top_p, stop))
 }
 
@@ -434,6 +447,7 @@ mod tests {
             format!(r#"{{{m},"top_p":0}}"#),
             format!(r#"{{{m},"n":2}}"#),
             format!(r#"{{{m},"stop":["a","b","c","d","e"]}}"#),
+            format!(r#"{{{m},"stop":["{}"]}}"#, "x".repeat(257)),
             format!(r#"{{{m},"max_coefficient":0}}"#),
             format!(r#"{{{m},"max_coefficient":-1}}"#),
             format!(r#"{{{m},"max_coefficient":1.0005}}"#),
