@@ -52,6 +52,11 @@ const DHT_LOOKUP_REUSE: Duration = ANNOUNCE_EVERY;
 const JOB_CHANNEL: usize = 64;
 /// Candidates tried before giving up.
 const MAX_ATTEMPTS: usize = 4;
+/// Every attestation check of one request's candidates ends within this.
+const ATTESTATION_CHECKS: Duration = Duration::from_secs(5);
+/// A peer that left an attestation request unanswered is not asked again
+/// for this long.
+const UNANSWERED_MEMORY: Duration = Duration::from_secs(60);
 /// How often a gateway gossips what it saw of workers.
 pub const REPUTATION_EVERY: Duration = Duration::from_secs(30);
 
@@ -136,6 +141,8 @@ pub struct Node {
     job_progress_timeout: Duration,
     in_flight: Arc<Mutex<HashMap<PeerId, u32>>>,
     failures: Mutex<HashMap<PeerId, Instant>>,
+    /// Attestation requests a peer left unanswered, by (peer, digest).
+    attest_unanswered: Mutex<HashMap<(PeerId, [u8; 32]), Instant>>,
     /// The last DHT lookup per model: when, and the workers it found.
     dht_lookups: Mutex<HashMap<String, (Instant, Vec<Announcement>)>>,
     reputation: Arc<Mutex<Reputation>>,
@@ -393,6 +400,7 @@ impl Node {
             in_flight: Arc::default(),
             failures: Mutex::default(),
             dht_lookups: Mutex::default(),
+            attest_unanswered: Mutex::default(),
             reputation: Arc::default(),
             appraiser: Arc::new(Mutex::new(
                 attest::Appraiser::new(policy, options.allow_insecure_workers)
@@ -745,8 +753,24 @@ impl Node {
         let failures = self.failures.lock().map(|m| m.clone()).unwrap_or_default();
         let mut refused = Vec::new();
         let mut out = Vec::new();
-        for (a, rtt) in raw {
-            if let Err(reason) = self.check_attestation(&a).await {
+        // Every candidate's attestation is checked at once, under one
+        // deadline (audit F12: one at a time, N silent Sybils cost N × 10 s
+        // per request). A peer that did not answer is remembered.
+        let deadline = tokio::time::Instant::now() + ATTESTATION_CHECKS;
+        let checks = futures::future::join_all(raw.iter().map(|(a, _)| async move {
+            match tokio::time::timeout_at(deadline, self.check_attestation(a)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    if let Some(digest) = a.attestation_digest {
+                        self.note_unanswered(a.peer_id, digest);
+                    }
+                    Err("attestation check did not finish in time".into())
+                }
+            }
+        }))
+        .await;
+        for ((a, rtt), check) in raw.into_iter().zip(checks) {
+            if let Err(reason) = check {
                 refused.push(format!("{}: {reason}", a.peer_id));
                 continue;
             }
@@ -919,29 +943,66 @@ impl Node {
                         Err(v.to_string())
                     };
                 }
-                let bytes = tokio::time::timeout(
-                    Duration::from_secs(10),
+                if self.unanswered(a.peer_id, digest.0) {
+                    return Err("did not answer an attestation request lately".into());
+                }
+                let bytes = match tokio::time::timeout(
+                    ATTESTATION_CHECKS,
                     self.overlay.fetch_attestation(a.peer_id, Vec::new()),
                 )
                 .await
-                .map_err(|_| "attestation fetch timed out".to_string())?
-                .map_err(|e| format!("attestation fetch failed: {e}"))?;
+                {
+                    Ok(r) => r.map_err(|e| format!("attestation fetch failed: {e}"))?,
+                    Err(_) => {
+                        self.note_unanswered(a.peer_id, digest.0);
+                        return Err("attestation fetch timed out".into());
+                    }
+                };
                 let doc = AttestationDocument::decode(&bytes).map_err(|e| e.to_string())?;
-                let appraiser = Arc::clone(&self.appraiser);
-                let verdict = tokio::task::spawn_blocking(move || {
-                    appraiser
-                        .lock()
-                        .map(|mut ap| ap.appraise_announced(&doc, &key, &digest, now))
-                        .map_err(|_| "appraiser lock poisoned".to_string())
-                })
-                .await
-                .map_err(|e| e.to_string())??;
+                // The slow part (PCCS fetches, quote verification) runs
+                // without the appraiser's lock, so it blocks no other check
+                // (audit F12); only the verdict is recorded under it.
+                let job = self
+                    .appraiser
+                    .lock()
+                    .map(|ap| ap.job())
+                    .map_err(|_| "appraiser lock poisoned".to_string())?;
+                let outcome =
+                    tokio::task::spawn_blocking(move || job.run(&doc, &key, &digest, now))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                if let Ok(mut ap) = self.appraiser.lock() {
+                    ap.record(&key, &outcome, now);
+                }
+                let verdict = outcome.verdict;
                 if verdict.is_accepted() {
                     Ok(())
                 } else {
                     Err(verdict.to_string())
                 }
             }
+        }
+    }
+
+    /// Whether `peer` left an attestation request for `digest`
+    /// unanswered within [`UNANSWERED_MEMORY`].
+    fn unanswered(&self, peer: PeerId, digest: [u8; 32]) -> bool {
+        self.attest_unanswered
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(peer, digest)).copied())
+            .is_some_and(|t| t.elapsed() < UNANSWERED_MEMORY)
+    }
+
+    fn note_unanswered(&self, peer: PeerId, digest: [u8; 32]) {
+        if let Ok(mut m) = self.attest_unanswered.lock() {
+            if m.len() >= 4096 {
+                m.retain(|_, t| t.elapsed() < UNANSWERED_MEMORY);
+                if m.len() >= 4096 {
+                    return;
+                }
+            }
+            m.insert((peer, digest), Instant::now());
         }
     }
 

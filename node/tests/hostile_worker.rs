@@ -30,6 +30,8 @@ enum Play {
     PastMaxTokens,
     /// One token, then empty frames every 100 ms, forever.
     EmptyFramesForever,
+    /// What an honest worker does: a token, then its usage.
+    Honest,
 }
 
 fn token(text: &str) -> Vec<u8> {
@@ -66,6 +68,11 @@ async fn play(play: Play, max_tokens: u32, mut r: JobResponder) {
                 }
             }
             let _ = r.end(usage(3, max_tokens + 3)).await;
+        }
+        Play::Honest => {
+            if r.send_data(token("hi")).await.is_ok() {
+                let _ = r.end(usage(3, 1)).await;
+            }
         }
         Play::EmptyFramesForever => {
             let _ = r.send_data(token("a")).await;
@@ -270,4 +277,129 @@ async fn a_gateway_pays_only_for_what_it_received_and_drops_stalled_jobs() {
     gateway.shutdown();
     cancel.cancel();
     producer.await.expect("producer");
+}
+
+/// Audit F12: a gateway checked candidates' attestation one at a time, up to
+/// 10 s each, and forgot a timeout, so every request for a model paid 10 s
+/// per Sybil that announces TDX and never answers. Four such Sybils here
+/// (plain overlay nodes that hold every attestation request open) and one
+/// worker: the request is placed on the worker after one deadline for all
+/// checks, and the next request asks the Sybils nothing. Before the fix the
+/// first request took 4 × 10 s, past this test's 30 s bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_tdx_sybils_do_not_stall_dispatch() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = Node::start(NodeOptions {
+        data_dir: dir.path().to_path_buf(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
+        bootstrap: Vec::new(),
+        worker_model: None,
+        models_dir: dir.path().join("models"),
+        device: Default::default(),
+        allow_insecure_workers: true,
+        price_coefficient_milli: 1000,
+        default_max_coefficient_milli: 2000,
+        billing: None,
+        max_jobs_per_worker: 8,
+        mdns: false,
+        fast_gossip: true,
+        attestation_policy: None,
+        pccs_url: None,
+        job_progress_timeout: Duration::from_secs(10),
+    })
+    .await
+    .expect("gateway");
+    let gw_addr: silk_overlay::Multiaddr = format!(
+        "{}/p2p/{}",
+        gateway.overlay().listen_addrs().await.expect("addrs")[0],
+        gateway.peer_id()
+    )
+    .parse()
+    .expect("multiaddr");
+
+    let asked = Arc::new(AtomicUsize::new(0));
+    let mut peers = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..5u64 {
+        let sybil = i > 0;
+        let mut node = spawn_local(
+            local_config(seeded_keypair(500 + i)).with_bootstrap(vec![gw_addr.clone()]),
+        )
+        .await
+        .expect("node");
+        let peer = node.peer_id;
+        peers.push((peer, sybil));
+        let handle = node.handle.clone();
+        let asked = Arc::clone(&asked);
+        tasks.push(tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut seq = 0;
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        seq += 1;
+                        let mut a = worker_announcement(peer, seq, &[MODEL]);
+                        if sybil {
+                            // Faster and cheaper on paper, and "TDX".
+                            a.attestation_mode = silk_overlay::AttestationMode::Tdx;
+                            a.attestation_digest = Some([i as u8; 32]);
+                            a.decode_tokens_per_s_milli = 10_000_000;
+                        }
+                        let _ = handle.announce(a).await;
+                    }
+                    event = node.events.recv() => match event {
+                        Some(OverlayEvent::AttestationRequest { responder, .. }) => {
+                            asked.fetch_add(1, Ordering::SeqCst);
+                            held.push(responder);
+                        }
+                        Some(OverlayEvent::InboundJob { request, responder, .. }) => {
+                            if let Ok(JobMessage::Generate(job)) = postcard::from_bytes::<JobMessage>(&request) {
+                                tokio::spawn(play(Play::Honest, job.max_tokens, responder));
+                            }
+                        }
+                        Some(_) => {}
+                        None => return,
+                    },
+                }
+            }
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let known = gateway.overlay().announcements().await.unwrap_or_default();
+        if peers
+            .iter()
+            .all(|(p, _)| known.iter().any(|a| a.peer_id == *p))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never heard every node"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let placed = tokio::time::timeout(Duration::from_secs(30), dispatch(&gateway, 4))
+        .await
+        .expect("placed within 30 s despite four silent TDX peers");
+    assert_eq!(placed.0, 1);
+    assert!(placed.1.is_ok(), "{:?}", placed.1);
+    let first = asked.load(Ordering::SeqCst);
+    assert!(first >= 4, "every Sybil was asked once: {first}");
+    let again = tokio::time::timeout(Duration::from_secs(30), dispatch(&gateway, 4))
+        .await
+        .expect("placed");
+    assert!(again.1.is_ok(), "{:?}", again.1);
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        first,
+        "the silent peers were asked again"
+    );
+    for t in tasks {
+        t.abort();
+    }
+    gateway.shutdown();
 }

@@ -72,6 +72,30 @@ impl Appraiser {
         self.cache.get(&(*peer_public_key, *digest), now).cloned()
     }
 
+    /// What an appraisal needs, to run without this appraiser's lock: the
+    /// slow part (collateral from a PCCS, quote verification) then blocks
+    /// no other check (audit F12). Record the outcome with
+    /// [`Appraiser::record`].
+    pub fn job(&self) -> AppraisalJob {
+        AppraisalJob {
+            policy: self.policy.clone(),
+            allow_insecure: self.allow_insecure,
+            collateral: self.collateral.clone(),
+        }
+    }
+
+    /// Caches the verdict `job` reached on `peer_public_key`'s document.
+    pub fn record(&mut self, peer_public_key: &[u8; 32], outcome: &JobOutcome, now: u64) {
+        if let Some((digest, valid_until)) = outcome.cache {
+            self.cache.insert(
+                (*peer_public_key, digest),
+                outcome.verdict.clone(),
+                valid_until,
+                now,
+            );
+        }
+    }
+
     /// Like [`Appraiser::appraise`], for a document fetched because of an
     /// announcement carrying `announced`: a document with another digest is
     /// refused (and not cached) without further checks.
@@ -129,5 +153,71 @@ impl Appraiser {
         self.cache
             .insert(key, appraisal.verdict.clone(), appraisal.valid_until, now);
         appraisal.verdict
+    }
+}
+
+/// An appraisal taken out of an [`Appraiser`] (see [`Appraiser::job`]).
+#[derive(Debug, Clone)]
+pub struct AppraisalJob {
+    policy: Policy,
+    allow_insecure: bool,
+    collateral: Option<CollateralSource>,
+}
+
+/// What an [`AppraisalJob`] concluded.
+#[derive(Debug, Clone)]
+pub struct JobOutcome {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// The document's digest and until when the verdict holds, when it is
+    /// to be cached (not for a document other than the one announced).
+    cache: Option<(Digest, u64)>,
+}
+
+impl AppraisalJob {
+    /// Appraises `doc`, which `peer_public_key` served for the announced
+    /// digest `announced`: what [`Appraiser::appraise_announced`] does,
+    /// without the appraiser.
+    pub fn run(
+        &self,
+        doc: &AttestationDocument,
+        peer_public_key: &[u8; 32],
+        announced: &Digest,
+        now: u64,
+    ) -> JobOutcome {
+        let digest = doc.digest();
+        if digest != *announced {
+            return JobOutcome {
+                verdict: RejectReason::DigestMismatch {
+                    announced: announced.to_string(),
+                    actual: digest.to_string(),
+                }
+                .into(),
+                cache: None,
+            };
+        }
+        let own = match (&self.collateral, &doc.quote) {
+            (Some(source), Some(quote)) => match source.get(quote, now) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    debug!(error = %e, "no collateral of our own; using the document's");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let appraisal = appraise_document(
+            doc,
+            peer_public_key,
+            own.as_ref(),
+            &self.policy,
+            self.allow_insecure,
+            now,
+        );
+        info!(%digest, mode = %doc.mode, verdict = %appraisal.verdict, "appraised attestation");
+        JobOutcome {
+            verdict: appraisal.verdict,
+            cache: Some((digest, appraisal.valid_until)),
+        }
     }
 }

@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use tracing::warn;
 
-pub use appraiser::Appraiser;
+pub use appraiser::{AppraisalJob, Appraiser, JobOutcome};
 pub use cache::{VerdictCache, VerdictKey};
 pub use claims::Claims;
 pub use collateral::{CollateralCache, CollateralKey, CollateralSource, PccsClient};
