@@ -36,6 +36,9 @@ pub struct NodeConfig {
     pub max_jobs_per_worker: u32,
     /// Enable mDNS discovery on the LAN.
     pub mdns: bool,
+    /// Model ids (`name@sha256:…`) a request naming the model resolves to
+    /// first, besides the default model pinned by its hash.
+    pub pinned_models: Vec<String>,
     /// Where jobs are settled. Without it the node neither pays as a
     /// gateway nor charges as a worker.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -129,6 +132,7 @@ impl Default for NodeConfig {
             allow_insecure_workers: false,
             max_jobs_per_worker: 8,
             mdns: false,
+            pinned_models: Vec::new(),
             ledger: None,
             payments: None,
             http: None,

@@ -101,6 +101,9 @@ pub struct NodeOptions {
     /// started (frames without one do not count); past it, or past the
     /// job's deadline, the gateway ends the job as the worker's failure.
     pub job_progress_timeout: Duration,
+    /// Model ids a name (or no name) resolves to first; normally
+    /// [`default_pinned_models`] plus the operator's `pinned_models`.
+    pub pinned_models: Vec<String>,
 }
 
 /// Default of [`NodeOptions::job_progress_timeout`]: the overlay's idle
@@ -141,6 +144,8 @@ pub struct Node {
     job_progress_timeout: Duration,
     in_flight: Arc<Mutex<HashMap<PeerId, u32>>>,
     failures: Mutex<HashMap<PeerId, Instant>>,
+    /// Model ids a name resolves to first (audit F10).
+    pinned_models: Vec<String>,
     /// Attestation requests a peer left unanswered, by (peer, digest).
     attest_unanswered: Mutex<HashMap<(PeerId, [u8; 32]), Instant>>,
     /// The last DHT lookup per model: when, and the workers it found.
@@ -294,6 +299,65 @@ pub fn model_name(id: &str) -> &str {
     id.split('@').next().unwrap_or(id)
 }
 
+/// The ids a gateway trusts a model name to mean without asking: the
+/// known models (the default one), each pinned by the hash of its file.
+pub fn default_pinned_models() -> Vec<String> {
+    silk_inference::store::KNOWN_MODELS
+        .iter()
+        .map(|m| format!("{}@sha256:{}", m.name, m.sha256))
+        .collect()
+}
+
+/// Resolves the model a request names to one id (audit F10), given the
+/// `(id, worker)` pairs the mesh announces and the operator's `pinned`
+/// ids. A full id (`name@sha256:…`) is taken as it is. A name (or none, or
+/// `default`, meaning the first pinned id) resolves to a pinned id with
+/// that name when any worker serves one, else to the id served by the most
+/// distinct workers; a tie is refused with the ids to choose from. Never
+/// by sort order: anyone can announce `name@sha256:0…`.
+pub fn pick_model(
+    wanted: Option<&str>,
+    served: &[(&str, PeerId)],
+    pinned: &[String],
+) -> Result<String, DispatchError> {
+    let wanted = wanted.filter(|w| !w.is_empty() && *w != "default");
+    if let Some(w) = wanted.filter(|w| w.contains("@sha256:")) {
+        // Gossip may not know it yet; the DHT can still have providers.
+        return Ok(w.to_string());
+    }
+    let mut workers: HashMap<&str, std::collections::HashSet<PeerId>> = HashMap::new();
+    for (id, peer) in served {
+        workers.entry(id).or_default().insert(*peer);
+    }
+    let matching: Vec<(&str, usize)> = workers
+        .iter()
+        .filter(|(id, _)| match wanted {
+            Some(w) => model_matches(id, w),
+            None => true,
+        })
+        .map(|(id, w)| (*id, w.len()))
+        .collect();
+    let pinned_hit = pinned.iter().find(|p| {
+        matching.iter().any(|(id, _)| id == p) && wanted.is_none_or(|w| model_matches(p, w))
+    });
+    if let Some(p) = pinned_hit {
+        return Ok(p.clone());
+    }
+    let most = matching.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    let mut best: Vec<&str> = matching
+        .iter()
+        .filter(|(_, n)| *n == most)
+        .map(|(id, _)| *id)
+        .collect();
+    best.sort_unstable();
+    match (best.as_slice(), wanted) {
+        ([only], _) => Ok((*only).to_string()),
+        ([], Some(w)) => Err(DispatchError::UnknownModel(w.to_string())),
+        ([], None) => Err(DispatchError::ModelRequired("no model yet".into())),
+        (many, _) => Err(DispatchError::ModelRequired(many.join(", "))),
+    }
+}
+
 fn model_matches(id: &str, wanted: &str) -> bool {
     let wanted = wanted.trim_end_matches(".gguf");
     id == wanted || model_name(id).eq_ignore_ascii_case(wanted)
@@ -401,6 +465,7 @@ impl Node {
             failures: Mutex::default(),
             dht_lookups: Mutex::default(),
             attest_unanswered: Mutex::default(),
+            pinned_models: options.pinned_models.clone(),
             reputation: Arc::default(),
             appraiser: Arc::new(Mutex::new(
                 attest::Appraiser::new(policy, options.allow_insecure_workers)
@@ -685,27 +750,11 @@ impl Node {
     /// serves exactly one model) against the current announcements.
     pub async fn resolve_model(&self, wanted: Option<&str>) -> Result<String, DispatchError> {
         let anns = self.overlay.announcements().await.unwrap_or_default();
-        let mut ids: Vec<String> = anns.iter().flat_map(|a| a.models.clone()).collect();
-        ids.sort();
-        ids.dedup();
-        match wanted.filter(|w| !w.is_empty() && *w != "default") {
-            None => match ids.as_slice() {
-                [only] => Ok(only.clone()),
-                [] => Err(DispatchError::ModelRequired("no model yet".into())),
-                many => Err(DispatchError::ModelRequired(many.join(", "))),
-            },
-            Some(w) => {
-                if let Some(id) = ids.iter().find(|id| model_matches(id, w)) {
-                    return Ok(id.clone());
-                }
-                // Gossip may not know yet; the DHT can still have providers for a full id.
-                if w.contains("@sha256:") {
-                    Ok(w.to_string())
-                } else {
-                    Err(DispatchError::UnknownModel(w.to_string()))
-                }
-            }
-        }
+        let served: Vec<(&str, PeerId)> = anns
+            .iter()
+            .flat_map(|a| a.models.iter().map(move |m| (m.as_str(), a.peer_id)))
+            .collect();
+        pick_model(wanted, &served, &self.pinned_models)
     }
 
     /// Candidates for `model`, attestation-filtered and ranked.
@@ -1577,4 +1626,80 @@ async fn produce_attestation(
         .await
         .map_err(|e| format!("attestation task failed: {e}"))?
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u8) -> PeerId {
+        silk_overlay::testing::seeded_keypair(u64::from(n))
+            .public()
+            .to_peer_id()
+    }
+
+    /// Audit F10: ids were sorted and the first whose name matched won, so
+    /// anyone announcing `name@sha256:0…` took every request by name, and a
+    /// second announced id broke every request naming no model.
+    #[test]
+    fn a_model_name_resolves_to_the_pinned_id_then_to_the_most_served_one() {
+        let real = default_pinned_models()[0].clone();
+        let fake = format!(
+            "{}@sha256:{}",
+            silk_inference::DEFAULT_MODEL,
+            "0".repeat(64)
+        );
+        let other = "Other-1B@sha256:aa".to_string();
+        let pinned = default_pinned_models();
+        // One honest worker; three Sybils serve the fake copy.
+        let served: Vec<(&str, PeerId)> = vec![
+            (real.as_str(), peer(1)),
+            (fake.as_str(), peer(2)),
+            (fake.as_str(), peer(3)),
+            (fake.as_str(), peer(4)),
+            (other.as_str(), peer(5)),
+        ];
+        let name = silk_inference::DEFAULT_MODEL;
+        assert_eq!(
+            pick_model(Some(name), &served, &pinned).expect("name"),
+            real
+        );
+        assert_eq!(
+            pick_model(Some(&name.to_lowercase()), &served, &pinned).expect("name"),
+            real
+        );
+        // No model, or "default": the pinned model, whatever else is served.
+        assert_eq!(pick_model(None, &served, &pinned).expect("none"), real);
+        assert_eq!(
+            pick_model(Some("default"), &served, &pinned).expect("default"),
+            real
+        );
+        // A full id is taken as it is; another name resolves to its own id.
+        assert_eq!(pick_model(Some(&fake), &served, &pinned).expect("id"), fake);
+        assert_eq!(
+            pick_model(Some("other-1b"), &served, &pinned).expect("other"),
+            other
+        );
+        // Nothing pinned served: the id with the most distinct workers, not
+        // the first in sort order; a tie is refused.
+        let unpinned: Vec<(&str, PeerId)> = vec![
+            ("M@sha256:00", peer(1)),
+            ("M@sha256:ff", peer(2)),
+            ("M@sha256:ff", peer(3)),
+            ("M@sha256:ff", peer(3)),
+        ];
+        assert_eq!(
+            pick_model(Some("M"), &unpinned, &pinned).expect("most"),
+            "M@sha256:ff"
+        );
+        let tie: Vec<(&str, PeerId)> = vec![("M@sha256:00", peer(1)), ("M@sha256:ff", peer(2))];
+        assert!(matches!(
+            pick_model(Some("M"), &tie, &pinned),
+            Err(DispatchError::ModelRequired(_))
+        ));
+        assert!(matches!(
+            pick_model(Some("nope"), &served, &pinned),
+            Err(DispatchError::UnknownModel(_))
+        ));
+    }
 }

@@ -50,6 +50,7 @@ async fn node(dir: &std::path::Path) -> Arc<Node> {
         attestation_policy: None,
         pccs_url: None,
         job_progress_timeout: silk_node::service::JOB_PROGRESS_TIMEOUT,
+        pinned_models: silk_node::service::default_pinned_models(),
     })
     .await
     .expect("node starts")

@@ -171,6 +171,7 @@ async fn a_gateway_pays_only_for_what_it_received_and_drops_stalled_jobs() {
         attestation_policy: None,
         pccs_url: None,
         job_progress_timeout: Duration::from_secs(2),
+        pinned_models: silk_node::service::default_pinned_models(),
     })
     .await
     .expect("gateway");
@@ -307,6 +308,7 @@ async fn silent_tdx_sybils_do_not_stall_dispatch() {
         attestation_policy: None,
         pccs_url: None,
         job_progress_timeout: Duration::from_secs(10),
+        pinned_models: silk_node::service::default_pinned_models(),
     })
     .await
     .expect("gateway");

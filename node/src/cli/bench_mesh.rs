@@ -70,6 +70,7 @@ fn options(data_dir: &Path, models_dir: &Path, worker: Option<String>) -> NodeOp
         attestation_policy: None,
         pccs_url: None,
         job_progress_timeout: crate::service::JOB_PROGRESS_TIMEOUT,
+        pinned_models: crate::service::default_pinned_models(),
     }
 }
 

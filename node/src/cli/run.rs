@@ -127,6 +127,12 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         attestation_policy: args.attestation_policy.clone(),
         pccs_url: args.pccs_url.clone(),
         job_progress_timeout: crate::service::JOB_PROGRESS_TIMEOUT,
+        pinned_models: {
+            // The operator's first: a request naming no model goes there.
+            let mut pinned = config.pinned_models.clone();
+            pinned.extend(crate::service::default_pinned_models());
+            pinned
+        },
     };
     // Opened before the node starts: a second node on this data directory
     // fails here, and `silk api-key` says the store is in use.
