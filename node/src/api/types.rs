@@ -113,7 +113,7 @@ pub struct Message {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {
-    /// Model id or name; optional when the mesh serves one model.
+    /// Model id or name; without it, the pinned model (or the mesh's only one).
     pub model: Option<String>,
     /// The conversation.
     pub messages: Vec<Message>,

@@ -39,7 +39,7 @@ pub struct SubmitArgs {
     /// The user message.
     #[arg(long)]
     pub prompt: String,
-    /// Model id or name (default: the mesh's only model).
+    /// Model id or name (default: the pinned model, see docs/OPERATOR.md).
     #[arg(long)]
     pub model: Option<String>,
     /// Most tokens to generate.
@@ -60,7 +60,7 @@ pub struct ChatArgs {
     /// is not on loopback; see `silk api-key`).
     #[arg(long, env = "SILK_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Model id or name (default: the mesh's only model).
+    /// Model id or name (default: the pinned model, see docs/OPERATOR.md).
     #[arg(long)]
     pub model: Option<String>,
     /// Most tokens per answer.
