@@ -106,53 +106,25 @@ impl Appraiser {
         announced: &Digest,
         now: u64,
     ) -> Verdict {
-        let actual = doc.digest();
-        if actual != *announced {
-            return RejectReason::DigestMismatch {
-                announced: announced.to_string(),
-                actual: actual.to_string(),
+        if doc.digest() == *announced {
+            if let Some(v) = self.cache.get(&(*peer_public_key, *announced), now) {
+                return v.clone();
             }
-            .into();
         }
-        self.appraise(doc, peer_public_key, now)
+        let outcome = self.job().run(doc, peer_public_key, announced, now);
+        self.record(peer_public_key, &outcome, now);
+        outcome.verdict
     }
 
-    /// Appraises `doc` received from the peer whose raw ed25519 key is
-    /// `peer_public_key`, caches the verdict under that key and the
-    /// document's digest, and returns it.
+    /// Appraises `doc` as served by `peer_public_key`, from the cache when
+    /// a verdict on it is still valid.
     pub fn appraise(
         &mut self,
         doc: &AttestationDocument,
         peer_public_key: &[u8; 32],
         now: u64,
     ) -> Verdict {
-        let digest = doc.digest();
-        let key = (*peer_public_key, digest);
-        if let Some(v) = self.cache.get(&key, now) {
-            return v.clone();
-        }
-        let own = match (&self.collateral, &doc.quote) {
-            (Some(source), Some(quote)) => match source.get(quote, now) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    debug!(error = %e, "no collateral of our own; using the document's");
-                    None
-                }
-            },
-            _ => None,
-        };
-        let appraisal = appraise_document(
-            doc,
-            peer_public_key,
-            own.as_ref(),
-            &self.policy,
-            self.allow_insecure,
-            now,
-        );
-        info!(%digest, mode = %doc.mode, verdict = %appraisal.verdict, "appraised attestation");
-        self.cache
-            .insert(key, appraisal.verdict.clone(), appraisal.valid_until, now);
-        appraisal.verdict
+        self.appraise_announced(doc, peer_public_key, &doc.digest(), now)
     }
 }
 
