@@ -478,3 +478,275 @@ async fn one_failing_lane_does_not_block_the_other_redemptions() {
     cancel.cancel();
     let _ = producer.await;
 }
+
+/// Sends `body` to `dest` from the v4r2 wallet of `keys` (attaching
+/// `state_init` when given) and waits until `dest` has an active account.
+async fn send_from(
+    ledger: &Arc<dyn Ledger>,
+    keys: &Keys,
+    dest: &silk_chain::Address,
+    body: tonlib_cell::ArcCell,
+    state_init: Option<silk_chain::message::StateInit>,
+) {
+    let wallet = silk_chain::Wallet::new(silk_chain::WalletVersion::V4R2, keys).expect("wallet");
+    let msg = silk_chain::message::OutMessage {
+        dest: dest.clone(),
+        value: Coins(100_000_000),
+        bounce: state_init.is_none(),
+        body: Some(body),
+        state_init,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as u32;
+    let tx = ledger::send_transfer(&**ledger, &wallet, &[msg], now, Duration::from_secs(30))
+        .await
+        .expect("transfer");
+    // The destination processes the message in a later block.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let txs = ledger.transactions(dest, 8).await.unwrap_or_default();
+        if txs.iter().any(|t| t.lt > tx.lt) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{dest} never processed the message");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+use silk_chain::tonlib_core::cell as tonlib_cell;
+
+/// Audit F2: a client deploys the genuine settlement code with forged
+/// initial storage (a 1,000 TON lane to the worker, nothing committed,
+/// 0.1 TON of balance). Its get-methods report the forged lane. Before the
+/// fix the worker admitted it (and would have served up to 1,000 TON on
+/// cheques the contract can never pay); now the address check refuses it,
+/// and a second try is refused from memory without reading the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_with_forged_storage_is_refused() {
+    use silk_chain::settlement::{self, SettlementParams};
+    use tonlib_cell::{CellBuilder, TonCellError};
+
+    let devnet = Devnet::in_memory(DevnetConfig::new(Duration::from_millis(10))).expect("devnet");
+    let cancel = CancellationToken::new();
+    let producer = devnet.spawn_block_producer(cancel.clone());
+    let ledger: Arc<dyn Ledger> = Arc::new(devnet.clone());
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let attacker = open(dirs[0].path(), 41, &ledger);
+    let worker = open(dirs[1].path(), 42, &ledger);
+    devnet
+        .mint(&attacker.wallet_address(), Coins::from_ton(10).expect("ton"))
+        .expect("mint");
+    let keys = Keys::from_seed([41; 32]);
+    let params = SettlementParams {
+        owner: attacker.wallet_address(),
+        public_key: keys.public_key(),
+        close_delay_s: 86_400,
+        nonce: 1,
+    };
+    // The storage of the README's layout, with a lane nobody funded.
+    let forged_lane = Coins::from_ton(1_000).expect("ton");
+    let lane_writer = |b: &mut CellBuilder,
+                       (worker, amount): (silk_chain::tonlib_core::TonAddress,
+                                          num_bigint::BigUint)|
+     -> Result<(), TonCellError> {
+        b.store_raw_address(&worker)?
+            .store_coins(&amount)?
+            .store_coins(&num_bigint::BigUint::ZERO)?
+            .store_u32(32, 0)?
+            .store_bit(false)?;
+        Ok(())
+    };
+    let mut lanes = HashMap::new();
+    lanes.insert(
+        1u32,
+        (
+            worker.wallet_address().as_ton().clone(),
+            num_bigint::BigUint::from(forged_lane.nano()),
+        ),
+    );
+    let mut data = CellBuilder::new();
+    data.store_raw_address(params.owner.as_ton())
+        .and_then(|b| b.store_slice(&params.public_key))
+        .and_then(|b| b.store_u32(32, params.close_delay_s))
+        .and_then(|b| b.store_u64(64, params.nonce))
+        .and_then(|b| b.store_coins(&num_bigint::BigUint::ZERO))
+        .and_then(|b| b.store_dict(32, lane_writer, lanes))
+        .expect("forged storage");
+    let state_init = silk_chain::message::StateInit {
+        code: settlement::settlement_code().expect("code"),
+        data: data.build().expect("cell").to_arc(),
+    };
+    let forged = state_init.address(0).expect("address");
+    assert_ne!(&forged, attacker.client_contract());
+    send_from(
+        &ledger,
+        &keys,
+        &forged,
+        settlement::deposit_body(0).expect("body"),
+        Some(state_init),
+    )
+    .await;
+    // The forgery reads as a funded lane to this worker.
+    let lane = ledger::settlement_lane(&*ledger, &forged, 1)
+        .await
+        .expect("get_lane")
+        .expect("the forged lane");
+    assert_eq!(lane.worker, worker.wallet_address());
+    assert_eq!(lane.deposited, forged_lane);
+
+    let e = worker.admit_client(&forged, &keys.public_key(), 1).await;
+    match &e {
+        Err(PaymentsError::BadClient { reason, .. }) => {
+            assert!(reason.contains("not silk's settlement contract"), "{reason}")
+        }
+        other => panic!("a forged contract was admitted: {other:?}"),
+    }
+    assert!(worker.worker_book().lanes().expect("lanes").is_empty());
+    // Remembered: refused again with the chain gone.
+    cancel.cancel();
+    producer.await.expect("producer");
+    let again = worker.admit_client(&forged, &keys.public_key(), 1).await;
+    assert!(matches!(again, Err(PaymentsError::BadClient { .. })), "{again:?}");
+}
+
+/// Audit F6, first half: a client whose contract lets it reclaim a lane at
+/// once (close delay 0) could close and reclaim the funds behind cheques
+/// the worker holds before it redeems them. Before the fix the worker never
+/// read the delay and admitted it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_contract_with_a_short_close_delay_is_refused() {
+    let devnet = Devnet::in_memory(DevnetConfig::new(Duration::from_millis(10))).expect("devnet");
+    let cancel = CancellationToken::new();
+    let producer = devnet.spawn_block_producer(cancel.clone());
+    let ledger: Arc<dyn Ledger> = Arc::new(devnet.clone());
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let client = Payments::open(
+        dirs[0].path(),
+        PaymentsConfig {
+            close_delay_s: 0,
+            ..config()
+        },
+        ledger.clone(),
+        Keys::from_seed([51; 32]),
+    )
+    .expect("client");
+    let worker = open(dirs[1].path(), 52, &ledger);
+    devnet
+        .mint(&client.wallet_address(), Coins::from_ton(10).expect("ton"))
+        .expect("mint");
+    let lane = client
+        .open_lane(&worker.wallet_address(), Coins(20_000_000))
+        .await
+        .expect("lane");
+    let e = worker
+        .admit_client(client.client_contract(), &client.public_key(), lane.lane_id)
+        .await;
+    match &e {
+        Err(PaymentsError::BadClient { reason, .. }) => {
+            assert!(reason.contains("close delay is 0 s"), "{reason}")
+        }
+        other => panic!("a zero close delay was admitted: {other:?}"),
+    }
+    cancel.cancel();
+    producer.await.expect("producer");
+}
+
+/// Audit F6, second half: the client starts closing a lane while the worker
+/// holds a paid cheque below its redemption threshold. Before the fix the
+/// worker kept admitting the lane from its book and never redeemed it, so
+/// the client could reclaim the money after the delay. Now one worker
+/// finds the close by polling and redeems below the threshold; another
+/// finds it at admission (its lane read is older than the TTL), refuses
+/// the job and redeems on its next pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_lane_is_refused_and_redeemed_below_the_threshold() {
+    let devnet = Devnet::in_memory(DevnetConfig::new(Duration::from_millis(10))).expect("devnet");
+    let cancel = CancellationToken::new();
+    let producer = devnet.spawn_block_producer(cancel.clone());
+    let ledger: Arc<dyn Ledger> = Arc::new(devnet.clone());
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let client = open(dirs[0].path(), 61, &ledger);
+    let worker_config = |min_close_delay_s| PaymentsConfig {
+        redeem_threshold: Coins::from_ton(1).expect("ton"),
+        lane_check_ttl_s: 0,
+        min_close_delay_s,
+        ..config()
+    };
+    // Polls every second (a quarter of 4 s) / every 15 minutes.
+    let poller = Payments::open(
+        dirs[1].path(),
+        worker_config(4),
+        ledger.clone(),
+        Keys::from_seed([62; 32]),
+    )
+    .expect("worker");
+    let admitter = Payments::open(
+        dirs[2].path(),
+        worker_config(3_600),
+        ledger.clone(),
+        Keys::from_seed([63; 32]),
+    )
+    .expect("worker");
+    for p in [&client, &poller, &admitter] {
+        devnet
+            .mint(&p.wallet_address(), Coins::from_ton(10).expect("ton"))
+            .expect("mint");
+    }
+    let (contract, key) = (client.client_contract().clone(), client.public_key());
+    let mut costs = Vec::new();
+    for w in [&poller, &admitter] {
+        let lane = client
+            .open_lane(&w.wallet_address(), Coins::from_ton(1).expect("ton"))
+            .await
+            .expect("lane");
+        w.admit_client(&contract, &key, lane.lane_id)
+            .await
+            .expect("admitted while open");
+        let r = client
+            .before_dispatch(&w.wallet_address(), 1_000, None, 100, 100)
+            .expect("reserve");
+        let (cheque, cost) = client.after_job(&r, 1_000, 100, 100).expect("settle");
+        w.on_cheque(&contract, &key, &cheque, 100, 100)
+            .expect("accepted");
+        assert!(w.redeem_due().await.expect("pass").is_empty(), "below the threshold");
+        send_from(
+            &ledger,
+            &Keys::from_seed([61; 32]),
+            &contract,
+            silk_chain::settlement::close_lane_body(0, lane.lane_id).expect("body"),
+            None,
+        )
+        .await;
+        costs.push((lane.lane_id, cost));
+    }
+
+    // The poller: no admission needed.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let done = poller.redeem_due().await.expect("pass");
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(done[0].after, costs[0].1);
+
+    // The admitter: refused at admission, redeemed on the next pass.
+    let e = admitter.admit_client(&contract, &key, costs[1].0).await;
+    match &e {
+        Err(PaymentsError::BadClient { reason, .. }) => {
+            assert!(reason.contains("closing"), "{reason}")
+        }
+        other => panic!("a closing lane was admitted: {other:?}"),
+    }
+    let done = admitter.redeem_due().await.expect("pass");
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(done[0].after, costs[1].1);
+    for (lane_id, cost) in costs {
+        let lane = ledger::settlement_lane(&*ledger, &contract, lane_id)
+            .await
+            .expect("lane")
+            .expect("exists");
+        assert_eq!(lane.redeemed, cost);
+        assert_ne!(lane.closing_at, 0);
+    }
+    cancel.cancel();
+    producer.await.expect("producer");
+}

@@ -36,6 +36,7 @@
 
 mod client_book;
 mod error;
+mod lane_watch;
 mod store;
 mod worker_book;
 
@@ -99,6 +100,14 @@ pub struct PaymentsConfig {
     pub lane_amount: Coins,
     /// How often a worker looks for lanes due for redemption.
     pub redeem_every_s: u64,
+    /// Shortest close delay a worker accepts in a client's contract: the
+    /// time it has to redeem once the client starts closing a lane. The
+    /// worker polls lanes below the redemption threshold for a close every
+    /// quarter of it (audit F6).
+    pub min_close_delay_s: u32,
+    /// How long a worker trusts its last on-chain read of a lane before
+    /// admission reads it again (audit F6).
+    pub lane_check_ttl_s: u64,
 }
 
 impl Default for PaymentsConfig {
@@ -119,6 +128,8 @@ impl Default for PaymentsConfig {
             timeout_s: 60,
             lane_amount: Coins(1_000_000_000),
             redeem_every_s: 60,
+            min_close_delay_s: 3_600,
+            lane_check_ttl_s: 30,
         }
     }
 }
@@ -220,6 +231,8 @@ pub struct Payments {
     /// Held while a lane is opened or topped up, so concurrent jobs to one
     /// worker send one on-chain message, not one each.
     lane_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Worker: what it last read about its clients' lanes.
+    watch: Arc<lane_watch::LaneWatch>,
 }
 
 impl std::fmt::Debug for Payments {
@@ -254,6 +267,7 @@ impl Payments {
             client: ClientBook::new(store.clone(), contract.clone()),
             worker: WorkerBook::new(store, wallet.address()),
             lane_lock: Arc::default(),
+            watch: Arc::default(),
             config,
             ledger,
             keys: Arc::new(keys),
@@ -386,10 +400,11 @@ impl Payments {
 
     /// Worker: decides whether to serve a job paid on lane `lane_id` of
     /// `contract` with cheques signed by `public_key`. A lane it has not
-    /// booked (or that looks used up) is read from the chain first: the
-    /// contract's key must be `public_key`, the lane must pay this worker
-    /// and be open. Then the work must stay within what the lane holds, and
-    /// the client's uncovered work within the configured credit.
+    /// booked, has not read from the chain for `lane_check_ttl_s`, or that
+    /// looks used up is read from the chain first (see
+    /// [`Payments::check_lane_on_chain`]). Then the work must stay within
+    /// what the lane holds, and the client's uncovered work within the
+    /// configured credit.
     pub async fn admit_client(
         &self,
         contract: &Address,
@@ -397,8 +412,13 @@ impl Payments {
         lane_id: u32,
     ) -> Result<()> {
         let booked = self.worker.lane(contract, lane_id)?;
+        let ttl = Duration::from_secs(self.config.lane_check_ttl_s);
         let lane = match booked {
-            Some(l) if l.computed < l.deposited => l,
+            Some(l)
+                if l.computed < l.deposited && self.watch.fresh(contract, lane_id, ttl) =>
+            {
+                l
+            }
             _ => {
                 self.check_lane_on_chain(contract, public_key, lane_id)
                     .await?
@@ -434,6 +454,22 @@ impl Payments {
         Ok(())
     }
 
+    /// Worker: reads lane `lane_id` of `contract` from the chain and books
+    /// it. Refused unless:
+    /// - the contract is silk's settlement code with honest initial data:
+    ///   its address is the one its owner, key, close delay and nonce give
+    ///   (audit F2; a forged storage or other code gives another address,
+    ///   and every later state came from the genuine code's own rules);
+    /// - its key is `public_key` and its close delay is at least
+    ///   `min_close_delay_s` (audit F6);
+    /// - its balance covers what its lanes hold (audit F2);
+    /// - the lane pays this worker and is neither closing nor finished. A
+    ///   closing lane with cheques not yet redeemed is redeemed on the next
+    ///   pass, whatever the threshold (audit F6).
+    ///
+    /// Faults that cannot change (forged contract, short delay, a lane of
+    /// another worker, a finished lane) are remembered for ten minutes, so
+    /// a peer naming such a lane again costs no chain read (audit F13).
     async fn check_lane_on_chain(
         &self,
         contract: &Address,
@@ -445,28 +481,76 @@ impl Payments {
             lane_id,
             reason,
         };
+        if let Some(why) = self.watch.refused(contract, lane_id) {
+            return Err(bad(why));
+        }
+        let refuse = |lane: Option<u32>, why: String| {
+            self.watch.refuse(contract, lane, &why);
+            bad(why)
+        };
         let state = ledger::settlement_state(&*self.ledger, contract)
             .await
             .map_err(|e| bad(format!("not a settlement contract on this ledger: {e}")))?;
+        let genuine = SettlementParams {
+            owner: state.owner.clone(),
+            public_key: state.public_key,
+            close_delay_s: state.close_delay_s,
+            nonce: state.nonce,
+        }
+        .address()?;
+        if &genuine != contract {
+            return Err(refuse(
+                None,
+                format!(
+                    "not silk's settlement contract: its owner, key, close delay and nonce give {genuine}, so its code or initial data are not the genuine ones"
+                ),
+            ));
+        }
         if &state.public_key != public_key {
             return Err(bad(
                 "the contract's key is not the one the cheques use".into()
             ));
         }
+        if state.close_delay_s < self.config.min_close_delay_s {
+            return Err(refuse(
+                None,
+                format!(
+                    "the contract's close delay is {} s; this worker needs at least {} s to redeem before a lane can be reclaimed",
+                    state.close_delay_s, self.config.min_close_delay_s
+                ),
+            ));
+        }
+        if state.balance < state.committed {
+            return Err(bad(format!(
+                "the contract holds {} nanoTON but its lanes hold {} nanoTON",
+                state.balance.nano(),
+                state.committed.nano()
+            )));
+        }
         let lane = ledger::settlement_lane(&*self.ledger, contract, lane_id)
             .await?
             .ok_or_else(|| bad("no such lane".into()))?;
         if lane.worker != self.wallet.address() {
+            return Err(refuse(
+                Some(lane_id),
+                format!("the lane pays {}, not this worker", lane.worker),
+            ));
+        }
+        if lane.finished {
+            return Err(refuse(Some(lane_id), "the lane is closed".into()));
+        }
+        if lane.closing_at != 0 {
+            self.watch.closing(contract, lane_id);
             return Err(bad(format!(
-                "the lane pays {}, not this worker",
-                lane.worker
+                "the lane is closing (the client may reclaim it at unix time {})",
+                lane.closing_at
             )));
         }
-        if lane.finished || lane.closing_at != 0 {
-            return Err(bad("the lane is closing or closed".into()));
-        }
-        self.worker
-            .register(contract, public_key, lane_id, lane.deposited)
+        let booked = self
+            .worker
+            .register(contract, public_key, lane_id, lane.deposited)?;
+        self.watch.checked(contract, lane_id);
+        Ok(booked)
     }
 
     /// Worker: a job on `lane_id` of `contract` that cost `prompt_tokens`
@@ -744,15 +828,49 @@ impl Payments {
         Ok(())
     }
 
-    /// Worker: redeems every lane whose unredeemed cheques reach `threshold`.
-    /// Idempotent after a crash: a lane the contract already paid is only
-    /// marked, not sent again. Each lane stands alone: one whose redemption
-    /// fails (a lane the client reclaimed, a contract that is gone or
-    /// aborts) is logged and left for the next pass, and the others are
-    /// still redeemed (audit F5). Returns the redemptions that succeeded.
+    /// Worker: redeems every lane whose unredeemed cheques reach
+    /// `threshold`, and every lane with unredeemed cheques that is closing,
+    /// whatever they amount to (audit F6): lanes seen closing at admission,
+    /// and lanes below the threshold polled for a close every quarter of
+    /// `min_close_delay_s`. Idempotent after a crash: a lane the contract
+    /// already paid is only marked, not sent again. Each lane stands alone:
+    /// one whose redemption fails (a lane the client reclaimed, a contract
+    /// that is gone or aborts) is logged and left for the next pass, and
+    /// the others are still redeemed (audit F5). Returns the redemptions
+    /// that succeeded.
     pub async fn redeem_with_threshold(&self, threshold: Coins) -> Result<Vec<Redemption>> {
+        let mut due = self.worker.due_for_redemption(threshold)?;
+        let poll_every = Duration::from_secs(u64::from(self.config.min_close_delay_s / 4).max(1));
+        for lane in self.worker.due_for_redemption(Coins(1))? {
+            if lane.unredeemed() >= threshold {
+                continue;
+            }
+            let (c, id) = (&lane.contract, lane.lane_id);
+            let closing = if self.watch.is_closing(c, id) {
+                true
+            } else if self.watch.poll_due(c, id, poll_every) {
+                self.watch.polled(c, id);
+                match ledger::settlement_lane(&*self.ledger, c, id).await {
+                    Ok(Some(l)) if l.closing_at != 0 && !l.finished => {
+                        self.watch.closing(c, id);
+                        true
+                    }
+                    Ok(_) => false,
+                    Err(e) => {
+                        tracing::warn!(contract = %c, lane = id, error = %e, "cannot read a lane's close state");
+                        false
+                    }
+                }
+            } else {
+                false
+            };
+            if closing {
+                tracing::info!(contract = %c, lane = id, unredeemed = lane.unredeemed().nano(), "the client is closing this lane; redeeming below the threshold");
+                due.push(lane);
+            }
+        }
         let mut done = Vec::new();
-        for lane in self.worker.due_for_redemption(threshold)? {
+        for lane in due {
             match self.redeem_lane(&lane).await {
                 Ok(Some(r)) => done.push(r),
                 Ok(None) => {}
