@@ -6,11 +6,15 @@
 //! outcomes (completed vs failed): 0.5 for a worker nobody has used, near 1
 //! for one that completes its jobs, near 0 for one that fails them. This
 //! gateway's own observations count in full. A report counts for at most
-//! [`REPORT_CAP`] jobs per worker, times the reporter's standing: its own
-//! score if it has served jobs (a worker that fails jobs is not trusted to
-//! judge others), else a neutral 0.5. A reporter's newer report replaces its
-//! older one, and nobody's report about itself counts. Own observations
-//! decay by [`DECAY`] at every report period, so old failures fade.
+//! [`REPORT_CAP`] jobs per worker, times the reporter's standing, which
+//! comes only from what this gateway saw the reporter do as a worker: its
+//! own score, scaled down until it has completed [`REPORT_CAP`] jobs here.
+//! A reporter this gateway never used has no standing, so its report is
+//! not even kept: fresh keys (Sybils) move no score and fill no table
+//! (audit F11). A reporter's newer report replaces its older one, nobody's
+//! report about itself counts, and a report not renewed for
+//! [`REPORT_MAX_AGE`] periods is dropped. Own observations decay by
+//! [`DECAY`] at every report period, so old failures fade.
 
 use std::collections::HashMap;
 
@@ -23,6 +27,8 @@ pub const REPORT_CAP: f64 = 10.0;
 pub const DECAY: f64 = 0.8;
 /// Most workers in one report.
 pub const MAX_ENTRIES: usize = 256;
+/// Report periods after which a reporter's last report stops counting.
+pub const REPORT_MAX_AGE: u32 = 10;
 /// Most reporters and most workers remembered.
 const MAX_TRACKED: usize = 4096;
 /// Scores under this rank a worker after every healthier one.
@@ -81,13 +87,25 @@ pub enum ReportError {
     /// Not newer than the reporter's last report.
     #[error("stale reputation report")]
     Stale,
+    /// The reporter has not served this gateway, so its word has no weight.
+    #[error("reputation report from a reporter without standing here")]
+    NoStanding,
+}
+
+/// A reporter's last report.
+#[derive(Debug, Clone)]
+struct Reported {
+    at_ms: u64,
+    /// Report periods since it came.
+    age: u32,
+    tallies: HashMap<PeerId, Tally>,
 }
 
 /// Reputation book of one gateway.
 #[derive(Debug, Default)]
 pub struct Reputation {
     own: HashMap<PeerId, Tally>,
-    reported: HashMap<PeerId, (u64, HashMap<PeerId, Tally>)>,
+    reported: HashMap<PeerId, Reported>,
 }
 
 impl Reputation {
@@ -104,12 +122,17 @@ impl Reputation {
         }
     }
 
-    /// Fades own observations (call once per report period).
+    /// Fades own observations and ages reports (call once per report
+    /// period); drops reports not renewed for [`REPORT_MAX_AGE`] periods.
     pub fn decay(&mut self) {
         for t in self.own.values_mut() {
             *t = t.scaled(DECAY);
         }
         self.own.retain(|_, t| t.total() >= 0.01);
+        for r in self.reported.values_mut() {
+            r.age = r.age.saturating_add(1);
+        }
+        self.reported.retain(|_, r| r.age < REPORT_MAX_AGE);
     }
 
     /// This gateway's own observations as a report, the most-used workers
@@ -137,12 +160,10 @@ impl Reputation {
         if report.entries.len() > MAX_ENTRIES {
             return Err(ReportError::Malformed("too many entries"));
         }
-        if let Some((at, _)) = self.reported.get(&reporter) {
-            if report.at_ms <= *at {
+        if let Some(prev) = self.reported.get(&reporter) {
+            if report.at_ms <= prev.at_ms {
                 return Err(ReportError::Stale);
             }
-        } else if self.reported.len() >= MAX_TRACKED {
-            return Ok(());
         }
         let mut tallies = HashMap::with_capacity(report.entries.len());
         for e in report.entries {
@@ -156,7 +177,19 @@ impl Reputation {
                 tallies.insert(worker, t);
             }
         }
-        self.reported.insert(reporter, (report.at_ms, tallies));
+        if self.standing(&reporter) <= 0.0 {
+            // Only reporters this gateway used are kept, so the table is
+            // bounded by `own`, which is capped.
+            return Err(ReportError::NoStanding);
+        }
+        self.reported.insert(
+            reporter,
+            Reported {
+                at_ms: report.at_ms,
+                age: 0,
+                tallies,
+            },
+        );
         Ok(())
     }
 
@@ -167,16 +200,21 @@ impl Reputation {
             .map(|t| (t.ok + 1.0) / (t.total() + 2.0))
     }
 
-    /// How much a reporter's word counts, 0 to 1.
+    /// How much a reporter's word counts, 0 to 1: its score as a worker
+    /// here, times the share of [`REPORT_CAP`] jobs it completed here; 0
+    /// for a reporter this gateway never used.
     fn standing(&self, reporter: &PeerId) -> f64 {
-        self.own_score(reporter).unwrap_or(0.5)
+        match (self.own_score(reporter), self.own.get(reporter)) {
+            (Some(score), Some(t)) => score * (t.ok / REPORT_CAP).min(1.0),
+            _ => 0.0,
+        }
     }
 
     /// The worker's score, 0 to 1 (0.5 when nothing is known).
     pub fn score(&self, worker: &PeerId) -> f64 {
         let mut t = self.own.get(worker).copied().unwrap_or_default();
-        for (reporter, (_, tallies)) in &self.reported {
-            if let Some(r) = tallies.get(worker) {
+        for (reporter, reported) in &self.reported {
+            if let Some(r) = reported.tallies.get(worker) {
                 let weight = self.standing(reporter) * (REPORT_CAP / r.total().max(REPORT_CAP));
                 t.ok += r.ok * weight;
                 t.failed += r.failed * weight;
@@ -246,9 +284,10 @@ mod tests {
             own: r.own.clone(),
             ..Reputation::default()
         };
-        by_failing
-            .absorb(failing, &report(1, &[(worker, 0.0, 1000.0)]))
-            .expect("absorb");
+        assert_eq!(
+            by_failing.absorb(failing, &report(1, &[(worker, 0.0, 1000.0)])),
+            Err(ReportError::NoStanding)
+        );
         let (t, f) = (by_trusted.score(&worker), by_failing.score(&worker));
         assert!(t < POOR, "{t}");
         assert!(f > t + 0.2, "{f} vs {t}");
@@ -270,9 +309,13 @@ mod tests {
     fn self_praise_and_garbage_do_not_count() {
         let worker = PeerId::random();
         let mut r = Reputation::default();
+        for _ in 0..10 {
+            r.record(worker, true);
+        }
+        let own = r.score(&worker);
         r.absorb(worker, &report(1, &[(worker, 1000.0, 0.0)]))
             .expect("absorb");
-        assert_eq!(r.score(&worker), 0.5);
+        assert_eq!(r.score(&worker), own);
         assert_eq!(r.absorb(worker, b"\xff\xff"), Err(ReportError::Undecodable));
         let nan = report(2, &[(PeerId::random(), f64::NAN, 0.0)]);
         assert!(matches!(
@@ -302,12 +345,53 @@ mod tests {
         let rep = r.report(7).expect("report");
         assert_eq!(rep.entries.len(), 1);
         let mut other = Reputation::default();
+        let reporter = PeerId::random();
+        for _ in 0..10 {
+            other.record(reporter, true);
+        }
         other
-            .absorb(
-                PeerId::random(),
-                &postcard::to_stdvec(&rep).expect("encode"),
-            )
+            .absorb(reporter, &postcard::to_stdvec(&rep).expect("encode"))
             .expect("absorb");
         assert!(other.score(&w) > 0.5);
+    }
+
+    /// Audit F11: a reporter this gateway had never seen had standing 0.5,
+    /// so N fresh keys landed about 5·N failures on any worker, and 4096
+    /// of them filled the reporter table for good. Now they have no
+    /// standing: nothing moves and nothing is kept.
+    #[test]
+    fn sybil_reporters_move_nothing_and_fill_nothing() {
+        let worker = PeerId::random();
+        let mut r = Reputation::default();
+        for _ in 0..3 {
+            r.record(worker, true);
+        }
+        let before = r.score(&worker);
+        for _ in 0..200 {
+            let sybil = PeerId::random();
+            assert_eq!(
+                r.absorb(sybil, &report(1, &[(worker, 0.0, 1000.0)])),
+                Err(ReportError::NoStanding)
+            );
+        }
+        assert_eq!(r.score(&worker), before);
+        assert!(r.reported.is_empty());
+    }
+
+    #[test]
+    fn a_report_not_renewed_stops_counting() {
+        let (worker, reporter) = (PeerId::random(), PeerId::random());
+        let mut r = Reputation::default();
+        for _ in 0..REPORT_CAP as usize {
+            r.record(reporter, true);
+        }
+        r.absorb(reporter, &report(1, &[(worker, 0.0, 10.0)]))
+            .expect("absorb");
+        assert!(r.score(&worker) < 0.5);
+        for _ in 0..REPORT_MAX_AGE {
+            r.decay();
+        }
+        assert!(r.reported.is_empty());
+        assert_eq!(r.score(&worker), 0.5);
     }
 }

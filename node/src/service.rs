@@ -717,7 +717,14 @@ impl Node {
                         Err(_) => return,
                     };
                     match taken {
-                        Err(e @ crate::reputation::ReportError::Stale) => {
+                        // Stale, from a reporter without standing here, or
+                        // in a format this version cannot read (version
+                        // skew, audit F15): not misbehaviour.
+                        Err(
+                            e @ (crate::reputation::ReportError::Stale
+                            | crate::reputation::ReportError::NoStanding
+                            | crate::reputation::ReportError::Undecodable),
+                        ) => {
                             tracing::trace!(%reporter, error = %e, "reputation report ignored")
                         }
                         Err(e) => {

@@ -510,7 +510,10 @@ async fn send_from(
         if txs.iter().any(|t| t.lt > tx.lt) {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{dest} never processed the message");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{dest} never processed the message"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -536,7 +539,10 @@ async fn a_contract_with_forged_storage_is_refused() {
     let attacker = open(dirs[0].path(), 41, &ledger);
     let worker = open(dirs[1].path(), 42, &ledger);
     devnet
-        .mint(&attacker.wallet_address(), Coins::from_ton(10).expect("ton"))
+        .mint(
+            &attacker.wallet_address(),
+            Coins::from_ton(10).expect("ton"),
+        )
         .expect("mint");
     let keys = Keys::from_seed([41; 32]);
     let params = SettlementParams {
@@ -547,17 +553,17 @@ async fn a_contract_with_forged_storage_is_refused() {
     };
     // The storage of the README's layout, with a lane nobody funded.
     let forged_lane = Coins::from_ton(1_000).expect("ton");
-    let lane_writer = |b: &mut CellBuilder,
-                       (worker, amount): (silk_chain::tonlib_core::TonAddress,
-                                          num_bigint::BigUint)|
-     -> Result<(), TonCellError> {
-        b.store_raw_address(&worker)?
-            .store_coins(&amount)?
-            .store_coins(&num_bigint::BigUint::ZERO)?
-            .store_u32(32, 0)?
-            .store_bit(false)?;
-        Ok(())
-    };
+    let lane_writer =
+        |b: &mut CellBuilder,
+         (worker, amount): (silk_chain::tonlib_core::TonAddress, num_bigint::BigUint)|
+         -> Result<(), TonCellError> {
+            b.store_raw_address(&worker)?
+                .store_coins(&amount)?
+                .store_coins(&num_bigint::BigUint::ZERO)?
+                .store_u32(32, 0)?
+                .store_bit(false)?;
+            Ok(())
+        };
     let mut lanes = HashMap::new();
     lanes.insert(
         1u32,
@@ -599,7 +605,10 @@ async fn a_contract_with_forged_storage_is_refused() {
     let e = worker.admit_client(&forged, &keys.public_key(), 1).await;
     match &e {
         Err(PaymentsError::BadClient { reason, .. }) => {
-            assert!(reason.contains("not silk's settlement contract"), "{reason}")
+            assert!(
+                reason.contains("not silk's settlement contract"),
+                "{reason}"
+            )
         }
         other => panic!("a forged contract was admitted: {other:?}"),
     }
@@ -608,7 +617,10 @@ async fn a_contract_with_forged_storage_is_refused() {
     cancel.cancel();
     producer.await.expect("producer");
     let again = worker.admit_client(&forged, &keys.public_key(), 1).await;
-    assert!(matches!(again, Err(PaymentsError::BadClient { .. })), "{again:?}");
+    assert!(
+        matches!(again, Err(PaymentsError::BadClient { .. })),
+        "{again:?}"
+    );
 }
 
 /// Audit F6, first half: a client whose contract lets it reclaim a lane at
@@ -710,7 +722,10 @@ async fn a_closing_lane_is_refused_and_redeemed_below_the_threshold() {
         let (cheque, cost) = client.after_job(&r, 1_000, 100, 100).expect("settle");
         w.on_cheque(&contract, &key, &cheque, 100, 100)
             .expect("accepted");
-        assert!(w.redeem_due().await.expect("pass").is_empty(), "below the threshold");
+        assert!(
+            w.redeem_due().await.expect("pass").is_empty(),
+            "below the threshold"
+        );
         send_from(
             &ledger,
             &Keys::from_seed([61; 32]),

@@ -69,6 +69,8 @@ pub struct OverlayConfig {
     pub ban_threshold: u32,
     /// How long a ban lasts.
     pub ban_duration: Duration,
+    /// A misbehaviour score loses one point per this interval.
+    pub misbehaviour_decay: Duration,
     /// Most established connections in total.
     pub max_connections: u32,
     /// Most established connections per peer.
@@ -83,6 +85,10 @@ pub struct OverlayConfig {
     pub idle_connection_timeout: Duration,
     /// Agent version sent through identify.
     pub agent_version: String,
+    /// Shifts this node's clock by this many milliseconds, to play a node
+    /// whose clock is off (tests only).
+    #[cfg(feature = "testing")]
+    pub clock_offset_ms: i64,
 }
 
 impl OverlayConfig {
@@ -111,6 +117,7 @@ impl OverlayConfig {
             ping_interval: Duration::from_secs(15),
             ban_threshold: 100,
             ban_duration: Duration::from_secs(60 * 60),
+            misbehaviour_decay: Duration::from_secs(30),
             max_connections: 512,
             max_connections_per_peer: 4,
             max_tracked_peers: 8192,
@@ -118,6 +125,8 @@ impl OverlayConfig {
             event_buffer: 1024,
             idle_connection_timeout: Duration::from_secs(120),
             agent_version: format!("silk-overlay/{}", env!("CARGO_PKG_VERSION")),
+            #[cfg(feature = "testing")]
+            clock_offset_ms: 0,
         }
     }
 

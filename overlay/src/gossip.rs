@@ -208,11 +208,22 @@ struct Bucket {
     last: Instant,
 }
 
+/// The latest valid announcement of a peer and when it arrived.
+#[derive(Clone, Debug)]
+struct Latest {
+    announcement: Announcement,
+    received: Instant,
+}
+
 /// Validation state: the latest valid announcement per peer, per-origin rate
-/// limits. Every map is capped at `max_peers`.
+/// limits. Every map is capped at `max_peers`; once full, a newcomer takes
+/// the place of the entry heard from least recently (never this node's
+/// own), so peers that flooded the table and went quiet cannot keep a new
+/// worker out (audit F15).
 #[derive(Debug)]
 pub(crate) struct GossipBook {
-    latest: HashMap<PeerId, Announcement>,
+    me: PeerId,
+    latest: HashMap<PeerId, Latest>,
     buckets: HashMap<PeerId, Bucket>,
     max_peers: usize,
     max_announcement_size: usize,
@@ -225,6 +236,7 @@ pub(crate) struct GossipBook {
 impl GossipBook {
     pub(crate) fn new(config: &crate::OverlayConfig) -> Self {
         Self {
+            me: config.keypair.public().to_peer_id(),
             latest: HashMap::new(),
             buckets: HashMap::new(),
             max_peers: config.max_tracked_peers,
@@ -265,17 +277,22 @@ impl GossipBook {
             ));
         }
         if let Some(prev) = self.latest.get(&claimed.peer_id) {
-            if claimed.seq <= prev.seq {
+            if claimed.seq <= prev.announcement.seq {
                 // Duplicates reach us over several paths and re-publications
                 // for late joiners repeat the same seq: not misbehaviour.
                 return Verdict::Ignore("sequence number not newer than the last seen");
             }
         }
+        // Time checks depend on this node's clock and on how long the
+        // message took to get here: an announcement valid at the previous
+        // hop may have expired since, and a node whose clock is off would
+        // see every honest one as invalid. Not proof of misbehaviour, so
+        // ignored, never rejected (audit F15).
         if claimed.expires_at_ms <= now_ms {
-            return Verdict::Reject("expired announcement".into());
+            return Verdict::Ignore("expired announcement");
         }
         if claimed.expires_at_ms > now_ms.saturating_add(self.max_ttl_ms) {
-            return Verdict::Reject("announcement expires too far in the future".into());
+            return Verdict::Ignore("announcement expires too far in the future");
         }
         let announcement = match envelope.verify_announcement() {
             Ok(a) => a,
@@ -284,11 +301,16 @@ impl GossipBook {
         if !self.take_token(announcement.peer_id, now) {
             return Verdict::Ignore("rate limit");
         }
-        if !self.latest.contains_key(&announcement.peer_id) && !self.make_room(now_ms) {
-            return Verdict::Ignore("announcement table full");
+        if !self.latest.contains_key(&announcement.peer_id) {
+            self.make_room(now_ms);
         }
-        self.latest
-            .insert(announcement.peer_id, announcement.clone());
+        self.latest.insert(
+            announcement.peer_id,
+            Latest {
+                announcement: announcement.clone(),
+                received: now,
+            },
+        );
         Verdict::Accept(announcement)
     }
 
@@ -321,19 +343,26 @@ impl GossipBook {
 
     /// Records our own announcement (gossipsub does not deliver own messages).
     pub(crate) fn insert_own(&mut self, announcement: Announcement) {
-        self.latest.insert(announcement.peer_id, announcement);
+        self.latest.insert(
+            announcement.peer_id,
+            Latest {
+                announcement,
+                received: Instant::now(),
+            },
+        );
     }
 
     /// The latest seq seen from `peer`.
     #[cfg(test)]
     pub(crate) fn last_seq(&self, peer: &PeerId) -> Option<u64> {
-        self.latest.get(peer).map(|a| a.seq)
+        self.latest.get(peer).map(|l| l.announcement.seq)
     }
 
     /// Unexpired announcements.
     pub(crate) fn current(&self, now_ms: u64) -> Vec<Announcement> {
         self.latest
             .values()
+            .map(|l| &l.announcement)
             .filter(|a| a.expires_at_ms > now_ms)
             .cloned()
             .collect()
@@ -341,23 +370,49 @@ impl GossipBook {
 
     /// Drops expired announcements and idle buckets.
     pub(crate) fn prune(&mut self, now_ms: u64, now: Instant) {
-        self.latest.retain(|_, a| a.expires_at_ms > now_ms);
+        self.latest
+            .retain(|_, l| l.announcement.expires_at_ms > now_ms);
         let full_after = self.period.mul_f64(self.burst);
         self.buckets
             .retain(|_, b| now.saturating_duration_since(b.last) < full_after);
     }
 
-    fn make_room(&mut self, now_ms: u64) -> bool {
+    /// Makes room for one more announcement: drops expired ones, then the
+    /// one heard from least recently (not this node's own).
+    fn make_room(&mut self, now_ms: u64) {
         if self.latest.len() < self.max_peers {
-            return true;
+            return;
         }
-        self.latest.retain(|_, a| a.expires_at_ms > now_ms);
-        self.latest.len() < self.max_peers
+        self.latest
+            .retain(|_, l| l.announcement.expires_at_ms > now_ms);
+        if self.latest.len() < self.max_peers {
+            return;
+        }
+        let me = self.me;
+        if let Some(stalest) = self
+            .latest
+            .iter()
+            .filter(|(p, _)| **p != me)
+            .min_by_key(|(_, l)| l.received)
+            .map(|(p, _)| *p)
+        {
+            self.latest.remove(&stalest);
+        }
     }
 
     fn take_token(&mut self, peer: PeerId, now: Instant) -> bool {
         if !self.buckets.contains_key(&peer) && self.buckets.len() >= self.max_peers {
-            return false;
+            // The bucket used least recently goes: a peer that comes back
+            // after that starts full, which a full bucket also is once it
+            // has been idle for `burst` periods.
+            if let Some(idlest) = self
+                .buckets
+                .iter()
+                .min_by_key(|(_, b)| b.last)
+                .map(|(p, _)| *p)
+            {
+                self.buckets.remove(&idlest);
+            }
         }
         let (burst, period) = (self.burst, self.period);
         let bucket = self.buckets.entry(peer).or_insert(Bucket {
@@ -468,13 +523,21 @@ mod tests {
             book.check_announcement(me, &tampered, NOW_MS, now),
             Verdict::Reject(_)
         ));
-        // Expired.
+        // Expired, or too far ahead: this node's clock decides, so the
+        // message is dropped without blaming whoever relayed it (F15;
+        // these were rejections before).
         let mut old = announcement(&kp, 2);
         old.expires_at_ms = NOW_MS - 1;
-        assert!(matches!(
+        assert_eq!(
             book.check_announcement(me, &wire(&kp, &old), NOW_MS, now),
-            Verdict::Reject(_)
-        ));
+            Verdict::Ignore("expired announcement")
+        );
+        let mut ahead = announcement(&kp, 3);
+        ahead.expires_at_ms = NOW_MS + 3_600_000;
+        assert_eq!(
+            book.check_announcement(me, &wire(&kp, &ahead), NOW_MS, now),
+            Verdict::Ignore("announcement expires too far in the future")
+        );
         // Garbage.
         assert!(matches!(
             book.check_announcement(me, b"\xff\x00junk", NOW_MS, now),
@@ -507,5 +570,50 @@ mod tests {
             book.check_announcement(me, &a, NOW_MS, later),
             Verdict::Accept(_)
         ));
+    }
+
+    /// Audit F15: once Sybils filled the announcement table (and the rate
+    /// buckets), every new worker was ignored with "announcement table
+    /// full" (or "rate limit") until their entries expired. Now the entry
+    /// heard from least recently makes room, and this node's own stays.
+    #[test]
+    fn a_full_table_makes_room_for_a_newcomer_by_dropping_the_stalest() {
+        let own = identity::Keypair::ed25519_from_bytes([9u8; 32]).expect("key");
+        let mut config = crate::OverlayConfig::new(own.clone(), Vec::new());
+        config.max_tracked_peers = 4;
+        let mut book = GossipBook::new(&config);
+        let t0 = Instant::now();
+        book.insert_own(announcement(&own, 1));
+        let sybils: Vec<_> = (0..3u8)
+            .map(|i| identity::Keypair::ed25519_from_bytes([20 + i; 32]).expect("key"))
+            .collect();
+        for (i, kp) in sybils.iter().enumerate() {
+            let at = t0 + Duration::from_millis(10 * (i as u64 + 1));
+            let a = wire(kp, &announcement(kp, 1));
+            assert!(matches!(
+                book.check_announcement(Some(kp.public().to_peer_id()), &a, NOW_MS, at),
+                Verdict::Accept(_)
+            ));
+        }
+        // Full (own + 3). The first Sybil refreshes, so the second is stalest.
+        let refresh = wire(&sybils[0], &announcement(&sybils[0], 2));
+        let t1 = t0 + Duration::from_millis(100);
+        assert!(matches!(
+            book.check_announcement(Some(sybils[0].public().to_peer_id()), &refresh, NOW_MS, t1),
+            Verdict::Accept(_)
+        ));
+        let newcomer = identity::Keypair::ed25519_from_bytes([40u8; 32]).expect("key");
+        let a = wire(&newcomer, &announcement(&newcomer, 1));
+        let t2 = t0 + Duration::from_millis(200);
+        assert!(matches!(
+            book.check_announcement(Some(newcomer.public().to_peer_id()), &a, NOW_MS, t2),
+            Verdict::Accept(_)
+        ));
+        assert_eq!(book.latest.len(), 4);
+        assert_eq!(book.last_seq(&newcomer.public().to_peer_id()), Some(1));
+        assert_eq!(book.last_seq(&own.public().to_peer_id()), Some(1));
+        assert_eq!(book.last_seq(&sybils[1].public().to_peer_id()), None);
+        assert_eq!(book.last_seq(&sybils[0].public().to_peer_id()), Some(2));
+        assert!(book.buckets.len() <= 4);
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Every offence adds its [`Misbehaviour::penalty`] to the peer's score; at
 //! `ban_threshold` the overlay task disconnects the peer, blocks it and
-//! blacklists it in gossipsub until the ban expires. Gossip offences are also
+//! blacklists it in gossipsub until the ban expires. A score loses one
+//! point every `misbehaviour_decay`, so rare offences (a glitch, a version
+//! skew) never add up to a ban (audit F15). Gossip offences are also
 //! reported to gossipsub's own peer scoring, which stops meshing with the peer.
 
 use std::{
@@ -76,37 +78,74 @@ pub(crate) enum Outcome {
     Ban(u32),
 }
 
+/// A score and when it was last brought up to date.
+#[derive(Clone, Copy, Debug)]
+struct Score {
+    points: u32,
+    at: Instant,
+}
+
 /// Scores and bans, each map capped.
 #[derive(Debug)]
 pub(crate) struct PeerPolicy {
-    scores: HashMap<PeerId, u32>,
+    scores: HashMap<PeerId, Score>,
     bans: HashMap<PeerId, Instant>,
     threshold: u32,
     ban_duration: Duration,
+    /// One point is forgiven per this interval.
+    decay: Duration,
     max_peers: usize,
 }
 
 impl PeerPolicy {
-    pub(crate) fn new(threshold: u32, ban_duration: Duration, max_peers: usize) -> Self {
+    pub(crate) fn new(
+        threshold: u32,
+        ban_duration: Duration,
+        decay: Duration,
+        max_peers: usize,
+    ) -> Self {
         Self {
             scores: HashMap::new(),
             bans: HashMap::new(),
             threshold,
             ban_duration,
+            decay,
             max_peers,
         }
+    }
+
+    /// `score` after the decay up to `now`.
+    fn decayed(&self, score: Score, now: Instant) -> u32 {
+        if self.decay.is_zero() {
+            return score.points;
+        }
+        let forgiven = now.saturating_duration_since(score.at).as_nanos() / self.decay.as_nanos();
+        score
+            .points
+            .saturating_sub(u32::try_from(forgiven).unwrap_or(u32::MAX))
     }
 
     pub(crate) fn record(&mut self, peer: PeerId, offence: &Misbehaviour, now: Instant) -> Outcome {
         if !self.scores.contains_key(&peer) && self.scores.len() >= self.max_peers {
             // Forget the mildest offender to stay bounded.
-            if let Some(mildest) = self.scores.iter().min_by_key(|(_, s)| **s).map(|(p, _)| *p) {
+            if let Some(mildest) = self
+                .scores
+                .iter()
+                .min_by_key(|(_, s)| self.decayed(**s, now))
+                .map(|(p, _)| *p)
+            {
                 self.scores.remove(&mildest);
             }
         }
-        let score = self.scores.entry(peer).or_insert(0);
-        *score = score.saturating_add(offence.penalty());
-        let score = *score;
+        let before = self.scores.get(&peer).map_or(0, |s| self.decayed(*s, now));
+        let score = before.saturating_add(offence.penalty());
+        self.scores.insert(
+            peer,
+            Score {
+                points: score,
+                at: now,
+            },
+        );
         if score >= self.threshold && !self.bans.contains_key(&peer) {
             if self.bans.len() >= self.max_peers {
                 // Keep the newest bans: drop the one that ends first.
@@ -121,7 +160,9 @@ impl PeerPolicy {
     }
 
     pub(crate) fn score(&self, peer: &PeerId) -> u32 {
-        self.scores.get(peer).copied().unwrap_or(0)
+        self.scores
+            .get(peer)
+            .map_or(0, |s| self.decayed(*s, Instant::now()))
     }
 
     pub(crate) fn is_banned(&self, peer: &PeerId) -> bool {
@@ -150,7 +191,7 @@ mod tests {
 
     #[test]
     fn bans_at_threshold_and_lifts_later() {
-        let mut policy = PeerPolicy::new(50, Duration::from_secs(10), 16);
+        let mut policy = PeerPolicy::new(50, Duration::from_secs(10), Duration::ZERO, 16);
         let peer = PeerId::random();
         let t0 = Instant::now();
         assert_eq!(
@@ -173,11 +214,36 @@ mod tests {
 
     #[test]
     fn stays_bounded() {
-        let mut policy = PeerPolicy::new(1000, Duration::from_secs(10), 4);
+        let mut policy = PeerPolicy::new(1000, Duration::from_secs(10), Duration::ZERO, 4);
         let now = Instant::now();
         for _ in 0..100 {
             policy.record(PeerId::random(), &Misbehaviour::InvalidGossip, now);
         }
         assert!(policy.scores.len() <= 4);
+    }
+
+    /// Audit F15: scores never decayed, so an honest peer's rare offences
+    /// (five over any span of time) added up to a ban. Now a point is
+    /// forgiven per `decay`.
+    #[test]
+    fn scores_decay_so_rare_offences_never_ban() {
+        let mut policy =
+            PeerPolicy::new(100, Duration::from_secs(3600), Duration::from_secs(1), 16);
+        let peer = PeerId::random();
+        let t0 = Instant::now();
+        for i in 0..10u64 {
+            let at = t0 + Duration::from_secs(30 * i);
+            assert!(matches!(
+                policy.record(peer, &Misbehaviour::InvalidGossip, at),
+                Outcome::Scored(20)
+            ));
+        }
+        assert!(!policy.is_banned(&peer));
+        // A burst still bans.
+        let later = t0 + Duration::from_secs(1000);
+        let outcomes: Vec<_> = (0..5)
+            .map(|_| policy.record(peer, &Misbehaviour::InvalidGossip, later))
+            .collect();
+        assert_eq!(outcomes.last(), Some(&Outcome::Ban(100)), "{outcomes:?}");
     }
 }

@@ -309,6 +309,7 @@ impl Overlay {
             policy: PeerPolicy::new(
                 config.ban_threshold,
                 config.ban_duration,
+                config.misbehaviour_decay,
                 config.max_tracked_peers,
             ),
             peers: HashMap::new(),
@@ -317,6 +318,8 @@ impl Overlay {
             unsent: false,
             republish_every: config.announce_republish_interval,
             last_published: Instant::now(),
+            #[cfg(feature = "testing")]
+            clock_offset_ms: config.clock_offset_ms,
             provide_queries: HashMap::new(),
             provider_queries: HashMap::new(),
             attest_requests: HashMap::new(),
@@ -447,6 +450,8 @@ struct EventLoop {
     republish_every: Duration,
     /// When our announcement last went out.
     last_published: Instant,
+    #[cfg(feature = "testing")]
+    clock_offset_ms: i64,
     provide_queries: HashMap<kad::QueryId, Reply<()>>,
     provider_queries: HashMap<kad::QueryId, ProviderQuery>,
     attest_requests: HashMap<request_response::OutboundRequestId, (PeerId, Reply<Vec<u8>>)>,
@@ -496,8 +501,21 @@ impl EventLoop {
         }
     }
 
+    /// Unix milliseconds on this node's clock (shifted in tests that play a
+    /// node whose clock is off).
+    fn now_ms(&self) -> u64 {
+        #[cfg(feature = "testing")]
+        {
+            unix_ms().saturating_add_signed(self.clock_offset_ms)
+        }
+        #[cfg(not(feature = "testing"))]
+        {
+            unix_ms()
+        }
+    }
+
     fn on_tick(&mut self) {
-        let now_ms = unix_ms();
+        let now_ms = self.now_ms();
         let now = Instant::now();
         self.book.prune(now_ms, now);
         for peer in self.policy.expired_bans(now) {
@@ -660,7 +678,7 @@ impl EventLoop {
                 let _ = reply.send(self.announce(announcement));
             }
             Command::Announcements { reply } => {
-                let _ = reply.send(self.book.current(unix_ms()));
+                let _ = reply.send(self.book.current(self.now_ms()));
             }
             Command::PublishReputation { report, reply } => {
                 let _ = reply.send(self.publish_reputation(report));
@@ -946,7 +964,7 @@ impl EventLoop {
                 message_id,
                 message,
             } => {
-                let now_ms = unix_ms();
+                let now_ms = self.now_ms();
                 let now = Instant::now();
                 let verdict = if message.topic == self.announce_topic.hash() {
                     match self
@@ -986,8 +1004,14 @@ impl EventLoop {
                         tracing::trace!(source = ?message.source, reason, "gossip message ignored");
                     }
                     Verdict::Reject(reason) => {
-                        tracing::debug!(from = %propagation_source, %reason, "gossip message rejected");
-                        self.offend(propagation_source, Misbehaviour::InvalidGossip);
+                        // Every message is signed by its author (strict
+                        // validation), and what is left to reject after the
+                        // time checks became ignores is the author's own
+                        // content: blame the author, not the relay that
+                        // passed it on (audit F15).
+                        let author = message.source.unwrap_or(propagation_source);
+                        tracing::debug!(%author, from = %propagation_source, %reason, "gossip message rejected");
+                        self.offend(author, Misbehaviour::InvalidGossip);
                     }
                 }
             }

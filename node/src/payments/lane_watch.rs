@@ -111,8 +111,10 @@ impl LaneWatch {
             g.refused.retain(|_, (t, _)| t.elapsed() < REFUSED_FOR);
         }
         if g.refused.len() < MAX_REFUSED {
-            g.refused
-                .insert((contract.clone(), lane_id), (Instant::now(), why.to_string()));
+            g.refused.insert(
+                (contract.clone(), lane_id),
+                (Instant::now(), why.to_string()),
+            );
         }
     }
 }

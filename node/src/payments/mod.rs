@@ -414,11 +414,7 @@ impl Payments {
         let booked = self.worker.lane(contract, lane_id)?;
         let ttl = Duration::from_secs(self.config.lane_check_ttl_s);
         let lane = match booked {
-            Some(l)
-                if l.computed < l.deposited && self.watch.fresh(contract, lane_id, ttl) =>
-            {
-                l
-            }
+            Some(l) if l.computed < l.deposited && self.watch.fresh(contract, lane_id, ttl) => l,
             _ => {
                 self.check_lane_on_chain(contract, public_key, lane_id)
                     .await?

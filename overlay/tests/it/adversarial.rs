@@ -4,8 +4,8 @@ use futures::AsyncWriteExt;
 use silk_overlay::{
     gossip::ANNOUNCE_TOPIC,
     testing::{
-        raw_request_frame, read_raw_job_frame, seeded_keypair, spawn_mesh, wait_until_connected,
-        wait_until_converged, worker_announcement,
+        local_config, raw_request_frame, read_raw_job_frame, seeded_keypair, spawn_local,
+        spawn_mesh, wait_until_connected, wait_until_converged, worker_announcement,
     },
     JobErrorCode, JobFrame, Misbehaviour, OverlayEvent, SignedEnvelope, JOB_WIRE_VERSION,
 };
@@ -329,4 +329,65 @@ async fn one_peer_cannot_hold_every_job_slot_and_silence_is_misbehaviour() {
         }
     })
     .await;
+}
+
+/// Audit F15: a node whose clock runs six minutes fast sees every honest
+/// announcement (valid for five) as expired. It rejected them and
+/// penalised whoever passed them on, so after five announcements it
+/// banned its honest neighbours and cut itself off. Now it ignores them:
+/// nobody's score moves, the connections stay, and an announcement that
+/// is valid by its clock still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_fast_clock_blames_nobody_for_expired_announcements() {
+    init_tracing();
+    // A (worker) and B (relay) are honest; C's clock is six minutes fast.
+    let nodes = spawn_mesh(2, 8_500).await.expect("spawn mesh");
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut config = local_config(seeded_keypair(8_502));
+    config.bootstrap = vec![a.addr.clone()];
+    config.clock_offset_ms = 6 * 60 * 1000;
+    let c = spawn_local(config).await.expect("spawn C");
+    for peer in [a.peer_id, b.peer_id] {
+        wait_until_connected(&c.handle, peer, WAIT)
+            .await
+            .expect("C connected");
+    }
+    wait_until_connected(&b.handle, a.peer_id, WAIT)
+        .await
+        .expect("B connected");
+
+    for seq in 1..=6 {
+        a.handle
+            .announce(worker_announcement(a.peer_id, seq, &["honest"]))
+            .await
+            .expect("announce");
+    }
+    // Valid by C's clock too (and within B's ten-minute limit).
+    let mut marker = worker_announcement(a.peer_id, 7, &["marker"]);
+    marker.expires_at_ms += 3 * 60 * 1000;
+    a.handle.announce(marker).await.expect("announce");
+    eventually("C to take the announcement valid by its clock", || async {
+        let known = c.handle.announcements().await.ok()?;
+        known
+            .iter()
+            .any(|x| x.peer_id == a.peer_id && x.seq == 7)
+            .then_some(())
+    })
+    .await;
+    // Let anything still in flight land before looking at the scores.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for peer in [a.peer_id, b.peer_id] {
+        assert_eq!(
+            c.handle.misbehaviour_score(peer).await.expect("score"),
+            0,
+            "C blamed {peer} for announcements its own clock made expired"
+        );
+    }
+    let peers = c.handle.peers().await.expect("peers");
+    for peer in [a.peer_id, b.peer_id] {
+        assert!(
+            peers.iter().any(|p| p.peer_id == peer),
+            "C lost its connection to {peer}: {peers:?}"
+        );
+    }
 }
