@@ -76,6 +76,11 @@ pub enum Clock {
     },
 }
 
+/// The devnet's global id (configuration parameter 19). Neither the TON
+/// mainnet's (-239) nor its testnet's (-3), so a contract made on a devnet
+/// never has the address of one made on a real network (audit F18).
+pub const DEVNET_GLOBAL_ID: i32 = 0x5e1c;
+
 /// Devnet settings.
 #[derive(Clone, Debug)]
 pub struct DevnetConfig {
@@ -223,7 +228,10 @@ fn system_now() -> u32 {
 
 fn parsed_config() -> Result<ParsedConfig> {
     let mut config: BlockchainConfig = BocRepr::decode(CONFIG_BOC).map_err(tycho_err)?;
-    config.params.set_global_id(-239).map_err(tycho_err)?;
+    config
+        .params
+        .set_global_id(DEVNET_GLOBAL_ID)
+        .map_err(tycho_err)?;
     config
         .params
         .set_size_limits(&ParsedConfig::DEFAULT_SIZE_LIMITS_CONFIG)
@@ -754,6 +762,10 @@ fn from_vm_value(v: &RcStackValue) -> Result<StackValue> {
 impl Ledger for Devnet {
     async fn send_message(&self, boc: &[u8]) -> Result<[u8; 32]> {
         self.send_message_sync(boc)
+    }
+
+    async fn global_id(&self) -> Result<i32> {
+        Ok(DEVNET_GLOBAL_ID)
     }
 
     async fn run_get_method(

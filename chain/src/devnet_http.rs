@@ -14,8 +14,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use num_bigint::BigInt;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -71,7 +71,16 @@ pub async fn serve(devnet: Devnet, listener: TcpListener, cancel: CancellationTo
     }
 }
 
-async fn handle(devnet: Devnet, mut sock: TcpStream) -> Result<()> {
+/// Answers one request as [`serve`] does a connection's: `request` is what
+/// the client wrote (HTTP head and body), the result is what the server
+/// writes back. In process, for the fuzz targets (`fuzz/`) and tests.
+pub async fn answer(devnet: &Devnet, request: &[u8]) -> Result<Vec<u8>> {
+    let mut response = Vec::new();
+    handle(devnet.clone(), tokio::io::join(request, &mut response)).await?;
+    Ok(response)
+}
+
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(devnet: Devnet, mut sock: S) -> Result<()> {
     let request = tokio::time::timeout(READ_TIMEOUT, read_request(&mut sock))
         .await
         .map_err(|_| Error::Ledger(format!("no whole request within {READ_TIMEOUT:?}")))??;
@@ -108,7 +117,7 @@ enum Request {
     TooLarge,
 }
 
-async fn read_request(sock: &mut TcpStream) -> Result<Request> {
+async fn read_request<R: AsyncRead + Unpin>(sock: &mut R) -> Result<Request> {
     let io = |e: std::io::Error| Error::Ledger(format!("devnet server: {e}"));
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -148,7 +157,7 @@ async fn read_request(sock: &mut TcpStream) -> Result<Request> {
     ))
 }
 
-async fn respond(sock: &mut TcpStream, status: u16, body: &Value) -> Result<()> {
+async fn respond<W: AsyncWrite + Unpin>(sock: &mut W, status: u16, body: &Value) -> Result<()> {
     let text = body.to_string();
     let reason = if status == 200 { "OK" } else { "Error" };
     let resp = format!(
@@ -264,6 +273,21 @@ async fn dispatch(devnet: &Devnet, req: &Value) -> Result<Value> {
             Ok(
                 json!({ "@type": "smc.runResult", "gas_used": 0, "exit_code": out.exit_code, "stack": stack_to_json(&out.stack)? }),
             )
+        }
+        "getConfigParam" => {
+            let id = req["params"]["config_id"]
+                .as_u64()
+                .ok_or_else(|| Error::Ledger("params.config_id must be a number".into()))?;
+            if id != 19 {
+                return Err(Error::Ledger(format!(
+                    "the devnet serves configuration parameter 19 only, not {id}"
+                )));
+            }
+            let cell = crate::ledger::global_id_param(devnet.global_id().await?)?;
+            Ok(json!({
+                "@type": "configInfo",
+                "config": { "@type": "tvm.cell", "bytes": b64().encode(to_boc(&cell)?) },
+            }))
         }
         "getAddressInformation" => {
             let address = param_address(req)?;

@@ -168,6 +168,12 @@ pub trait Ledger: Send + Sync {
     /// The account's latest transactions, newest first, at most `limit`.
     async fn transactions(&self, address: &Address, limit: usize) -> Result<Vec<TxInfo>>;
 
+    /// The network's global id (configuration parameter 19): -239 on the
+    /// TON mainnet, -3 on its testnet, [`crate::devnet::DEVNET_GLOBAL_ID`]
+    /// on a devnet. Settlement contracts carry it in their nonce, so a
+    /// cheque on one network is worthless on another (audit F18).
+    async fn global_id(&self) -> Result<i32>;
+
     /// Waits until `address` has processed the message whose cell hash is
     /// `msg_hash`, and returns that transaction. Polls
     /// [`Ledger::transactions`] by default.
@@ -326,4 +332,20 @@ pub async fn settlement_lanes(
     let mut lanes: Vec<(u32, LaneState)> = map.into_iter().collect();
     lanes.sort_by_key(|(id, _)| *id);
     Ok(lanes)
+}
+
+/// Reads configuration parameter 19 (`_ global_id:int32 = ConfigParam 19`)
+/// from its cell.
+pub fn global_id_from_param(cell: &ArcCell) -> Result<i32> {
+    cell.parser()
+        .load_i32(32)
+        .map_err(|e| Error::Ledger(format!("config parameter 19 is not a global id: {e}")))
+}
+
+/// The cell of configuration parameter 19 for `global_id`.
+pub fn global_id_param(global_id: i32) -> Result<ArcCell> {
+    Ok(tonlib_core::cell::CellBuilder::new()
+        .store_i32(32, global_id)?
+        .build()?
+        .to_arc())
 }

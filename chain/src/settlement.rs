@@ -121,6 +121,20 @@ impl SettlementParams {
     }
 }
 
+/// The nonce of a client's contract on the network `global_id`: the
+/// network in the high 32 bits, the client's own `nonce` in the low ones.
+/// The contract's address, which every cheque names, then differs from one
+/// network to another, so a cheque signed on a devnet or the testnet is
+/// worthless on the mainnet even for the same keys (audit F18).
+pub fn network_nonce(global_id: i32, nonce: u32) -> u64 {
+    (u64::from(global_id as u32) << 32) | u64::from(nonce)
+}
+
+/// The network a [`network_nonce`] names.
+pub fn nonce_network(nonce: u64) -> i32 {
+    (nonce >> 32) as u32 as i32
+}
+
 /// One entry of an OpenLanes message: allocate `amount` more to lane
 /// `lane_id`, which pays `worker`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -255,6 +269,25 @@ mod tests {
     fn embedded_code_matches_its_recorded_hash() {
         let code = settlement_code().unwrap();
         assert_eq!(hex::encode(cell_hash(&code)), settlement_code_hash_hex());
+    }
+
+    #[test]
+    fn the_network_goes_into_the_nonce_and_the_address() {
+        for id in [-239, -3, 0x5e1c, 0, i32::MIN, i32::MAX] {
+            let n = network_nonce(id, 7);
+            assert_eq!(nonce_network(n), id);
+            assert_eq!(n & 0xffff_ffff, 7);
+        }
+        let params = |global_id| SettlementParams {
+            owner: Address::new(0, [1; 32]),
+            public_key: [2; 32],
+            close_delay_s: 86_400,
+            nonce: network_nonce(global_id, 1),
+        };
+        assert_ne!(
+            params(-239).address().unwrap(),
+            params(-3).address().unwrap()
+        );
     }
 
     #[test]

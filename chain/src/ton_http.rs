@@ -203,6 +203,16 @@ fn serialize_stack_entry(v: &StackValue) -> Result<Value> {
 
 #[async_trait::async_trait]
 impl Ledger for TonHttp {
+    async fn global_id(&self) -> Result<i32> {
+        const M: &str = "getConfigParam";
+        let r = self.call(M, json!({ "config_id": 19 })).await?;
+        let bytes = r["config"]["bytes"]
+            .as_str()
+            .ok_or_else(|| api_err(M, format!("no config.bytes in {r}")))?;
+        let cell = from_boc(&b64().decode(bytes).map_err(|e| api_err(M, e))?)?;
+        crate::ledger::global_id_from_param(&cell)
+    }
+
     async fn send_message(&self, boc: &[u8]) -> Result<[u8; 32]> {
         let cell = from_boc(boc)?;
         self.call("sendBoc", json!({ "boc": b64().encode(boc) }))

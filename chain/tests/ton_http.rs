@@ -408,6 +408,11 @@ async fn ton_http_drives_a_devnet_served_over_http() {
 
     let api = TonHttp::new(TonHttpConfig::new(endpoint)).expect("client");
     let l: &dyn Ledger = &api;
+    // getConfigParam 19, as toncenter serves it, names the devnet.
+    assert_eq!(
+        l.global_id().await.expect("global id"),
+        silk_chain::devnet::DEVNET_GLOBAL_ID
+    );
     let deploy = OutMessage {
         dest: contract.clone(),
         value: Coins::from_ton(10).expect("c"),

@@ -146,6 +146,7 @@ async fn a_gateway_pays_only_for_what_it_received_and_drops_stalled_jobs() {
         ..PaymentsConfig::default()
     };
     let payments = Payments::open(dir.path(), config.clone(), ledger, Keys::from_seed([3; 32]))
+        .await
         .expect("payments");
     devnet
         .mint(

@@ -24,8 +24,10 @@ fn config() -> PaymentsConfig {
     }
 }
 
-fn open(dir: &Path, seed: u8, ledger: &Arc<dyn Ledger>) -> Payments {
-    Payments::open(dir, config(), ledger.clone(), Keys::from_seed([seed; 32])).expect("payments")
+async fn open(dir: &Path, seed: u8, ledger: &Arc<dyn Ledger>) -> Payments {
+    Payments::open(dir, config(), ledger.clone(), Keys::from_seed([seed; 32]))
+        .await
+        .expect("payments")
 }
 
 /// xorshift64*: deterministic job sizes without a dependency.
@@ -47,12 +49,14 @@ async fn two_clients_four_workers_hundreds_of_jobs_then_exact_redemptions() {
     let ledger: Arc<dyn Ledger> = Arc::new(devnet.clone());
     let dirs: Vec<tempfile::TempDir> = (0..6).map(|_| tempfile::tempdir().expect("tmp")).collect();
 
-    let clients: Vec<Payments> = (0..2)
-        .map(|i| open(dirs[i].path(), 1 + i as u8, &ledger))
-        .collect();
-    let mut workers: Vec<Payments> = (0..4)
-        .map(|i| open(dirs[2 + i].path(), 10 + i as u8, &ledger))
-        .collect();
+    let mut clients: Vec<Payments> = Vec::new();
+    for (i, dir) in dirs.iter().take(2).enumerate() {
+        clients.push(open(dir.path(), 1 + i as u8, &ledger).await);
+    }
+    let mut workers: Vec<Payments> = Vec::new();
+    for i in 0..4 {
+        workers.push(open(dirs[2 + i].path(), 10 + i as u8, &ledger).await);
+    }
     for c in &clients {
         devnet
             .mint(&c.wallet_address(), Coins::from_ton(100).expect("ton"))
@@ -185,9 +189,9 @@ async fn two_clients_four_workers_hundreds_of_jobs_then_exact_redemptions() {
             // restart it from its store.
             let addrs: Vec<_> = workers.iter().map(|w| w.wallet_address()).collect();
             workers.clear();
-            workers = (0..4)
-                .map(|i| open(dirs[2 + i].path(), 10 + i as u8, &ledger))
-                .collect();
+            for i in 0..4 {
+                workers.push(open(dirs[2 + i].path(), 10 + i as u8, &ledger).await);
+            }
             for (w, a) in workers.iter().zip(addrs) {
                 assert_eq!(w.wallet_address(), a);
             }
@@ -296,9 +300,9 @@ async fn a_worker_admits_only_clients_with_a_real_lane_and_within_credit() {
     let producer = devnet.spawn_block_producer(cancel.clone());
     let ledger: Arc<dyn Ledger> = Arc::new(devnet.clone());
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
-    let client = open(dirs[0].path(), 31, &ledger);
-    let worker = open(dirs[1].path(), 32, &ledger);
-    let other = open(dirs[2].path(), 33, &ledger);
+    let client = open(dirs[0].path(), 31, &ledger).await;
+    let worker = open(dirs[1].path(), 32, &ledger).await;
+    let other = open(dirs[2].path(), 33, &ledger).await;
     for p in [&client, &worker] {
         devnet
             .mint(&p.wallet_address(), Coins::from_ton(10).expect("ton"))
@@ -411,8 +415,8 @@ async fn one_failing_lane_does_not_block_the_other_redemptions() {
     let producer = devnet.spawn_block_producer(cancel.clone());
     let ledger: Arc<dyn Ledger> = Arc::new(devnet.clone());
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().expect("tmp")).collect();
-    let client = open(dirs[0].path(), 1, &ledger);
-    let worker = open(dirs[1].path(), 10, &ledger);
+    let client = open(dirs[0].path(), 1, &ledger).await;
+    let worker = open(dirs[1].path(), 10, &ledger).await;
     devnet
         .mint(&client.wallet_address(), Coins::from_ton(10).expect("ton"))
         .expect("mint");
@@ -536,8 +540,8 @@ async fn a_contract_with_forged_storage_is_refused() {
     let producer = devnet.spawn_block_producer(cancel.clone());
     let ledger: Arc<dyn Ledger> = Arc::new(devnet.clone());
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().expect("tmp")).collect();
-    let attacker = open(dirs[0].path(), 41, &ledger);
-    let worker = open(dirs[1].path(), 42, &ledger);
+    let attacker = open(dirs[0].path(), 41, &ledger).await;
+    let worker = open(dirs[1].path(), 42, &ledger).await;
     devnet
         .mint(
             &attacker.wallet_address(),
@@ -643,8 +647,9 @@ async fn a_client_contract_with_a_short_close_delay_is_refused() {
         ledger.clone(),
         Keys::from_seed([51; 32]),
     )
+    .await
     .expect("client");
-    let worker = open(dirs[1].path(), 52, &ledger);
+    let worker = open(dirs[1].path(), 52, &ledger).await;
     devnet
         .mint(&client.wallet_address(), Coins::from_ton(10).expect("ton"))
         .expect("mint");
@@ -679,7 +684,7 @@ async fn a_closing_lane_is_refused_and_redeemed_below_the_threshold() {
     let producer = devnet.spawn_block_producer(cancel.clone());
     let ledger: Arc<dyn Ledger> = Arc::new(devnet.clone());
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
-    let client = open(dirs[0].path(), 61, &ledger);
+    let client = open(dirs[0].path(), 61, &ledger).await;
     let worker_config = |min_close_delay_s| PaymentsConfig {
         redeem_threshold: Coins::from_ton(1).expect("ton"),
         lane_check_ttl_s: 0,
@@ -693,6 +698,7 @@ async fn a_closing_lane_is_refused_and_redeemed_below_the_threshold() {
         ledger.clone(),
         Keys::from_seed([62; 32]),
     )
+    .await
     .expect("worker");
     let admitter = Payments::open(
         dirs[2].path(),
@@ -700,6 +706,7 @@ async fn a_closing_lane_is_refused_and_redeemed_below_the_threshold() {
         ledger.clone(),
         Keys::from_seed([63; 32]),
     )
+    .await
     .expect("worker");
     for p in [&client, &poller, &admitter] {
         devnet
@@ -761,6 +768,140 @@ async fn a_closing_lane_is_refused_and_redeemed_below_the_threshold() {
             .expect("exists");
         assert_eq!(lane.redeemed, cost);
         assert_ne!(lane.closing_at, 0);
+    }
+    cancel.cancel();
+    producer.await.expect("producer");
+}
+
+/// The devnet's chain seen as another network (the TON mainnet's global
+/// id): what the same keys and config meet when moved to another network.
+struct OtherNetwork(Devnet);
+
+#[async_trait::async_trait]
+impl Ledger for OtherNetwork {
+    async fn send_message(&self, boc: &[u8]) -> silk_chain::Result<[u8; 32]> {
+        self.0.send_message(boc).await
+    }
+    async fn run_get_method(
+        &self,
+        address: &silk_chain::Address,
+        method: &str,
+        stack: &[ledger::StackValue],
+    ) -> silk_chain::Result<ledger::GetMethodOutput> {
+        self.0.run_get_method(address, method, stack).await
+    }
+    async fn account(
+        &self,
+        address: &silk_chain::Address,
+    ) -> silk_chain::Result<ledger::AccountInfo> {
+        self.0.account(address).await
+    }
+    async fn transactions(
+        &self,
+        address: &silk_chain::Address,
+        limit: usize,
+    ) -> silk_chain::Result<Vec<ledger::TxInfo>> {
+        self.0.transactions(address, limit).await
+    }
+    async fn global_id(&self) -> silk_chain::Result<i32> {
+        Ok(-239)
+    }
+}
+
+/// Audit F18: a contract's address depended only on its owner, key, delay
+/// and nonce, so the same mnemonic and config made the same contract on a
+/// devnet, the testnet and the mainnet, and a cheque signed on one was
+/// valid on the others. Now the network's global id is in the nonce: the
+/// contracts differ, a cheque for one does not verify for the other, a
+/// data directory refuses a ledger of another network, and a worker
+/// refuses a contract made for another network. Before the fix the two
+/// contracts were the same address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cheques_cannot_be_replayed_across_networks() {
+    let devnet = Devnet::in_memory(DevnetConfig::new(Duration::from_millis(10))).expect("devnet");
+    let cancel = CancellationToken::new();
+    let producer = devnet.spawn_block_producer(cancel.clone());
+    let here: Arc<dyn Ledger> = Arc::new(devnet.clone());
+    let there: Arc<dyn Ledger> = Arc::new(OtherNetwork(devnet.clone()));
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let keys = Keys::from_seed([71; 32]);
+    let on_devnet = open(dirs[0].path(), 71, &here).await;
+    let on_mainnet = Payments::open(dirs[1].path(), config(), there.clone(), keys.clone())
+        .await
+        .expect("payments");
+    assert_eq!(on_devnet.wallet_address(), on_mainnet.wallet_address());
+    assert_eq!(on_devnet.network(), silk_chain::devnet::DEVNET_GLOBAL_ID);
+    assert_eq!(on_mainnet.network(), -239);
+    assert_ne!(
+        on_devnet.client_contract(),
+        on_mainnet.client_contract(),
+        "one contract address on two networks"
+    );
+
+    // A devnet cheque presented on the mainnet contract does not verify.
+    let worker =
+        silk_chain::Wallet::new(silk_chain::WalletVersion::V4R2, &Keys::from_seed([72; 32]))
+            .expect("wallet")
+            .address();
+    let signed = silk_chain::Cheque {
+        contract: on_devnet.client_contract().clone(),
+        worker: worker.clone(),
+        lane_id: 1,
+        cumulative: Coins(1_000_000),
+    }
+    .sign(&keys)
+    .expect("sign");
+    let replayed = silk_chain::SignedCheque {
+        cheque: silk_chain::Cheque {
+            contract: on_mainnet.client_contract().clone(),
+            ..signed.cheque.clone()
+        },
+        signature: signed.signature,
+    };
+    assert!(signed.verify(&keys.public_key()).is_ok());
+    assert!(replayed.verify(&keys.public_key()).is_err());
+
+    drop(on_mainnet);
+
+    // A worker on the other network refuses the devnet client's contract.
+    devnet
+        .mint(
+            &on_devnet.wallet_address(),
+            Coins::from_ton(10).expect("ton"),
+        )
+        .expect("mint");
+    let lane = on_devnet
+        .open_lane(&worker, Coins(20_000_000))
+        .await
+        .expect("lane");
+    let far_worker = Payments::open(
+        dirs[2].path(),
+        config(),
+        there.clone(),
+        Keys::from_seed([72; 32]),
+    )
+    .await
+    .expect("worker");
+    let e = far_worker
+        .admit_client(
+            on_devnet.client_contract(),
+            &keys.public_key(),
+            lane.lane_id,
+        )
+        .await;
+    match &e {
+        Err(PaymentsError::BadClient { reason, .. }) => {
+            assert!(reason.contains("made for network"), "{reason}")
+        }
+        other => panic!("a contract of another network was admitted: {other:?}"),
+    }
+
+    // The devnet's data directory refuses the other network.
+    drop(on_devnet);
+    let moved = Payments::open(dirs[0].path(), config(), there, keys).await;
+    match moved {
+        Err(PaymentsError::Config(why)) => assert!(why.contains("network"), "{why}"),
+        other => panic!("a data directory moved to another network opened: {other:?}"),
     }
     cancel.cancel();
     producer.await.expect("producer");

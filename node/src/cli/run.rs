@@ -92,6 +92,7 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         config.ledger = Some(args.ledger.section(&config));
     }
     let payments = config.payments();
+    let runtime = tokio::runtime::Runtime::new()?;
     let billing = match &config.ledger {
         Some(section) => {
             let (keys, created) = load_or_create_keys(data_dir)?;
@@ -101,7 +102,12 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
                     data_dir.join(crate::payments::MNEMONIC_FILE).display()
                 );
             }
-            let p = Payments::open(data_dir, payments.clone(), section.connect()?, keys)?;
+            let p = runtime.block_on(Payments::open(
+                data_dir,
+                payments.clone(),
+                section.connect()?,
+                keys,
+            ))?;
             let stale = p.release_stale_reservations()?;
             if stale > 0 {
                 println!("released {stale} reservations of jobs a restart interrupted");
@@ -138,7 +144,6 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     // fails here, and `silk api-key` says the store is in use.
     let keys = crate::api::keys::ApiKeys::open(&data_dir.join(crate::api::keys::KEYS_FILE))?;
     let key_count = keys.list()?.iter().filter(|k| !k.key.revoked).count();
-    let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let node = Node::start(options).await?;
         let cancel = node.cancellation();

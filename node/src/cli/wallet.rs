@@ -147,8 +147,9 @@ pub fn run(args: WalletArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             data_dir.join(crate::payments::MNEMONIC_FILE).display()
         );
     }
-    let p = Payments::open(data_dir, config.payments(), ledger, keys)?;
-    runtime()?.block_on(wallet(args.command, &p))?;
+    let runtime = runtime()?;
+    let p = runtime.block_on(Payments::open(data_dir, config.payments(), ledger, keys))?;
+    runtime.block_on(wallet(args.command, &p))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -478,7 +479,8 @@ async fn devnet_message_time(n: u32) -> anyhow::Result<(f64, f64, f64)> {
         PaymentsConfig::default(),
         ledger.clone(),
         client_keys.clone(),
-    )?;
+    )
+    .await?;
     let worker_keys = Keys::from_seed([4; 32]);
     let worker = Wallet::new(WalletVersion::V4R2, &worker_keys)?;
     devnet.mint(&client.wallet_address(), Coins::from_ton(100)?)?;

@@ -6,7 +6,7 @@
 //! # Facade for the job path
 //!
 //! ```text
-//! let p = Payments::open(&data_dir, PaymentsConfig::default(), ledger, keys)?;
+//! let p = Payments::open(&data_dir, PaymentsConfig::default(), ledger, keys).await?;
 //!
 //! // Gateway, before dispatching a job to `worker` (its wallet address and
 //! // its announced coefficient, per mille):
@@ -87,8 +87,9 @@ pub struct PaymentsConfig {
     pub redeem_threshold: Coins,
     /// Close delay of this client's settlement contract.
     pub close_delay_s: u32,
-    /// Nonce of this client's settlement contract.
-    pub contract_nonce: u64,
+    /// Nonce of this client's settlement contract (the network's global id
+    /// is added above it, see [`settlement::network_nonce`]).
+    pub contract_nonce: u32,
     /// Value attached to each contract message to pay its gas; the rest comes back.
     #[serde(with = "nano_u64")]
     pub gas: Coins,
@@ -233,6 +234,8 @@ pub struct Payments {
     lane_lock: Arc<tokio::sync::Mutex<()>>,
     /// Worker: what it last read about its clients' lanes.
     watch: Arc<lane_watch::LaneWatch>,
+    /// The network's global id.
+    network: i32,
 }
 
 impl std::fmt::Debug for Payments {
@@ -246,21 +249,27 @@ impl std::fmt::Debug for Payments {
 
 impl Payments {
     /// Opens the payments store in `data_dir` for the wallet of `keys`
-    /// (wallet v4r2); the settlement contract is derived from the wallet,
-    /// the key and the config's close delay and nonce.
-    pub fn open(
+    /// (wallet v4r2) on the network `ledger` serves; the settlement
+    /// contract is derived from the wallet, the key, the config's close
+    /// delay and nonce, and the network's global id (audit F18).
+    ///
+    /// The store remembers its network: opening it on a ledger of another
+    /// network is refused (its lanes and cheques belong to the first), and
+    /// a ledger that cannot be reached at start falls back to it.
+    pub async fn open(
         data_dir: &Path,
         config: PaymentsConfig,
         ledger: Arc<dyn Ledger>,
         keys: Keys,
     ) -> Result<Self> {
         let store = Store::open(&data_dir.join(STORE_FILE))?;
+        let network = store.network(&*ledger).await?;
         let wallet = Wallet::new(WalletVersion::V4R2, &keys)?;
         let params = SettlementParams {
             owner: wallet.address(),
             public_key: keys.public_key(),
             close_delay_s: config.close_delay_s,
-            nonce: config.contract_nonce,
+            nonce: settlement::network_nonce(network, config.contract_nonce),
         };
         let contract = params.address()?;
         Ok(Payments {
@@ -268,6 +277,7 @@ impl Payments {
             worker: WorkerBook::new(store, wallet.address()),
             lane_lock: Arc::default(),
             watch: Arc::default(),
+            network,
             config,
             ledger,
             keys: Arc::new(keys),
@@ -275,6 +285,11 @@ impl Payments {
             params,
             contract,
         })
+    }
+
+    /// The global id of the network this node settles on.
+    pub fn network(&self) -> i32 {
+        self.network
     }
 
     /// The config.
@@ -499,6 +514,16 @@ impl Payments {
                 None,
                 format!(
                     "not silk's settlement contract: its owner, key, close delay and nonce give {genuine}, so its code or initial data are not the genuine ones"
+                ),
+            ));
+        }
+        let network = settlement::nonce_network(state.nonce);
+        if network != self.network {
+            return Err(refuse(
+                None,
+                format!(
+                    "the contract was made for network {network}; this worker settles on network {}",
+                    self.network
                 ),
             ));
         }

@@ -51,6 +51,40 @@ impl Store {
         Ok(Store { db: Arc::new(db) })
     }
 
+    /// The global id of the network this store settles on: `ledger`'s,
+    /// remembered at first use. Refused when the ledger's differs from the
+    /// one remembered; the remembered one when the ledger cannot be reached.
+    pub async fn network(&self, ledger: &dyn silk_chain::Ledger) -> Result<i32> {
+        const KEY: &str = "network_global_id";
+        let remembered = {
+            let tx = self.db.begin_read().map_err(store_err)?;
+            let t = tx.open_table(META).map_err(store_err)?;
+            t.get(KEY)
+                .map_err(store_err)?
+                .map(|v| v.value() as u32 as i32)
+        };
+        match (ledger.global_id().await, remembered) {
+            (Ok(id), Some(r)) if id != r => Err(super::PaymentsError::Config(format!(
+                "this data directory's payments were made on network {r}, but the ledger is network {id}; its lanes and cheques belong to network {r}: use another data directory for network {id}"
+            ))),
+            (Ok(id), Some(_)) => Ok(id),
+            (Ok(id), None) => {
+                let tx = self.write()?;
+                tx.open_table(META)
+                    .map_err(store_err)?
+                    .insert(KEY, u64::from(id as u32))
+                    .map_err(store_err)?;
+                tx.commit().map_err(store_err)?;
+                Ok(id)
+            }
+            (Err(e), Some(r)) => {
+                tracing::warn!(error = %e, network = r, "cannot ask the ledger for its network; using the one this data directory remembers");
+                Ok(r)
+            }
+            (Err(e), None) => Err(e.into()),
+        }
+    }
+
     pub(crate) fn write(&self) -> Result<WriteTransaction> {
         self.db.begin_write().map_err(store_err)
     }
