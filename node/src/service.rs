@@ -433,6 +433,10 @@ impl Node {
             .with_bootstrap(options.bootstrap.clone())
             .with_mdns(options.mdns);
         config.agent_version = format!("silk/{}", env!("CARGO_PKG_VERSION"));
+        if config.listens_only_on_loopback() {
+            // A local testnet: every peer dials in from this machine.
+            config.max_inbound_connections_per_ip = config.max_inbound_connections;
+        }
         if options.fast_gossip {
             config.gossip_heartbeat = Duration::from_millis(200);
             config.announce_republish_interval = Duration::from_secs(2);

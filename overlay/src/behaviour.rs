@@ -56,6 +56,7 @@ pub(crate) struct AttestResponse {
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
     pub(crate) limits: connection_limits::Behaviour,
+    pub(crate) ip_limits: crate::ip_limits::Behaviour,
     pub(crate) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
@@ -94,8 +95,10 @@ pub(crate) fn build_swarm(config: &OverlayConfig) -> Result<Swarm<Behaviour>, Ov
             let limits = connection_limits::Behaviour::new(
                 connection_limits::ConnectionLimits::default()
                     .with_max_established(Some(config.max_connections))
+                    .with_max_established_incoming(Some(config.max_inbound_connections))
                     .with_max_established_per_peer(Some(config.max_connections_per_peer)),
             );
+            let ip_limits = crate::ip_limits::Behaviour::new(config.max_inbound_connections_per_ip);
 
             let identify = identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
@@ -140,6 +143,7 @@ pub(crate) fn build_swarm(config: &OverlayConfig) -> Result<Swarm<Behaviour>, Ov
 
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
                 limits,
+                ip_limits,
                 blocked: allow_block_list::Behaviour::default(),
                 identify,
                 ping,

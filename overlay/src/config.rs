@@ -73,6 +73,14 @@ pub struct OverlayConfig {
     pub misbehaviour_decay: Duration,
     /// Most established connections in total.
     pub max_connections: u32,
+    /// Most established inbound connections, below `max_connections` so
+    /// that peers dialing in (fresh peer ids cost nothing) cannot take the
+    /// slots this node needs to dial out (audit F13).
+    pub max_inbound_connections: u32,
+    /// Most inbound connections, pending or established, from one IP
+    /// address (audit F13). A node listening only on loopback (a local
+    /// testnet) has every peer on 127.0.0.1 and needs this raised.
+    pub max_inbound_connections_per_ip: u32,
     /// Most established connections per peer.
     pub max_connections_per_peer: u32,
     /// Most peers tracked in per-peer maps (announcements, scores, rate limits).
@@ -119,6 +127,8 @@ impl OverlayConfig {
             ban_duration: Duration::from_secs(60 * 60),
             misbehaviour_decay: Duration::from_secs(30),
             max_connections: 512,
+            max_inbound_connections: 384,
+            max_inbound_connections_per_ip: 16,
             max_connections_per_peer: 4,
             max_tracked_peers: 8192,
             command_buffer: 256,
@@ -128,6 +138,17 @@ impl OverlayConfig {
             #[cfg(feature = "testing")]
             clock_offset_ms: 0,
         }
+    }
+
+    /// Whether every listen address is a loopback one (a local testnet,
+    /// where every peer dials in from 127.0.0.1 or ::1).
+    pub fn listens_only_on_loopback(&self) -> bool {
+        use libp2p::multiaddr::Protocol;
+        self.listen_addrs.iter().all(|a| match a.iter().next() {
+            Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+            Some(Protocol::Ip6(ip)) => ip.is_loopback(),
+            _ => false,
+        })
     }
 
     /// Sets the bootstrap nodes.
@@ -153,6 +174,12 @@ impl OverlayConfig {
         }
         if self.max_frame_size < 64 || self.max_frame_size > u32::MAX as usize {
             return bad("max_frame_size must be between 64 bytes and 4 GiB");
+        }
+        if self.max_inbound_connections_per_ip == 0
+            || self.max_inbound_connections == 0
+            || self.max_inbound_connections > self.max_connections
+        {
+            return bad("max_inbound_connections and max_inbound_connections_per_ip must be at least 1, and max_inbound_connections at most max_connections");
         }
         if self.max_inbound_jobs == 0 {
             return bad("max_inbound_jobs must be at least 1");

@@ -55,6 +55,7 @@ mod config;
 mod error;
 pub mod gossip;
 mod handle;
+mod ip_limits;
 pub mod job;
 pub mod misbehaviour;
 mod network;

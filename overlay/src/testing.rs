@@ -39,6 +39,8 @@ pub fn local_config(keypair: identity::Keypair) -> OverlayConfig {
     config.ping_interval = Duration::from_secs(1);
     config.kad_query_timeout = Duration::from_secs(10);
     config.job_idle_timeout = Duration::from_secs(10);
+    // Every in-process node dials in from 127.0.0.1.
+    config.max_inbound_connections_per_ip = config.max_inbound_connections;
     config
 }
 

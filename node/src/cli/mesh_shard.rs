@@ -101,7 +101,10 @@ fn unix_us(at: SystemTime) -> u64 {
 /// which load a large mesh on a small machine far more than a real one).
 fn bench_config(seed: u64) -> silk_overlay::OverlayConfig {
     let listen = "/ip4/127.0.0.1/tcp/0".parse().expect("static multiaddr");
-    silk_overlay::OverlayConfig::new(testing::seeded_keypair(seed), vec![listen])
+    let mut config = silk_overlay::OverlayConfig::new(testing::seeded_keypair(seed), vec![listen]);
+    // Every benchmark node dials in from 127.0.0.1.
+    config.max_inbound_connections_per_ip = config.max_inbound_connections;
+    config
 }
 
 /// The peer id of mesh node `i`.
