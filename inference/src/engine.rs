@@ -190,7 +190,9 @@ struct Job {
     enqueued: Instant,
 }
 
-/// A model loaded on a device with its scheduler running.
+/// A model loaded on a device with its scheduler running. Clones share
+/// the scheduler.
+#[derive(Clone)]
 pub struct Engine {
     source: ModelSource,
     tokenizer: Arc<Tokenizer>,
@@ -257,7 +259,20 @@ impl Engine {
             })?;
         std::thread::Builder::new()
             .name(format!("silk-engine-{}", source.name))
-            .spawn(move || pool.install(|| scheduler.run()))
+            .spawn(move || {
+                // A panic ends the scheduler and closes the queue: every
+                // later `submit` answers `Shutdown` and `is_running` turns
+                // false, which the node watches (audit F19).
+                let run = std::panic::AssertUnwindSafe(|| pool.install(|| scheduler.run()));
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    tracing::error!(panic = %why, "the engine's scheduler panicked; the engine is stopped");
+                }
+            })
             .map_err(|e| {
                 InferenceError::Backend(format!("cannot start the scheduler thread: {e}"))
             })?;
@@ -386,6 +401,11 @@ impl Engine {
             }),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(InferenceError::Shutdown),
         }
+    }
+
+    /// Whether the scheduler thread still runs (it stops only on a panic).
+    pub fn is_running(&self) -> bool {
+        !self.queue.is_closed()
     }
 
     /// Current load.

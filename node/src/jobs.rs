@@ -358,6 +358,23 @@ async fn serve_job(
     }
 }
 
+/// [`Engine::submit`] on a blocking thread: it tokenizes the prompt (and
+/// renders the chat template), which for a prompt of a megabyte takes long
+/// enough to stall a tokio worker and every task on it (audit F19).
+pub async fn submit_off_runtime(
+    engine: &Engine,
+    request: GenerateRequest,
+) -> silk_inference::Result<silk_inference::GenerationStream> {
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || engine.submit(request))
+        .await
+        .unwrap_or_else(|e| {
+            Err(silk_inference::InferenceError::Backend(format!(
+                "tokenizing the prompt failed: {e}"
+            )))
+        })
+}
+
 /// Runs `request` on `engine`, streaming tokens to `responder`, and ends
 /// the stream. Returns the prompt tokens (0 unless the job finished) and
 /// the tokens produced, a cancelled stream's included.
@@ -369,7 +386,7 @@ async fn run_job(
     price_milli: u64,
     cancel: &CancellationToken,
 ) -> (u32, u32) {
-    let mut stream = match engine.submit(request.to_generate()) {
+    let mut stream = match submit_off_runtime(engine, request.to_generate()).await {
         Ok(s) => s,
         Err(silk_inference::InferenceError::Busy { .. }) => {
             let _ = responder

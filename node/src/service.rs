@@ -661,6 +661,14 @@ impl Node {
                 () = self.cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            if !worker.engine.is_running() {
+                // Announcing a dead engine would draw jobs that all fail
+                // (audit F19); the last announcement expires on its own.
+                tracing::error!(
+                    "the engine stopped; this node no longer announces itself as a worker"
+                );
+                return;
+            }
             seq += 1;
             let a = self.announcement(&worker, seq);
             let key = (a.free_slots, a.queue_depth);
@@ -1155,7 +1163,7 @@ impl Node {
             };
             let slot = self.take_slot(c.peer);
             let attempt = if local {
-                self.run_local(&request, slot, &mut spend)
+                self.run_local(&request, slot, &mut spend).await
             } else {
                 self.run_remote(&request, c.peer, slot, &mut paid, &mut spend)
                     .await
@@ -1239,7 +1247,7 @@ impl Node {
     }
 
     /// Runs a job on this node's own engine; a node does not pay itself.
-    fn run_local(
+    async fn run_local(
         &self,
         request: &JobRequest,
         slot: InFlight,
@@ -1249,9 +1257,8 @@ impl Node {
             message: "not a worker".into(),
             blame: Blame::Nobody,
         })?;
-        let mut stream = worker
-            .engine
-            .submit(request.to_generate())
+        let mut stream = crate::jobs::submit_off_runtime(&worker.engine, request.to_generate())
+            .await
             .map_err(|e| AttemptError {
                 blame: match e {
                     silk_inference::InferenceError::Busy { .. } => Blame::Busy,

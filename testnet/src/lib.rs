@@ -370,6 +370,52 @@ impl Testnet {
         self.balance(&devnet.url, address).await
     }
 
+    /// Lane `lane_id` of the settlement contract `contract` as the devnet's
+    /// `get_lane` reports it: `(deposited, redeemed)` in nanoTON, `None`
+    /// when there is no such lane.
+    pub async fn lane_on_chain(
+        &self,
+        contract: &str,
+        lane_id: u32,
+    ) -> anyhow::Result<Option<(u128, u128)>> {
+        let devnet = self.devnet.as_ref().context("this testnet has no devnet")?;
+        let r: Value = self
+            .client
+            .post(format!("{}/api/v2/jsonRPC", devnet.url))
+            .json(&serde_json::json!({
+                "jsonrpc": "2.0", "id": 1, "method": "runGetMethod",
+                "params": { "address": contract, "method": "get_lane",
+                            "stack": [["num", lane_id.to_string()]] },
+            }))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let stack = r["result"]["stack"]
+            .as_array()
+            .with_context(|| format!("no stack in {r}"))?;
+        // TVM integers as toncenter writes them: "0x1f", "-0x1" or decimal.
+        let num = |i: usize| -> anyhow::Result<i128> {
+            let s = stack
+                .get(i)
+                .and_then(|e| e.get(1))
+                .and_then(Value::as_str)
+                .with_context(|| format!("no number at {i} in {r}"))?;
+            let (neg, digits) = s.strip_prefix('-').map_or((false, s), |d| (true, d));
+            let v = match digits.strip_prefix("0x") {
+                Some(hex) => i128::from_str_radix(hex, 16)?,
+                None => digits.parse()?,
+            };
+            Ok(if neg { -v } else { v })
+        };
+        if num(0)? == 0 {
+            return Ok(None);
+        }
+        Ok(Some((u128::try_from(num(2)?)?, u128::try_from(num(3)?)?)))
+    }
+
     /// Sends `ton` TON from the devnet faucet to `address` and waits for it.
     pub async fn fund(&self, address: &str, ton: u64) -> anyhow::Result<()> {
         let devnet = self.devnet.as_ref().context("this testnet has no devnet")?;

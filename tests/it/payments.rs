@@ -189,6 +189,8 @@ async fn jobs_are_paid_with_cheques_and_redeemed_on_chain() -> anyhow::Result<()
         .await?;
         assert_eq!(p["earned_nanoton"].as_u64(), Some(earned), "{p}");
     }
+    let nodes: Vec<usize> = worker_nodes.iter().map(|&(n, _)| n).collect();
+    books_balance(&net, &gateways, &nodes).await?;
     Ok(())
 }
 
@@ -290,6 +292,11 @@ async fn web_pages_cannot_spend_and_api_keys_hold_their_caps() -> anyhow::Result
         .as_u64()
         .context("spent")?;
     assert_eq!(spent, paid, "the gateway paid for exactly the key's jobs");
+    wait_for(&net, 1, "every cheque acknowledged", |p| {
+        p["earned_nanoton"].as_u64() == Some(spent)
+    })
+    .await?;
+    books_balance(&net, &[0, gw], &[1]).await?;
 
     // The key's tally is durable: after a crash it reads what was paid.
     net.kill(gw);
@@ -302,5 +309,205 @@ async fn web_pages_cannot_spend_and_api_keys_hold_their_caps() -> anyhow::Result
     let list = String::from_utf8(out.stdout)?;
     let expected = format!("({paid} nanoTON)");
     assert!(list.contains(&expected), "{list:?} should say {expected:?}");
+    Ok(())
+}
+
+/// The three books of every lane agree, to the nanoTON: what the gateway
+/// charged (its signed cumulative cheque) equals what the contract paid
+/// out on chain plus what is outstanding (cheques the worker holds and has
+/// not redeemed), and the worker's record of what was paid is the chain's.
+async fn books_balance(net: &Testnet, gateways: &[usize], workers: &[usize]) -> anyhow::Result<()> {
+    let mut worker_books = Vec::new();
+    for &w in workers {
+        worker_books.push(payments(net, w).await?);
+    }
+    for &g in gateways {
+        let p = payments(net, g).await?;
+        let contract = p["contract"].as_str().context("contract")?;
+        for lane in p["lanes"].as_array().context("lanes")? {
+            let lane_id = lane["lane_id"].as_u64().context("lane id")? as u32;
+            let charged = u128::from(lane["signed_nanoton"].as_u64().context("signed")?);
+            let (_, paid) = net
+                .lane_on_chain(contract, lane_id)
+                .await?
+                .with_context(|| format!("lane {lane_id} of {contract} is not on chain"))?;
+            let holder = worker_books
+                .iter()
+                .find(|b| b["wallet"] == lane["worker"])
+                .with_context(|| format!("no worker holds {lane}"))?;
+            let (cheques, redeemed) = holder["clients"]
+                .as_array()
+                .context("clients")?
+                .iter()
+                .find(|c| c["contract"] == p["contract"] && c["lane_id"] == lane["lane_id"])
+                .map_or((0, 0), |c| {
+                    (
+                        c["cheques_nanoton"].as_u64().unwrap_or(0),
+                        c["redeemed_nanoton"].as_u64().unwrap_or(0),
+                    )
+                });
+            let (cheques, redeemed) = (u128::from(cheques), u128::from(redeemed));
+            ensure!(
+                redeemed == paid,
+                "lane {lane_id}: the worker's book says {redeemed} nanoTON were paid, the chain {paid}"
+            );
+            ensure!(
+                charged == paid + (cheques - redeemed),
+                "lane {lane_id}: charged {charged} ≠ paid {paid} + outstanding {}",
+                cheques - redeemed
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One non-streaming job through gateway `gw`; returns what the caller was
+/// charged.
+async fn paid_job(net: &Testnet, gw: usize, prompt: &str) -> anyhow::Result<u64> {
+    let r = net
+        .client()
+        .post(format!("{}/v1/chat/completions", net.nodes[gw].api_url))
+        .json(&json!({
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 4,
+            "temperature": 0,
+        }))
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let body: Value = r.json().await?;
+    ensure!(status == 200, "job on node {gw}: {body}");
+    body["silk"]["cost_nanoton"]
+        .as_u64()
+        .with_context(|| format!("no silk.cost_nanoton: {body}"))
+}
+
+/// Waits until gateway `gw` knows a worker (after a restart on either side).
+async fn wait_for_worker(net: &Testnet, gw: usize) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while net.known_workers(gw).await.map_or(true, |w| w.is_empty()) {
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "node {gw} knows no worker after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// SIGKILL at each step where money moves, and the books still balance on
+/// chain: a gateway killed while a job holds its reservation (the restart
+/// releases it, nothing is charged for the lost job); a gateway killed as
+/// soon as a paid answer reached the caller, perhaps before its cheque
+/// reached the worker (the next cumulative cheque carries it); a worker
+/// killed right after acknowledging a cheque, while its redemption pass
+/// (every second, threshold 1 nanoTON) may be in flight. After each:
+/// charged = paid on chain + outstanding, for every lane, and what callers
+/// were charged is what the gateway signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_at_each_money_step_keep_the_books_balanced() -> anyhow::Result<()> {
+    let mut config = TestnetConfig::new(3, 1)?;
+    config.payments_toml =
+        "lane_amount = 1000000000\nredeem_threshold = 1\nredeem_every_s = 1\ntimeout_s = 30\n"
+            .into();
+    let mut net = Testnet::spawn(config)
+        .await
+        .context("testnet did not start")?;
+    let (gw, worker) = (2usize, 1usize);
+    ensure!(
+        net.nodes[worker].worker && !net.nodes[gw].worker,
+        "node roles"
+    );
+    let gateways = [0usize, gw];
+    let mut callers_charged = paid_job(&net, gw, "Say hi.").await?;
+    let delivered = |p: &Value, total: u64| p["earned_nanoton"].as_u64() == Some(total);
+    wait_for(&net, worker, "the first cheque", |p| {
+        delivered(p, callers_charged)
+    })
+    .await?;
+    books_balance(&net, &gateways, &[worker]).await?;
+
+    // 1. The worker, right after it acknowledged a cheque, around its
+    //    redemption pass.
+    callers_charged += paid_job(&net, gw, "Name a colour.").await?;
+    wait_for(&net, worker, "the second cheque", |p| {
+        delivered(p, callers_charged)
+    })
+    .await?;
+    net.kill(worker);
+    net.restart(worker).await?;
+    let p = wait_for(&net, worker, "redemption after the restart", |p| {
+        p["redeemed_nanoton"] == p["earned_nanoton"]
+    })
+    .await?;
+    ensure!(
+        delivered(&p, callers_charged),
+        "cheques lost in the crash: {p}"
+    );
+    books_balance(&net, &gateways, &[worker]).await?;
+
+    // 2. The gateway while a job holds its reservation (mid-stream).
+    wait_for_worker(&net, gw).await?;
+    let (tx, mut first_token) = tokio::sync::mpsc::unbounded_channel();
+    let client = net.client().clone();
+    let url = net.nodes[gw].api_url.clone();
+    let stream = tokio::spawn(async move {
+        silk_testnet::stream_chat(
+            &client,
+            &url,
+            json!({
+                "messages": [{"role": "user", "content": "Tell a long story."}],
+                "max_tokens": 300,
+                "temperature": 0,
+            }),
+            |_| {},
+            |_| {
+                let _ = tx.send(());
+            },
+        )
+        .await
+    });
+    tokio::time::timeout(Duration::from_secs(60), first_token.recv())
+        .await
+        .context("no token within 60 s")?
+        .context("the stream ended before its first token")?;
+    let reserved = payments(&net, gw).await?["reserved_nanoton"].as_u64();
+    ensure!(
+        reserved > Some(0),
+        "no reservation while the job runs: {reserved:?}"
+    );
+    net.kill(gw);
+    let _ = stream.await;
+    net.restart(gw).await?;
+    let p = payments(&net, gw).await?;
+    ensure!(
+        p["reserved_nanoton"].as_u64() == Some(0),
+        "reservation kept: {p}"
+    );
+    ensure!(
+        p["spent_nanoton"].as_u64() == Some(callers_charged),
+        "the lost job was charged: {p}"
+    );
+    books_balance(&net, &gateways, &[worker]).await?;
+
+    // 3. The gateway as soon as a paid answer reached the caller: its
+    //    cheque may not have reached the worker. The next job's cumulative
+    //    cheque covers it.
+    wait_for_worker(&net, gw).await?;
+    callers_charged += paid_job(&net, gw, "What is 2+2?").await?;
+    net.kill(gw);
+    net.restart(gw).await?;
+    let p = payments(&net, gw).await?;
+    ensure!(
+        p["spent_nanoton"].as_u64() == Some(callers_charged),
+        "signed ≠ charged to callers after the crash: {p}"
+    );
+    wait_for_worker(&net, gw).await?;
+    callers_charged += paid_job(&net, gw, "Count to three.").await?;
+    wait_for(&net, worker, "every cheque, and its redemption", |p| {
+        delivered(p, callers_charged) && p["redeemed_nanoton"] == p["earned_nanoton"]
+    })
+    .await?;
+    books_balance(&net, &gateways, &[worker]).await?;
     Ok(())
 }
