@@ -32,6 +32,8 @@ enum Play {
     EmptyFramesForever,
     /// What an honest worker does: a token, then its usage.
     Honest,
+    /// A token every 500 ms, forever: progress, but slow.
+    Trickle,
 }
 
 fn token(text: &str) -> Vec<u8> {
@@ -72,6 +74,14 @@ async fn play(play: Play, max_tokens: u32, mut r: JobResponder) {
         Play::Honest => {
             if r.send_data(token("hi")).await.is_ok() {
                 let _ = r.end(usage(3, 1)).await;
+            }
+        }
+        Play::Trickle => {
+            for _ in 0..6000 {
+                if r.send_data(token("a")).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
         Play::EmptyFramesForever => {
@@ -133,6 +143,74 @@ fn lane(billing: &Billing, worker: &Address) -> (Coins, Coins) {
     (l.signed, l.reserved)
 }
 
+/// A hostile worker: a plain overlay node, bootstrapped from `gateway`, that
+/// announces [`MODEL`] (paid to `payout`), answers each job with the
+/// current `plays`, and never acknowledges a cheque. Returns once the
+/// gateway has heard it.
+async fn hostile_worker(
+    gateway: &Node,
+    seed: u64,
+    payout: Option<String>,
+    plays: Arc<Mutex<Play>>,
+) -> (tokio::task::JoinHandle<()>, silk_overlay::PeerId) {
+    let gw_addr: silk_overlay::Multiaddr = format!(
+        "{}/p2p/{}",
+        gateway.overlay().listen_addrs().await.expect("addrs")[0],
+        gateway.peer_id()
+    )
+    .parse()
+    .expect("multiaddr");
+    let mut hostile = spawn_local(local_config(seeded_keypair(seed)).with_bootstrap(vec![gw_addr]))
+        .await
+        .expect("hostile node");
+    let handle = hostile.handle.clone();
+    let peer = hostile.peer_id;
+    let worker = tokio::spawn(async move {
+        let mut seq = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    seq += 1;
+                    let mut a = worker_announcement(peer, seq, &[MODEL]);
+                    a.payout = payout.clone();
+                    let _ = handle.announce(a).await;
+                }
+                event = hostile.events.recv() => match event {
+                    Some(OverlayEvent::InboundJob { request, responder, .. }) => {
+                        match postcard::from_bytes::<JobMessage>(&request) {
+                            Ok(JobMessage::Generate(job)) => {
+                                let p = *plays.lock().expect("lock");
+                                tokio::spawn(play(p, job.max_tokens, responder));
+                            }
+                            // Cheques are taken and never acknowledged.
+                            _ => drop(responder),
+                        }
+                    }
+                    Some(_) => {}
+                    None => return,
+                },
+            }
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !gateway
+        .overlay()
+        .announcements()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .any(|a| a.peer_id == peer)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never heard the hostile worker"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (worker, peer)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_pays_only_for_what_it_received_and_drops_stalled_jobs() {
     let devnet = Devnet::in_memory(DevnetConfig::new(Duration::from_millis(10))).expect("devnet");
@@ -176,67 +254,12 @@ async fn a_gateway_pays_only_for_what_it_received_and_drops_stalled_jobs() {
     })
     .await
     .expect("gateway");
-    let gw_addr: silk_overlay::Multiaddr = format!(
-        "{}/p2p/{}",
-        gateway.overlay().listen_addrs().await.expect("addrs")[0],
-        gateway.peer_id()
-    )
-    .parse()
-    .expect("multiaddr");
 
     // The hostile worker: a plain overlay node that announces MODEL.
     let payout = Address::new(0, [0x66; 32]);
-    let mut hostile = spawn_local(local_config(seeded_keypair(66)).with_bootstrap(vec![gw_addr]))
-        .await
-        .expect("hostile node");
     let next_play = Arc::new(Mutex::new(Play::IdsWithoutText));
-    let plays = Arc::clone(&next_play);
-    let handle = hostile.handle.clone();
-    let peer = hostile.peer_id;
-    let payout_raw = payout.to_raw();
-    let worker = tokio::spawn(async move {
-        let mut seq = 0;
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    seq += 1;
-                    let mut a = worker_announcement(peer, seq, &[MODEL]);
-                    a.payout = Some(payout_raw.clone());
-                    let _ = handle.announce(a).await;
-                }
-                event = hostile.events.recv() => match event {
-                    Some(OverlayEvent::InboundJob { request, responder, .. }) => {
-                        match postcard::from_bytes::<JobMessage>(&request) {
-                            Ok(JobMessage::Generate(job)) => {
-                                let p = *plays.lock().expect("lock");
-                                tokio::spawn(play(p, job.max_tokens, responder));
-                            }
-                            // Cheques are taken and never acknowledged.
-                            _ => drop(responder),
-                        }
-                    }
-                    Some(_) => {}
-                    None => return,
-                },
-            }
-        }
-    });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !gateway
-        .overlay()
-        .announcements()
-        .await
-        .unwrap_or_default()
-        .iter()
-        .any(|a| a.peer_id == peer)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the gateway never heard the hostile worker"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (worker, peer) =
+        hostile_worker(&gateway, 66, Some(payout.to_raw()), Arc::clone(&next_play)).await;
 
     // 40 ids without text and a claimed prompt of a million tokens: the
     // caller got no text, so nothing is paid. Before the fix the gateway
@@ -404,5 +427,106 @@ async fn silent_tdx_sybils_do_not_stall_dispatch() {
     for t in tasks {
         t.abort();
     }
+    gateway.shutdown();
+}
+
+/// The API's request deadline (`[http] request_timeout_s`) holds against a
+/// worker that keeps making progress, too slowly: a token every 500 ms is
+/// within the progress timeout, so only the deadline ends the request. A
+/// non-streaming caller gets a 504 `request_timeout`; a streaming one gets
+/// the tokens so far, then an error event with that code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_deadline_ends_a_slow_job_with_a_504_or_an_error_event() {
+    use silk_node::api::{self, guard::HttpConfig, keys::ApiKeys, ApiOptions};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = Node::start(NodeOptions {
+        data_dir: dir.path().to_path_buf(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
+        bootstrap: Vec::new(),
+        worker_model: None,
+        models_dir: dir.path().join("models"),
+        device: Default::default(),
+        allow_insecure_workers: true,
+        price_coefficient_milli: 1000,
+        default_max_coefficient_milli: 2000,
+        billing: None,
+        max_jobs_per_worker: 8,
+        mdns: false,
+        fast_gossip: true,
+        attestation_policy: None,
+        pccs_url: None,
+        job_progress_timeout: silk_node::service::JOB_PROGRESS_TIMEOUT,
+        pinned_models: silk_node::service::default_pinned_models(),
+    })
+    .await
+    .expect("gateway");
+    let (worker, _peer) =
+        hostile_worker(&gateway, 67, None, Arc::new(Mutex::new(Play::Trickle))).await;
+    let cancel = CancellationToken::new();
+    let options = ApiOptions {
+        addr: "127.0.0.1:0".into(),
+        http: HttpConfig {
+            request_timeout_s: 3,
+            ..HttpConfig::default()
+        },
+        keys: ApiKeys::open(&dir.path().join(api::keys::KEYS_FILE)).expect("keys"),
+    };
+    let (addr, _task) = api::serve(Arc::clone(&gateway), options, cancel.clone())
+        .await
+        .expect("serve");
+    // Without the deadline the job would run to the gateway's own job
+    // deadline (60 s plus 2 s a token), far past this client's patience.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let url = format!("http://{addr}/v1/chat/completions");
+    let body = |stream: bool| {
+        serde_json::json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Hello there."}],
+            "max_tokens": 200,
+            "stream": stream,
+        })
+    };
+
+    let r = client
+        .post(&url)
+        .json(&body(false))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 504);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "request_timeout", "{v}");
+
+    let r = client
+        .post(&url)
+        .json(&body(true))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.expect("the stream ends within 30 s");
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["choices"][0]["delta"]["content"] == "a"),
+        "no token before the deadline: {text}"
+    );
+    assert_eq!(
+        events.last().map(|e| e["error"]["code"].clone()),
+        Some(serde_json::json!("request_timeout")),
+        "{text}"
+    );
+
+    worker.abort();
+    cancel.cancel();
     gateway.shutdown();
 }
