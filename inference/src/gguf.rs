@@ -192,7 +192,7 @@ impl TensorInfo {
 /// An opened GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    map: memmap2::Mmap,
+    map: FileBytes,
     /// Metadata key-value pairs.
     pub metadata: BTreeMap<String, Value>,
     /// Tensors by name.
@@ -206,6 +206,23 @@ impl std::fmt::Debug for GgufFile {
             .field("path", &self.path)
             .field("tensors", &self.tensors.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// The bytes of a GGUF file: mapped from disk, or handed over in memory.
+enum FileBytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Mapped(m) => m,
+            Self::Owned(v) => v,
+        }
     }
 }
 
@@ -371,6 +388,17 @@ impl GgufFile {
         // same risk every mmap-based model loader accepts.
         #[allow(unsafe_code)]
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| InferenceError::io(path, e))?;
+        Self::parse(path, FileBytes::Mapped(map))
+    }
+
+    /// Parses a whole GGUF file held in memory (header, then tensor data),
+    /// with the same checks as [`GgufFile::open`]; `path` only names the
+    /// bytes in errors. The fuzz targets (`fuzz/`) enter the parser here.
+    pub fn from_bytes(bytes: Vec<u8>, path: &Path) -> Result<Self> {
+        Self::parse(path, FileBytes::Owned(bytes))
+    }
+
+    fn parse(path: &Path, map: FileBytes) -> Result<Self> {
         let mut r = Reader {
             bytes: &map,
             pos: 0,

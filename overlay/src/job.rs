@@ -130,6 +130,35 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     Ok(buf)
 }
 
+/// Decodes what a peer wrote on a job stream with the stream tasks' own
+/// code: length-prefixed frames of at most `max_frame_size` bytes, each a
+/// postcard wire frame with nothing after it, until `bytes` ends at a frame
+/// boundary (`Ok` with the number of frames) or a frame is refused. For the
+/// fuzz targets (`fuzz/`); nodes use [`JobStream`] and [`JobResponder`].
+#[doc(hidden)]
+pub fn decode_stream(bytes: &[u8], max_frame_size: usize) -> Result<usize, OverlayError> {
+    let mut cursor = futures::io::Cursor::new(bytes);
+    let mut frames = 0;
+    loop {
+        match futures::executor::block_on(read_frame(&mut cursor, max_frame_size)) {
+            Ok(frame) => {
+                WireFrame::decode(&frame)
+                    .map_err(|e| OverlayError::MalformedFrame(e.to_string()))?;
+                frames += 1;
+            }
+            Err(FrameError::Closed) => return Ok(frames),
+            Err(FrameError::Io(e)) => return Err(OverlayError::Io(e)),
+            Err(FrameError::TooLarge(size)) => {
+                return Err(OverlayError::TooLarge {
+                    what: "job frame",
+                    size,
+                    max: max_frame_size,
+                })
+            }
+        }
+    }
+}
+
 /// Writes one length-prefixed frame.
 pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
