@@ -70,6 +70,21 @@ pub enum Prompt {
     Tokens(Vec<u32>),
 }
 
+/// The ids `tokenizer` makes of `prompt`, as the engine counts them: text
+/// with the model's special tokens, a conversation through its chat
+/// template with the generation prompt. A gateway that holds the model's
+/// tokenizer counts a prompt with this before it sends the job anywhere.
+pub fn prompt_ids(tokenizer: &Tokenizer, prompt: &Prompt) -> Result<Vec<u32>> {
+    match prompt {
+        Prompt::Text(text) => tokenizer.encode(text, true),
+        Prompt::Chat(messages) => {
+            let text = tokenizer.apply_chat_template(messages, true)?;
+            tokenizer.encode(&text, false)
+        }
+        Prompt::Tokens(ids) => Ok(ids.clone()),
+    }
+}
+
 /// One generation request.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -83,6 +98,16 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Keep generating past the model's end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Tokens this answer already has, generated elsewhere (by a worker
+    /// that failed midway). After the prompt they are fed back one decode
+    /// step at a time, as if this engine had sampled them (the sampler
+    /// draws and discards, so a seeded run keeps its random stream), and
+    /// generation goes on after them: the cache holds what the first
+    /// engine's did, so a greedy answer continues as it would have. The text
+    /// decoder starts from them, so a character split across the seam comes
+    /// out whole. They count as prompt tokens in [`Usage`], not against
+    /// `max_tokens`.
+    pub continuation: Vec<u32>,
 }
 
 impl GenerateRequest {
@@ -94,6 +119,7 @@ impl GenerateRequest {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             ignore_eos: false,
+            continuation: Vec::new(),
         }
     }
 }
@@ -305,14 +331,7 @@ impl Engine {
 
     /// Tokenizes a prompt as [`Engine::submit`] would.
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        let ids = match prompt {
-            Prompt::Text(text) => self.tokenizer.encode(text, true),
-            Prompt::Chat(messages) => {
-                let text = self.tokenizer.apply_chat_template(messages, true)?;
-                self.tokenizer.encode(&text, false)
-            }
-            Prompt::Tokens(ids) => Ok(ids.clone()),
-        }?;
+        let ids = prompt_ids(&self.tokenizer, prompt)?;
         // Every id must have a row in the embedding table. A tokenizer can
         // know more tokens than the model has rows (added special tokens
         // of a small model), so this checks text prompts too.
@@ -365,13 +384,25 @@ impl Engine {
                 reason: "is empty".into(),
             });
         }
-        if prompt.len() >= self.context {
+        let vocab = self.tokenizer.vocab_size().min(self.embedding_rows).max(1);
+        if let Some(bad) = request
+            .continuation
+            .iter()
+            .find(|&&id| id as usize >= vocab)
+        {
+            return Err(InferenceError::InvalidRequest {
+                field: "continuation",
+                reason: format!("token id {bad} is outside the model's vocabulary of {vocab}"),
+            });
+        }
+        let before = prompt.len() + request.continuation.len();
+        if before >= self.context {
             return Err(InferenceError::PromptTooLong {
-                prompt_tokens: prompt.len(),
+                prompt_tokens: before,
                 context: self.context,
             });
         }
-        let worst = (prompt.len() + request.max_tokens).min(self.context);
+        let worst = (before + request.max_tokens).min(self.context);
         if worst * self.kv_bytes_per_token > self.config.kv_budget_bytes {
             return Err(InferenceError::InvalidRequest {
                 field: "max_tokens",
@@ -430,6 +461,11 @@ struct Sequence<B: Backend> {
     decoder: IncrementalDecoder,
     /// Generated text not yet sent because it may start a stop string.
     held: String,
+    /// Continuation tokens still to feed back (see
+    /// [`GenerateRequest::continuation`]).
+    replay: VecDeque<u32>,
+    /// How many continuation tokens the request carried.
+    carried: usize,
     generated: usize,
     /// The last sampled token, fed back at the next decode step.
     next_input: Option<u32>,
@@ -501,7 +537,9 @@ impl<B: Backend> Scheduler<B> {
                 continue;
             }
             let context = self.transformer.config().max_position_embeddings;
-            let worst = (job.prompt.len() + job.request.max_tokens).min(context);
+            let worst =
+                (job.prompt.len() + job.request.continuation.len() + job.request.max_tokens)
+                    .min(context);
             let bytes = worst * self.kv_bytes_per_token;
             if !self.active.is_empty() && self.reserved() + bytes > self.config.kv_budget_bytes {
                 self.waiting.push_front(job);
@@ -509,6 +547,15 @@ impl<B: Backend> Scheduler<B> {
             }
             self.counters.queued.fetch_sub(1, Ordering::Relaxed);
             let now = Instant::now();
+            // The continuation's text was sent by whoever generated it;
+            // all the decoder may still owe is the tail of a character
+            // split across the seam.
+            let replay: VecDeque<u32> = job.request.continuation.iter().copied().collect();
+            let carried = replay.len();
+            let mut decoder = IncrementalDecoder::default();
+            for &id in &job.request.continuation {
+                let _ = decoder.push(&self.tokenizer, id);
+            }
             self.active.push(Sequence {
                 cache: self.transformer.new_cache(),
                 sampler: Sampler::new(job.request.sampling.clone()),
@@ -516,8 +563,10 @@ impl<B: Backend> Scheduler<B> {
                 consumed: 0,
                 request: job.request,
                 sender: job.sender,
-                decoder: IncrementalDecoder::default(),
+                decoder,
                 held: String::new(),
+                replay,
+                carried,
                 generated: 0,
                 next_input: None,
                 pending: None,
@@ -612,6 +661,12 @@ impl<B: Backend> Scheduler<B> {
             }
             let row = &logits[row * vocab..(row + 1) * vocab];
             let token = seq.sampler.sample(row);
+            if let Some(carried) = seq.replay.pop_front() {
+                // This step made `carried` on the engine that began the
+                // answer: feed it back instead of what was drawn here.
+                seq.next_input = Some(carried);
+                continue;
+            }
             self.emit(*i, token);
         }
         if decoded > 0 {
@@ -666,7 +721,7 @@ impl<B: Backend> Scheduler<B> {
         }
         if finish.is_none()
             && (seq.generated >= seq.request.max_tokens
-                || seq.prompt.len() + seq.generated >= context)
+                || seq.prompt.len() + seq.carried + seq.generated >= context)
         {
             finish = Some(FinishReason::Length);
             text.push_str(&std::mem::take(&mut seq.held));
@@ -684,7 +739,7 @@ impl<B: Backend> Scheduler<B> {
             let first = seq.first_token.unwrap_or(now);
             let decode_secs = now.duration_since(first).as_secs_f64();
             let usage = Usage {
-                prompt_tokens: seq.prompt.len(),
+                prompt_tokens: seq.prompt.len() + seq.carried,
                 completion_tokens: seq.generated,
                 finish_reason: reason,
                 prefill_ms: first.duration_since(seq.admitted).as_secs_f64() * 1e3,

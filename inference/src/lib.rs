@@ -41,8 +41,8 @@ pub mod weights;
 
 pub use cpu::CpuKernels;
 pub use engine::{
-    Engine, EngineConfig, EngineLoad, Event, FinishReason, GenerateRequest, GenerationStream,
-    Prompt, Usage, MAX_STOP_BYTES, MAX_STOP_STRINGS,
+    prompt_ids, Engine, EngineConfig, EngineLoad, Event, FinishReason, GenerateRequest,
+    GenerationStream, Prompt, Usage, MAX_STOP_BYTES, MAX_STOP_STRINGS,
 };
 pub use error::{InferenceError, Result};
 pub use model::{LoadedModel, ModelSource};

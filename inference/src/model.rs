@@ -84,6 +84,17 @@ impl ModelSource {
     }
 }
 
+impl ModelSource {
+    /// Only the model's tokenizer (with its chat template), without the
+    /// weights: what a gateway needs to count a prompt's tokens.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match &self.format {
+            ModelFormat::Gguf(path) => Tokenizer::from_gguf(&GgufFile::open(path)?),
+            ModelFormat::HfDir(dir) => Tokenizer::from_hf_dir(dir),
+        }
+    }
+}
+
 /// SHA-256 of a file, streamed.
 pub fn file_sha256(path: &Path) -> Result<[u8; 32]> {
     let mut file = std::fs::File::open(path).map_err(|e| InferenceError::io(path, e))?;

@@ -334,6 +334,51 @@ fn batched_engine_in(path: (WeightLayout, CpuKernels)) {
     }
 }
 
+/// A continuation (what a failed worker already generated) picks up where
+/// it stopped: prompt plus the first half of the reference's greedy tokens
+/// gives exactly the second half.
+#[test]
+fn a_continuation_goes_on_where_the_tokens_stopped() {
+    for path in layouts() {
+        let dir = fixture("tiny-qwen3");
+        let exp = expected(&dir);
+        let engine = Engine::start(load(&dir, path), EngineConfig::default()).expect("engine");
+        for case in exp["cases"].as_array().expect("cases") {
+            let want = ids(&case["greedy_token_ids"]);
+            let prompt = ids(&case["prompt_token_ids"]);
+            let half = want.len() / 2;
+            let mut request =
+                GenerateRequest::new(Prompt::Tokens(prompt.clone()), want.len() - half);
+            request.ignore_eos = true;
+            request.continuation = want[..half].to_vec();
+            let mut stream = engine.submit(request).expect("submit");
+            let mut got = Vec::new();
+            let mut done = None;
+            while let Some(event) = stream.blocking_next() {
+                match event {
+                    Event::Token { id, .. } => got.push(id),
+                    Event::Done(usage) => done = Some(usage),
+                    Event::Error(e) => panic!("engine error: {e}"),
+                }
+            }
+            assert_eq!(got, want[half..], "{path:?}");
+            let usage = done.expect("a final usage record");
+            assert_eq!(usage.prompt_tokens, prompt.len() + half);
+            assert_eq!(usage.completion_tokens, want.len() - half);
+        }
+        // A continuation id outside the vocabulary is the request's fault.
+        let mut request = GenerateRequest::new(Prompt::Tokens(vec![1, 2]), 2);
+        request.continuation = vec![u32::MAX];
+        assert!(matches!(
+            engine.submit(request),
+            Err(silk_inference::InferenceError::InvalidRequest {
+                field: "continuation",
+                ..
+            })
+        ));
+    }
+}
+
 /// Audit F19: stop strings cost the scheduler thread work per token and
 /// held-back text in proportion to their number and length, and a custom
 /// gateway could send 16 of up to a frame's size. Both are capped now.

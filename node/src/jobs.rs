@@ -97,6 +97,10 @@ pub struct JobRequest {
     pub ignore_eos: bool,
     /// How the job is paid; `None` for a worker that charges nothing.
     pub payment: Option<PaymentTerms>,
+    /// Token ids the answer already has from a worker that failed midway:
+    /// the worker goes on after them (they are prefilled with the prompt,
+    /// counted as prompt tokens, and not against `max_tokens`).
+    pub continuation: Vec<u32>,
 }
 
 /// The prompt of a job.
@@ -174,13 +178,14 @@ impl JobRequest {
             },
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
+            continuation: self.continuation.clone(),
             ..GenerateRequest::new(prompt, self.max_tokens.max(1) as usize)
         }
     }
 
     /// A rough prompt length in tokens (4 bytes a token), for routing.
     pub fn estimated_prompt_tokens(&self) -> u64 {
-        self.prompt_bytes().div_ceil(4)
+        self.prompt_bytes().div_ceil(4) + self.continuation.len() as u64
     }
 
     /// The most prompt tokens a worker can honestly count: byte-level
@@ -192,7 +197,7 @@ impl JobRequest {
             WirePrompt::Text(_) => 0,
             WirePrompt::Chat(m) => m.len() as u64,
         };
-        self.prompt_bytes() + 16 * messages + 32
+        self.prompt_bytes() + 16 * messages + 32 + self.continuation.len() as u64
     }
 
     fn prompt_bytes(&self) -> u64 {
@@ -473,6 +478,7 @@ mod tests {
                 lane_id: 2,
                 job: 11,
             }),
+            continuation: vec![5, 6],
         };
         let m = JobMessage::Generate(r);
         let back: JobMessage = postcard::from_bytes(&encode(&m)).expect("decode");

@@ -20,7 +20,8 @@
 //!   [`cli::run`].
 //! - The mesh: [`config`] (`config.toml`), [`service`] ([`service::Node`]:
 //!   overlay + engine on workers + announcer + inbound-job loop + the
-//!   gateway's dispatch with retries), [`routing`] (ranking by expected
+//!   gateway's dispatch with retries), [`context`] (the gateway's
+//!   context-window check before dispatch), [`routing`] (ranking by expected
 //!   finish time, then reputation, then price), [`reputation`] (job
 //!   outcomes seen here plus gossiped reports weighted by the reporter's
 //!   standing), [`jobs`] (the postcard job protocol inside
@@ -44,6 +45,7 @@ pub mod attest;
 pub mod billing;
 pub mod cli;
 pub mod config;
+pub mod context;
 mod error;
 pub mod jobs;
 pub mod reputation;

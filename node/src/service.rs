@@ -23,12 +23,13 @@ use silk_overlay::{
     Announcement, AttestationMode, JobErrorCode, JobFrame, Multiaddr, Overlay, OverlayConfig,
     OverlayEvent, OverlayHandle, PeerId,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::keys::SpendHold;
 use crate::attest::{self, AttestationDocument, Claims, Hex, NodeIdentity, Policy, TsmReport};
 use crate::billing::{Billing, Delivery};
+use crate::context::{self, PromptCounter};
 use crate::jobs::{self, JobMessage, JobRequest, JobUsage, PaymentTerms, TokenChunk};
 use crate::payments::Reservation;
 use crate::reputation::Reputation;
@@ -52,6 +53,8 @@ const DHT_LOOKUP_REUSE: Duration = ANNOUNCE_EVERY;
 const JOB_CHANNEL: usize = 64;
 /// Candidates tried before giving up.
 const MAX_ATTEMPTS: usize = 4;
+/// Workers a job may go on on after the first failed midway.
+const MAX_CONTINUATIONS: usize = 2;
 /// Every attestation check of one request's candidates ends within this.
 const ATTESTATION_CHECKS: Duration = Duration::from_secs(5);
 /// A peer that left an attestation request unanswered is not asked again
@@ -151,6 +154,8 @@ pub struct Node {
     /// The last DHT lookup per model: when, and the workers it found.
     dht_lookups: Mutex<HashMap<String, (Instant, Vec<Announcement>)>>,
     reputation: Arc<Mutex<Reputation>>,
+    /// Counts prompt tokens for the context-window check before dispatch.
+    prompt_counter: PromptCounter,
     appraiser: Arc<Mutex<attest::Appraiser>>,
     cancel: CancellationToken,
     started: Instant,
@@ -209,45 +214,131 @@ enum Blame {
     Nobody,
 }
 
-impl Blame {
-    /// Blame for a worker's refusal with `code` before the first token.
-    fn of_refusal(code: JobErrorCode) -> Self {
+/// Why one attempt on one worker ended before its first token. The cause
+/// decides who is blamed and, when every attempt failed, the HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttemptError {
+    /// The worker has no room now.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The worker judged the request itself invalid (a prompt longer than
+    /// its context window, `max_tokens` past it).
+    #[error("refused the request: {0}")]
+    Rejected(String),
+    /// This gateway could not pay the worker (no lane, no funds, terms the
+    /// worker refused, a worker that charges while this node has no
+    /// payments).
+    #[error("payment: {0}")]
+    Payment(String),
+    /// The worker did not answer in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The worker failed: a stream error, an undecodable frame, an
+    /// internal error, a model it announced and does not serve.
+    #[error("failed: {0}")]
+    Failed(String),
+    /// Not the worker's doing: this gateway's own frame was too large or
+    /// malformed, or the two run wire versions apart.
+    #[error("{0}")]
+    Local(String),
+}
+
+impl AttemptError {
+    /// The error for a worker's refusal with `code` before the first token.
+    fn of_refusal(code: JobErrorCode, message: String) -> Self {
+        let message = format!("worker refused ({code:?}): {message}");
         match code {
             // The engine's validation: prompt over the context window,
             // max_tokens past it, a KV budget the request can never fit.
-            JobErrorCode::Rejected => Self::Caller,
-            JobErrorCode::Busy => Self::Busy,
+            JobErrorCode::Rejected => Self::Rejected(message),
+            JobErrorCode::Busy => Self::Busy(message),
             // Our frame was too large or malformed, or a wire version apart.
             JobErrorCode::FrameTooLarge
             | JobErrorCode::Malformed
-            | JobErrorCode::ProtocolVersion => Self::Nobody,
+            | JobErrorCode::ProtocolVersion => Self::Local(message),
             // Payment terms this gateway offered, or a cheque it sent.
             JobErrorCode::Application(
                 jobs::ERR_PAYMENT_REQUIRED
                 | jobs::ERR_PAYMENT_REFUSED
                 | jobs::ERR_BAD_CHEQUE
                 | jobs::ERR_NOT_CHARGING,
-            ) => Self::Nobody,
-            // It announced a model it does not serve, failed, or stalled.
-            JobErrorCode::Application(_) | JobErrorCode::Internal | JobErrorCode::Timeout => {
-                Self::Worker
-            }
+            ) => Self::Payment(message),
+            JobErrorCode::Timeout => Self::Timeout(message),
+            // It announced a model it does not serve, or failed.
+            JobErrorCode::Application(_) | JobErrorCode::Internal => Self::Failed(message),
+        }
+    }
+
+    /// The reason alone, without the cause's prefix.
+    fn reason(&self) -> &str {
+        match self {
+            Self::Busy(m)
+            | Self::Rejected(m)
+            | Self::Payment(m)
+            | Self::Timeout(m)
+            | Self::Failed(m)
+            | Self::Local(m) => m,
+        }
+    }
+
+    /// Whom the failure counts against.
+    fn blame(&self) -> Blame {
+        match self {
+            Self::Busy(_) => Blame::Busy,
+            Self::Rejected(_) => Blame::Caller,
+            Self::Payment(_) | Self::Local(_) => Blame::Nobody,
+            Self::Timeout(_) | Self::Failed(_) => Blame::Worker,
         }
     }
 }
 
-/// A failed attempt on one worker.
-#[derive(Debug)]
-struct AttemptError {
-    message: String,
-    blame: Blame,
+/// Every attempt of one request, in the order they were made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempts(pub Vec<(PeerId, AttemptError)>);
+
+impl std::fmt::Display for Attempts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("no candidate");
+        }
+        for (i, (peer, e)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{peer}: {e}")?;
+        }
+        Ok(())
+    }
 }
 
-impl AttemptError {
-    fn worker(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            blame: Blame::Worker,
+/// What the attempts of a request that no worker took say, as one cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureCause {
+    /// Every worker tried was busy: retry shortly.
+    Busy,
+    /// This node could not pay any worker it tried.
+    Payment,
+    /// No worker answered in time (some may have been busy or unpayable).
+    Timeout,
+    /// A worker failed, or nothing was tried.
+    Unavailable,
+}
+
+impl Attempts {
+    /// The cause the caller is told: a failure of a worker or of this node
+    /// outweighs a timeout, which outweighs payment, which outweighs busy.
+    pub fn cause(&self) -> FailureCause {
+        let has = |f: fn(&AttemptError) -> bool| self.0.iter().any(|(_, e)| f(e));
+        if self.0.is_empty()
+            || has(|e| matches!(e, AttemptError::Failed(_) | AttemptError::Local(_)))
+        {
+            FailureCause::Unavailable
+        } else if has(|e| matches!(e, AttemptError::Timeout(_))) {
+            FailureCause::Timeout
+        } else if has(|e| matches!(e, AttemptError::Payment(_))) {
+            FailureCause::Payment
+        } else {
+            FailureCause::Busy
         }
     }
 }
@@ -261,7 +352,12 @@ pub enum DispatchError {
     /// No worker announces the model.
     #[error("no worker on the mesh serves model `{0}` (see GET /v1/models)")]
     UnknownModel(String),
-    /// Every worker for the model failed the attestation policy.
+    /// Every worker for the model runs without TDX, and this gateway does
+    /// not route to insecure workers.
+    #[error("{0}")]
+    InsecureRefused(String),
+    /// Every worker for the model failed the attestation policy (some with
+    /// TDX evidence the policy does not accept, or none in time).
     #[error("{0}")]
     AttestationRefused(String),
     /// Every worker is at this gateway's per-worker cap.
@@ -282,9 +378,38 @@ pub enum DispatchError {
     /// other worker is tried and no worker is blamed.
     #[error("the worker refused the request: {0}")]
     InvalidRequest(String),
+    /// The request fits the context window of no worker serving the model:
+    /// judged by this gateway before any worker was asked.
+    #[error("{}", context_message(model, *window, *prompt_tokens, *max_tokens))]
+    ContextLengthExceeded {
+        /// The model id.
+        model: String,
+        /// The largest context window a worker announces for it, in tokens.
+        window: u32,
+        /// The prompt's tokens, when this gateway could count them.
+        prompt_tokens: Option<u64>,
+        /// The request's `max_tokens`.
+        max_tokens: u32,
+    },
     /// Every attempt failed before the first token.
     #[error("no worker could take the job: {0}")]
-    AllFailed(String),
+    AllFailed(Attempts),
+}
+
+fn context_message(
+    model: &str,
+    window: u32,
+    prompt_tokens: Option<u64>,
+    max_tokens: u32,
+) -> String {
+    match prompt_tokens {
+        Some(p) if p >= u64::from(window) => format!(
+            "the prompt has {p} tokens, but the context window of `{model}` is {window} tokens: shorten the messages"
+        ),
+        _ => format!(
+            "max_tokens is {max_tokens}, more than the context window of `{model}`, {window} tokens"
+        ),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -454,6 +579,12 @@ impl Node {
             Some(url) => attest::CollateralSource::with_pccs(cache, attest::PccsClient::new(url)),
             None => attest::CollateralSource::offline(cache),
         };
+        let prompt_counter = PromptCounter::new(
+            options.models_dir.clone(),
+            worker
+                .as_ref()
+                .map(|w| (w.model.id.clone(), w.engine.clone())),
+        );
         let node = Arc::new(Self {
             overlay,
             worker,
@@ -471,6 +602,7 @@ impl Node {
             attest_unanswered: Mutex::default(),
             pinned_models: options.pinned_models.clone(),
             reputation: Arc::default(),
+            prompt_counter,
             appraiser: Arc::new(Mutex::new(
                 attest::Appraiser::new(policy, options.allow_insecure_workers)
                     .with_collateral_source(collateral),
@@ -555,6 +687,7 @@ impl Node {
         Announcement {
             peer_id: self.peer_id(),
             models: vec![worker.model.id.clone()],
+            context_windows: vec![u32::try_from(worker.engine.context_length()).unwrap_or(u32::MAX)],
             free_slots: (load.max_batch as u32).saturating_sub(busy),
             queue_depth: load.queued as u32,
             decode_tokens_per_s_milli: worker.tokens_per_s_milli,
@@ -782,6 +915,7 @@ impl Node {
         model: &str,
         request: &JobRequest,
         max_coefficient_milli: u32,
+        exclude: &[PeerId],
     ) -> Result<Vec<Candidate>, DispatchError> {
         let anns: Vec<Announcement> = self
             .overlay
@@ -789,7 +923,7 @@ impl Node {
             .await
             .unwrap_or_default()
             .into_iter()
-            .filter(|a| a.models.iter().any(|m| m == model))
+            .filter(|a| a.models.iter().any(|m| m == model) && !exclude.contains(&a.peer_id))
             .collect();
         let rtts: HashMap<PeerId, Duration> = self
             .overlay
@@ -812,10 +946,42 @@ impl Node {
             .collect();
         if raw.len() < 2 {
             let found = self.dht_candidates_reused(model, &raw).await;
-            raw.extend(found.into_iter().map(|a| (a, None)));
+            raw.extend(
+                found
+                    .into_iter()
+                    .filter(|a| !exclude.contains(&a.peer_id))
+                    .map(|a| (a, None)),
+            );
         }
         if raw.is_empty() {
             return Err(DispatchError::UnknownModel(model.to_string()));
+        }
+        // What this gateway can judge itself: a request that fits no
+        // announced context window is the caller's error (issue 11, F11).
+        if raw.iter().any(|(a, _)| a.context_window(model).is_some()) {
+            let max_tokens = request.max_tokens.max(1);
+            let prompt_tokens = self
+                .prompt_counter
+                .count(model, request.to_generate().prompt)
+                .await
+                .map(|p| p + request.continuation.len() as u64);
+            let window = raw
+                .iter()
+                .filter_map(|(a, _)| a.context_window(model))
+                .max()
+                .unwrap_or(0);
+            raw.retain(|(a, _)| {
+                a.context_window(model)
+                    .is_none_or(|w| context::fits(w, prompt_tokens, max_tokens))
+            });
+            if raw.is_empty() {
+                return Err(DispatchError::ContextLengthExceeded {
+                    model: model.to_string(),
+                    window,
+                    prompt_tokens,
+                    max_tokens,
+                });
+            }
         }
         let in_flight = self.in_flight.lock().map(|m| m.clone()).unwrap_or_default();
         let failures = self.failures.lock().map(|m| m.clone()).unwrap_or_default();
@@ -837,9 +1003,11 @@ impl Node {
             }
         }))
         .await;
+        let mut only_insecure_refused = true;
         for ((a, rtt), check) in raw.into_iter().zip(checks) {
             if let Err(reason) = check {
                 refused.push(format!("{}: {reason}", a.peer_id));
+                only_insecure_refused &= a.attestation_mode == AttestationMode::Insecure;
                 continue;
             }
             let mine = in_flight.get(&a.peer_id).copied().unwrap_or(0);
@@ -860,15 +1028,20 @@ impl Node {
             });
         }
         if out.is_empty() {
-            return Err(DispatchError::AttestationRefused(format!(
+            let message = format!(
                 "every worker serving `{model}` was refused by this gateway's attestation policy ({}); {}",
                 refused.join("; "),
-                if self.allow_insecure {
-                    "check the policy file"
-                } else {
+                if only_insecure_refused {
                     "insecure workers let their operator read prompts: start the gateway with --allow-insecure-workers to use them anyway"
+                } else {
+                    "check the policy file"
                 }
-            )));
+            );
+            return Err(if only_insecure_refused {
+                DispatchError::InsecureRefused(message)
+            } else {
+                DispatchError::AttestationRefused(message)
+            });
         }
         let cheapest = out.iter().map(|c| c.price_milli).min().unwrap_or(0);
         out.retain(|c| c.price_milli <= u64::from(max_coefficient_milli));
@@ -969,6 +1142,8 @@ impl Node {
             out.push(Announcement {
                 peer_id: peer,
                 models: doc.claims.models.clone(),
+                // The attestation document does not say; the worker judges.
+                context_windows: Vec::new(),
                 free_slots: 1,
                 queue_depth: 0,
                 decode_tokens_per_s_milli: 0,
@@ -1129,32 +1304,57 @@ impl Node {
     /// `spend`, the caller's API-key hold, is settled with what the job
     /// cost when it ends (before its last event), or dropped if no worker
     /// took it.
+    ///
+    /// A worker that fails after the first token is not the caller's
+    /// problem: the job goes on on another worker serving the same id, from
+    /// the prompt plus the tokens already delivered (see [`Node::relay`]).
     pub async fn dispatch(
-        &self,
+        self: &Arc<Self>,
         request: JobRequest,
         max_coefficient_milli: Option<u32>,
-        mut spend: Option<SpendHold>,
+        spend: Option<SpendHold>,
     ) -> Result<Dispatch, DispatchError> {
         let max_coefficient = crate::payments::capped_coefficient(
             max_coefficient_milli,
             self.default_max_coefficient_milli,
         );
+        let (worker, attestation, attempt) = self.place(&request, max_coefficient, &[]).await?;
+        let (tx, events) = mpsc::channel(JOB_CHANNEL);
+        let model = request.model.clone();
+        tokio::spawn(Arc::clone(self).relay(request, max_coefficient, worker, attempt, spend, tx));
+        Ok(Dispatch {
+            worker,
+            attestation,
+            model,
+            events,
+        })
+    }
+
+    /// Places `request` on the best candidate not in `exclude`, trying the
+    /// next while no token has arrived; returns the worker, its attestation
+    /// mode and the running attempt.
+    async fn place(
+        &self,
+        request: &JobRequest,
+        max_coefficient: u32,
+        exclude: &[PeerId],
+    ) -> Result<(PeerId, AttestationMode, Attempt), DispatchError> {
         let candidates = self
-            .candidates(&request.model, &request, max_coefficient)
+            .candidates(&request.model, request, max_coefficient, exclude)
             .await?;
-        let mut errors = Vec::new();
+        let mut attempts = Vec::new();
         for c in candidates.into_iter().take(MAX_ATTEMPTS) {
             let local = c.peer == self.peer_id();
             let mut paid = match (&self.billing, &c.payout, local) {
                 (Some(billing), Some(payout), false) => {
                     match self
-                        .prepare_payment(billing, &c, payout, max_coefficient, &request)
+                        .prepare_payment(billing, &c, payout, max_coefficient, request)
                         .await
                     {
                         Ok(p) => Some(p),
                         Err(e) => {
                             tracing::info!(worker = %c.peer, error = %e, "cannot pay this worker; trying the next");
-                            errors.push(format!("{}: {e}", c.peer));
+                            attempts.push((c.peer, AttemptError::Payment(e)));
                             continue;
                         }
                     }
@@ -1163,20 +1363,12 @@ impl Node {
             };
             let slot = self.take_slot(c.peer);
             let attempt = if local {
-                self.run_local(&request, slot, &mut spend).await
+                self.run_local(request, slot).await
             } else {
-                self.run_remote(&request, c.peer, slot, &mut paid, &mut spend)
-                    .await
+                self.run_remote(request, c.peer, slot, &mut paid).await
             };
             match attempt {
-                Ok(events) => {
-                    return Ok(Dispatch {
-                        worker: c.peer,
-                        attestation: c.mode,
-                        model: request.model.clone(),
-                        events,
-                    })
-                }
+                Ok(attempt) => return Ok((c.peer, c.mode, attempt)),
                 Err(e) => {
                     if let Some(p) = paid.take() {
                         p.billing.release(p.reservation).await;
@@ -1184,33 +1376,127 @@ impl Node {
                     // Only a fault of the worker counts against it (audit
                     // F11): a request the caller got wrong, or a frame this
                     // gateway could not send, says nothing about the worker.
-                    match e.blame {
+                    match e.blame() {
                         Blame::Caller => {
-                            tracing::info!(worker = %c.peer, error = %e.message, "the worker refused the request as invalid");
-                            return Err(DispatchError::InvalidRequest(e.message));
+                            tracing::info!(worker = %c.peer, error = %e, "the worker refused the request as invalid");
+                            return Err(DispatchError::InvalidRequest(e.reason().to_string()));
                         }
                         Blame::Worker => {
-                            tracing::info!(worker = %c.peer, error = %e.message, "worker failed before the first token; trying the next");
+                            tracing::info!(worker = %c.peer, error = %e, "worker failed before the first token; trying the next");
                             self.note_failure(c.peer);
                             Self::record_outcome(&self.reputation, c.peer, false);
                         }
                         Blame::Busy => {
-                            tracing::info!(worker = %c.peer, error = %e.message, "worker busy; trying the next");
+                            tracing::info!(worker = %c.peer, error = %e, "worker busy; trying the next");
                             self.note_failure(c.peer);
                         }
                         Blame::Nobody => {
-                            tracing::info!(worker = %c.peer, error = %e.message, "attempt failed without the worker's fault; trying the next");
+                            tracing::info!(worker = %c.peer, error = %e, "attempt failed without the worker's fault; trying the next");
                         }
                     }
-                    errors.push(format!("{}: {}", c.peer, e.message));
+                    attempts.push((c.peer, e));
                 }
             }
         }
-        Err(DispatchError::AllFailed(if errors.is_empty() {
-            "no candidate".into()
-        } else {
-            errors.join("; ")
-        }))
+        Err(DispatchError::AllFailed(Attempts(attempts)))
+    }
+
+    /// Forwards a job's events to the caller and settles the caller's
+    /// API-key spending with what the job cost in all. When the worker
+    /// fails after delivering tokens, and tokens are still owed, the job
+    /// goes on on another worker for the same model id: the prompt plus
+    /// every token delivered so far, for the rest of `max_tokens`. Each
+    /// worker is paid for what it produced (its own attempt settles it),
+    /// the caller sees one stream, and its usage counts the original prompt
+    /// and every token it got. A request with stop strings is not continued
+    /// (text a worker held back as a possible stop string never reached the
+    /// caller, so the seam would lose it): it fails as before.
+    async fn relay(
+        self: Arc<Self>,
+        mut request: JobRequest,
+        max_coefficient: u32,
+        first: PeerId,
+        mut attempt: Attempt,
+        spend: Option<SpendHold>,
+        tx: mpsc::Sender<JobEvent>,
+    ) {
+        let max_tokens = request.max_tokens;
+        let mut delivered: Vec<u32> = Vec::new();
+        let mut total = Some(silk_chain::Coins::ZERO);
+        let mut tried = vec![first];
+        loop {
+            let end = loop {
+                let event = tokio::select! {
+                    biased;
+                    () = tx.closed() => break RelayEnd::CallerGone,
+                    e = attempt.events.recv() => e,
+                };
+                match event {
+                    Some(JobEvent::Token(chunk)) => {
+                        delivered.extend_from_slice(&chunk.ids);
+                        if tx.send(JobEvent::Token(chunk)).await.is_err() {
+                            break RelayEnd::CallerGone;
+                        }
+                    }
+                    Some(JobEvent::Done { usage, .. }) => break RelayEnd::Done(usage),
+                    Some(JobEvent::Failed(message)) => break RelayEnd::Failed(message),
+                    None => break RelayEnd::Failed("the job ended without a result".into()),
+                }
+            };
+            // Dropping the events ends a job the caller left; its task then
+            // settles what was delivered and reports the cost.
+            drop(attempt.events);
+            let cost = attempt.cost.await.unwrap_or(None);
+            total = match (total, cost) {
+                (Some(a), Some(b)) => a.checked_add(b).ok(),
+                _ => None,
+            };
+            let message = match end {
+                RelayEnd::CallerGone => {
+                    settle_spend(spend, total).await;
+                    return;
+                }
+                RelayEnd::Done(mut usage) => {
+                    let carried = request.continuation.len() as u32;
+                    usage.prompt_tokens = usage.prompt_tokens.saturating_sub(carried);
+                    usage.completion_tokens = usage.completion_tokens.saturating_add(carried);
+                    settle_spend(spend, total).await;
+                    let _ = tx.send(JobEvent::Done { usage, cost: total }).await;
+                    return;
+                }
+                RelayEnd::Failed(message) => message,
+            };
+            let owed = max_tokens.saturating_sub(delivered.len() as u32);
+            if !delivered.is_empty()
+                && owed > 0
+                && request.stop.is_empty()
+                && tried.len() <= MAX_CONTINUATIONS
+            {
+                request.continuation.clone_from(&delivered);
+                request.max_tokens = owed;
+                request.payment = None;
+                match self.place(&request, max_coefficient, &tried).await {
+                    Ok((peer, _, next)) => {
+                        tracing::warn!(
+                            failed = %tried[tried.len() - 1],
+                            worker = %peer,
+                            delivered = delivered.len(),
+                            error = %message,
+                            "a worker failed midway; the job goes on on another"
+                        );
+                        tried.push(peer);
+                        attempt = next;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a worker failed midway and no other could go on");
+                    }
+                }
+            }
+            settle_spend(spend, total).await;
+            let _ = tx.send(JobEvent::Failed(message)).await;
+            return;
+        }
     }
 
     async fn prepare_payment(
@@ -1251,27 +1537,27 @@ impl Node {
         &self,
         request: &JobRequest,
         slot: InFlight,
-        spend: &mut Option<SpendHold>,
-    ) -> Result<mpsc::Receiver<JobEvent>, AttemptError> {
-        let worker = self.worker.clone().ok_or(AttemptError {
-            message: "not a worker".into(),
-            blame: Blame::Nobody,
-        })?;
+    ) -> Result<Attempt, AttemptError> {
+        let worker = self
+            .worker
+            .clone()
+            .ok_or_else(|| AttemptError::Local("this node is not a worker".into()))?;
         let mut stream = crate::jobs::submit_off_runtime(&worker.engine, request.to_generate())
             .await
-            .map_err(|e| AttemptError {
-                blame: match e {
-                    silk_inference::InferenceError::Busy { .. } => Blame::Busy,
-                    silk_inference::InferenceError::InvalidRequest { .. }
-                    | silk_inference::InferenceError::PromptTooLong { .. } => Blame::Caller,
-                    _ => Blame::Worker,
-                },
-                message: e.to_string(),
+            .map_err(|e| match e {
+                silk_inference::InferenceError::Busy { .. } => AttemptError::Busy(e.to_string()),
+                silk_inference::InferenceError::InvalidRequest { .. }
+                | silk_inference::InferenceError::PromptTooLong { .. } => {
+                    AttemptError::Rejected(e.to_string())
+                }
+                _ => AttemptError::Failed(e.to_string()),
             })?;
         let (tx, rx) = mpsc::channel(JOB_CHANNEL);
+        // A node does not pay itself: the job costs nothing.
+        let (cost_tx, cost) = oneshot::channel();
+        let _ = cost_tx.send(Some(silk_chain::Coins::ZERO));
         let price = self.price_milli;
         let cancel = self.cancel.clone();
-        let mut spend = spend.take();
         tokio::spawn(async move {
             let _slot = slot;
             loop {
@@ -1293,16 +1579,12 @@ impl Node {
                     None => JobEvent::Failed("the engine stopped".into()),
                 };
                 let last = !matches!(out, JobEvent::Token(_));
-                if last {
-                    // A node does not pay itself: the job cost nothing.
-                    settle_spend(spend.take(), Some(silk_chain::Coins::ZERO)).await;
-                }
                 if tx.send(out).await.is_err() || last {
                     return;
                 }
             }
         });
-        Ok(rx)
+        Ok(Attempt { events: rx, cost })
     }
 
     /// Runs a job on `peer`. Returns once the first frame arrived; `paid`
@@ -1314,8 +1596,7 @@ impl Node {
         peer: PeerId,
         slot: InFlight,
         paid: &mut Option<PaidJob>,
-        spend: &mut Option<SpendHold>,
-    ) -> Result<mpsc::Receiver<JobEvent>, AttemptError> {
+    ) -> Result<Attempt, AttemptError> {
         let max_tokens = request.max_tokens;
         let mut request = request.clone();
         request.payment = paid.as_ref().map(|p| p.terms.clone());
@@ -1325,35 +1606,33 @@ impl Node {
                 .open_job(peer, jobs::encode(&JobMessage::Generate(request))),
         )
         .await
-        .map_err(|_| AttemptError::worker("opening the job stream timed out"))?
+        .map_err(|_| AttemptError::Timeout("opening the job stream took more than 10 s".into()))?
         .map_err(|e| match e {
             // Our own request frame was over the limit: not the worker's doing.
-            silk_overlay::OverlayError::TooLarge { .. } => AttemptError {
-                message: e.to_string(),
-                blame: Blame::Nobody,
-            },
-            e => AttemptError::worker(e.to_string()),
+            silk_overlay::OverlayError::TooLarge { .. } => AttemptError::Local(e.to_string()),
+            silk_overlay::OverlayError::JobTimeout { .. } => AttemptError::Timeout(e.to_string()),
+            e => AttemptError::Failed(e.to_string()),
         })?;
         let first = match stream.next_frame().await {
             Some(Ok(JobFrame::Data(d))) => Frame::Tokens(
                 postcard::from_bytes(&d)
-                    .map_err(|e| AttemptError::worker(format!("undecodable token frame: {e}")))?,
+                    .map_err(|e| AttemptError::Failed(format!("undecodable token frame: {e}")))?,
             ),
             Some(Ok(JobFrame::End(u))) => Frame::End(
                 postcard::from_bytes(&u)
-                    .map_err(|e| AttemptError::worker(format!("undecodable usage frame: {e}")))?,
+                    .map_err(|e| AttemptError::Failed(format!("undecodable usage frame: {e}")))?,
             ),
             Some(Ok(JobFrame::Error { code, message })) => {
-                return Err(AttemptError {
-                    blame: Blame::of_refusal(code),
-                    message: format!("worker refused ({code:?}): {message}"),
-                })
+                return Err(AttemptError::of_refusal(code, message))
             }
-            Some(Err(e)) => return Err(AttemptError::worker(e.to_string())),
-            None => return Err(AttemptError::worker("the worker closed the stream")),
+            Some(Err(e @ silk_overlay::OverlayError::JobTimeout { .. })) => {
+                return Err(AttemptError::Timeout(e.to_string()))
+            }
+            Some(Err(e)) => return Err(AttemptError::Failed(e.to_string())),
+            None => return Err(AttemptError::Failed("the worker closed the stream".into())),
         };
         let paid = paid.take();
-        let spend = spend.take();
+        let (cost_tx, cost_rx) = oneshot::channel();
         let overlay = self.overlay.clone();
         let reputation = Arc::clone(&self.reputation);
         let (tx, rx) = mpsc::channel(JOB_CHANNEL);
@@ -1400,7 +1679,7 @@ impl Node {
                                 }
                                 None => Some(silk_chain::Coins::ZERO),
                             };
-                            settle_spend(spend, cost).await;
+                            let _ = cost_tx.send(cost);
                             return;
                         }
                         Frame::decode(raw, peer, delivery.tokens())
@@ -1428,7 +1707,7 @@ impl Node {
                     }
                     None => Some(silk_chain::Coins::ZERO),
                 };
-                settle_spend(spend, cost).await;
+                let _ = cost_tx.send(cost);
                 Self::record_outcome(&reputation, peer, usage.is_some());
                 let event = match (out, usage) {
                     (_, Some(usage)) => JobEvent::Done { usage, cost },
@@ -1439,7 +1718,10 @@ impl Node {
                 return;
             }
         });
-        Ok(rx)
+        Ok(Attempt {
+            events: rx,
+            cost: cost_rx,
+        })
     }
 }
 
@@ -1448,6 +1730,22 @@ async fn settle_spend(spend: Option<SpendHold>, cost: Option<silk_chain::Coins>)
     if let Some(hold) = spend {
         hold.settle(cost).await;
     }
+}
+
+/// A job running on one worker.
+struct Attempt {
+    /// Its events; dropping them ends the job.
+    events: mpsc::Receiver<JobEvent>,
+    /// What it cost this gateway, sent once its task has settled it
+    /// (`None`: settling failed).
+    cost: oneshot::Receiver<Option<silk_chain::Coins>>,
+}
+
+/// How one attempt ended, as the relay sees it.
+enum RelayEnd {
+    CallerGone,
+    Done(JobUsage),
+    Failed(String),
 }
 
 /// One decoded frame of a running job.
@@ -1719,5 +2017,39 @@ mod tests {
             pick_model(Some("nope"), &served, &pinned),
             Err(DispatchError::UnknownModel(_))
         ));
+    }
+
+    #[test]
+    fn the_cause_of_a_failed_request_weighs_the_attempts() {
+        let at = |e: AttemptError| (peer(1), e);
+        let busy = || AttemptError::Busy("b".into());
+        let pay = || AttemptError::Payment("p".into());
+        let slow = || AttemptError::Timeout("t".into());
+        let failed = || AttemptError::Failed("f".into());
+        let cause = |v: Vec<(PeerId, AttemptError)>| Attempts(v).cause();
+        assert_eq!(cause(vec![]), FailureCause::Unavailable);
+        assert_eq!(cause(vec![at(busy()), at(busy())]), FailureCause::Busy);
+        assert_eq!(cause(vec![at(busy()), at(pay())]), FailureCause::Payment);
+        assert_eq!(cause(vec![at(pay()), at(slow())]), FailureCause::Timeout);
+        assert_eq!(
+            cause(vec![at(slow()), at(failed()), at(busy())]),
+            FailureCause::Unavailable
+        );
+        assert_eq!(
+            cause(vec![at(AttemptError::Local("l".into()))]),
+            FailureCause::Unavailable
+        );
+        // Who is blamed follows the cause: only a worker's failure or its
+        // silence counts against it.
+        assert_eq!(busy().blame(), Blame::Busy);
+        assert_eq!(pay().blame(), Blame::Nobody);
+        assert_eq!(slow().blame(), Blame::Worker);
+        assert_eq!(failed().blame(), Blame::Worker);
+        assert_eq!(AttemptError::Rejected("r".into()).blame(), Blame::Caller);
+        assert_eq!(
+            AttemptError::of_refusal(JobErrorCode::Application(jobs::ERR_BAD_CHEQUE), "x".into())
+                .blame(),
+            Blame::Nobody
+        );
     }
 }

@@ -16,7 +16,7 @@ use silk_node::jobs::{self, Finish, JobMessage, JobRequest, JobUsage, TokenChunk
 use silk_node::payments::{Payments, PaymentsConfig};
 use silk_node::service::{JobEvent, Node, NodeOptions};
 use silk_overlay::testing::{local_config, seeded_keypair, spawn_local, worker_announcement};
-use silk_overlay::{JobResponder, OverlayEvent};
+use silk_overlay::{JobErrorCode, JobResponder, OverlayEvent};
 use tokio_util::sync::CancellationToken;
 
 const MODEL: &str = "hostile@sha256:00";
@@ -34,6 +34,8 @@ enum Play {
     Honest,
     /// A token every 500 ms, forever: progress, but slow.
     Trickle,
+    /// Refuses the job with this code before any token.
+    Refuse(JobErrorCode),
 }
 
 fn token(text: &str) -> Vec<u8> {
@@ -84,6 +86,9 @@ async fn play(play: Play, max_tokens: u32, mut r: JobResponder) {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+        Play::Refuse(code) => {
+            let _ = r.error(code, "refused by the hostile worker").await;
+        }
         Play::EmptyFramesForever => {
             let _ = r.send_data(token("a")).await;
             let empty = jobs::encode(&TokenChunk {
@@ -100,7 +105,7 @@ async fn play(play: Play, max_tokens: u32, mut r: JobResponder) {
     }
 }
 
-async fn dispatch(gateway: &Node, max_tokens: u32) -> (u32, Result<Option<Coins>, String>) {
+async fn dispatch(gateway: &Arc<Node>, max_tokens: u32) -> (u32, Result<Option<Coins>, String>) {
     let request = JobRequest {
         model: MODEL.into(),
         prompt: WirePrompt::Text("Hello there.".into()),
@@ -111,6 +116,7 @@ async fn dispatch(gateway: &Node, max_tokens: u32) -> (u32, Result<Option<Coins>
         stop: Vec::new(),
         ignore_eos: false,
         payment: None,
+        continuation: Vec::new(),
     };
     let mut job = gateway
         .dispatch(request, None, None)
@@ -528,5 +534,93 @@ async fn the_request_deadline_ends_a_slow_job_with_a_504_or_an_error_event() {
 
     worker.abort();
     cancel.cancel();
+    gateway.shutdown();
+}
+
+/// When no worker takes a job, the API answers with the status of the
+/// cause, not 503 for everything: a busy worker is a 429 to retry, a worker
+/// that did not answer in time a 504, a payment this node could not make a
+/// 402, a worker's own failure a 503, and a request the worker judged
+/// invalid a 400. Before the causes were typed, all but the last were
+/// `503 no_worker_available`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_no_worker_took_is_answered_with_the_status_of_its_cause() {
+    use silk_node::api::{self, guard::HttpConfig, keys::ApiKeys, ApiOptions};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = Node::start(NodeOptions {
+        data_dir: dir.path().to_path_buf(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
+        bootstrap: Vec::new(),
+        worker_model: None,
+        models_dir: dir.path().join("models"),
+        device: Default::default(),
+        allow_insecure_workers: true,
+        price_coefficient_milli: 1000,
+        default_max_coefficient_milli: 2000,
+        billing: None,
+        max_jobs_per_worker: 8,
+        mdns: false,
+        fast_gossip: true,
+        attestation_policy: None,
+        pccs_url: None,
+        job_progress_timeout: silk_node::service::JOB_PROGRESS_TIMEOUT,
+        pinned_models: silk_node::service::default_pinned_models(),
+    })
+    .await
+    .expect("gateway");
+    let plays = Arc::new(Mutex::new(Play::Honest));
+    let (worker, _peer) = hostile_worker(&gateway, 68, None, Arc::clone(&plays)).await;
+    let cancel = CancellationToken::new();
+    let options = ApiOptions {
+        addr: "127.0.0.1:0".into(),
+        http: HttpConfig::default(),
+        keys: ApiKeys::open(&dir.path().join(api::keys::KEYS_FILE)).expect("keys"),
+    };
+    let (addr, _task) = api::serve(Arc::clone(&gateway), options, cancel.clone())
+        .await
+        .expect("serve");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let url = format!("http://{addr}/v1/chat/completions");
+    let body = serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hello there."}],
+        "max_tokens": 4,
+    });
+    let cases = [
+        (JobErrorCode::Busy, 429, "workers_busy"),
+        (JobErrorCode::Timeout, 504, "worker_timeout"),
+        (
+            JobErrorCode::Application(jobs::ERR_PAYMENT_REFUSED),
+            402,
+            "payment_failed",
+        ),
+        (JobErrorCode::Internal, 503, "no_worker_available"),
+        (JobErrorCode::Rejected, 400, "invalid_request"),
+    ];
+    for (code, status, name) in cases {
+        *plays.lock().expect("lock") = Play::Refuse(code);
+        let r = client.post(&url).json(&body).send().await.expect("send");
+        let got = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(got, status, "{code:?}: {v}");
+        assert_eq!(v["error"]["code"], name, "{code:?}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("refused by the hostile worker")),
+            "{code:?}: the message names the worker's reason: {v}"
+        );
+    }
+    // And the worker still serves once it stops refusing.
+    *plays.lock().expect("lock") = Play::Honest;
+    let r = client.post(&url).json(&body).send().await.expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+
+    cancel.cancel();
+    worker.abort();
     gateway.shutdown();
 }

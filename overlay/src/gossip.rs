@@ -45,6 +45,10 @@ pub struct Announcement {
     pub peer_id: PeerId,
     /// Model ids served.
     pub models: Vec<String>,
+    /// The context window, in tokens, of each model in `models`, in the
+    /// same order (a shorter list leaves the rest unknown). A gateway
+    /// refuses a request that fits none of them before it sends the job.
+    pub context_windows: Vec<u32>,
     /// Jobs it can admit right now.
     pub free_slots: u32,
     /// Jobs waiting in its queue.
@@ -98,6 +102,15 @@ pub enum EnvelopeError {
         /// The peer id inside the payload.
         claimed: PeerId,
     },
+}
+
+impl Announcement {
+    /// The announced context window of `model`, if it is served and the
+    /// worker said.
+    pub fn context_window(&self, model: &str) -> Option<u32> {
+        let i = self.models.iter().position(|m| m == model)?;
+        self.context_windows.get(i).copied()
+    }
 }
 
 impl SignedEnvelope {
@@ -442,6 +455,7 @@ mod tests {
         Announcement {
             peer_id: keypair.public().to_peer_id(),
             models: vec!["smollm2-135m".into()],
+            context_windows: vec![8192],
             free_slots: 2,
             queue_depth: 0,
             decode_tokens_per_s_milli: 40_000,

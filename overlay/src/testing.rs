@@ -96,6 +96,7 @@ pub fn worker_announcement(peer: PeerId, seq: u64, models: &[&str]) -> Announcem
     Announcement {
         peer_id: peer,
         models: models.iter().map(|m| (*m).to_owned()).collect(),
+        context_windows: vec![8192; models.len()],
         free_slots: 4,
         queue_depth: 0,
         decode_tokens_per_s_milli: 50_000,

@@ -141,12 +141,28 @@ async fn five_node_mesh() -> anyhow::Result<()> {
             .await?,
     );
     ensure!(before.len() == 2, "{before:?}");
+    // Workers announce their context window; the gateway, which holds the
+    // model's tokenizer here, counts the prompt and answers the 400 itself
+    // before any worker is asked (the code and the message are the
+    // gateway's; a worker's refusal would be `invalid_request`).
+    let mesh = net
+        .get_json(&format!("{}/v1/mesh", net.nodes[0].api_url))
+        .await?;
+    for w in mesh["workers"].as_array().context("workers")? {
+        assert_eq!(w["context_windows"], json!([8192]), "{w}");
+    }
     let too_long = "hello ".repeat(9000);
     for _ in 0..10 {
         let (status, _, body) =
             post(&net, 0, "/v1/chat/completions", &chat_body(&too_long, 4)).await?;
         assert_eq!(status, 400, "{body}");
-        assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+        assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+        assert_eq!(body["error"]["param"], "messages", "{body}");
+        let msg = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("the prompt has 9") && msg.contains("8192 tokens"),
+            "{msg}"
+        );
     }
     let after = reputations(
         &net.get_json(&format!("{}/v1/mesh", net.nodes[0].api_url))
@@ -170,7 +186,8 @@ async fn five_node_mesh() -> anyhow::Result<()> {
     // A worker killed before the first token: the job completes on the other.
     // Gateway 3 prefers the worker it used above (rankings are stable on an
     // idle mesh), so it tries the dead one first and must retry.
-    net.kill_peer(&served_by)
+    let first_killed = net
+        .kill_peer(&served_by)
         .context("served_by is not a node")?;
     let other = workers
         .iter()
@@ -193,7 +210,78 @@ async fn five_node_mesh() -> anyhow::Result<()> {
     assert!(out.done && out.error.is_none(), "{:?}", out.error);
     assert_eq!(out.worker.as_deref(), Some(other.as_str()));
 
-    // A worker killed mid-stream: a clear error event, no [DONE], no hang.
+    // A worker killed mid-stream while another serves the same model: the
+    // gateway goes on on the other from the prompt plus the tokens already
+    // delivered, and the caller sees one stream, whole, with the text of an
+    // uninterrupted greedy run. (Before: an error event after the tokens so
+    // far, as in the last step below.)
+    net.restart(first_killed).await?;
+    let mut body = chat_body("Count from one to one thousand.", 120);
+    body["ignore_eos"] = json!(true);
+    let (status, _, whole) = post(&net, 0, "/v1/chat/completions", &body).await?;
+    assert_eq!(status, 200, "{whole}");
+    let reference = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .context("no content")?
+        .to_string();
+    body["stream"] = json!(true);
+    let client = net.client().clone();
+    let resp = client
+        .post(format!("{}/v1/chat/completions", net.nodes[0].api_url))
+        .json(&body)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 200);
+    let serving = resp
+        .headers()
+        .get("x-silk-worker")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let survivor = workers
+        .iter()
+        .find(|w| **w != serving)
+        .cloned()
+        .context("no second worker")?;
+    let mut sse = Sse::new(resp.bytes_stream());
+    let mut text = String::new();
+    let mut pieces = 0;
+    let mut killed = None;
+    let mut last = Value::Null;
+    let mut done = false;
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(60), sse.next_data())
+        .await
+        .context("the stream hung after its worker was killed")?
+    {
+        if line == "[DONE]" {
+            done = true;
+            break;
+        }
+        let v: Value = serde_json::from_str(&line)?;
+        ensure!(v.get("error").is_none(), "error event: {v}");
+        if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(piece);
+            pieces += 1;
+        }
+        if pieces >= 20 && killed.is_none() {
+            killed = net.kill_peer(&serving);
+        }
+        last = v;
+    }
+    ensure!(killed.is_some(), "the job ended before 20 pieces: {text:?}");
+    assert!(done, "no [DONE] after the worker was killed");
+    assert_eq!(
+        last["usage"]["completion_tokens"], 120,
+        "the caller gets every token it asked for: {last}"
+    );
+    assert_eq!(
+        text, reference,
+        "the continued text differs from an uninterrupted run"
+    );
+
+    // A worker killed mid-stream with no other left: a clear error event,
+    // no [DONE], no hang.
+    let other = survivor;
     let mut body = chat_body("Count from one to one thousand.", 400);
     body["stream"] = json!(true);
     body["ignore_eos"] = json!(true);
@@ -246,4 +334,40 @@ async fn five_node_mesh() -> anyhow::Result<()> {
         "{error}"
     );
     Ok(())
+}
+
+/// Reads the `data:` payloads of a server-sent event stream.
+struct Sse<S> {
+    stream: S,
+    buffer: Vec<u8>,
+}
+
+impl<S, B> Sse<S>
+where
+    S: futures::Stream<Item = reqwest::Result<B>> + Unpin,
+    B: AsRef<[u8]>,
+{
+    fn new(stream: S) -> Self {
+        Self {
+            stream,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next `data:` payload; `None` when the stream ends or fails.
+    async fn next_data(&mut self) -> Option<String> {
+        loop {
+            while let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line);
+                if let Some(data) = line.trim_end().strip_prefix("data:") {
+                    return Some(data.trim().to_string());
+                }
+            }
+            match self.stream.next().await {
+                Some(Ok(chunk)) => self.buffer.extend_from_slice(chunk.as_ref()),
+                _ => return None,
+            }
+        }
+    }
 }

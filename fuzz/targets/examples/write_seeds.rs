@@ -73,6 +73,7 @@ fn job_request(payment: Option<PaymentTerms>, chat: bool) -> JobRequest {
         stop: vec!["\n".into()],
         ignore_eos: false,
         payment,
+        continuation: if chat { Vec::new() } else { vec![330, 6342] },
     }
 }
 
@@ -189,6 +190,7 @@ fn gossip_and_reputation_seeds() -> Result<()> {
     let announcement = Announcement {
         peer_id: worker.public().to_peer_id(),
         models: vec!["smollm2-135m@sha256:0123456789abcdef".into()],
+        context_windows: vec![8192],
         free_slots: 4,
         queue_depth: 1,
         decode_tokens_per_s_milli: 41_500,

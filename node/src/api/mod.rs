@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::jobs::JobRequest;
-use crate::service::{model_name, Dispatch, DispatchError, JobEvent, Node};
+use crate::service::{model_name, Dispatch, DispatchError, FailureCause, JobEvent, Node};
 use crate::MeshError;
 use guard::{Caller, Deadlines, Guard, HttpConfig, API_BODY_LIMIT};
 use keys::{ApiKeys, KeyError};
@@ -169,10 +169,15 @@ impl From<DispatchError> for ApiError {
                 "invalid_request_error",
                 "model_not_found",
             ),
-            DispatchError::AttestationRefused(_) => (
+            DispatchError::InsecureRefused(_) => (
                 StatusCode::FORBIDDEN,
                 "attestation_error",
                 "insecure_workers_refused",
+            ),
+            DispatchError::AttestationRefused(_) => (
+                StatusCode::FORBIDDEN,
+                "attestation_error",
+                "attestation_refused",
             ),
             DispatchError::Saturated(_) => (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -189,13 +194,50 @@ impl From<DispatchError> for ApiError {
                 "invalid_request_error",
                 "invalid_request",
             ),
-            DispatchError::AllFailed(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "no_worker_available",
+            DispatchError::ContextLengthExceeded { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "context_length_exceeded",
             ),
+            DispatchError::AllFailed(attempts) => match attempts.cause() {
+                FailureCause::Busy => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "workers_busy",
+                ),
+                FailureCause::Payment => (
+                    StatusCode::PAYMENT_REQUIRED,
+                    "payment_error",
+                    "payment_failed",
+                ),
+                FailureCause::Timeout => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "server_error",
+                    "worker_timeout",
+                ),
+                FailureCause::Unavailable => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "no_worker_available",
+                ),
+            },
         };
-        ApiError::new(status, kind, code, e.to_string())
+        let param = match &e {
+            DispatchError::ContextLengthExceeded {
+                window,
+                prompt_tokens,
+                ..
+            } => Some(match prompt_tokens {
+                Some(p) if *p >= u64::from(*window) => "messages",
+                _ => "max_tokens",
+            }),
+            _ => None,
+        };
+        let error = ApiError::new(status, kind, code, e.to_string());
+        match param {
+            Some(p) => error.with_param(p),
+            None => error,
+        }
     }
 }
 
@@ -284,6 +326,7 @@ async fn complete(
         stop: v.stop,
         ignore_eos: v.ignore_eos,
         payment: None,
+        continuation: Vec::new(),
     };
     // The key's daily cap is checked against the job's worst case before
     // any lane is opened or reserved.
@@ -581,6 +624,7 @@ async fn mesh(State(node): State<Arc<Node>>, Extension(caller): Extension<Caller
                 "local": a.peer_id == me,
                 "rtt_ms": if a.peer_id == me { Some(0.0) } else { rtt_of(&a.peer_id) },
                 "models": a.models,
+                "context_windows": a.context_windows,
                 "free_slots": a.free_slots,
                 "queue_depth": a.queue_depth,
                 "decode_tokens_per_s": a.decode_tokens_per_s_milli as f64 / 1000.0,

@@ -45,6 +45,14 @@ impl ApiError {
         }
     }
 
+    /// The same error naming the request field it is about.
+    pub fn with_param(self, param: &'static str) -> Self {
+        Self {
+            param: Some(param),
+            ..self
+        }
+    }
+
     fn invalid(param: &'static str, message: impl Into<String>) -> Self {
         Self {
             param: Some(param),

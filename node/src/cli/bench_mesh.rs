@@ -199,6 +199,7 @@ async fn routing_overhead(args: &MeshBenchArgs, data_dir: &Path) -> anyhow::Resu
         stop: Vec::new(),
         ignore_eos: true,
         payment: None,
+        continuation: Vec::new(),
     };
     let engine = worker.engine().context("no engine")?;
     let (mut direct, mut routed) = (Vec::new(), Vec::new());
