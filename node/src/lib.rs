@@ -20,7 +20,8 @@
 //!   [`cli::run`].
 //! - The mesh: [`config`] (`config.toml`), [`service`] ([`service::Node`]:
 //!   overlay + engine on workers + announcer + inbound-job loop + the
-//!   gateway's dispatch with retries), [`context`] (the gateway's
+//!   gateway's dispatch with retries), [`gateway`] (the worker table each
+//!   request reads), [`context`] (the gateway's
 //!   context-window check before dispatch), [`routing`] (ranking by expected
 //!   finish time, then reputation, then price), [`reputation`] (job
 //!   outcomes seen here plus gossiped reports weighted by the reporter's
@@ -47,6 +48,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 mod error;
+pub mod gateway;
 pub mod jobs;
 pub mod reputation;
 pub mod routing;

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use silk_inference::{backend::Device, Engine, EngineConfig, Event, ModelStore};
@@ -30,6 +30,7 @@ use crate::api::keys::SpendHold;
 use crate::attest::{self, AttestationDocument, Claims, Hex, NodeIdentity, Policy, TsmReport};
 use crate::billing::{Billing, Delivery};
 use crate::context::{self, PromptCounter};
+use crate::gateway::{WorkerTable, TABLE_SYNC};
 use crate::jobs::{self, JobMessage, JobRequest, JobUsage, PaymentTerms, TokenChunk};
 use crate::payments::Reservation;
 use crate::reputation::Reputation;
@@ -156,6 +157,8 @@ pub struct Node {
     reputation: Arc<Mutex<Reputation>>,
     /// Counts prompt tokens for the context-window check before dispatch.
     prompt_counter: PromptCounter,
+    /// Every worker's latest announcement and RTT, read by each request.
+    workers: RwLock<WorkerTable>,
     appraiser: Arc<Mutex<attest::Appraiser>>,
     cancel: CancellationToken,
     started: Instant,
@@ -603,6 +606,7 @@ impl Node {
             pinned_models: options.pinned_models.clone(),
             reputation: Arc::default(),
             prompt_counter,
+            workers: RwLock::default(),
             appraiser: Arc::new(Mutex::new(
                 attest::Appraiser::new(policy, options.allow_insecure_workers)
                     .with_collateral_source(collateral),
@@ -611,6 +615,7 @@ impl Node {
             started: Instant::now(),
         });
         tokio::spawn(Arc::clone(&node).event_loop(events));
+        tokio::spawn(Arc::clone(&node).table_keeper());
         tokio::spawn(Arc::clone(&node).reputation_reporter());
         tokio::spawn(Arc::clone(&node).refresh_attestation(public_key, models));
         if let Some(worker) = &node.worker {
@@ -808,8 +813,11 @@ impl Node {
             if last == Some(key) && last_sent.elapsed() < ANNOUNCE_EVERY {
                 continue;
             }
-            match self.overlay.announce(a).await {
+            match self.overlay.announce(a.clone()).await {
                 Ok(()) => {
+                    if let Ok(mut t) = self.workers.write() {
+                        t.offer(a);
+                    }
                     last = Some(key);
                     last_sent = Instant::now();
                 }
@@ -893,6 +901,16 @@ impl Node {
                 OverlayEvent::PeerBanned { peer, score } => {
                     tracing::warn!(%peer, score, "peer banned")
                 }
+                OverlayEvent::Announcement(a) => {
+                    if let Ok(mut t) = self.workers.write() {
+                        t.offer(a);
+                    }
+                }
+                OverlayEvent::PeerDisconnected { peer } => {
+                    if let Ok(mut t) = self.workers.write() {
+                        t.disconnected(&peer);
+                    }
+                }
                 other => tracing::trace!(?other, "overlay event"),
             }
         }
@@ -901,12 +919,60 @@ impl Node {
     /// Resolves the model a request names (id, name, or none when the mesh
     /// serves exactly one model) against the current announcements.
     pub async fn resolve_model(&self, wanted: Option<&str>) -> Result<String, DispatchError> {
-        let anns = self.overlay.announcements().await.unwrap_or_default();
-        let served: Vec<(&str, PeerId)> = anns
-            .iter()
+        let Ok(table) = self.workers.read() else {
+            return Err(DispatchError::UnknownModel(
+                wanted.unwrap_or("default").to_string(),
+            ));
+        };
+        let served: Vec<(&str, PeerId)> = table
+            .current(now_ms())
             .flat_map(|a| a.models.iter().map(move |m| (m.as_str(), a.peer_id)))
             .collect();
         pick_model(wanted, &served, &self.pinned_models)
+    }
+
+    /// The workers this node routes to: each one's latest unexpired
+    /// announcement, this node's own included.
+    pub fn known_workers(&self) -> Vec<Announcement> {
+        self.workers
+            .read()
+            .map(|t| t.current(now_ms()).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Keeps [`Node::workers`] in step with the overlay's book and ping
+    /// RTTs, every [`TABLE_SYNC`], until the node stops.
+    async fn table_keeper(self: Arc<Self>) {
+        let own = self.worker.as_ref().map(|_| self.peer_id());
+        let mut tick = tokio::time::interval(TABLE_SYNC);
+        loop {
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (book, peers) = match (
+                self.overlay.announcements().await,
+                self.overlay.peers().await,
+            ) {
+                (Ok(b), Ok(p)) => (b, p),
+                (Err(silk_overlay::OverlayError::Stopped), _)
+                | (_, Err(silk_overlay::OverlayError::Stopped)) => return,
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "could not read the overlay's workers");
+                    continue;
+                }
+            };
+            if let Ok(mut t) = self.workers.write() {
+                t.sync(book, own);
+                t.set_rtts(
+                    peers
+                        .into_iter()
+                        .filter_map(|p| p.rtt.map(|r| (p.peer_id, r))),
+                );
+                t.prune(now_ms());
+            }
+        }
     }
 
     /// Candidates for `model`, attestation-filtered and ranked.
@@ -917,33 +983,11 @@ impl Node {
         max_coefficient_milli: u32,
         exclude: &[PeerId],
     ) -> Result<Vec<Candidate>, DispatchError> {
-        let anns: Vec<Announcement> = self
-            .overlay
-            .announcements()
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|a| a.models.iter().any(|m| m == model) && !exclude.contains(&a.peer_id))
-            .collect();
-        let rtts: HashMap<PeerId, Duration> = self
-            .overlay
-            .peers()
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|p| p.rtt.map(|r| (p.peer_id, r)))
-            .collect();
-        let mut raw: Vec<(Announcement, Option<Duration>)> = anns
-            .into_iter()
-            .map(|a| {
-                let rtt = if a.peer_id == self.peer_id() {
-                    Some(Duration::ZERO)
-                } else {
-                    rtts.get(&a.peer_id).copied()
-                };
-                (a, rtt)
-            })
-            .collect();
+        let mut raw: Vec<(Announcement, Option<Duration>)> = self
+            .workers
+            .read()
+            .map(|t| t.serving(model, now_ms(), self.peer_id(), exclude))
+            .unwrap_or_default();
         if raw.len() < 2 {
             let found = self.dht_candidates_reused(model, &raw).await;
             raw.extend(

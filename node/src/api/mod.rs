@@ -566,7 +566,7 @@ async fn pump(mut d: Dispatch, kind: Kind, tx: mpsc::Sender<SseEvent>, deadline:
 }
 
 async fn models(State(node): State<Arc<Node>>) -> Response {
-    let anns = node.overlay().announcements().await.unwrap_or_default();
+    let anns = node.known_workers();
     let mut by_model: std::collections::BTreeMap<String, (u32, u64, u64, Vec<&'static str>)> =
         Default::default();
     for a in &anns {
@@ -607,7 +607,7 @@ async fn mesh(State(node): State<Arc<Node>>, Extension(caller): Extension<Caller
     let overlay = node.overlay();
     let peers = overlay.peers().await.unwrap_or_default();
     let listen = overlay.listen_addrs().await.unwrap_or_default();
-    let anns = overlay.announcements().await.unwrap_or_default();
+    let anns = node.known_workers();
     let rtt_of = |p: &silk_overlay::PeerId| {
         peers
             .iter()

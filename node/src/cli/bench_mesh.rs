@@ -174,12 +174,7 @@ async fn routing_overhead(args: &MeshBenchArgs, data_dir: &Path) -> anyhow::Resu
         .id
         .clone();
     while gateway.resolve_model(Some(&model)).await.is_err()
-        || !gateway
-            .overlay()
-            .announcements()
-            .await?
-            .iter()
-            .any(|a| a.peer_id == wpeer)
+        || !gateway.known_workers().iter().any(|a| a.peer_id == wpeer)
     {
         anyhow::ensure!(
             t0.elapsed() < Duration::from_secs(30),
