@@ -208,6 +208,9 @@ mod peer_id_bytes {
 pub(crate) enum Verdict<T> {
     /// Valid: keep it and forward it.
     Accept(T),
+    /// A re-publication of what this node already holds: forward it to
+    /// peers that may have missed it, nothing changes here.
+    Forward,
     /// Not worth forwarding, but not proof of misbehaviour (duplicates, races, floods).
     Ignore(&'static str),
     /// Invalid: drop it and penalise the peer that sent it.
@@ -226,6 +229,10 @@ struct Bucket {
 struct Latest {
     announcement: Announcement,
     received: Instant,
+    /// The envelope as it arrived (empty for this node's own).
+    wire: Vec<u8>,
+    /// When a re-publication of it was last forwarded.
+    forwarded: Instant,
 }
 
 /// Validation state: the latest valid announcement per peer, per-origin rate
@@ -289,11 +296,28 @@ impl GossipBook {
                 claimed.peer_id
             ));
         }
-        if let Some(prev) = self.latest.get(&claimed.peer_id) {
-            if claimed.seq <= prev.announcement.seq {
-                // Duplicates reach us over several paths and re-publications
-                // for late joiners repeat the same seq: not misbehaviour.
-                return Verdict::Ignore("sequence number not newer than the last seen");
+        if let Some(prev) = self.latest.get_mut(&claimed.peer_id) {
+            if claimed.seq < prev.announcement.seq {
+                return Verdict::Ignore("sequence number older than the last seen");
+            }
+            if claimed.seq == prev.announcement.seq {
+                // An author re-publishes its announcement, same seq, for
+                // peers that joined after it went out. Those peers may hear
+                // it only through relays like this node, so an exact copy
+                // of what was accepted is forwarded (at most once per rate
+                // period per author: copies also arrive over several
+                // paths). Anything else with the same seq is dropped.
+                if bytes != prev.wire.as_slice() {
+                    return Verdict::Ignore("sequence number not newer than the last seen");
+                }
+                if prev.announcement.expires_at_ms <= now_ms {
+                    return Verdict::Ignore("expired announcement");
+                }
+                if now.saturating_duration_since(prev.forwarded) < self.period {
+                    return Verdict::Ignore("re-publication forwarded moments ago");
+                }
+                prev.forwarded = now;
+                return Verdict::Forward;
             }
         }
         // Time checks depend on this node's clock and on how long the
@@ -322,6 +346,8 @@ impl GossipBook {
             Latest {
                 announcement: announcement.clone(),
                 received: now,
+                wire: bytes.to_vec(),
+                forwarded: now,
             },
         );
         Verdict::Accept(announcement)
@@ -361,6 +387,8 @@ impl GossipBook {
             Latest {
                 announcement,
                 received: Instant::now(),
+                wire: Vec::new(),
+                forwarded: Instant::now(),
             },
         );
     }
@@ -505,6 +533,53 @@ mod tests {
             Verdict::Accept(_)
         ));
         assert_eq!(book.last_seq(&kp.public().to_peer_id()), Some(6));
+    }
+
+    /// An author re-publishes its announcement with the same seq for peers
+    /// that joined later; those behind a relay hear it only if the relay
+    /// forwards the copy. Before, the relay ignored it as "not newer", so a
+    /// late joiner reached only through relays never learnt of a worker
+    /// until its next seq (the flaky overlay convergence test).
+    #[test]
+    fn an_exact_republication_is_forwarded_once_per_period() {
+        let kp = identity::Keypair::ed25519_from_bytes([1u8; 32]).expect("key");
+        let me = Some(kp.public().to_peer_id());
+        let mut book = book();
+        let now = Instant::now();
+        let a5 = wire(&kp, &announcement(&kp, 5));
+        assert!(matches!(
+            book.check_announcement(me, &a5, NOW_MS, now),
+            Verdict::Accept(_)
+        ));
+        // The same copy over another path, at once: not forwarded again.
+        assert!(matches!(
+            book.check_announcement(me, &a5, NOW_MS, now),
+            Verdict::Ignore(_)
+        ));
+        // The author's re-publication a period later: forwarded, once.
+        let later = now + book.period;
+        assert_eq!(
+            book.check_announcement(me, &a5, NOW_MS + 1_000, later),
+            Verdict::Forward
+        );
+        assert!(matches!(
+            book.check_announcement(me, &a5, NOW_MS + 1_000, later),
+            Verdict::Ignore(_)
+        ));
+        // Other content under the same seq is never forwarded.
+        let mut other = announcement(&kp, 5);
+        other.free_slots = 0;
+        let other = wire(&kp, &other);
+        assert!(matches!(
+            book.check_announcement(me, &other, NOW_MS + 2_000, later + book.period),
+            Verdict::Ignore(_)
+        ));
+        // Nor is an expired one.
+        assert!(matches!(
+            book.check_announcement(me, &a5, NOW_MS + 60_000, later + 2 * book.period),
+            Verdict::Ignore(_)
+        ));
+        assert_eq!(book.last_seq(&kp.public().to_peer_id()), Some(5));
     }
 
     #[test]

@@ -972,6 +972,7 @@ impl EventLoop {
                         .check_announcement(message.source, &message.data, now_ms, now)
                     {
                         Verdict::Accept(a) => Verdict::Accept(OverlayEvent::Announcement(a)),
+                        Verdict::Forward => Verdict::Forward,
                         Verdict::Ignore(r) => Verdict::Ignore(r),
                         Verdict::Reject(r) => Verdict::Reject(r),
                     }
@@ -983,6 +984,7 @@ impl EventLoop {
                         Verdict::Accept((reporter, payload)) => {
                             Verdict::Accept(OverlayEvent::Reputation { reporter, payload })
                         }
+                        Verdict::Forward => Verdict::Forward,
                         Verdict::Ignore(r) => Verdict::Ignore(r),
                         Verdict::Reject(r) => Verdict::Reject(r),
                     }
@@ -990,7 +992,7 @@ impl EventLoop {
                     Verdict::Ignore("unknown topic")
                 };
                 let acceptance = match &verdict {
-                    Verdict::Accept(_) => gossipsub::MessageAcceptance::Accept,
+                    Verdict::Accept(_) | Verdict::Forward => gossipsub::MessageAcceptance::Accept,
                     Verdict::Ignore(_) => gossipsub::MessageAcceptance::Ignore,
                     Verdict::Reject(_) => gossipsub::MessageAcceptance::Reject,
                 };
@@ -1000,6 +1002,7 @@ impl EventLoop {
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
                 match verdict {
                     Verdict::Accept(event) => self.emit(event),
+                    Verdict::Forward => {}
                     Verdict::Ignore(reason) => {
                         tracing::trace!(source = ?message.source, reason, "gossip message ignored");
                     }
