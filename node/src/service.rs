@@ -3,14 +3,22 @@
 //!
 //! # Tasks
 //!
-//! [`Node::start`] spawns, under one [`CancellationToken`]:
+//! [`Node::start`] spawns its long-lived tasks into one `JoinSet`, under one
+//! [`CancellationToken`]; [`Node::shutdown_and_wait`] cancels and awaits
+//! them (`silk run` does so on Ctrl-C, so a redemption pass in progress
+//! finishes):
 //! - the *event loop*: overlay events → worker jobs (each in its own task,
-//!   bounded by the overlay's inbound-job limit) and attestation requests;
+//!   bounded by the overlay's inbound-job limit), attestation requests,
+//!   reputation reports, and announcements into the worker table;
+//! - the *worker-table keeper* (see [`crate::gateway`]) and the *reputation
+//!   reporter*; the attestation refresh;
 //! - on workers, the *announcer*: re-announces load every
-//!   [`ANNOUNCE_EVERY`] and within [`ANNOUNCE_POLL`] of a load change.
+//!   [`ANNOUNCE_EVERY`] and within [`ANNOUNCE_POLL`] of a load change, and
+//!   with payments, the worker's payment duties (overdue jobs, redemption).
 //!
-//! Each gateway job has one forwarding task that reads the worker's frames
-//! into a bounded channel; dropping the receiver drops the job stream, which
+//! Each gateway job has a relay task (see [`Node::relay`]) and, per worker
+//! it runs on, one forwarding task that reads the worker's frames into a
+//! bounded channel; dropping the receiver drops the job stream, which
 //! resets it and so cancels the job on the worker.
 
 use std::collections::HashMap;
@@ -161,7 +169,16 @@ pub struct Node {
     workers: RwLock<WorkerTable>,
     appraiser: Arc<Mutex<attest::Appraiser>>,
     cancel: CancellationToken,
+    /// The node's long-lived tasks (see [`Node::spawn_task`]).
+    tasks: Mutex<Tasks>,
     started: Instant,
+}
+
+/// Long-lived tasks and their names.
+#[derive(Default)]
+struct Tasks {
+    set: tokio::task::JoinSet<()>,
+    names: HashMap<tokio::task::Id, &'static str>,
 }
 
 impl std::fmt::Debug for Node {
@@ -612,27 +629,89 @@ impl Node {
                     .with_collateral_source(collateral),
             )),
             cancel: CancellationToken::new(),
+            tasks: Mutex::default(),
             started: Instant::now(),
         });
-        tokio::spawn(Arc::clone(&node).event_loop(events));
-        tokio::spawn(Arc::clone(&node).table_keeper());
-        tokio::spawn(Arc::clone(&node).reputation_reporter());
-        tokio::spawn(Arc::clone(&node).refresh_attestation(public_key, models));
+        node.spawn_task("event loop", Arc::clone(&node).event_loop(events));
+        node.spawn_task("worker table", Arc::clone(&node).table_keeper());
+        node.spawn_task(
+            "reputation reporter",
+            Arc::clone(&node).reputation_reporter(),
+        );
+        node.spawn_task(
+            "attestation refresh",
+            Arc::clone(&node).refresh_attestation(public_key, models),
+        );
         if let Some(worker) = &node.worker {
             for key in [worker.model.id.clone(), worker.model.name.clone()] {
                 let overlay = node.overlay.clone();
-                tokio::spawn(async move {
+                node.spawn_task("provider record", async move {
                     if let Err(e) = overlay.start_providing(key.as_bytes()).await {
                         tracing::debug!(error = %e, "provider record not replicated yet");
                     }
                 });
             }
-            tokio::spawn(Arc::clone(&node).announcer());
+            node.spawn_task("announcer", Arc::clone(&node).announcer());
             if let Some(billing) = &node.billing {
-                tokio::spawn(Arc::clone(billing).run_worker_duties(node.cancel.clone()));
+                node.spawn_task(
+                    "payment duties",
+                    Arc::clone(billing).run_worker_duties(node.cancel.clone()),
+                );
             }
         }
         Ok(node)
+    }
+
+    /// Runs one of the node's long-lived tasks under its supervision: every
+    /// such task ends when the node's cancellation token fires, and
+    /// [`Node::shutdown_and_wait`] waits for them.
+    fn spawn_task(
+        &self,
+        name: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            let id = tasks.set.spawn(task).id();
+            tasks.names.insert(id, name);
+        }
+    }
+
+    /// Stops the node and waits, at most `grace`, for its long-lived tasks
+    /// to end (a redemption pass or a store write in progress finishes);
+    /// those still running then are aborted. Returns whether every task
+    /// ended in time. A task that panicked is logged with its name.
+    pub async fn shutdown_and_wait(&self, grace: Duration) -> bool {
+        self.shutdown();
+        let Tasks { mut set, mut names } = self
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            match tokio::time::timeout_at(deadline, set.join_next_with_id()).await {
+                Ok(None) => return true,
+                Ok(Some(Ok((id, ())))) => {
+                    names.remove(&id);
+                }
+                Ok(Some(Err(e))) => {
+                    let task = names.remove(&e.id()).unwrap_or("unnamed");
+                    if e.is_panic() {
+                        tracing::error!(task, "a node task panicked");
+                    }
+                }
+                Err(_) => {
+                    // Finished tasks were joined first: what is left runs.
+                    let running: Vec<&str> = names.values().copied().collect();
+                    tracing::warn!(
+                        ?running,
+                        "node tasks still running after the grace period; stopping them"
+                    );
+                    set.abort_all();
+                    return false;
+                }
+            }
+        }
     }
 
     /// This node's payments, when it settles jobs on a ledger.
@@ -865,9 +944,11 @@ impl Node {
                     });
                 }
                 OverlayEvent::Reputation { reporter, payload } => {
+                    // A poisoned table (a panic while it was held) must not
+                    // end the event loop, which also serves jobs.
                     let taken = match self.reputation.lock() {
                         Ok(mut r) => r.absorb(reporter, &payload),
-                        Err(_) => return,
+                        Err(poisoned) => poisoned.into_inner().absorb(reporter, &payload),
                     };
                     match taken {
                         // Stale, from a reporter without standing here, or

@@ -305,7 +305,11 @@ async fn a_gateway_pays_only_for_what_it_received_and_drops_stalled_jobs() {
     );
 
     worker.abort();
-    gateway.shutdown();
+    // Every long-lived task of the node ends when it is stopped.
+    assert!(
+        gateway.shutdown_and_wait(Duration::from_secs(10)).await,
+        "node tasks outlived the shutdown"
+    );
     cancel.cancel();
     producer.await.expect("producer");
 }
@@ -622,5 +626,9 @@ async fn a_job_no_worker_took_is_answered_with_the_status_of_its_cause() {
 
     cancel.cancel();
     worker.abort();
-    gateway.shutdown();
+    // Every long-lived task of the node ends when it is stopped.
+    assert!(
+        gateway.shutdown_and_wait(Duration::from_secs(10)).await,
+        "node tasks outlived the shutdown"
+    );
 }

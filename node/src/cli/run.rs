@@ -191,8 +191,12 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
             () = cancel.cancelled() => {}
         }
-        node.shutdown();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), server).await;
+        // Tasks that move money (a redemption pass, a cheque being stored)
+        // finish before the process exits.
+        let (_, _) = tokio::join!(
+            node.shutdown_and_wait(std::time::Duration::from_secs(10)),
+            tokio::time::timeout(std::time::Duration::from_secs(3), server)
+        );
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
