@@ -88,6 +88,12 @@ pub enum OverlayError {
         /// The peer id in the announcement.
         got: PeerId,
     },
+    /// `announce` was given an announcement with a field out of range.
+    #[error("announcement out of range: {reason}")]
+    AnnouncementOutOfRange {
+        /// Which field, and its bound.
+        reason: String,
+    },
     /// `announce` was given a sequence number that is not above the last one.
     #[error("announcement seq {seq} is not above the last one ({last}): increase it")]
     StaleSequence {

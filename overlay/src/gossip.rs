@@ -104,7 +104,98 @@ pub enum EnvelopeError {
     },
 }
 
+/// Most models one announcement may list.
+pub const MAX_MODELS: usize = 16;
+/// Longest model id, in bytes.
+pub const MAX_MODEL_ID_BYTES: usize = 256;
+/// Largest context window an announcement may claim, in tokens.
+pub const MAX_CONTEXT_WINDOW: u32 = 1 << 24;
+/// Most free slots an announcement may claim.
+pub const MAX_FREE_SLOTS: u32 = 4096;
+/// Longest queue an announcement may report.
+pub const MAX_QUEUE_DEPTH: u32 = 1 << 20;
+/// Fastest decode an announcement may claim, tokens/s × 1000 (a million
+/// tokens per second).
+pub const MAX_DECODE_MILLI: u64 = 1_000_000_000;
+/// Longest payout address, in bytes.
+pub const MAX_PAYOUT_BYTES: usize = 128;
+
 impl Announcement {
+    /// Checks every field against its bound. Routing ranks workers by what
+    /// they announce, so a value no real worker has (a million free slots,
+    /// a decode speed past any hardware, a price the payments cannot
+    /// express) is refused before it is stored or forwarded.
+    pub fn check_ranges(&self) -> Result<(), String> {
+        if self.models.is_empty() || self.models.len() > MAX_MODELS {
+            return Err(format!(
+                "{} models listed; 1 to {MAX_MODELS} are allowed",
+                self.models.len()
+            ));
+        }
+        if let Some(m) = self
+            .models
+            .iter()
+            .find(|m| m.is_empty() || m.len() > MAX_MODEL_ID_BYTES)
+        {
+            return Err(format!(
+                "a model id of {} bytes; 1 to {MAX_MODEL_ID_BYTES} are allowed",
+                m.len()
+            ));
+        }
+        if self.context_windows.len() > self.models.len() {
+            return Err(format!(
+                "{} context windows for {} models",
+                self.context_windows.len(),
+                self.models.len()
+            ));
+        }
+        if let Some(w) = self
+            .context_windows
+            .iter()
+            .find(|&&w| w == 0 || w > MAX_CONTEXT_WINDOW)
+        {
+            return Err(format!(
+                "a context window of {w} tokens; 1 to {MAX_CONTEXT_WINDOW} are allowed"
+            ));
+        }
+        if self.free_slots > MAX_FREE_SLOTS {
+            return Err(format!(
+                "{} free slots; at most {MAX_FREE_SLOTS}",
+                self.free_slots
+            ));
+        }
+        if self.queue_depth > MAX_QUEUE_DEPTH {
+            return Err(format!(
+                "a queue of {}; at most {MAX_QUEUE_DEPTH}",
+                self.queue_depth
+            ));
+        }
+        if self.decode_tokens_per_s_milli > MAX_DECODE_MILLI {
+            return Err(format!(
+                "a decode speed of {} tokens/s; at most {}",
+                self.decode_tokens_per_s_milli / 1000,
+                MAX_DECODE_MILLI / 1000
+            ));
+        }
+        if self.price_coefficient_milli > u64::from(u32::MAX) {
+            return Err(format!(
+                "a price coefficient of {} (× 1000); at most {}",
+                self.price_coefficient_milli,
+                u32::MAX
+            ));
+        }
+        if self
+            .payout
+            .as_ref()
+            .is_some_and(|p| p.len() > MAX_PAYOUT_BYTES)
+        {
+            return Err(format!(
+                "a payout address of more than {MAX_PAYOUT_BYTES} bytes"
+            ));
+        }
+        Ok(())
+    }
+
     /// The announced context window of `model`, if it is served and the
     /// worker said.
     pub fn context_window(&self, model: &str) -> Option<u32> {
@@ -335,6 +426,11 @@ impl GossipBook {
             Ok(a) => a,
             Err(e) => return Verdict::Reject(e.to_string()),
         };
+        // Signed by its author, so out-of-range content is the author's own
+        // doing: refused and penalised, never stored or forwarded.
+        if let Err(reason) = announcement.check_ranges() {
+            return Verdict::Reject(format!("out of range: {reason}"));
+        }
         if !self.take_token(announcement.peer_id, now) {
             return Verdict::Ignore("rate limit");
         }
@@ -533,6 +629,71 @@ mod tests {
             Verdict::Accept(_)
         ));
         assert_eq!(book.last_seq(&kp.public().to_peer_id()), Some(6));
+    }
+
+    /// Routing trusts what workers announce: values no real worker has are
+    /// refused (and their author penalised) before they are stored.
+    /// Before, any value was stored: a worker claiming 4 billion free slots
+    /// and a decode speed of 18 quintillion tokens/s was ranked first for
+    /// every job.
+    #[test]
+    fn out_of_range_announcements_are_rejected() {
+        let kp = identity::Keypair::ed25519_from_bytes([1u8; 32]).expect("key");
+        let me = Some(kp.public().to_peer_id());
+        let now = Instant::now();
+        type Break = Box<dyn Fn(&mut Announcement)>;
+        let cases: Vec<(&str, Break)> = vec![
+            ("no models", Box::new(|a| a.models.clear())),
+            (
+                "too many models",
+                Box::new(|a| a.models = vec!["m".into(); MAX_MODELS + 1]),
+            ),
+            (
+                "long model id",
+                Box::new(|a| a.models = vec!["m".repeat(MAX_MODEL_ID_BYTES + 1)]),
+            ),
+            (
+                "more windows than models",
+                Box::new(|a| a.context_windows = vec![8192, 8192]),
+            ),
+            ("zero window", Box::new(|a| a.context_windows = vec![0])),
+            (
+                "huge window",
+                Box::new(|a| a.context_windows = vec![MAX_CONTEXT_WINDOW + 1]),
+            ),
+            ("free slots", Box::new(|a| a.free_slots = u32::MAX)),
+            ("queue", Box::new(|a| a.queue_depth = u32::MAX)),
+            (
+                "speed",
+                Box::new(|a| a.decode_tokens_per_s_milli = u64::MAX),
+            ),
+            (
+                "price",
+                Box::new(|a| a.price_coefficient_milli = u64::from(u32::MAX) + 1),
+            ),
+            (
+                "payout",
+                Box::new(|a| a.payout = Some("x".repeat(MAX_PAYOUT_BYTES + 1))),
+            ),
+        ];
+        for (seq, (name, break_it)) in (1u64..).zip(cases) {
+            let mut book = book();
+            let mut a = announcement(&kp, seq);
+            break_it(&mut a);
+            assert!(a.check_ranges().is_err(), "{name}");
+            let verdict = book.check_announcement(me, &wire(&kp, &a), NOW_MS, now);
+            assert!(matches!(verdict, Verdict::Reject(_)), "{name}: {verdict:?}");
+            assert_eq!(book.last_seq(&kp.public().to_peer_id()), None, "{name}");
+        }
+        // The bounds themselves are allowed.
+        let mut a = announcement(&kp, 100);
+        a.models = vec!["m".repeat(MAX_MODEL_ID_BYTES); 2];
+        a.context_windows = vec![MAX_CONTEXT_WINDOW];
+        a.free_slots = MAX_FREE_SLOTS;
+        a.queue_depth = MAX_QUEUE_DEPTH;
+        a.decode_tokens_per_s_milli = MAX_DECODE_MILLI;
+        a.price_coefficient_milli = u64::from(u32::MAX);
+        assert_eq!(a.check_ranges(), Ok(()));
     }
 
     /// An author re-publishes its announcement with the same seq for peers

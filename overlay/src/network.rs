@@ -804,6 +804,9 @@ impl EventLoop {
                 got: announcement.peer_id,
             });
         }
+        if let Err(reason) = announcement.check_ranges() {
+            return Err(OverlayError::AnnouncementOutOfRange { reason });
+        }
         if let Some(own) = &self.own {
             if announcement.seq <= own.announcement.seq {
                 return Err(OverlayError::StaleSequence {
