@@ -30,6 +30,9 @@ pub struct MeshBenchArgs {
     /// descriptor at both ends).
     #[arg(long, default_value_t = 50)]
     pub nodes_per_process: usize,
+    /// Known workers for the selection-time measurement (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    pub known_workers: usize,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -105,6 +108,9 @@ async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
     if args.jobs > 0 {
         routing_overhead(&args, data_dir).await?;
     }
+    if args.known_workers > 0 {
+        selection_time(args.known_workers);
+    }
     println!(
         "Overlay nodes on 127.0.0.1 (TCP), at most {} per process, with the production gossip \
          settings. Settled: the mesh's connection count stayed within 1% for {} s (waiting at \
@@ -138,6 +144,74 @@ async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Times a gateway's selection among `n` known workers of one model: the
+/// worker-table lookup, candidate building and ranking that every request
+/// runs (without the attestation checks, which are a verdict-cache lookup
+/// per TDX worker and nothing for insecure ones).
+fn selection_time(n: usize) {
+    use crate::gateway::WorkerTable;
+    use crate::routing::{self, Candidate};
+    use silk_overlay::testing::{seeded_keypair, worker_announcement};
+
+    const ROUNDS: usize = 500;
+    let model = "bench@sha256:00";
+    let mut table = WorkerTable::default();
+    let mut rtts = Vec::new();
+    for i in 0..n as u64 {
+        let peer = seeded_keypair(1_000_000 + i).public().to_peer_id();
+        let mut a = worker_announcement(peer, 1, &[model]);
+        // Spread load, speed and price so the ranking has work to do.
+        a.free_slots = (i % 33) as u32;
+        a.queue_depth = (i % 7) as u32;
+        a.decode_tokens_per_s_milli = 20_000 + (i * 7_919) % 200_000;
+        a.price_coefficient_milli = 500 + (i * 104_729) % 1_500;
+        table.offer(a);
+        if i % 2 == 0 {
+            rtts.push((peer, Duration::from_micros(200 + (i * 37) % 150_000)));
+        }
+    }
+    table.set_rtts(rtts);
+    let own = seeded_keypair(999_999).public().to_peer_id();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut times = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        let candidates: Vec<Candidate> = table
+            .serving(model, now, own, &[])
+            .into_iter()
+            .map(|(a, rtt)| Candidate {
+                peer: a.peer_id,
+                rtt,
+                free_slots: a.free_slots,
+                queue_depth: a.queue_depth,
+                tokens_per_s_milli: a.decode_tokens_per_s_milli,
+                price_milli: a.price_coefficient_milli,
+                mode: a.attestation_mode,
+                in_flight: 0,
+                recently_failed: false,
+                payout: a.payout,
+                reputation: 0.5,
+            })
+            .collect();
+        let ranked = routing::rank(candidates, 128, 64);
+        times.push(t.elapsed());
+        std::hint::black_box(ranked);
+    }
+    times.sort();
+    println!(
+        "| selection among {n} known workers (table lookup, candidates, ranking) | p50 | p99 |"
+    );
+    println!("| --- | --- | --- |");
+    println!(
+        "| one request | {} | {} |\n",
+        ms(percentile(&times, 0.5)),
+        ms(percentile(&times, 0.99))
+    );
 }
 
 /// Times 1-token jobs on a worker's engine and through a gateway to that
