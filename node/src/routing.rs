@@ -63,21 +63,30 @@ impl Candidate {
 /// Orders candidates: healthy before recently failed, workers of good
 /// standing before poor ones (reputation under [`POOR`]), then expected
 /// finish time, then reputation, then price, then peer id (deterministic
-/// ties).
-pub fn rank(mut candidates: Vec<Candidate>, prompt_tokens: u64, max_tokens: u64) -> Vec<Candidate> {
-    candidates.sort_by(|a, b| {
+/// ties). Each candidate's expected finish and peer bytes are computed
+/// once, not at every comparison (with 1,000 workers the sort compares
+/// about 10,000 pairs).
+pub fn rank(candidates: Vec<Candidate>, prompt_tokens: u64, max_tokens: u64) -> Vec<Candidate> {
+    let mut keyed: Vec<(Duration, Vec<u8>, Candidate)> = candidates
+        .into_iter()
+        .map(|c| {
+            (
+                c.expected_finish(prompt_tokens, max_tokens),
+                c.peer.to_bytes(),
+                c,
+            )
+        })
+        .collect();
+    keyed.sort_by(|(finish_a, peer_a, a), (finish_b, peer_b, b)| {
         a.recently_failed
             .cmp(&b.recently_failed)
             .then_with(|| (a.reputation < POOR).cmp(&(b.reputation < POOR)))
-            .then_with(|| {
-                a.expected_finish(prompt_tokens, max_tokens)
-                    .cmp(&b.expected_finish(prompt_tokens, max_tokens))
-            })
+            .then_with(|| finish_a.cmp(finish_b))
             .then_with(|| b.reputation.total_cmp(&a.reputation))
             .then_with(|| a.price_milli.cmp(&b.price_milli))
-            .then_with(|| a.peer.to_bytes().cmp(&b.peer.to_bytes()))
+            .then_with(|| peer_a.cmp(peer_b))
     });
-    candidates
+    keyed.into_iter().map(|(_, _, c)| c).collect()
 }
 
 #[cfg(test)]
