@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use silk_overlay::{AttestationMode, PeerId};
+use silk_overlay::{Announcement, AttestationMode, PeerId};
 
 use crate::reputation::POOR;
 
@@ -42,6 +42,31 @@ pub struct Candidate {
 }
 
 impl Candidate {
+    /// A candidate from a worker's announcement, with what this gateway
+    /// knows of it: the RTT, its jobs in flight here, a recent failure,
+    /// and its reputation.
+    pub fn from_announcement(
+        a: Announcement,
+        rtt: Option<Duration>,
+        in_flight: u32,
+        recently_failed: bool,
+        reputation: f64,
+    ) -> Self {
+        Self {
+            peer: a.peer_id,
+            rtt,
+            free_slots: a.free_slots,
+            queue_depth: a.queue_depth,
+            tokens_per_s_milli: a.decode_tokens_per_s_milli,
+            price_milli: a.price_coefficient_milli,
+            mode: a.attestation_mode,
+            in_flight,
+            recently_failed,
+            payout: a.payout,
+            reputation,
+        }
+    }
+
     /// Expected time until a job of `prompt_tokens` + `max_tokens` finishes
     /// on this worker: RTT + queue wait + tokens over measured speed.
     pub fn expected_finish(&self, prompt_tokens: u64, max_tokens: u64) -> Duration {

@@ -1085,16 +1085,19 @@ impl Node {
         // announced context window is the caller's error (issue 11, F11).
         if raw.iter().any(|(a, _)| a.context_window(model).is_some()) {
             let max_tokens = request.max_tokens.max(1);
-            let prompt_tokens = self
-                .prompt_counter
-                .count(model, request.to_generate().prompt)
-                .await
-                .map(|p| p + request.continuation.len() as u64);
-            let window = raw
-                .iter()
-                .filter_map(|(a, _)| a.context_window(model))
-                .max()
-                .unwrap_or(0);
+            let windows = raw.iter().filter_map(|(a, _)| a.context_window(model));
+            let (smallest, window) =
+                windows.fold((u32::MAX, 0), |(lo, hi), w| (lo.min(w), hi.max(w)));
+            // The byte bound is never below the true count: when it fits
+            // every window, the prompt is not tokenized here at all.
+            let prompt_tokens = if request.prompt_tokens_bound() < u64::from(smallest) {
+                None
+            } else {
+                self.prompt_counter
+                    .count(model, request.to_generate().prompt)
+                    .await
+                    .map(|p| p + request.continuation.len() as u64)
+            };
             raw.retain(|(a, _)| {
                 a.context_window(model)
                     .is_none_or(|w| context::fits(w, prompt_tokens, max_tokens))
@@ -1136,21 +1139,17 @@ impl Node {
                 continue;
             }
             let mine = in_flight.get(&a.peer_id).copied().unwrap_or(0);
-            out.push(Candidate {
-                peer: a.peer_id,
+            let recently_failed = failures
+                .get(&a.peer_id)
+                .is_some_and(|t| t.elapsed() < FAILURE_MEMORY);
+            let reputation = self.reputation_of(&a.peer_id);
+            out.push(Candidate::from_announcement(
+                a,
                 rtt,
-                free_slots: a.free_slots,
-                queue_depth: a.queue_depth,
-                tokens_per_s_milli: a.decode_tokens_per_s_milli,
-                price_milli: a.price_coefficient_milli,
-                mode: a.attestation_mode,
-                in_flight: mine,
-                recently_failed: failures
-                    .get(&a.peer_id)
-                    .is_some_and(|t| t.elapsed() < FAILURE_MEMORY),
-                payout: a.payout.clone(),
-                reputation: self.reputation_of(&a.peer_id),
-            });
+                mine,
+                recently_failed,
+                reputation,
+            ));
         }
         if out.is_empty() {
             let message = format!(

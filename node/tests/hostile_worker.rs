@@ -440,22 +440,15 @@ async fn silent_tdx_sybils_do_not_stall_dispatch() {
     gateway.shutdown();
 }
 
-/// The API's request deadline (`[http] request_timeout_s`) holds against a
-/// worker that keeps making progress, too slowly: a token every 500 ms is
-/// within the progress timeout, so only the deadline ends the request. A
-/// non-streaming caller gets a 504 `request_timeout`; a streaming one gets
-/// the tokens so far, then an error event with that code.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_request_deadline_ends_a_slow_job_with_a_504_or_an_error_event() {
-    use silk_node::api::{self, guard::HttpConfig, keys::ApiKeys, ApiOptions};
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = Node::start(NodeOptions {
-        data_dir: dir.path().to_path_buf(),
+/// A gateway in this process that pays nothing and routes to insecure
+/// workers, its data in `dir`.
+async fn free_gateway(dir: &std::path::Path) -> Arc<Node> {
+    Node::start(NodeOptions {
+        data_dir: dir.to_path_buf(),
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
         bootstrap: Vec::new(),
         worker_model: None,
-        models_dir: dir.path().join("models"),
+        models_dir: dir.join("models"),
         device: Default::default(),
         allow_insecure_workers: true,
         price_coefficient_milli: 1000,
@@ -470,7 +463,20 @@ async fn the_request_deadline_ends_a_slow_job_with_a_504_or_an_error_event() {
         pinned_models: silk_node::service::default_pinned_models(),
     })
     .await
-    .expect("gateway");
+    .expect("gateway")
+}
+
+/// The API's request deadline (`[http] request_timeout_s`) holds against a
+/// worker that keeps making progress, too slowly: a token every 500 ms is
+/// within the progress timeout, so only the deadline ends the request. A
+/// non-streaming caller gets a 504 `request_timeout`; a streaming one gets
+/// the tokens so far, then an error event with that code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_deadline_ends_a_slow_job_with_a_504_or_an_error_event() {
+    use silk_node::api::{self, guard::HttpConfig, keys::ApiKeys, ApiOptions};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = free_gateway(dir.path()).await;
     let (worker, _peer) =
         hostile_worker(&gateway, 67, None, Arc::new(Mutex::new(Play::Trickle))).await;
     let cancel = CancellationToken::new();
@@ -552,27 +558,7 @@ async fn a_job_no_worker_took_is_answered_with_the_status_of_its_cause() {
     use silk_node::api::{self, guard::HttpConfig, keys::ApiKeys, ApiOptions};
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = Node::start(NodeOptions {
-        data_dir: dir.path().to_path_buf(),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
-        bootstrap: Vec::new(),
-        worker_model: None,
-        models_dir: dir.path().join("models"),
-        device: Default::default(),
-        allow_insecure_workers: true,
-        price_coefficient_milli: 1000,
-        default_max_coefficient_milli: 2000,
-        billing: None,
-        max_jobs_per_worker: 8,
-        mdns: false,
-        fast_gossip: true,
-        attestation_policy: None,
-        pccs_url: None,
-        job_progress_timeout: silk_node::service::JOB_PROGRESS_TIMEOUT,
-        pinned_models: silk_node::service::default_pinned_models(),
-    })
-    .await
-    .expect("gateway");
+    let gateway = free_gateway(dir.path()).await;
     let plays = Arc::new(Mutex::new(Play::Honest));
     let (worker, _peer) = hostile_worker(&gateway, 68, None, Arc::clone(&plays)).await;
     let cancel = CancellationToken::new();

@@ -184,19 +184,7 @@ fn selection_time(n: usize) {
         let candidates: Vec<Candidate> = table
             .serving(model, now, own, &[])
             .into_iter()
-            .map(|(a, rtt)| Candidate {
-                peer: a.peer_id,
-                rtt,
-                free_slots: a.free_slots,
-                queue_depth: a.queue_depth,
-                tokens_per_s_milli: a.decode_tokens_per_s_milli,
-                price_milli: a.price_coefficient_milli,
-                mode: a.attestation_mode,
-                in_flight: 0,
-                recently_failed: false,
-                payout: a.payout,
-                reputation: 0.5,
-            })
+            .map(|(a, rtt)| Candidate::from_announcement(a, rtt, 0, false, 0.5))
             .collect();
         let ranked = routing::rank(candidates, 128, 64);
         times.push(t.elapsed());
