@@ -31,8 +31,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use silk_chain::{Address, Coins};
 use tokio_util::sync::CancellationToken;
 
-use crate::jobs::{ChequeAck, ChequeDelivery, JobUsage, PaymentTerms, TokenChunk};
 use crate::payments::{Payments, PaymentsError, Reservation};
+use crate::protocol::{ChequeAck, ChequeDelivery, JobUsage, PaymentTerms, TokenChunk};
 
 /// How long a worker waits for the cheque of a finished job before it
 /// books the job as unpaid.

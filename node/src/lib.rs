@@ -18,41 +18,49 @@
 //!   jobs whose cheques never came, and redeems in the background.
 //! - [`cli`]: the clap-derived `silk` command line; `main.rs` only calls
 //!   [`cli::run`].
-//! - The mesh: [`config`] (`config.toml`), [`service`] ([`service::Node`]:
-//!   overlay + engine on workers + announcer + inbound-job loop + the
-//!   gateway's dispatch with retries), [`gateway`] (the worker table each
-//!   request reads), [`context`] (the gateway's
-//!   context-window check before dispatch), [`routing`] (ranking by expected
-//!   finish time, then reputation, then price), [`reputation`] (job
+//! - The mesh: [`config`] (`config.toml`), [`node`] ([`node::Node`]: the
+//!   supervisor that starts the overlay and the services below under one
+//!   `JoinSet` and one cancellation token, and routes overlay events to
+//!   them), [`gateway`] (the worker table each request reads, selection,
+//!   forwarding with retries and failover, paying, the context-window
+//!   check), [`worker`] (engine, announcer, the worker's side of a job
+//!   stream, this node's attestation document), [`reputation`] (job
 //!   outcomes seen here plus gossiped reports weighted by the reporter's
-//!   standing), [`jobs`] (the postcard job protocol inside
-//!   the overlay's `/silk/job/1.0.0` frames, and the worker side), [`api`]
-//!   (the OpenAI-compatible HTTP API on axum over hyper, behind a guard:
-//!   Host, Origin and JSON checks, API keys with rate limits and daily spend
+//!   standing, owned by one task), [`protocol`] (the postcard job messages
+//!   inside the overlay's `/silk/job/1.0.0` frames), [`api`] (the
+//!   OpenAI-compatible HTTP API on axum over hyper, behind a guard: Host,
+//!   Origin and JSON checks, API keys with rate limits and daily spend
 //!   caps, header, body and request timeouts, connection caps).
 //!
 //! # Data flow of a job
 //!
 //! HTTP request → [`api`] guards and validates, and holds the job's worst
-//! case against the caller's key → [`service::Node::dispatch`] ranks
+//! case against the caller's key → [`gateway::Gateway::dispatch`] ranks
 //! workers from gossiped announcements (DHT providers when gossip knows too
 //! few), filtered by the attestation policy → job stream to the worker →
-//! [`jobs::serve_stream`] runs the engine and streams tokens → the gateway's
-//! forwarding task settles the job (cheque to the worker) → SSE or one JSON
-//! body with `silk.cost_nanoton`.
+//! [`worker::serve_stream`] runs the engine and streams tokens → the
+//! gateway's forwarding task settles the job (cheque to the worker) → SSE
+//! or one JSON body with `silk.cost_nanoton`.
 
 pub mod api;
 pub mod attest;
 pub mod billing;
 pub mod cli;
 pub mod config;
-pub mod context;
 mod error;
 pub mod gateway;
-pub mod jobs;
+pub mod node;
+pub mod payments;
+pub mod protocol;
 pub mod reputation;
-pub mod routing;
-pub mod service;
+pub mod worker;
 
 pub use error::MeshError;
-pub mod payments;
+
+/// Unix time now in milliseconds (0 before 1970).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -15,11 +15,22 @@
 //! report about itself counts, and a report not renewed for
 //! [`REPORT_MAX_AGE`] periods is dropped. Own observations decay by
 //! [`DECAY`] at every report period, so old failures fade.
+//!
+//! [`Reputation`] is the book, pure and synchronous. [`ReputationService`]
+//! is the node's task that owns it (no lock): job outcomes and gossiped
+//! reports arrive in its inbox, it gossips this gateway's own report every
+//! [`REPUTATION_EVERY`], and after each change it publishes every worker's
+//! score as one snapshot that requests read through a
+//! [`ReputationHandle`] without waiting on the task.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use silk_overlay::PeerId;
+use silk_overlay::{OverlayHandle, PeerId};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 /// Most jobs one report counts for, per worker.
 pub const REPORT_CAP: f64 = 10.0;
@@ -33,6 +44,10 @@ pub const REPORT_MAX_AGE: u32 = 10;
 const MAX_TRACKED: usize = 4096;
 /// Scores under this rank a worker after every healthier one.
 pub const POOR: f64 = 0.25;
+/// How often a gateway gossips its own report, then fades its observations.
+pub const REPUTATION_EVERY: Duration = Duration::from_secs(30);
+/// Room in the reputation task's inbox.
+const INBOX: usize = 1024;
 
 /// Outcomes of one worker's jobs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -222,6 +237,174 @@ impl Reputation {
         }
         (t.ok + 1.0) / (t.total() + 2.0)
     }
+
+    /// Every worker's score that differs from the prior: those this
+    /// gateway used and those a kept report names.
+    pub fn scores(&self) -> Scores {
+        let mut out = Scores::with_capacity(self.own.len());
+        let named = self.reported.values().flat_map(|r| r.tallies.keys());
+        for worker in self.own.keys().chain(named) {
+            if !out.contains_key(worker) {
+                out.insert(*worker, self.score(worker));
+            }
+        }
+        out
+    }
+}
+
+/// Worker scores as the reputation task last published them.
+pub type Scores = HashMap<PeerId, f64>;
+
+/// What the reputation task is told.
+#[derive(Debug)]
+enum Input {
+    /// A job this gateway placed on `worker` ended.
+    Outcome { worker: PeerId, completed: bool },
+    /// A report gossiped by `reporter` (postcard bytes).
+    Report { reporter: PeerId, payload: Vec<u8> },
+}
+
+/// The cheap, cloneable side of [`ReputationService`]: sends it outcomes
+/// and reports, reads its latest scores.
+#[derive(Debug, Clone)]
+pub struct ReputationHandle {
+    inbox: mpsc::Sender<Input>,
+    scores: watch::Receiver<Arc<Scores>>,
+}
+
+impl ReputationHandle {
+    /// Records a job's outcome on `worker`. Waits for room in the inbox:
+    /// an outcome is never dropped.
+    pub async fn record(&self, worker: PeerId, completed: bool) {
+        // Fails only once the task has stopped, with the node.
+        let _ = self.inbox.send(Input::Outcome { worker, completed }).await;
+    }
+
+    /// Hands over a gossiped report. Never waits (the node's event loop
+    /// calls it): when the inbox is full the report is dropped, as gossip
+    /// may drop it anyway; the reporter sends a newer one next period.
+    pub fn offer_report(&self, reporter: PeerId, payload: Vec<u8>) {
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            self.inbox.try_send(Input::Report { reporter, payload })
+        {
+            tracing::debug!(%reporter, "reputation inbox full; report dropped");
+        }
+    }
+
+    /// A worker's score, 0 to 1 (0.5 when nothing is known).
+    pub fn score(&self, worker: &PeerId) -> f64 {
+        self.scores.borrow().get(worker).copied().unwrap_or(0.5)
+    }
+
+    /// Every score that differs from the prior, as last published.
+    pub fn scores(&self) -> Arc<Scores> {
+        Arc::clone(&self.scores.borrow())
+    }
+}
+
+/// The task that owns this gateway's [`Reputation`].
+#[derive(Debug)]
+pub struct ReputationService {
+    book: Reputation,
+    inbox: mpsc::Receiver<Input>,
+    scores: watch::Sender<Arc<Scores>>,
+    overlay: OverlayHandle,
+}
+
+impl ReputationService {
+    /// A service with an empty book that gossips through `overlay`, and
+    /// its handle.
+    pub fn new(overlay: OverlayHandle) -> (Self, ReputationHandle) {
+        let (tx, inbox) = mpsc::channel(INBOX);
+        let (scores, read) = watch::channel(Arc::default());
+        let service = Self {
+            book: Reputation::default(),
+            inbox,
+            scores,
+            overlay,
+        };
+        (
+            service,
+            ReputationHandle {
+                inbox: tx,
+                scores: read,
+            },
+        )
+    }
+
+    /// Runs until `cancel` fires: takes every input waiting, then publishes
+    /// the scores once; gossips and fades every [`REPUTATION_EVERY`].
+    #[tracing::instrument(name = "reputation", skip_all)]
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(REPUTATION_EVERY);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {
+                    if !self.gossip().await {
+                        return;
+                    }
+                }
+                input = self.inbox.recv() => {
+                    let Some(input) = input else { return };
+                    self.take(input).await;
+                    while let Ok(input) = self.inbox.try_recv() {
+                        self.take(input).await;
+                    }
+                }
+            }
+            let _ = self.scores.send(Arc::new(self.book.scores()));
+        }
+    }
+
+    async fn take(&mut self, input: Input) {
+        match input {
+            Input::Outcome { worker, completed } => self.book.record(worker, completed),
+            Input::Report { reporter, payload } => match self.book.absorb(reporter, &payload) {
+                Ok(()) => {}
+                // Stale, from a reporter without standing here, or in a
+                // format this version cannot read (version skew, audit
+                // F15): not misbehaviour.
+                Err(
+                    e @ (ReportError::Stale | ReportError::NoStanding | ReportError::Undecodable),
+                ) => {
+                    tracing::trace!(%reporter, error = %e, "reputation report ignored")
+                }
+                Err(e) => {
+                    tracing::info!(%reporter, error = %e, "bad reputation report");
+                    let _ = self
+                        .overlay
+                        .report_misbehaviour(
+                            reporter,
+                            silk_overlay::Misbehaviour::UndecodablePayload,
+                        )
+                        .await;
+                }
+            },
+        }
+    }
+
+    /// Publishes this gateway's report, then fades its observations.
+    /// Returns false once the overlay has stopped.
+    async fn gossip(&mut self) -> bool {
+        let report = self.book.report(crate::now_ms());
+        self.book.decay();
+        let Some(report) = report else { return true };
+        match self
+            .overlay
+            .publish_reputation(crate::protocol::encode(&report))
+            .await
+        {
+            Ok(()) => true,
+            Err(silk_overlay::OverlayError::Stopped) => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "reputation report not published");
+                true
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -393,5 +576,31 @@ mod tests {
         }
         assert!(r.reported.is_empty());
         assert_eq!(r.score(&worker), 0.5);
+    }
+
+    #[test]
+    fn the_published_scores_are_the_books_scores_for_every_worker_it_knows() {
+        let (good, bad, reporter, named) = (
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+        );
+        let mut r = Reputation::default();
+        assert!(r.scores().is_empty());
+        for _ in 0..12 {
+            r.record(reporter, true);
+        }
+        r.record(good, true);
+        r.record(bad, false);
+        // A worker only a report names is in the scores too.
+        r.absorb(reporter, &report(1, &[(named, 0.0, 9.0)]))
+            .expect("a reporter with standing");
+        let scores = r.scores();
+        assert_eq!(scores.len(), 4);
+        for p in [good, bad, reporter, named] {
+            assert_eq!(scores[&p], r.score(&p), "{p}");
+        }
+        assert!(scores[&named] < 0.5);
     }
 }

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use silk_node::api::guard::{Guard, HttpConfig, API_BODY_LIMIT};
 use silk_node::api::keys::{ApiKeys, KeyLimits, KEYS_FILE};
 use silk_node::api::{self, ApiOptions};
-use silk_node::service::{Node, NodeOptions};
+use silk_node::node::{Node, NodeOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -49,8 +49,8 @@ async fn node(dir: &std::path::Path) -> Arc<Node> {
         fast_gossip: false,
         attestation_policy: None,
         pccs_url: None,
-        job_progress_timeout: silk_node::service::JOB_PROGRESS_TIMEOUT,
-        pinned_models: silk_node::service::default_pinned_models(),
+        job_progress_timeout: silk_node::gateway::JOB_PROGRESS_TIMEOUT,
+        pinned_models: silk_node::gateway::default_pinned_models(),
     })
     .await
     .expect("node starts")

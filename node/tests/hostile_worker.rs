@@ -12,9 +12,10 @@ use silk_chain::devnet::{Devnet, DevnetConfig};
 use silk_chain::ledger::Ledger;
 use silk_chain::{Address, Coins, Keys};
 use silk_node::billing::Billing;
-use silk_node::jobs::{self, Finish, JobMessage, JobRequest, JobUsage, TokenChunk, WirePrompt};
+use silk_node::gateway::JobEvent;
+use silk_node::node::{Node, NodeOptions};
 use silk_node::payments::{Payments, PaymentsConfig};
-use silk_node::service::{JobEvent, Node, NodeOptions};
+use silk_node::protocol::{self, Finish, JobMessage, JobRequest, JobUsage, TokenChunk, WirePrompt};
 use silk_overlay::testing::{local_config, seeded_keypair, spawn_local, worker_announcement};
 use silk_overlay::{JobErrorCode, JobResponder, OverlayEvent};
 use tokio_util::sync::CancellationToken;
@@ -39,14 +40,14 @@ enum Play {
 }
 
 fn token(text: &str) -> Vec<u8> {
-    jobs::encode(&TokenChunk {
+    protocol::encode(&TokenChunk {
         ids: vec![42],
         text: text.into(),
     })
 }
 
 fn usage(prompt_tokens: u32, completion_tokens: u32) -> Vec<u8> {
-    jobs::encode(&JobUsage {
+    protocol::encode(&JobUsage {
         prompt_tokens,
         completion_tokens,
         finish: Finish::Length,
@@ -62,7 +63,7 @@ async fn play(play: Play, max_tokens: u32, mut r: JobResponder) {
                 ids: vec![42; 40],
                 text: String::new(),
             };
-            let _ = r.send_data(jobs::encode(&chunk)).await;
+            let _ = r.send_data(protocol::encode(&chunk)).await;
             let _ = r.end(usage(1_000_000, 40)).await;
         }
         Play::PastMaxTokens => {
@@ -91,7 +92,7 @@ async fn play(play: Play, max_tokens: u32, mut r: JobResponder) {
         }
         Play::EmptyFramesForever => {
             let _ = r.send_data(token("a")).await;
-            let empty = jobs::encode(&TokenChunk {
+            let empty = protocol::encode(&TokenChunk {
                 ids: Vec::new(),
                 text: String::new(),
             });
@@ -256,7 +257,7 @@ async fn a_gateway_pays_only_for_what_it_received_and_drops_stalled_jobs() {
         attestation_policy: None,
         pccs_url: None,
         job_progress_timeout: Duration::from_secs(2),
-        pinned_models: silk_node::service::default_pinned_models(),
+        pinned_models: silk_node::gateway::default_pinned_models(),
     })
     .await
     .expect("gateway");
@@ -342,7 +343,7 @@ async fn silent_tdx_sybils_do_not_stall_dispatch() {
         attestation_policy: None,
         pccs_url: None,
         job_progress_timeout: Duration::from_secs(10),
-        pinned_models: silk_node::service::default_pinned_models(),
+        pinned_models: silk_node::gateway::default_pinned_models(),
     })
     .await
     .expect("gateway");
@@ -459,8 +460,8 @@ async fn free_gateway(dir: &std::path::Path) -> Arc<Node> {
         fast_gossip: true,
         attestation_policy: None,
         pccs_url: None,
-        job_progress_timeout: silk_node::service::JOB_PROGRESS_TIMEOUT,
-        pinned_models: silk_node::service::default_pinned_models(),
+        job_progress_timeout: silk_node::gateway::JOB_PROGRESS_TIMEOUT,
+        pinned_models: silk_node::gateway::default_pinned_models(),
     })
     .await
     .expect("gateway")
@@ -584,7 +585,7 @@ async fn a_job_no_worker_took_is_answered_with_the_status_of_its_cause() {
         (JobErrorCode::Busy, 429, "workers_busy"),
         (JobErrorCode::Timeout, 504, "worker_timeout"),
         (
-            JobErrorCode::Application(jobs::ERR_PAYMENT_REFUSED),
+            JobErrorCode::Application(protocol::ERR_PAYMENT_REFUSED),
             402,
             "payment_failed",
         ),

@@ -391,7 +391,7 @@ async fn a_worker_admits_only_clients_with_a_real_lane_and_within_credit() {
     let (cheque, _) = client.after_job(&r, 1_000, 0, 1).expect("settle");
     let billing = silk_node::billing::Billing::new(other.clone());
     let e = billing
-        .on_cheque(silk_node::jobs::ChequeDelivery {
+        .on_cheque(silk_node::protocol::ChequeDelivery {
             job: r.id,
             public_key: key,
             cheque,

@@ -18,7 +18,7 @@ use silk_chain::message::{to_boc, wallet_transfer, OutMessage};
 use silk_chain::{Address, Cheque, Coins};
 use silk_inference::gguf::{GgufFile, TensorType, Value};
 use silk_node::attest::{AttestationDocument, AttestationMode, Claims, Hex};
-use silk_node::jobs::{
+use silk_node::protocol::{
     encode, ChequeAck, ChequeDelivery, Finish, JobMessage, JobRequest, JobUsage, PaymentTerms,
     TokenChunk, WirePrompt,
 };
@@ -173,7 +173,7 @@ fn job_seeds() -> Result<()> {
         "errors",
         &stream(&[
             WireFrame::Error {
-                code: JobErrorCode::Application(silk_node::jobs::ERR_BAD_CHEQUE),
+                code: JobErrorCode::Application(silk_node::protocol::ERR_BAD_CHEQUE),
                 message: "no job of this worker ran on lane 7".into(),
             },
             WireFrame::Error {

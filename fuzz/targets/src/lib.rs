@@ -27,7 +27,7 @@ use silk_inference::gguf::GgufFile;
 use silk_node::attest::{
     appraise_document, appraise_quote, verify_quote, AttestationDocument, CollateralKey, Policy,
 };
-use silk_node::jobs::{ChequeAck, ChequeDelivery, JobMessage, JobUsage, TokenChunk};
+use silk_node::protocol::{ChequeAck, ChequeDelivery, JobMessage, JobUsage, TokenChunk};
 use silk_node::reputation::{Report, Reputation};
 use silk_overlay::{Announcement, PeerId, SignedEnvelope};
 
@@ -101,9 +101,9 @@ pub fn job_message(data: &[u8]) {
             }
         }
         // Compared as bytes: a peer may send NaN sampling parameters.
-        let bytes = silk_node::jobs::encode(&message);
+        let bytes = silk_node::protocol::encode(&message);
         assert!(
-            matches!(postcard::from_bytes::<JobMessage>(&bytes), Ok(back) if silk_node::jobs::encode(&back) == bytes),
+            matches!(postcard::from_bytes::<JobMessage>(&bytes), Ok(back) if silk_node::protocol::encode(&back) == bytes),
             "a decoded job message must encode back to itself"
         );
     }
@@ -228,7 +228,7 @@ pub fn cheque(data: &[u8]) {
     if let Ok(delivery) = postcard::from_bytes::<ChequeDelivery>(data) {
         let _ = delivery.cheque.verify(&delivery.public_key);
         let _ = delivery.cheque.cheque.hash();
-        let back = postcard::from_bytes::<ChequeDelivery>(&silk_node::jobs::encode(&delivery));
+        let back = postcard::from_bytes::<ChequeDelivery>(&silk_node::protocol::encode(&delivery));
         assert!(
             matches!(&back, Ok(b) if *b == delivery),
             "a decoded cheque delivery must encode back to itself"

@@ -40,8 +40,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::jobs::JobRequest;
-use crate::service::{model_name, Dispatch, DispatchError, FailureCause, JobEvent, Node};
+use crate::gateway::{model_name, Dispatch, DispatchError, FailureCause, JobEvent};
+use crate::node::Node;
+use crate::protocol::JobRequest;
 use crate::MeshError;
 use guard::{Caller, Deadlines, Guard, HttpConfig, API_BODY_LIMIT};
 use keys::{ApiKeys, KeyError};
@@ -312,7 +313,7 @@ async fn complete(
     kind: Kind,
     deadline: Instant,
 ) -> Response {
-    let model = match node.resolve_model(v.model.as_deref()).await {
+    let model = match node.resolve_model(v.model.as_deref()) {
         Ok(m) => m,
         Err(e) => return ApiError::from(e).into_response(),
     };
@@ -397,7 +398,7 @@ fn silk_final(d: &Dispatch, cost: Option<silk_chain::Coins>) -> Value {
     v
 }
 
-fn usage_json(u: &crate::jobs::JobUsage) -> Value {
+fn usage_json(u: &crate::protocol::JobUsage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,

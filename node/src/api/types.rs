@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::jobs::WirePrompt;
+use crate::protocol::WirePrompt;
 
 /// Default `max_tokens` of a chat completion.
 pub const DEFAULT_CHAT_MAX_TOKENS: u32 = 256;

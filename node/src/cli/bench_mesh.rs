@@ -10,8 +10,9 @@ use clap::Args;
 use silk_inference::{backend::Device, Event};
 
 use super::mesh_shard::{self, MeshShardArgs};
-use crate::jobs::{JobRequest, WirePrompt};
-use crate::service::{JobEvent, Node, NodeOptions};
+use crate::gateway::JobEvent;
+use crate::node::{Node, NodeOptions};
+use crate::protocol::{JobRequest, WirePrompt};
 
 /// Arguments of `silk bench mesh`.
 #[derive(Debug, Args)]
@@ -72,8 +73,8 @@ fn options(data_dir: &Path, models_dir: &Path, worker: Option<String>) -> NodeOp
         fast_gossip: true,
         attestation_policy: None,
         pccs_url: None,
-        job_progress_timeout: crate::service::JOB_PROGRESS_TIMEOUT,
-        pinned_models: crate::service::default_pinned_models(),
+        job_progress_timeout: crate::gateway::JOB_PROGRESS_TIMEOUT,
+        pinned_models: crate::gateway::default_pinned_models(),
     }
 }
 
@@ -151,8 +152,8 @@ async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
 /// runs (without the attestation checks, which are a verdict-cache lookup
 /// per TDX worker and nothing for insecure ones).
 fn selection_time(n: usize) {
+    use crate::gateway::routing::{self, Candidate};
     use crate::gateway::WorkerTable;
-    use crate::routing::{self, Candidate};
     use silk_overlay::testing::{seeded_keypair, worker_announcement};
 
     const ROUNDS: usize = 500;
@@ -235,7 +236,7 @@ async fn routing_overhead(args: &MeshBenchArgs, data_dir: &Path) -> anyhow::Resu
         .context("worker serves nothing")?
         .id
         .clone();
-    while gateway.resolve_model(Some(&model)).await.is_err()
+    while gateway.resolve_model(Some(&model)).is_err()
         || !gateway.known_workers().iter().any(|a| a.peer_id == wpeer)
     {
         anyhow::ensure!(

@@ -11,8 +11,8 @@ use silk_overlay::Multiaddr;
 use crate::billing::Billing;
 use crate::cli::wallet::LedgerArgs;
 use crate::config::NodeConfig;
+use crate::node::{Node, NodeOptions};
 use crate::payments::{load_or_create_keys, Payments};
-use crate::service::{Node, NodeOptions};
 
 /// Arguments of `silk run`; each overrides `config.toml`.
 #[derive(Debug, Args)]
@@ -132,11 +132,11 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         fast_gossip: args.fast_gossip,
         attestation_policy: args.attestation_policy.clone(),
         pccs_url: args.pccs_url.clone(),
-        job_progress_timeout: crate::service::JOB_PROGRESS_TIMEOUT,
+        job_progress_timeout: crate::gateway::JOB_PROGRESS_TIMEOUT,
         pinned_models: {
             // The operator's first: a request naming no model goes there.
             let mut pinned = config.pinned_models.clone();
-            pinned.extend(crate::service::default_pinned_models());
+            pinned.extend(crate::gateway::default_pinned_models());
             pinned
         },
     };

@@ -1,13 +1,328 @@
-//! The gateway's side of the mesh: what it knows of workers.
+//! The gateway: takes a request, picks a worker, forwards the job, pays.
 //!
-//! [`WorkerTable`] holds every worker's latest announcement and this
-//! node's measured RTT to it. The node's event loop offers each
-//! announcement the overlay accepts, the announcer offers this node's own,
-//! and a keeper task re-reads the overlay's book and ping RTTs every
-//! [`TABLE_SYNC`] (overlay events are dropped when their channel is full, so
-//! the table never trusts them alone). A request reads the table in memory:
-//! no round trip to the overlay task, no copy of the whole book per request.
+//! [`Gateway`] owns everything a request reads or changes: the
+//! [`WorkerTable`] (every worker's latest announcement and this node's RTT
+//! to it), the attestation appraiser and its verdicts, this gateway's jobs
+//! in flight per worker, recent failures, and the DHT lookups it reuses.
+//! The node's router offers it each announcement the overlay accepts; the
+//! node's own announcer offers this node's; and a keeper task re-reads the
+//! overlay's book and ping RTTs every [`TABLE_SYNC`] (overlay events are
+//! dropped when their channel is full, so the table never trusts them
+//! alone). A request reads the table in memory: no round trip to the
+//! overlay task, no copy of the whole book per request.
+//!
+//! - [`select`]: candidates for a request, filtered by context window,
+//!   attestation, price and per-worker cap ([`select::select`] is the pure
+//!   part), ranked by [`routing::rank`].
+//! - [`attestation`]: the policy applied to a worker's document.
+//! - [`forward`]: one attempt on one worker, retries before the first
+//!   token, failover after it (the relay).
+//! - [`pay`]: reservations before a job, settlement and the cheque after.
+//! - [`error`]: why an attempt or a request failed, by cause.
+//! - [`models`]: which model id a request's name means.
+//! - [`context`]: the context-window check before any worker is asked.
 
+pub mod attestation;
+pub mod context;
+pub mod error;
+mod forward;
+pub mod models;
+mod pay;
+pub mod routing;
+pub mod select;
 mod table;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use silk_overlay::{Announcement, AttestationMode, OverlayHandle, PeerId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::keys::SpendHold;
+use crate::attest::{self, Policy};
+use crate::billing::Billing;
+use crate::node::NodeOptions;
+use crate::protocol::{JobRequest, JobUsage, TokenChunk};
+use crate::reputation::ReputationHandle;
+use crate::worker::WorkerService;
+use crate::{now_ms, MeshError};
+
+pub use error::{AttemptError, Attempts, DispatchError, FailureCause};
+pub use models::{default_pinned_models, model_name, pick_model};
 pub use table::{WorkerTable, TABLE_SYNC};
+
+use context::PromptCounter;
+
+/// Default of [`NodeOptions::job_progress_timeout`]: the overlay's idle
+/// timeout for a frame.
+pub const JOB_PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A job the gateway placed on a worker, first frame received.
+#[derive(Debug)]
+pub struct Dispatch {
+    /// The worker.
+    pub worker: PeerId,
+    /// Its attestation mode.
+    pub attestation: AttestationMode,
+    /// The model id.
+    pub model: String,
+    /// Frames, first one included; ends with `Done` or `Failed`.
+    pub events: mpsc::Receiver<JobEvent>,
+}
+
+/// What the gateway streams to the API.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    /// Generated tokens.
+    Token(TokenChunk),
+    /// The job finished.
+    Done {
+        /// What the worker counted.
+        usage: JobUsage,
+        /// What the job cost this gateway in nanoTON (zero on a worker that
+        /// charges nothing); `None` if settling it failed.
+        cost: Option<silk_chain::Coins>,
+    },
+    /// The job failed after its first token.
+    Failed(String),
+}
+
+/// The gateway's state and its request path. Shared behind an `Arc` by the
+/// node, the API and the gateway's own tasks.
+pub struct Gateway {
+    overlay: OverlayHandle,
+    me: PeerId,
+    /// This node's own worker, when it is one: a job placed on it runs on
+    /// the local engine, unpaid.
+    local: Option<Arc<WorkerService>>,
+    allow_insecure: bool,
+    default_max_coefficient_milli: u32,
+    billing: Option<Arc<Billing>>,
+    max_jobs_per_worker: u32,
+    job_progress_timeout: Duration,
+    /// Model ids a name resolves to first (audit F10).
+    pinned_models: Vec<String>,
+    /// Every worker's latest announcement and RTT, read by each request.
+    workers: RwLock<WorkerTable>,
+    /// Counts prompt tokens for the context-window check before dispatch.
+    prompt_counter: PromptCounter,
+    appraiser: Mutex<attest::Appraiser>,
+    /// Attestation requests a peer left unanswered, by (peer, digest).
+    attest_unanswered: Mutex<HashMap<(PeerId, [u8; 32]), Instant>>,
+    /// The last DHT lookup per model: when, and the workers it found.
+    dht_lookups: Mutex<HashMap<String, (Instant, Vec<Announcement>)>>,
+    /// This gateway's jobs running on each worker.
+    in_flight: Arc<Mutex<HashMap<PeerId, u32>>>,
+    /// When each worker last failed or was busy.
+    failures: Mutex<HashMap<PeerId, Instant>>,
+    reputation: ReputationHandle,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("peer_id", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// A gateway with an empty worker table, with the attestation policy,
+    /// collateral source and payment settings of `options`.
+    pub fn new(
+        options: &NodeOptions,
+        overlay: OverlayHandle,
+        local: Option<Arc<WorkerService>>,
+        reputation: ReputationHandle,
+        cancel: CancellationToken,
+    ) -> Result<Self, MeshError> {
+        let policy = match &options.attestation_policy {
+            Some(path) => Policy::load(path)?,
+            None => Policy::default(),
+        };
+        let cache =
+            attest::CollateralCache::new(options.data_dir.join("attest").join("collateral"));
+        let collateral = match &options.pccs_url {
+            Some(url) => attest::CollateralSource::with_pccs(cache, attest::PccsClient::new(url)),
+            None => attest::CollateralSource::offline(cache),
+        };
+        let prompt_counter = PromptCounter::new(
+            options.models_dir.clone(),
+            local
+                .as_ref()
+                .map(|w| (w.model().id.clone(), w.engine().clone())),
+        );
+        Ok(Self {
+            me: overlay.local_peer_id(),
+            overlay,
+            local,
+            allow_insecure: options.allow_insecure_workers,
+            default_max_coefficient_milli: options.default_max_coefficient_milli,
+            billing: options.billing.clone(),
+            max_jobs_per_worker: options.max_jobs_per_worker.max(1),
+            job_progress_timeout: options.job_progress_timeout,
+            pinned_models: options.pinned_models.clone(),
+            workers: RwLock::default(),
+            prompt_counter,
+            appraiser: Mutex::new(
+                attest::Appraiser::new(policy, options.allow_insecure_workers)
+                    .with_collateral_source(collateral),
+            ),
+            attest_unanswered: Mutex::default(),
+            dht_lookups: Mutex::default(),
+            in_flight: Arc::default(),
+            failures: Mutex::default(),
+            reputation,
+            cancel,
+        })
+    }
+
+    /// Whether this gateway routes to insecure workers.
+    pub fn allows_insecure(&self) -> bool {
+        self.allow_insecure
+    }
+
+    /// A worker's reputation here, 0 to 1.
+    pub fn reputation_of(&self, worker: &PeerId) -> f64 {
+        self.reputation.score(worker)
+    }
+
+    /// Takes a worker's announcement into the table (a later one replaces
+    /// an earlier one, never the reverse).
+    pub fn offer(&self, a: Announcement) {
+        if let Ok(mut t) = self.workers.write() {
+            t.offer(a);
+        }
+    }
+
+    /// Forgets the RTT of a peer that disconnected.
+    pub fn disconnected(&self, peer: &PeerId) {
+        if let Ok(mut t) = self.workers.write() {
+            t.disconnected(peer);
+        }
+    }
+
+    /// Resolves the model a request names (id, name, or none when the mesh
+    /// serves exactly one model) against the current announcements.
+    pub fn resolve_model(&self, wanted: Option<&str>) -> Result<String, DispatchError> {
+        let Ok(table) = self.workers.read() else {
+            return Err(DispatchError::UnknownModel(
+                wanted.unwrap_or("default").to_string(),
+            ));
+        };
+        let served: Vec<(&str, PeerId)> = table
+            .current(now_ms())
+            .flat_map(|a| a.models.iter().map(move |m| (m.as_str(), a.peer_id)))
+            .collect();
+        pick_model(wanted, &served, &self.pinned_models)
+    }
+
+    /// The workers this gateway routes to: each one's latest unexpired
+    /// announcement, this node's own included.
+    pub fn known_workers(&self) -> Vec<Announcement> {
+        self.workers
+            .read()
+            .map(|t| t.current(now_ms()).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Keeps the worker table in step with the overlay's book and ping
+    /// RTTs, every [`TABLE_SYNC`], until the node stops.
+    pub async fn table_keeper(self: Arc<Self>) {
+        let own = self.local.as_ref().map(|_| self.me);
+        let mut tick = tokio::time::interval(TABLE_SYNC);
+        loop {
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (book, peers) = match (
+                self.overlay.announcements().await,
+                self.overlay.peers().await,
+            ) {
+                (Ok(b), Ok(p)) => (b, p),
+                (Err(silk_overlay::OverlayError::Stopped), _)
+                | (_, Err(silk_overlay::OverlayError::Stopped)) => return,
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "could not read the overlay's workers");
+                    continue;
+                }
+            };
+            if let Ok(mut t) = self.workers.write() {
+                t.sync(book, own);
+                t.set_rtts(
+                    peers
+                        .into_iter()
+                        .filter_map(|p| p.rtt.map(|r| (p.peer_id, r))),
+                );
+                t.prune(now_ms());
+            }
+        }
+    }
+
+    /// The most `request` can cost this gateway: its prompt bound and
+    /// `max_tokens` at the highest coefficient it accepts, at this node's
+    /// prices. Zero on a node without payments; the largest amount when
+    /// the price overflows, so a spend cap refuses it.
+    pub fn worst_case_cost(
+        &self,
+        request: &JobRequest,
+        max_coefficient_milli: Option<u32>,
+    ) -> silk_chain::Coins {
+        let Some(billing) = &self.billing else {
+            return silk_chain::Coins::ZERO;
+        };
+        let max = crate::payments::capped_coefficient(
+            max_coefficient_milli,
+            self.default_max_coefficient_milli,
+        );
+        billing
+            .payments()
+            .config()
+            .price
+            .worst_case(
+                max,
+                request.prompt_tokens_bound(),
+                u64::from(request.max_tokens),
+            )
+            .unwrap_or(silk_chain::Coins(u128::MAX))
+    }
+
+    /// Places `request` (its `model` already resolved to an id) on the best
+    /// worker whose coefficient is at most the node's maximum, or
+    /// `max_coefficient_milli` when the caller asked for less, retrying the
+    /// next candidate while no token has arrived. With payments, the job's
+    /// worst case is reserved on the lane to the worker first and released
+    /// if the worker fails. `spend`, the caller's API-key hold, is settled
+    /// with what the job cost when it ends (before its last event), or
+    /// dropped if no worker took it.
+    ///
+    /// A worker that fails after the first token is not the caller's
+    /// problem: the job goes on on another worker serving the same id, from
+    /// the prompt plus the tokens already delivered (see [`forward`]).
+    pub async fn dispatch(
+        self: &Arc<Self>,
+        request: JobRequest,
+        max_coefficient_milli: Option<u32>,
+        spend: Option<SpendHold>,
+    ) -> Result<Dispatch, DispatchError> {
+        let max_coefficient = crate::payments::capped_coefficient(
+            max_coefficient_milli,
+            self.default_max_coefficient_milli,
+        );
+        let (worker, attestation, attempt) = self.place(&request, max_coefficient, &[]).await?;
+        let (tx, events) = mpsc::channel(forward::JOB_CHANNEL);
+        let model = request.model.clone();
+        tokio::spawn(Arc::clone(self).relay(request, max_coefficient, worker, attempt, spend, tx));
+        Ok(Dispatch {
+            worker,
+            attestation,
+            model,
+            events,
+        })
+    }
+}

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use silk_inference::{Engine, ModelStore, Prompt, Tokenizer};
 
-use crate::service::model_name;
+use super::models::model_name;
 
 /// A model missing from the models directory is looked for again after this.
 const MISSING_MODEL_RETRY: Duration = Duration::from_secs(60);

@@ -1,0 +1,241 @@
+//! The worker's side of a job stream: decode the [`JobMessage`], check the
+//! payment terms, run the job on the engine and stream its tokens, or take
+//! a cheque.
+
+use silk_inference::{Engine, Event, GenerateRequest};
+use silk_overlay::{JobErrorCode, JobResponder, Misbehaviour, OverlayHandle, PeerId};
+use tokio_util::sync::CancellationToken;
+
+use crate::billing::Billing;
+use crate::protocol::{
+    encode, usage_record, JobMessage, JobRequest, TokenChunk, ERR_BAD_CHEQUE, ERR_NOT_CHARGING,
+    ERR_PAYMENT_REFUSED, ERR_PAYMENT_REQUIRED, ERR_WRONG_MODEL,
+};
+
+/// What a worker needs to serve inbound streams.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerContext<'a> {
+    /// The engine, on workers.
+    pub engine: Option<&'a Engine>,
+    /// The overlay (for misbehaviour reports).
+    pub overlay: &'a OverlayHandle,
+    /// Payments, when this node charges for jobs.
+    pub billing: Option<&'a Billing>,
+    /// The coefficient put in usage records, × 1000.
+    pub price_milli: u64,
+}
+
+/// Serves one inbound stream: decodes its [`JobMessage`] and runs the job
+/// or takes the cheque.
+pub async fn serve_stream(
+    ctx: WorkerContext<'_>,
+    peer: PeerId,
+    message: Vec<u8>,
+    responder: JobResponder,
+    cancel: CancellationToken,
+) {
+    let message: JobMessage = match postcard::from_bytes(&message) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "undecodable job message");
+            let _ = ctx
+                .overlay
+                .report_misbehaviour(peer, Misbehaviour::UndecodablePayload)
+                .await;
+            let _ = responder
+                .error(
+                    JobErrorCode::Malformed,
+                    format!("undecodable job message: {e}"),
+                )
+                .await;
+            return;
+        }
+    };
+    match message {
+        JobMessage::Generate(request) => match ctx.engine {
+            Some(engine) => serve_job(ctx, engine, peer, request, responder, cancel).await,
+            None => {
+                let _ = responder
+                    .error(JobErrorCode::Rejected, "this node is not a worker")
+                    .await;
+            }
+        },
+        JobMessage::Cheque(delivery) => {
+            let Some(billing) = ctx.billing else {
+                let _ = responder
+                    .error(
+                        JobErrorCode::Application(ERR_NOT_CHARGING),
+                        "this node charges nothing and takes no cheques",
+                    )
+                    .await;
+                return;
+            };
+            match billing.on_cheque(delivery).await {
+                Ok(ack) => {
+                    if let Err(e) = responder.end(encode(&ack)).await {
+                        tracing::debug!(%peer, error = %e, "could not acknowledge a cheque");
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(%peer, error = %e, "cheque refused");
+                    let _ = responder
+                        .error(JobErrorCode::Application(ERR_BAD_CHEQUE), e.to_string())
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+/// Serves one job on `engine`: runs it and streams the tokens back. Stops
+/// early when `cancel` fires or the gateway goes away (dropping the engine
+/// stream cancels the generation).
+async fn serve_job(
+    ctx: WorkerContext<'_>,
+    engine: &Engine,
+    peer: PeerId,
+    request: JobRequest,
+    responder: JobResponder,
+    cancel: CancellationToken,
+) {
+    if request.model != engine.source().id {
+        let _ = responder
+            .error(
+                JobErrorCode::Application(ERR_WRONG_MODEL),
+                format!(
+                    "this worker serves {}, not {}",
+                    engine.source().id,
+                    request.model
+                ),
+            )
+            .await;
+        return;
+    }
+    if let Some(billing) = ctx.billing {
+        let refusal = match &request.payment {
+            None => Some((
+                ERR_PAYMENT_REQUIRED,
+                format!(
+                    "this worker charges for jobs: send payment terms (a lane to {})",
+                    billing.payout()
+                ),
+            )),
+            Some(terms) => match billing.admit(terms).await {
+                Ok(()) => billing
+                    .start_job(terms)
+                    .await
+                    .err()
+                    .map(|e| (ERR_PAYMENT_REFUSED, e.to_string())),
+                Err(e) => Some((ERR_PAYMENT_REFUSED, e.to_string())),
+            },
+        };
+        if let Some((code, message)) = refusal {
+            tracing::info!(%peer, %message, "job refused");
+            let _ = responder
+                .error(JobErrorCode::Application(code), message)
+                .await;
+            return;
+        }
+    }
+    // From here on a paid job has a row in the worker's book: whatever
+    // happens, its end is recorded with the tokens produced (audit F3).
+    let (prompt_tokens, produced) =
+        run_job(engine, peer, &request, responder, ctx.price_milli, &cancel).await;
+    if let (Some(billing), Some(terms)) = (ctx.billing, &request.payment) {
+        billing.end_job(terms, prompt_tokens, produced).await;
+    }
+}
+
+/// [`Engine::submit`] on a blocking thread: it tokenizes the prompt (and
+/// renders the chat template), which for a prompt of a megabyte takes long
+/// enough to stall a tokio worker and every task on it (audit F19).
+pub async fn submit_off_runtime(
+    engine: &Engine,
+    request: GenerateRequest,
+) -> silk_inference::Result<silk_inference::GenerationStream> {
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || engine.submit(request))
+        .await
+        .unwrap_or_else(|e| {
+            Err(silk_inference::InferenceError::Backend(format!(
+                "tokenizing the prompt failed: {e}"
+            )))
+        })
+}
+
+/// Runs `request` on `engine`, streaming tokens to `responder`, and ends
+/// the stream. Returns the prompt tokens (0 unless the job finished) and
+/// the tokens produced, a cancelled stream's included.
+async fn run_job(
+    engine: &Engine,
+    peer: PeerId,
+    request: &JobRequest,
+    mut responder: JobResponder,
+    price_milli: u64,
+    cancel: &CancellationToken,
+) -> (u32, u32) {
+    let mut stream = match submit_off_runtime(engine, request.to_generate()).await {
+        Ok(s) => s,
+        Err(silk_inference::InferenceError::Busy { .. }) => {
+            let _ = responder
+                .error(JobErrorCode::Busy, "worker queue is full")
+                .await;
+            return (0, 0);
+        }
+        // Only the request's own faults are `Rejected`: a gateway takes that
+        // as the caller's error and blames no worker. Anything else (the
+        // engine shut down, the tokenizer or template failed) is ours.
+        Err(
+            e @ (silk_inference::InferenceError::InvalidRequest { .. }
+            | silk_inference::InferenceError::PromptTooLong { .. }),
+        ) => {
+            let _ = responder.error(JobErrorCode::Rejected, e.to_string()).await;
+            return (0, 0);
+        }
+        Err(e) => {
+            let _ = responder.error(JobErrorCode::Internal, e.to_string()).await;
+            return (0, 0);
+        }
+    };
+    let mut produced = 0u32;
+    loop {
+        let event = tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                let _ = responder.error(JobErrorCode::Internal, "worker is shutting down").await;
+                return (0, produced);
+            }
+            event = stream.next() => event,
+        };
+        match event {
+            Some(Event::Token { id, text }) => {
+                let chunk = TokenChunk {
+                    ids: vec![id],
+                    text,
+                };
+                if let Err(e) = responder.send_data(encode(&chunk)).await {
+                    tracing::debug!(%peer, error = %e, "gateway went away; cancelling the job");
+                    return (0, produced);
+                }
+                produced = produced.saturating_add(1);
+            }
+            Some(Event::Done(usage)) => {
+                let record = usage_record(&usage, price_milli);
+                if let Err(e) = responder.end(encode(&record)).await {
+                    tracing::debug!(%peer, error = %e, "could not send the usage frame");
+                }
+                return (record.prompt_tokens, record.completion_tokens);
+            }
+            Some(Event::Error(e)) => {
+                let _ = responder.error(JobErrorCode::Internal, e).await;
+                return (0, produced);
+            }
+            None => {
+                let _ = responder
+                    .error(JobErrorCode::Internal, "the engine stopped")
+                    .await;
+                return (0, produced);
+            }
+        }
+    }
+}
