@@ -36,6 +36,12 @@ pub struct NodeConfig {
     pub max_jobs_per_worker: u32,
     /// Enable mDNS discovery on the LAN.
     pub mdns: bool,
+    /// Fewest connected peers the node looks for (it walks the DHT for
+    /// more when under it).
+    pub min_peers: u32,
+    /// Most connected peers the node keeps (it closes the surplus, never
+    /// a peer it runs jobs with).
+    pub max_peers: u32,
     /// Model ids (`name@sha256:…`) a request naming the model resolves to
     /// first, besides the default model pinned by its hash.
     pub pinned_models: Vec<String>,
@@ -132,6 +138,8 @@ impl Default for NodeConfig {
             allow_insecure_workers: false,
             max_jobs_per_worker: 8,
             mdns: false,
+            min_peers: 25,
+            max_peers: 50,
             pinned_models: Vec::new(),
             ledger: None,
             payments: None,

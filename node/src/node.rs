@@ -74,6 +74,10 @@ pub struct NodeOptions {
     pub mdns: bool,
     /// Faster gossip and pings (local testnets).
     pub fast_gossip: bool,
+    /// Fewest connected peers the overlay looks for.
+    pub min_peers: u32,
+    /// Most connected peers the overlay keeps.
+    pub max_peers: u32,
     /// TOML policy for TDX workers (accepted measurements, TCB statuses,
     /// debug); the built-in default accepts no measurements.
     pub attestation_policy: Option<PathBuf>,
@@ -153,6 +157,8 @@ impl Node {
             .with_bootstrap(options.bootstrap.clone())
             .with_mdns(options.mdns);
         config.agent_version = format!("silk/{}", env!("CARGO_PKG_VERSION"));
+        config.min_peers = options.min_peers;
+        config.max_peers = options.max_peers;
         if config.listens_only_on_loopback() {
             // A local testnet: every peer dials in from this machine.
             config.max_inbound_connections_per_ip = config.max_inbound_connections;

@@ -46,6 +46,8 @@ async fn node(dir: &std::path::Path) -> Arc<Node> {
         billing: None,
         max_jobs_per_worker: 8,
         mdns: false,
+        min_peers: 25,
+        max_peers: 50,
         fast_gossip: false,
         attestation_policy: None,
         pccs_url: None,

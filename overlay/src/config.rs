@@ -83,6 +83,16 @@ pub struct OverlayConfig {
     pub max_inbound_connections_per_ip: u32,
     /// Most established connections per peer.
     pub max_connections_per_peer: u32,
+    /// Fewest connected peers a node looks for: under it, a random
+    /// Kademlia walk dials more (see [`crate::peers`]).
+    pub min_peers: u32,
+    /// Most connected peers a node keeps: over it, the surplus is closed,
+    /// keeping peers with job streams and spreading the rest over the
+    /// Kademlia buckets (see [`crate::peers`]). At most `max_connections`.
+    pub max_peers: u32,
+    /// A peer that carried a job stream is kept this long after the stream
+    /// ended (the workers a gateway uses, the gateways that use a worker).
+    pub peer_use_memory: Duration,
     /// Most peers tracked in per-peer maps (announcements, scores, rate limits).
     pub max_tracked_peers: usize,
     /// Capacity of the command channel from handles to the overlay task.
@@ -130,6 +140,9 @@ impl OverlayConfig {
             max_inbound_connections: 384,
             max_inbound_connections_per_ip: 16,
             max_connections_per_peer: 4,
+            min_peers: 25,
+            max_peers: 50,
+            peer_use_memory: Duration::from_secs(5 * 60),
             max_tracked_peers: 8192,
             command_buffer: 256,
             event_buffer: 1024,
@@ -180,6 +193,12 @@ impl OverlayConfig {
             || self.max_inbound_connections > self.max_connections
         {
             return bad("max_inbound_connections and max_inbound_connections_per_ip must be at least 1, and max_inbound_connections at most max_connections");
+        }
+        if self.min_peers > self.max_peers
+            || self.max_peers == 0
+            || self.max_peers > self.max_connections
+        {
+            return bad("the peer budget needs 1 <= max_peers <= max_connections and min_peers <= max_peers");
         }
         if self.max_inbound_jobs == 0 {
             return bad("max_inbound_jobs must be at least 1");

@@ -6,6 +6,7 @@ use libp2p::{request_response, Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::peers::StreamUse;
 use crate::{
     behaviour::AttestResponse,
     job::{self, JobLimits, JobStream},
@@ -40,6 +41,7 @@ pub struct OverlayHandle {
     control: libp2p_stream::Control,
     local_peer_id: PeerId,
     limits: JobLimits,
+    uses: StreamUse,
     cancel: CancellationToken,
 }
 
@@ -58,6 +60,7 @@ impl OverlayHandle {
         control: libp2p_stream::Control,
         local_peer_id: PeerId,
         limits: JobLimits,
+        uses: StreamUse,
         cancel: CancellationToken,
     ) -> Self {
         Self {
@@ -66,6 +69,7 @@ impl OverlayHandle {
             control,
             local_peer_id,
             limits,
+            uses,
             cancel,
         }
     }
@@ -212,6 +216,7 @@ impl OverlayHandle {
             request,
             self.limits,
             self.reports.clone(),
+            self.uses.open(peer),
         )
         .await
     }

@@ -27,6 +27,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::peers::{InUse, StreamUse};
 use crate::{network::Reports, Misbehaviour, OverlayError, OverlayEvent};
 
 /// Protocol name of job streams.
@@ -217,6 +218,8 @@ pub struct JobStream {
     peer: PeerId,
     frames: mpsc::Receiver<Result<JobFrame, OverlayError>>,
     reader: tokio::task::AbortHandle,
+    /// Keeps the connection to the worker out of the peer budget's cuts.
+    _use: InUse,
 }
 
 impl JobStream {
@@ -252,6 +255,7 @@ pub(crate) async fn open(
     request: Vec<u8>,
     limits: JobLimits,
     reports: Reports,
+    use_: InUse,
 ) -> Result<JobStream, OverlayError> {
     let opened = tokio::time::timeout(limits.idle_timeout, control.open_stream(peer, JOB_PROTOCOL))
         .await
@@ -281,6 +285,7 @@ pub(crate) async fn open(
         peer,
         frames,
         reader,
+        _use: use_,
     })
 }
 
@@ -355,6 +360,8 @@ struct JobSlot {
     _global: OwnedSemaphorePermit,
     peer: PeerId,
     per_peer: PerPeer,
+    /// Keeps the connection to the gateway out of the peer budget's cuts.
+    _use: InUse,
 }
 
 /// Inbound job streams open per peer.
@@ -367,6 +374,7 @@ impl JobSlot {
         peer: PeerId,
         per_peer: &PerPeer,
         max: usize,
+        uses: &StreamUse,
     ) -> Option<Self> {
         let mut open = per_peer.lock().ok()?;
         let n = open.entry(peer).or_insert(0);
@@ -378,6 +386,7 @@ impl JobSlot {
             _global: global,
             peer,
             per_peer: Arc::clone(per_peer),
+            _use: uses.open(peer),
         })
     }
 }
@@ -442,10 +451,10 @@ impl JobResponder {
 pub(crate) async fn accept_jobs(
     mut incoming: libp2p_stream::IncomingStreams,
     limits: JobLimits,
-    max_inbound: usize,
-    max_per_peer: usize,
+    (max_inbound, max_per_peer): (usize, usize),
     events: mpsc::Sender<OverlayEvent>,
     reports: Reports,
+    uses: StreamUse,
     cancel: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(max_inbound));
@@ -470,7 +479,7 @@ pub(crate) async fn accept_jobs(
                     .try_acquire_owned()
                     .map_err(|_| "no free job slot")
                     .and_then(|global| {
-                        JobSlot::take(global, peer, &per_peer, max_per_peer)
+                        JobSlot::take(global, peer, &per_peer, max_per_peer, &uses)
                             .ok_or("too many jobs from this peer at once")
                     });
                 match slot {

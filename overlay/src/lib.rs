@@ -48,6 +48,11 @@
 //! - Provider records: [`OverlayHandle::start_providing`] /
 //!   [`OverlayHandle::get_providers`] for model ids.
 //!
+//! - Peer budget ([`peers`]): between `min_peers` and `max_peers`
+//!   connections; the surplus is closed, keeping peers with job streams
+//!   and spreading the rest over the Kademlia buckets; too few start a
+//!   random DHT walk.
+//!
 //! Every channel, queue and per-peer map is bounded (see [`OverlayConfig`]).
 
 mod behaviour;
@@ -59,6 +64,7 @@ mod ip_limits;
 pub mod job;
 pub mod misbehaviour;
 mod network;
+pub mod peers;
 pub mod testing;
 
 pub use behaviour::{ATTEST_PROTOCOL, IDENTIFY_PROTOCOL, KAD_PROTOCOL};

@@ -31,6 +31,7 @@ use crate::{
     handle::{AttestationResponder, OverlayHandle, PeerInfo},
     job::{self, JobLimits, JOB_PROTOCOL},
     misbehaviour::{Outcome, PeerPolicy},
+    peers::{self, StreamUse},
     Announcement, Misbehaviour, OverlayConfig, OverlayError,
 };
 
@@ -206,6 +207,8 @@ struct PeerState {
     addresses: Vec<Multiaddr>,
     rtt: Option<Duration>,
     agent_version: Option<String>,
+    /// When the first of its current connections was established.
+    since: Option<Instant>,
 }
 
 impl PeerState {
@@ -284,14 +287,15 @@ impl Overlay {
             first_frame_timeout: config.job_first_frame_timeout,
         };
 
+        let uses = StreamUse::default();
         let mut tasks = JoinSet::new();
         tasks.spawn(job::accept_jobs(
             incoming,
             limits,
-            config.max_inbound_jobs,
-            config.max_inbound_jobs_per_peer,
+            (config.max_inbound_jobs, config.max_inbound_jobs_per_peer),
             event_tx.clone(),
             report_tx.clone(),
+            uses.clone(),
             cancel.child_token(),
         ));
 
@@ -329,10 +333,17 @@ impl Overlay {
             max_reputation_size: config.max_reputation_size,
             keypair: config.keypair.clone(),
             tick: config.gossip_heartbeat,
+            uses: uses.clone(),
+            min_peers: config.min_peers as usize,
+            max_peers: config.max_peers as usize,
+            peer_use_memory: config.peer_use_memory,
+            last_peer_check: Instant::now(),
+            walk: None,
         };
         tokio::spawn(event_loop.run());
 
-        let handle = OverlayHandle::new(command_tx, report_tx, control, local, limits, cancel);
+        let handle =
+            OverlayHandle::new(command_tx, report_tx, control, local, limits, uses, cancel);
         Ok((handle, event_rx))
     }
 }
@@ -462,6 +473,16 @@ struct EventLoop {
     max_reputation_size: usize,
     keypair: libp2p::identity::Keypair,
     tick: Duration,
+    /// Job streams per peer (see [`crate::peers`]).
+    uses: StreamUse,
+    min_peers: usize,
+    max_peers: usize,
+    peer_use_memory: Duration,
+    /// When the peer budget was last checked.
+    last_peer_check: Instant,
+    /// The random walk under way to find more peers, with the number of
+    /// peers missing when it started.
+    walk: Option<(kad::QueryId, usize)>,
 }
 
 impl EventLoop {
@@ -538,6 +559,57 @@ impl EventLoop {
         }
         if self.republish {
             self.publish_own(now);
+        }
+        if now.duration_since(self.last_peer_check) >= peers::CHECK_EVERY {
+            self.keep_peer_budget(now);
+        }
+    }
+
+    /// Closes the connections over `max_peers`, or starts a random walk
+    /// when under `min_peers` (see [`crate::peers`]).
+    fn keep_peer_budget(&mut self, now: Instant) {
+        self.last_peer_check = now;
+        self.uses.prune(self.peer_use_memory);
+        let local = *self.swarm.local_peer_id();
+        let connected: Vec<peers::Connected> = self
+            .swarm
+            .connected_peers()
+            .map(|peer| {
+                let since = self.peers.get(peer).and_then(|s| s.since).unwrap_or(now);
+                peers::Connected {
+                    peer: *peer,
+                    bucket: peers::bucket(&local, peer),
+                    protected: now.duration_since(since) < peers::GRACE
+                        || self.connect_waiters.contains_key(peer)
+                        || self.uses.in_use(peer, self.peer_use_memory),
+                    since,
+                }
+            })
+            .collect();
+        if connected.len() > self.max_peers {
+            let cut = peers::surplus(&connected, self.max_peers);
+            tracing::debug!(
+                connected = connected.len(),
+                max = self.max_peers,
+                closing = cut.len(),
+                "over the peer budget"
+            );
+            for peer in cut {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        } else if connected.len() < self.min_peers && self.walk.is_none() {
+            let missing = self.min_peers - connected.len();
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .get_closest_peers(PeerId::random());
+            tracing::debug!(
+                connected = connected.len(),
+                min = self.min_peers,
+                "under the peer budget: walking the DHT"
+            );
+            self.walk = Some((id, missing));
         }
     }
 
@@ -875,6 +947,9 @@ impl EventLoop {
                 if endpoint.is_dialer() {
                     state.add_address(address.clone());
                 }
+                if num_established.get() == 1 {
+                    state.since = Some(Instant::now());
+                }
                 self.connected(peer_id, Ok(()));
                 if num_established.get() == 1 {
                     tracing::debug!(peer = %peer_id, %address, "connected");
@@ -1080,6 +1155,17 @@ impl EventLoop {
                 }
             }
             kad::QueryResult::GetClosestPeers(result) => {
+                if let Some((_, missing)) = self.walk.filter(|(walk, _)| *walk == id) {
+                    if step.last {
+                        self.walk = None;
+                    }
+                    let found = match result {
+                        Ok(ok) => ok.peers,
+                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                    };
+                    self.dial_found(found, missing);
+                    return;
+                }
                 let Some((target, reply)) = self.find_queries.remove(&id) else {
                     return;
                 };
@@ -1108,6 +1194,31 @@ impl EventLoop {
                 tracing::debug!(ok = result.is_ok(), "Kademlia bootstrap step");
             }
             _ => {}
+        }
+    }
+
+    /// Dials up to `missing` of the peers a random walk found that this
+    /// node is not connected to.
+    fn dial_found(&mut self, found: Vec<kad::PeerInfo>, missing: usize) {
+        let mut dialled = 0;
+        for info in found {
+            if dialled >= missing {
+                break;
+            }
+            let peer = info.peer_id;
+            if peer == *self.swarm.local_peer_id()
+                || self.swarm.is_connected(&peer)
+                || self.policy.is_banned(&peer)
+            {
+                continue;
+            }
+            let opts = DialOpts::peer_id(peer)
+                .addresses(info.addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if self.swarm.dial(opts).is_ok() {
+                dialled += 1;
+            }
         }
     }
 

@@ -34,6 +34,10 @@ pub struct MeshBenchArgs {
     /// Known workers for the selection-time measurement (0 skips it).
     #[arg(long, default_value_t = 1000)]
     pub known_workers: usize,
+    /// The overlay nodes' peer budget, `MIN,MAX` connections (the
+    /// production default 25,50; `0,512` turns it off, as before it existed).
+    #[arg(long, value_delimiter = ',', default_values_t = [25, 50])]
+    pub peer_budget: Vec<u32>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -70,6 +74,8 @@ fn options(data_dir: &Path, models_dir: &Path, worker: Option<String>) -> NodeOp
         billing: None,
         max_jobs_per_worker: 8,
         mdns: false,
+        min_peers: 25,
+        max_peers: 50,
         fast_gossip: true,
         attestation_policy: None,
         pccs_url: None,
@@ -121,27 +127,41 @@ async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
         mesh_shard::STEADY_FOR.as_secs(),
         mesh_shard::SETTLE_LIMIT.as_secs(),
     );
+    let budget = match args.peer_budget[..] {
+        [min, max] => (min, max),
+        _ => anyhow::bail!("--peer-budget takes MIN,MAX"),
+    };
     println!(
-        "| nodes | processes | spawn | meshed | settled | connections per node | a new worker known by all | every node holds every announcement |"
+        "Peer budget: {} to {} connections per node.\n",
+        budget.0, budget.1
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| nodes | processes | spawn | meshed | settled | connections per node (fewest–most) | settled CPU per node | descriptors per node | a new worker known by all | every node holds every announcement |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for &n in &args.sizes {
         eprintln!(
             "gossip convergence with {n} overlay nodes, at most {} per process…",
             args.nodes_per_process
         );
-        match mesh_shard::measure(n, args.nodes_per_process).await {
+        match mesh_shard::measure(n, args.nodes_per_process, budget).await {
             Ok(r) => println!(
-                "| {n} | {} | {} | {} | {} | {:.1} | {} | {} |",
+                "| {n} | {} | {} | {} | {} | {:.1} ({}–{}) | {} | {} | {} | {} |",
                 r.processes,
                 ms(r.spawn),
                 ms(r.meshed),
                 ms(r.settled),
                 r.connections_per_node,
+                r.connections_range.0,
+                r.connections_range.1,
+                r.cpu_per_node
+                    .map_or("n/a".into(), |c| format!("{:.2}% of a core", c * 100.0)),
+                r.descriptors_per_node
+                    .map_or("n/a".into(), |d| format!("{d:.1}")),
                 outcome(&r.new_worker_known),
                 outcome(&r.converged),
             ),
-            Err(e) => println!("| {n} | failed: {e:#} | | | | | | |"),
+            Err(e) => println!("| {n} | failed: {e:#} | | | | | | | | |"),
         }
     }
     Ok(())

@@ -53,7 +53,10 @@ pub struct MeshShardArgs {
     pub count: usize,
     /// Connections every node of the shard needs before it reports `meshed`.
     #[arg(long)]
-    pub min_peers: usize,
+    pub meshed_at: usize,
+    /// The nodes' peer budget, `MIN,MAX` (see `silk_overlay::peers`).
+    #[arg(long, value_delimiter = ',')]
+    pub peer_budget: Vec<u32>,
     /// Node 0's address; absent for the first shard, which runs node 0.
     #[arg(long)]
     pub bootstrap: Option<Multiaddr>,
@@ -68,12 +71,16 @@ enum ShardReport {
         /// The shard's first node's address (with its peer id).
         addr: String,
     },
-    /// Every node of the shard has `min_peers` connections.
+    /// Every node of the shard has `meshed_at` connections.
     Meshed,
-    /// Connections the shard's nodes hold, summed (every second once meshed).
+    /// Connections the shard's nodes hold (every second once meshed).
     Connections {
         /// The sum over the shard's nodes.
         total: usize,
+        /// The fewest one node holds.
+        fewest: usize,
+        /// The most one node holds.
+        most: usize,
     },
     /// A node accepted an announcement.
     Arrival {
@@ -99,9 +106,10 @@ fn unix_us(at: SystemTime) -> u64 {
 /// A benchmark node: TCP on 127.0.0.1 with the production gossip, ping and
 /// republication periods (not the fast ones of `testing::local_config`,
 /// which load a large mesh on a small machine far more than a real one).
-fn bench_config(seed: u64) -> silk_overlay::OverlayConfig {
+fn bench_config(seed: u64, budget: (u32, u32)) -> silk_overlay::OverlayConfig {
     let listen = "/ip4/127.0.0.1/tcp/0".parse().expect("static multiaddr");
     let mut config = silk_overlay::OverlayConfig::new(testing::seeded_keypair(seed), vec![listen]);
+    (config.min_peers, config.max_peers) = budget;
     // Every benchmark node dials in from 127.0.0.1.
     config.max_inbound_connections_per_ip = config.max_inbound_connections;
     config
@@ -145,8 +153,12 @@ async fn shard(
     let mut nodes = Vec::with_capacity(args.count);
     let mut bootstrap = args.bootstrap.clone();
     for i in args.first..args.first + args.count {
-        let config =
-            bench_config(SEED + i as u64).with_bootstrap(bootstrap.iter().cloned().collect());
+        let budget = match args.peer_budget[..] {
+            [min, max] => (min, max),
+            _ => bail!("--peer-budget takes MIN,MAX"),
+        };
+        let config = bench_config(SEED + i as u64, budget)
+            .with_bootstrap(bootstrap.iter().cloned().collect());
         let node = testing::spawn_local(config).await?;
         bootstrap.get_or_insert_with(|| node.addr.clone());
         nodes.push(node);
@@ -185,7 +197,7 @@ async fn shard(
     });
 
     let result = async {
-        testing::wait_until_meshed(&handles, args.min_peers, PHASE_TIMEOUT).await?;
+        testing::wait_until_meshed(&handles, args.meshed_at, PHASE_TIMEOUT).await?;
         reports.send(ShardReport::Meshed)?;
         let counter = {
             let (handles, reports) = (handles.clone(), reports.clone());
@@ -193,11 +205,19 @@ async fn shard(
                 let mut every = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     every.tick().await;
-                    let mut total = 0;
+                    let (mut total, mut fewest, mut most) = (0, usize::MAX, 0);
                     for handle in &handles {
-                        total += handle.peers().await.map_or(0, |p| p.len());
+                        let n = handle.peers().await.map_or(0, |p| p.len());
+                        total += n;
+                        fewest = fewest.min(n);
+                        most = most.max(n);
                     }
-                    if reports.send(ShardReport::Connections { total }).is_err() {
+                    let report = ShardReport::Connections {
+                        total,
+                        fewest,
+                        most,
+                    };
+                    if reports.send(report).is_err() {
                         break;
                     }
                 }
@@ -251,6 +271,14 @@ pub struct MeshReport {
     pub settled: Duration,
     /// Connections per node once settled.
     pub connections_per_node: f64,
+    /// The fewest and the most connections one node held once settled.
+    pub connections_range: (usize, usize),
+    /// CPU per node once settled, as a share of one core, over
+    /// [`CPU_WINDOW`] (`None` where `/proc` cannot tell).
+    pub cpu_per_node: Option<f64>,
+    /// Open file descriptors per node once settled (`None` where `/proc`
+    /// cannot tell).
+    pub descriptors_per_node: Option<f64>,
     /// From one new node's announcement until all `n` nodes accepted it.
     pub new_worker_known: anyhow::Result<Duration>,
     /// From every node announcing at once until every node held every
@@ -271,11 +299,15 @@ type Reports = mpsc::UnboundedReceiver<(usize, ShardReport)>;
 /// nodes, lets it run until its connection count is steady, then measures
 /// how fast a new worker's announcement reaches every node, and how fast `n`
 /// simultaneous announcements reach every node.
-pub async fn measure(n: usize, per_process: usize) -> anyhow::Result<MeshReport> {
+pub async fn measure(
+    n: usize,
+    per_process: usize,
+    budget: (u32, u32),
+) -> anyhow::Result<MeshReport> {
     ensure!(n >= 2, "a mesh needs at least 2 nodes");
     ensure!(per_process >= 1, "--nodes-per-process must be at least 1");
     let exe = std::env::current_exe().context("finding the silk binary")?;
-    let min_peers = (n - 1).min(4);
+    let meshed_at = (n - 1).min(4);
     let (tx, mut reports) = mpsc::unbounded_channel();
     let mut shards = Vec::new();
     let start = Instant::now();
@@ -287,7 +319,8 @@ pub async fn measure(n: usize, per_process: usize) -> anyhow::Result<MeshReport>
         let mut cmd = Command::new(&exe);
         cmd.args(["bench", "mesh-shard", "--first", &first.to_string()])
             .args(["--count", &count.to_string()])
-            .args(["--min-peers", &min_peers.to_string()]);
+            .args(["--meshed-at", &meshed_at.to_string()])
+            .args(["--peer-budget", &format!("{},{}", budget.0, budget.1)]);
         if let Some(addr) = &bootstrap {
             cmd.args(["--bootstrap", addr]);
         }
@@ -324,7 +357,7 @@ pub async fn measure(n: usize, per_process: usize) -> anyhow::Result<MeshReport>
         .context("no shard started")?
         .parse()
         .context("the first shard's address")?;
-    let result = drive(n, bootstrap, &mut shards, &mut reports, start).await;
+    let result = drive(n, bootstrap, budget, &mut shards, &mut reports, start).await;
     for shard in &mut shards {
         // End of input stops a shard; kill it if it does not stop in time.
         let _ = shard.stdin.shutdown().await;
@@ -378,6 +411,7 @@ async fn arrivals(
 async fn drive(
     n: usize,
     bootstrap: Multiaddr,
+    budget: (u32, u32),
     shards: &mut [Shard],
     reports: &mut Reports,
     start: Instant,
@@ -402,14 +436,27 @@ async fn drive(
     // most of the others; a worker joins a mesh that has been running.
     let connections = settle(reports, shards.len()).await?;
     let settled = start.elapsed();
-    let new_worker_known = new_worker(n, bootstrap, reports).await;
+    let pids: Vec<u32> = shards.iter().filter_map(|s| s.child.id()).collect();
+    let (cpu_per_node, descriptors_per_node) = if pids.len() == shards.len() {
+        let load = settled_load(&pids, reports).await;
+        (
+            load.cpu_share.map(|c| c / n as f64),
+            load.descriptors.map(|d| d as f64 / n as f64),
+        )
+    } else {
+        (None, None)
+    };
+    let new_worker_known = new_worker(n, bootstrap, budget, reports).await;
     let converged = everyone_announces(n, shards, reports).await;
     Ok(MeshReport {
         processes: shards.len(),
         spawn,
         meshed,
         settled,
-        connections_per_node: connections as f64 / n as f64,
+        connections_per_node: connections.total as f64 / n as f64,
+        connections_range: (connections.fewest, connections.most),
+        cpu_per_node,
+        descriptors_per_node,
         new_worker_known,
         converged,
     })
@@ -418,25 +465,109 @@ async fn drive(
 /// Waits until the total connection count of the mesh has stayed within
 /// [`STEADY_BAND`] for [`STEADY_FOR`], at most [`SETTLE_LIMIT`]; returns
 /// the count.
-async fn settle(reports: &mut Reports, shards: usize) -> anyhow::Result<usize> {
+async fn settle(reports: &mut Reports, shards: usize) -> anyhow::Result<Connections> {
     let started = Instant::now();
-    let mut latest: HashMap<usize, usize> = HashMap::new();
+    let mut latest: HashMap<usize, Connections> = HashMap::new();
     let (mut reference, mut steady_since) = (0usize, Instant::now());
     loop {
-        if let (s, ShardReport::Connections { total }) = next_report(reports).await? {
-            latest.insert(s, total);
+        if let (
+            s,
+            ShardReport::Connections {
+                total,
+                fewest,
+                most,
+            },
+        ) = next_report(reports).await?
+        {
+            latest.insert(
+                s,
+                Connections {
+                    total,
+                    fewest,
+                    most,
+                },
+            );
         }
         if latest.len() < shards {
             continue;
         }
-        let total: usize = latest.values().sum();
+        let total: usize = latest.values().map(|c| c.total).sum();
         if total.abs_diff(reference) as f64 > STEADY_BAND * reference as f64 {
             (reference, steady_since) = (total, Instant::now());
         }
         if steady_since.elapsed() >= STEADY_FOR || started.elapsed() >= SETTLE_LIMIT {
-            return Ok(total);
+            return Ok(Connections {
+                total,
+                fewest: latest.values().map(|c| c.fewest).min().unwrap_or(0),
+                most: latest.values().map(|c| c.most).max().unwrap_or(0),
+            });
         }
     }
+}
+
+/// The mesh's connections at one moment.
+#[derive(Debug, Clone, Copy)]
+struct Connections {
+    total: usize,
+    fewest: usize,
+    most: usize,
+}
+
+/// How long the settled mesh's CPU time is measured.
+pub const CPU_WINDOW: Duration = Duration::from_secs(10);
+/// Clock ticks per second of `/proc/<pid>/stat` times (`USER_HZ`, 100 on
+/// every Linux architecture silk builds for).
+const USER_HZ: f64 = 100.0;
+
+/// What the shard processes use once the mesh is settled.
+struct Load {
+    /// CPU time over [`CPU_WINDOW`], in cores.
+    cpu_share: Option<f64>,
+    /// Open file descriptors, summed.
+    descriptors: Option<usize>,
+}
+
+/// Measures the shards' CPU over [`CPU_WINDOW`] and their descriptors,
+/// reading (and dropping) their reports meanwhile so none blocks.
+async fn settled_load(pids: &[u32], reports: &mut Reports) -> Load {
+    let cpu = |pids: &[u32]| -> Option<u64> { pids.iter().map(|p| cpu_ticks(*p)).sum() };
+    let before = cpu(pids);
+    let window = tokio::time::sleep(CPU_WINDOW);
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            () = &mut window => break,
+            r = reports.recv() => if r.is_none() { break },
+        }
+    }
+    let after = cpu(pids);
+    let descriptors = pids
+        .iter()
+        .map(|p| {
+            std::fs::read_dir(format!("/proc/{p}/fd"))
+                .ok()
+                .map(Iterator::count)
+        })
+        .sum();
+    Load {
+        cpu_share: before
+            .zip(after)
+            .map(|(b, a)| a.saturating_sub(b) as f64 / USER_HZ / CPU_WINDOW.as_secs_f64()),
+        descriptors,
+    }
+}
+
+/// User plus system CPU time of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields
+    // count from after its closing one (utime and stime are the 14th
+    // and 15th fields of the line, the 12th and 13th after it).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// A new worker joins the quiet mesh and announces itself once: how long
@@ -444,9 +575,10 @@ async fn settle(reports: &mut Reports, shards: usize) -> anyhow::Result<usize> {
 async fn new_worker(
     n: usize,
     bootstrap: Multiaddr,
+    budget: (u32, u32),
     reports: &mut Reports,
 ) -> anyhow::Result<Duration> {
-    let config = bench_config(NEW_WORKER_SEED).with_bootstrap(vec![bootstrap]);
+    let config = bench_config(NEW_WORKER_SEED, budget).with_bootstrap(vec![bootstrap]);
     let new = testing::spawn_local(config).await?;
     let new_peer = new.peer_id;
     let result = async {

@@ -129,6 +129,8 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         billing: billing.clone(),
         max_jobs_per_worker: config.max_jobs_per_worker,
         mdns: config.mdns,
+        min_peers: config.min_peers,
+        max_peers: config.max_peers,
         fast_gossip: args.fast_gossip,
         attestation_policy: args.attestation_policy.clone(),
         pccs_url: args.pccs_url.clone(),

@@ -12,7 +12,10 @@ use tokio::sync::mpsc;
 use crate::{init_tracing, next_event, WAIT};
 
 /// Serves one job on `events`: checks the request, streams two data frames and an end frame.
-async fn serve_one(mut events: mpsc::Receiver<OverlayEvent>, expect_from: libp2p::PeerId) {
+pub(crate) async fn serve_one(
+    mut events: mpsc::Receiver<OverlayEvent>,
+    expect_from: libp2p::PeerId,
+) {
     let (peer, request, mut responder) = next_event(&mut events, "an inbound job", |e| match e {
         OverlayEvent::InboundJob {
             peer,
@@ -38,7 +41,7 @@ async fn serve_one(mut events: mpsc::Receiver<OverlayEvent>, expect_from: libp2p
         .expect("end");
 }
 
-async fn run_job(gateway: &OverlayHandle, worker: libp2p::PeerId) -> Vec<JobFrame> {
+pub(crate) async fn run_job(gateway: &OverlayHandle, worker: libp2p::PeerId) -> Vec<JobFrame> {
     let mut job = gateway
         .open_job(worker, b"prompt: hello".to_vec())
         .await
@@ -56,7 +59,7 @@ async fn run_job(gateway: &OverlayHandle, worker: libp2p::PeerId) -> Vec<JobFram
     frames
 }
 
-fn expected_frames() -> Vec<JobFrame> {
+pub(crate) fn expected_frames() -> Vec<JobFrame> {
     vec![
         JobFrame::Data(b"tok-1".to_vec()),
         JobFrame::Data(b"tok-2".to_vec()),

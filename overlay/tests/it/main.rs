@@ -2,6 +2,7 @@
 //! seeded identities, and event waits with timeouts.
 
 mod adversarial;
+mod budget;
 mod jobs;
 mod mesh;
 
@@ -42,7 +43,16 @@ pub(crate) async fn next_event<T>(
 }
 
 /// Re-evaluates `check` (every 20 ms) until it yields `Some`, or panics after [`WAIT`].
-pub(crate) async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub(crate) async fn eventually<T, F, Fut>(what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_within(WAIT, what, check).await
+}
+
+/// [`eventually`] with another limit than [`WAIT`].
+pub(crate) async fn eventually_within<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -56,8 +66,8 @@ where
             }
         }
     };
-    match tokio::time::timeout(WAIT, wait).await {
+    match tokio::time::timeout(limit, wait).await {
         Ok(found) => found,
-        Err(_) => panic!("{what} did not happen within {WAIT:?}"),
+        Err(_) => panic!("{what} did not happen within {limit:?}"),
     }
 }
