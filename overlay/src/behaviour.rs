@@ -117,8 +117,11 @@ pub(crate) fn build_swarm(config: &OverlayConfig) -> Result<Swarm<Behaviour>, Ov
                 kad.set_mode(Some(kad::Mode::Server));
             }
 
+            // Anonymous: our envelope names and proves the author, so
+            // gossipsub's own signature (checked on every copy) is not
+            // needed (see `gossip`).
             let mut gossipsub = gossipsub::Behaviour::new(
-                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossipsub::MessageAuthenticity::Anonymous,
                 gossip_config,
             )?;
             let (params, thresholds) = score_params();
@@ -164,9 +167,12 @@ pub(crate) fn build_swarm(config: &OverlayConfig) -> Result<Swarm<Behaviour>, Ov
 }
 
 fn gossip_config(config: &OverlayConfig) -> Result<gossipsub::Config, OverlayError> {
-    let max = config.max_announcement_size.max(config.max_reputation_size) + 1024;
+    let max = config.max_announcement_size.max(config.max_reputation_size)
+        + crate::gossip::COUNTER_BYTES
+        + 1024;
     gossipsub::ConfigBuilder::default()
-        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validation_mode(gossipsub::ValidationMode::Anonymous)
+        .message_id_fn(|m| crate::gossip::message_id(&m.data))
         .validate_messages()
         .max_transmit_size(max)
         .heartbeat_interval(config.gossip_heartbeat)

@@ -9,14 +9,27 @@
 //! [`GossipBook`] is the validation policy the overlay task runs before
 //! gossipsub forwards a message; it is pure (time is passed in) so it can be
 //! tested without a network.
+//!
+//! Gossipsub runs in anonymous mode: its messages carry no author, sequence
+//! number or signature of their own, and a message's id is derived from its
+//! content ([`message_id`]). The envelope already names and proves its
+//! author, so one signature check per message (when it would change this
+//! node's state) replaces gossipsub's check of every copy received,
+//! duplicates included, which pegged both cores of a 200-node mesh. A
+//! message is a [`publication`]: a publication counter, then the envelope;
+//! the counter makes each (re-)publication of one envelope a message of its
+//! own for the duplicate filters, and is not signed, since changing it
+//! changes nothing else (a relay forwards an envelope it already holds at
+//! most once per rate period).
 
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
 };
 
-use libp2p::{identity, PeerId};
+use libp2p::{gossipsub::MessageId, identity, PeerId};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::OverlayError;
 
@@ -294,6 +307,31 @@ mod peer_id_bytes {
     }
 }
 
+/// Bytes of the publication counter in front of each gossiped envelope.
+pub const COUNTER_BYTES: usize = 8;
+/// Bytes of a message id: a prefix of the content's SHA-256.
+const MESSAGE_ID_BYTES: usize = 20;
+
+/// The gossip message for the `counter`-th publication of `envelope`
+/// (its wire bytes): the counter, big-endian, then the envelope.
+pub fn publication(counter: u64, envelope: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(COUNTER_BYTES + envelope.len());
+    out.extend_from_slice(&counter.to_be_bytes());
+    out.extend_from_slice(envelope);
+    out
+}
+
+/// The envelope's bytes inside a publication; `None` when it is too short.
+pub(crate) fn envelope_of(message: &[u8]) -> Option<&[u8]> {
+    message.get(COUNTER_BYTES..)
+}
+
+/// A gossip message's id: a prefix of the SHA-256 of its bytes, so every
+/// copy of one publication has the same id whoever relays it.
+pub(crate) fn message_id(data: &[u8]) -> MessageId {
+    MessageId::new(&Sha256::digest(data)[..MESSAGE_ID_BYTES])
+}
+
 /// What to tell gossipsub about a message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict<T> {
@@ -304,8 +342,26 @@ pub(crate) enum Verdict<T> {
     Forward,
     /// Not worth forwarding, but not proof of misbehaviour (duplicates, races, floods).
     Ignore(&'static str),
-    /// Invalid: drop it and penalise the peer that sent it.
-    Reject(String),
+    /// Invalid: drop it and penalise `author` when the envelope proved
+    /// who wrote the invalid content, else the peer that sent it (an honest
+    /// relay checks envelopes before forwarding, so junk comes from its
+    /// sender).
+    Reject {
+        /// Why.
+        reason: String,
+        /// The signed author of the invalid content, when known.
+        author: Option<PeerId>,
+    },
+}
+
+impl<T> Verdict<T> {
+    /// A rejection of a message whose author is not proven.
+    fn junk(reason: impl Into<String>) -> Self {
+        Verdict::Reject {
+            reason: reason.into(),
+            author: None,
+        }
+    }
 }
 
 /// A token bucket per origin.
@@ -359,34 +415,31 @@ impl GossipBook {
         }
     }
 
-    /// Validates an announcement that arrived on gossip. `source` is the
-    /// gossipsub author (signed by gossipsub itself in strict mode).
+    /// Validates an announcement publication that arrived on gossip (see
+    /// [`publication`]). Whoever relayed it, the envelope's signature
+    /// decides whose it is.
     pub(crate) fn check_announcement(
         &mut self,
-        source: Option<PeerId>,
-        bytes: &[u8],
+        message: &[u8],
         now_ms: u64,
         now: Instant,
     ) -> Verdict<Announcement> {
+        let Some(bytes) = envelope_of(message) else {
+            return Verdict::junk("message shorter than its publication counter");
+        };
         if bytes.len() > self.max_announcement_size {
-            return Verdict::Reject(format!("announcement of {} bytes", bytes.len()));
+            return Verdict::junk(format!("announcement of {} bytes", bytes.len()));
         }
         let envelope = match SignedEnvelope::from_bytes(bytes) {
             Ok(e) => e,
-            Err(e) => return Verdict::Reject(e.to_string()),
+            Err(e) => return Verdict::junk(e.to_string()),
         };
         // Cheap checks on the claimed content first; the signature is
         // verified only for messages that would change our state.
         let claimed: Announcement = match postcard::from_bytes(&envelope.payload) {
             Ok(a) => a,
-            Err(_) => return Verdict::Reject(EnvelopeError::BadPayload.to_string()),
+            Err(_) => return Verdict::junk(EnvelopeError::BadPayload.to_string()),
         };
-        if source != Some(claimed.peer_id) {
-            return Verdict::Reject(format!(
-                "announcement of {} published by {source:?}",
-                claimed.peer_id
-            ));
-        }
         if let Some(prev) = self.latest.get_mut(&claimed.peer_id) {
             if claimed.seq < prev.announcement.seq {
                 return Verdict::Ignore("sequence number older than the last seen");
@@ -424,12 +477,15 @@ impl GossipBook {
         }
         let announcement = match envelope.verify_announcement() {
             Ok(a) => a,
-            Err(e) => return Verdict::Reject(e.to_string()),
+            Err(e) => return Verdict::junk(e.to_string()),
         };
         // Signed by its author, so out-of-range content is the author's own
         // doing: refused and penalised, never stored or forwarded.
         if let Err(reason) = announcement.check_ranges() {
-            return Verdict::Reject(format!("out of range: {reason}"));
+            return Verdict::Reject {
+                reason: format!("out of range: {reason}"),
+                author: Some(announcement.peer_id),
+            };
         }
         if !self.take_token(announcement.peer_id, now) {
             return Verdict::Ignore("rate limit");
@@ -449,27 +505,27 @@ impl GossipBook {
         Verdict::Accept(announcement)
     }
 
-    /// Validates a reputation report; returns its author and payload.
+    /// Validates a reputation report publication; returns its author and
+    /// payload.
     pub(crate) fn check_reputation(
         &mut self,
-        source: Option<PeerId>,
-        bytes: &[u8],
+        message: &[u8],
         now: Instant,
     ) -> Verdict<(PeerId, Vec<u8>)> {
+        let Some(bytes) = envelope_of(message) else {
+            return Verdict::junk("message shorter than its publication counter");
+        };
         if bytes.len() > self.max_reputation_size {
-            return Verdict::Reject(format!("reputation report of {} bytes", bytes.len()));
+            return Verdict::junk(format!("reputation report of {} bytes", bytes.len()));
         }
         let envelope = match SignedEnvelope::from_bytes(bytes) {
             Ok(e) => e,
-            Err(e) => return Verdict::Reject(e.to_string()),
+            Err(e) => return Verdict::junk(e.to_string()),
         };
         let author = match envelope.verify_reputation() {
             Ok(a) => a,
-            Err(e) => return Verdict::Reject(e.to_string()),
+            Err(e) => return Verdict::junk(e.to_string()),
         };
-        if source != Some(author) {
-            return Verdict::Reject(format!("report by {author} published by {source:?}"));
-        }
         if !self.take_token(author, now) {
             return Verdict::Ignore("rate limit");
         }
@@ -597,7 +653,12 @@ mod tests {
         GossipBook::new(&crate::OverlayConfig::new(kp, Vec::new()))
     }
 
+    /// `a` signed by `keypair`, as its first publication.
     fn wire(keypair: &identity::Keypair, a: &Announcement) -> Vec<u8> {
+        publication(0, &envelope(keypair, a))
+    }
+
+    fn envelope(keypair: &identity::Keypair, a: &Announcement) -> Vec<u8> {
         SignedEnvelope::sign_announcement(keypair, a)
             .and_then(|e| e.to_bytes())
             .expect("sign")
@@ -606,26 +667,25 @@ mod tests {
     #[test]
     fn accepts_then_ignores_stale_seq() {
         let kp = identity::Keypair::ed25519_from_bytes([1u8; 32]).expect("key");
-        let me = Some(kp.public().to_peer_id());
         let mut book = book();
         let now = Instant::now();
         let a5 = wire(&kp, &announcement(&kp, 5));
         assert!(matches!(
-            book.check_announcement(me, &a5, NOW_MS, now),
+            book.check_announcement(&a5, NOW_MS, now),
             Verdict::Accept(_)
         ));
         assert!(matches!(
-            book.check_announcement(me, &a5, NOW_MS, now),
+            book.check_announcement(&a5, NOW_MS, now),
             Verdict::Ignore(_)
         ));
         let a4 = wire(&kp, &announcement(&kp, 4));
         assert!(matches!(
-            book.check_announcement(me, &a4, NOW_MS, now),
+            book.check_announcement(&a4, NOW_MS, now),
             Verdict::Ignore(_)
         ));
         let a6 = wire(&kp, &announcement(&kp, 6));
         assert!(matches!(
-            book.check_announcement(me, &a6, NOW_MS, now),
+            book.check_announcement(&a6, NOW_MS, now),
             Verdict::Accept(_)
         ));
         assert_eq!(book.last_seq(&kp.public().to_peer_id()), Some(6));
@@ -639,7 +699,6 @@ mod tests {
     #[test]
     fn out_of_range_announcements_are_rejected() {
         let kp = identity::Keypair::ed25519_from_bytes([1u8; 32]).expect("key");
-        let me = Some(kp.public().to_peer_id());
         let now = Instant::now();
         type Break = Box<dyn Fn(&mut Announcement)>;
         let cases: Vec<(&str, Break)> = vec![
@@ -681,8 +740,12 @@ mod tests {
             let mut a = announcement(&kp, seq);
             break_it(&mut a);
             assert!(a.check_ranges().is_err(), "{name}");
-            let verdict = book.check_announcement(me, &wire(&kp, &a), NOW_MS, now);
-            assert!(matches!(verdict, Verdict::Reject(_)), "{name}: {verdict:?}");
+            let verdict = book.check_announcement(&wire(&kp, &a), NOW_MS, now);
+            // Signed, so its author is to blame, whoever relayed it.
+            assert!(
+                matches!(verdict, Verdict::Reject { author: Some(p), .. } if p == kp.public().to_peer_id()),
+                "{name}: {verdict:?}"
+            );
             assert_eq!(book.last_seq(&kp.public().to_peer_id()), None, "{name}");
         }
         // The bounds themselves are allowed.
@@ -704,27 +767,30 @@ mod tests {
     #[test]
     fn an_exact_republication_is_forwarded_once_per_period() {
         let kp = identity::Keypair::ed25519_from_bytes([1u8; 32]).expect("key");
-        let me = Some(kp.public().to_peer_id());
         let mut book = book();
         let now = Instant::now();
         let a5 = wire(&kp, &announcement(&kp, 5));
         assert!(matches!(
-            book.check_announcement(me, &a5, NOW_MS, now),
+            book.check_announcement(&a5, NOW_MS, now),
             Verdict::Accept(_)
         ));
         // The same copy over another path, at once: not forwarded again.
         assert!(matches!(
-            book.check_announcement(me, &a5, NOW_MS, now),
+            book.check_announcement(&a5, NOW_MS, now),
             Verdict::Ignore(_)
         ));
-        // The author's re-publication a period later: forwarded, once.
+        // The author's re-publication a period later (the same envelope
+        // under its next publication counter): forwarded, once, whatever
+        // the counter.
         let later = now + book.period;
+        let again = publication(1, &envelope(&kp, &announcement(&kp, 5)));
         assert_eq!(
-            book.check_announcement(me, &a5, NOW_MS + 1_000, later),
+            book.check_announcement(&again, NOW_MS + 1_000, later),
             Verdict::Forward
         );
+        let relabelled = publication(2, &envelope(&kp, &announcement(&kp, 5)));
         assert!(matches!(
-            book.check_announcement(me, &a5, NOW_MS + 1_000, later),
+            book.check_announcement(&relabelled, NOW_MS + 1_000, later),
             Verdict::Ignore(_)
         ));
         // Other content under the same seq is never forwarded.
@@ -732,12 +798,12 @@ mod tests {
         other.free_slots = 0;
         let other = wire(&kp, &other);
         assert!(matches!(
-            book.check_announcement(me, &other, NOW_MS + 2_000, later + book.period),
+            book.check_announcement(&other, NOW_MS + 2_000, later + book.period),
             Verdict::Ignore(_)
         ));
         // Nor is an expired one.
         assert!(matches!(
-            book.check_announcement(me, &a5, NOW_MS + 60_000, later + 2 * book.period),
+            book.check_announcement(&a5, NOW_MS + 60_000, later + 2 * book.period),
             Verdict::Ignore(_)
         ));
         assert_eq!(book.last_seq(&kp.public().to_peer_id()), Some(5));
@@ -747,31 +813,41 @@ mod tests {
     fn rejects_forgeries_and_expired() {
         let kp = identity::Keypair::ed25519_from_bytes([1u8; 32]).expect("key");
         let other = identity::Keypair::ed25519_from_bytes([2u8; 32]).expect("key");
-        let me = Some(kp.public().to_peer_id());
         let mut book = book();
         let now = Instant::now();
-        // Signed by another key.
+        // Signed by another key: junk, whose author nothing proves, so
+        // the peer that sent it is to blame.
         let forged = wire(&other, &announcement(&kp, 1));
         assert!(matches!(
-            book.check_announcement(me, &forged, NOW_MS, now),
-            Verdict::Reject(_)
-        ));
-        // Valid envelope replayed by a third party.
-        let genuine = wire(&kp, &announcement(&kp, 1));
-        let replayer = Some(other.public().to_peer_id());
-        assert!(matches!(
-            book.check_announcement(replayer, &genuine, NOW_MS, now),
-            Verdict::Reject(_)
+            book.check_announcement(&forged, NOW_MS, now),
+            Verdict::Reject { author: None, .. }
         ));
         // Tampered payload.
+        let genuine = envelope(&kp, &announcement(&kp, 1));
         let mut env = SignedEnvelope::from_bytes(&genuine).expect("decode");
         if let Some(b) = env.payload.last_mut() {
             *b ^= 1;
         }
-        let tampered = env.to_bytes().expect("encode");
+        let tampered = publication(0, &env.to_bytes().expect("encode"));
         assert!(matches!(
-            book.check_announcement(me, &tampered, NOW_MS, now),
-            Verdict::Reject(_)
+            book.check_announcement(&tampered, NOW_MS, now),
+            Verdict::Reject { author: None, .. }
+        ));
+        // Shorter than the publication counter.
+        assert!(matches!(
+            book.check_announcement(&genuine[..COUNTER_BYTES - 1], NOW_MS, now),
+            Verdict::Reject { author: None, .. }
+        ));
+        // Garbage.
+        assert!(matches!(
+            book.check_announcement(&publication(0, b"\xff\x00junk"), NOW_MS, now),
+            Verdict::Reject { author: None, .. }
+        ));
+        assert_eq!(book.last_seq(&kp.public().to_peer_id()), None);
+        // A genuine envelope is its author's whoever relays it.
+        assert!(matches!(
+            book.check_announcement(&publication(7, &genuine), NOW_MS, now),
+            Verdict::Accept(a) if a.peer_id == kp.public().to_peer_id()
         ));
         // Expired, or too far ahead: this node's clock decides, so the
         // message is dropped without blaming whoever relayed it (F15;
@@ -779,45 +855,38 @@ mod tests {
         let mut old = announcement(&kp, 2);
         old.expires_at_ms = NOW_MS - 1;
         assert_eq!(
-            book.check_announcement(me, &wire(&kp, &old), NOW_MS, now),
+            book.check_announcement(&wire(&kp, &old), NOW_MS, now),
             Verdict::Ignore("expired announcement")
         );
         let mut ahead = announcement(&kp, 3);
         ahead.expires_at_ms = NOW_MS + 3_600_000;
         assert_eq!(
-            book.check_announcement(me, &wire(&kp, &ahead), NOW_MS, now),
+            book.check_announcement(&wire(&kp, &ahead), NOW_MS, now),
             Verdict::Ignore("announcement expires too far in the future")
         );
-        // Garbage.
-        assert!(matches!(
-            book.check_announcement(me, b"\xff\x00junk", NOW_MS, now),
-            Verdict::Reject(_)
-        ));
-        assert_eq!(book.last_seq(&kp.public().to_peer_id()), None);
     }
 
     #[test]
     fn rate_limits_per_origin() {
         let kp = identity::Keypair::ed25519_from_bytes([1u8; 32]).expect("key");
-        let me = Some(kp.public().to_peer_id());
         let mut book = book();
         let now = Instant::now();
         let burst = crate::OverlayConfig::new(kp.clone(), Vec::new()).gossip_rate_burst as u64;
         for seq in 1..=burst {
             let a = wire(&kp, &announcement(&kp, seq));
             assert!(matches!(
-                book.check_announcement(me, &a, NOW_MS, now),
+                book.check_announcement(&a, NOW_MS, now),
                 Verdict::Accept(_)
             ));
         }
         let a = wire(&kp, &announcement(&kp, burst + 1));
         assert_eq!(
-            book.check_announcement(me, &a, NOW_MS, now),
+            book.check_announcement(&a, NOW_MS, now),
             Verdict::Ignore("rate limit")
         );
         let later = now + Duration::from_secs(2);
         assert!(matches!(
-            book.check_announcement(me, &a, NOW_MS, later),
+            book.check_announcement(&a, NOW_MS, later),
             Verdict::Accept(_)
         ));
     }
@@ -841,7 +910,7 @@ mod tests {
             let at = t0 + Duration::from_millis(10 * (i as u64 + 1));
             let a = wire(kp, &announcement(kp, 1));
             assert!(matches!(
-                book.check_announcement(Some(kp.public().to_peer_id()), &a, NOW_MS, at),
+                book.check_announcement(&a, NOW_MS, at),
                 Verdict::Accept(_)
             ));
         }
@@ -849,14 +918,14 @@ mod tests {
         let refresh = wire(&sybils[0], &announcement(&sybils[0], 2));
         let t1 = t0 + Duration::from_millis(100);
         assert!(matches!(
-            book.check_announcement(Some(sybils[0].public().to_peer_id()), &refresh, NOW_MS, t1),
+            book.check_announcement(&refresh, NOW_MS, t1),
             Verdict::Accept(_)
         ));
         let newcomer = identity::Keypair::ed25519_from_bytes([40u8; 32]).expect("key");
         let a = wire(&newcomer, &announcement(&newcomer, 1));
         let t2 = t0 + Duration::from_millis(200);
         assert!(matches!(
-            book.check_announcement(Some(newcomer.public().to_peer_id()), &a, NOW_MS, t2),
+            book.check_announcement(&a, NOW_MS, t2),
             Verdict::Accept(_)
         ));
         assert_eq!(book.latest.len(), 4);

@@ -33,7 +33,7 @@
 //!   DCUtR for peers behind NAT; autonat reports reachability.
 //! - Announcements: [`OverlayHandle::announce`] signs an [`Announcement`]
 //!   into a [`SignedEnvelope`] and publishes it; every receiver validates it
-//!   (size, signature, signer = announced peer = gossip author, expiry,
+//!   (size, signature, signer = announced peer, expiry,
 //!   growing `seq`, rate) *before* gossipsub forwards it. Rejections lower
 //!   the sender's gossipsub score and raise its misbehaviour score.
 //! - Jobs: [`OverlayHandle::open_job`] (asks the overlay task for a

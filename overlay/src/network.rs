@@ -321,6 +321,7 @@ impl Overlay {
             republish: false,
             unsent: false,
             republish_every: config.announce_republish_interval,
+            published: 0,
             last_published: Instant::now(),
             #[cfg(feature = "testing")]
             clock_offset_ms: config.clock_offset_ms,
@@ -459,6 +460,9 @@ struct EventLoop {
     unsent: bool,
     /// Period of the unconditional re-publication of our announcement.
     republish_every: Duration,
+    /// Publications made so far: each one's counter (see
+    /// [`gossip::publication`]).
+    published: u64,
     /// When our announcement last went out.
     last_published: Instant,
     #[cfg(feature = "testing")]
@@ -620,12 +624,9 @@ impl EventLoop {
             return;
         };
         let topic = self.announce_topic.clone();
-        match self
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .publish(topic, own.wire.clone())
-        {
+        let message = gossip::publication(self.published, &own.wire);
+        self.published += 1;
+        match self.swarm.behaviour_mut().gossipsub.publish(topic, message) {
             Ok(_) => {
                 self.republish = false;
                 self.unsent = false;
@@ -897,11 +898,9 @@ impl EventLoop {
         }
         self.book.insert_own(announcement.clone());
         let topic = self.announce_topic.clone();
-        let published = self
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .publish(topic, wire.clone());
+        let message = gossip::publication(self.published, &wire);
+        self.published += 1;
+        let published = self.swarm.behaviour_mut().gossipsub.publish(topic, message);
         self.own = Some(OwnAnnouncement { announcement, wire });
         match published {
             Ok(_) => {
@@ -929,7 +928,12 @@ impl EventLoop {
             });
         }
         let topic = self.reputation_topic.clone();
-        self.swarm.behaviour_mut().gossipsub.publish(topic, wire)?;
+        let message = gossip::publication(self.published, &wire);
+        self.published += 1;
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(topic, message)?;
         Ok(())
     }
 
@@ -1045,26 +1049,20 @@ impl EventLoop {
                 let now_ms = self.now_ms();
                 let now = Instant::now();
                 let verdict = if message.topic == self.announce_topic.hash() {
-                    match self
-                        .book
-                        .check_announcement(message.source, &message.data, now_ms, now)
-                    {
+                    match self.book.check_announcement(&message.data, now_ms, now) {
                         Verdict::Accept(a) => Verdict::Accept(OverlayEvent::Announcement(a)),
                         Verdict::Forward => Verdict::Forward,
                         Verdict::Ignore(r) => Verdict::Ignore(r),
-                        Verdict::Reject(r) => Verdict::Reject(r),
+                        Verdict::Reject { reason, author } => Verdict::Reject { reason, author },
                     }
                 } else if message.topic == self.reputation_topic.hash() {
-                    match self
-                        .book
-                        .check_reputation(message.source, &message.data, now)
-                    {
+                    match self.book.check_reputation(&message.data, now) {
                         Verdict::Accept((reporter, payload)) => {
                             Verdict::Accept(OverlayEvent::Reputation { reporter, payload })
                         }
                         Verdict::Forward => Verdict::Forward,
                         Verdict::Ignore(r) => Verdict::Ignore(r),
-                        Verdict::Reject(r) => Verdict::Reject(r),
+                        Verdict::Reject { reason, author } => Verdict::Reject { reason, author },
                     }
                 } else {
                     Verdict::Ignore("unknown topic")
@@ -1072,7 +1070,7 @@ impl EventLoop {
                 let acceptance = match &verdict {
                     Verdict::Accept(_) | Verdict::Forward => gossipsub::MessageAcceptance::Accept,
                     Verdict::Ignore(_) => gossipsub::MessageAcceptance::Ignore,
-                    Verdict::Reject(_) => gossipsub::MessageAcceptance::Reject,
+                    Verdict::Reject { .. } => gossipsub::MessageAcceptance::Reject,
                 };
                 self.swarm
                     .behaviour_mut()
@@ -1082,17 +1080,17 @@ impl EventLoop {
                     Verdict::Accept(event) => self.emit(event),
                     Verdict::Forward => {}
                     Verdict::Ignore(reason) => {
-                        tracing::trace!(source = ?message.source, reason, "gossip message ignored");
+                        tracing::trace!(from = %propagation_source, reason, "gossip message ignored");
                     }
-                    Verdict::Reject(reason) => {
-                        // Every message is signed by its author (strict
-                        // validation), and what is left to reject after the
-                        // time checks became ignores is the author's own
-                        // content: blame the author, not the relay that
-                        // passed it on (audit F15).
-                        let author = message.source.unwrap_or(propagation_source);
-                        tracing::debug!(%author, from = %propagation_source, %reason, "gossip message rejected");
-                        self.offend(author, Misbehaviour::InvalidGossip);
+                    Verdict::Reject { reason, author } => {
+                        // Signed content that is invalid is its author's
+                        // doing (a relay of another version may have
+                        // passed it on: audit F15); junk whose author
+                        // nothing proves is the sender's, since an honest
+                        // relay checks envelopes before it forwards them.
+                        let blamed = author.unwrap_or(propagation_source);
+                        tracing::debug!(%blamed, from = %propagation_source, %reason, "gossip message rejected");
+                        self.offend(blamed, Misbehaviour::InvalidGossip);
                     }
                 }
             }

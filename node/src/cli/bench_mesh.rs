@@ -38,6 +38,10 @@ pub struct MeshBenchArgs {
     /// production default 25,50; `0,512` turns it off, as before it existed).
     #[arg(long, value_delimiter = ',', default_values_t = [25, 50])]
     pub peer_budget: Vec<u32>,
+    /// Overlay nodes listen on QUIC only (one UDP socket per node) instead
+    /// of TCP (one descriptor per connection end).
+    #[arg(long)]
+    pub quic: bool,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -119,7 +123,7 @@ async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
         selection_time(args.known_workers);
     }
     println!(
-        "Overlay nodes on 127.0.0.1 (TCP), at most {} per process, with the production gossip \
+        "Overlay nodes on 127.0.0.1, at most {} per process, with the production gossip \
          settings. Settled: the mesh's connection count stayed within 1% for {} s (waiting at \
          most {} s). Then one new node joins and announces itself, then every node announces \
          itself at once.\n",
@@ -127,13 +131,18 @@ async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
         mesh_shard::STEADY_FOR.as_secs(),
         mesh_shard::SETTLE_LIMIT.as_secs(),
     );
-    let budget = match args.peer_budget[..] {
-        [min, max] => (min, max),
+    let setup = match args.peer_budget[..] {
+        [min, max] => mesh_shard::NodeSetup {
+            peer_budget: (min, max),
+            quic: args.quic,
+        },
         _ => anyhow::bail!("--peer-budget takes MIN,MAX"),
     };
     println!(
-        "Peer budget: {} to {} connections per node.\n",
-        budget.0, budget.1
+        "Peer budget: {} to {} connections per node; transport: {}.\n",
+        setup.peer_budget.0,
+        setup.peer_budget.1,
+        if setup.quic { "QUIC" } else { "TCP" }
     );
     println!(
         "| nodes | processes | spawn | meshed | settled | connections per node (fewest–most) | settled CPU per node | descriptors per node | a new worker known by all | every node holds every announcement |"
@@ -144,7 +153,7 @@ async fn bench(args: MeshBenchArgs, data_dir: &Path) -> anyhow::Result<()> {
             "gossip convergence with {n} overlay nodes, at most {} per process…",
             args.nodes_per_process
         );
-        match mesh_shard::measure(n, args.nodes_per_process, budget).await {
+        match mesh_shard::measure(n, args.nodes_per_process, setup).await {
             Ok(r) => println!(
                 "| {n} | {} | {} | {} | {} | {:.1} ({}–{}) | {} | {} | {} | {} |",
                 r.processes,

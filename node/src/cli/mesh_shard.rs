@@ -57,6 +57,9 @@ pub struct MeshShardArgs {
     /// The nodes' peer budget, `MIN,MAX` (see `silk_overlay::peers`).
     #[arg(long, value_delimiter = ',')]
     pub peer_budget: Vec<u32>,
+    /// Nodes listen on QUIC only.
+    #[arg(long)]
+    pub quic: bool,
     /// Node 0's address; absent for the first shard, which runs node 0.
     #[arg(long)]
     pub bootstrap: Option<Multiaddr>,
@@ -103,13 +106,28 @@ fn unix_us(at: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-/// A benchmark node: TCP on 127.0.0.1 with the production gossip, ping and
+/// How the benchmark's nodes run.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeSetup {
+    /// The peer budget: fewest and most connections.
+    pub peer_budget: (u32, u32),
+    /// QUIC instead of TCP: a node then costs one UDP socket, not one
+    /// descriptor per connection.
+    pub quic: bool,
+}
+
+/// A benchmark node: on 127.0.0.1 with the production gossip, ping and
 /// republication periods (not the fast ones of `testing::local_config`,
 /// which load a large mesh on a small machine far more than a real one).
-fn bench_config(seed: u64, budget: (u32, u32)) -> silk_overlay::OverlayConfig {
-    let listen = "/ip4/127.0.0.1/tcp/0".parse().expect("static multiaddr");
+fn bench_config(seed: u64, setup: NodeSetup) -> silk_overlay::OverlayConfig {
+    let listen = if setup.quic {
+        "/ip4/127.0.0.1/udp/0/quic-v1"
+    } else {
+        "/ip4/127.0.0.1/tcp/0"
+    };
+    let listen = listen.parse().expect("static multiaddr");
     let mut config = silk_overlay::OverlayConfig::new(testing::seeded_keypair(seed), vec![listen]);
-    (config.min_peers, config.max_peers) = budget;
+    (config.min_peers, config.max_peers) = setup.peer_budget;
     // Every benchmark node dials in from 127.0.0.1.
     config.max_inbound_connections_per_ip = config.max_inbound_connections;
     config
@@ -151,16 +169,26 @@ async fn shard(
     reports: &mpsc::UnboundedSender<ShardReport>,
 ) -> anyhow::Result<()> {
     let mut nodes = Vec::with_capacity(args.count);
+    // The shard's first node bootstraps from node 0, the others from it: a
+    // network has more than one way in, and node 0 alone cannot take a
+    // thousand inbound connections (it refuses past
+    // `max_inbound_connections`).
     let mut bootstrap = args.bootstrap.clone();
     for i in args.first..args.first + args.count {
-        let budget = match args.peer_budget[..] {
+        let peer_budget = match args.peer_budget[..] {
             [min, max] => (min, max),
             _ => bail!("--peer-budget takes MIN,MAX"),
         };
-        let config = bench_config(SEED + i as u64, budget)
+        let setup = NodeSetup {
+            peer_budget,
+            quic: args.quic,
+        };
+        let config = bench_config(SEED + i as u64, setup)
             .with_bootstrap(bootstrap.iter().cloned().collect());
         let node = testing::spawn_local(config).await?;
-        bootstrap.get_or_insert_with(|| node.addr.clone());
+        if i == args.first {
+            bootstrap = Some(node.addr.clone());
+        }
         nodes.push(node);
     }
     let addr = nodes
@@ -299,11 +327,7 @@ type Reports = mpsc::UnboundedReceiver<(usize, ShardReport)>;
 /// nodes, lets it run until its connection count is steady, then measures
 /// how fast a new worker's announcement reaches every node, and how fast `n`
 /// simultaneous announcements reach every node.
-pub async fn measure(
-    n: usize,
-    per_process: usize,
-    budget: (u32, u32),
-) -> anyhow::Result<MeshReport> {
+pub async fn measure(n: usize, per_process: usize, setup: NodeSetup) -> anyhow::Result<MeshReport> {
     ensure!(n >= 2, "a mesh needs at least 2 nodes");
     ensure!(per_process >= 1, "--nodes-per-process must be at least 1");
     let exe = std::env::current_exe().context("finding the silk binary")?;
@@ -320,7 +344,13 @@ pub async fn measure(
         cmd.args(["bench", "mesh-shard", "--first", &first.to_string()])
             .args(["--count", &count.to_string()])
             .args(["--meshed-at", &meshed_at.to_string()])
-            .args(["--peer-budget", &format!("{},{}", budget.0, budget.1)]);
+            .args([
+                "--peer-budget",
+                &format!("{},{}", setup.peer_budget.0, setup.peer_budget.1),
+            ]);
+        if setup.quic {
+            cmd.arg("--quic");
+        }
         if let Some(addr) = &bootstrap {
             cmd.args(["--bootstrap", addr]);
         }
@@ -357,7 +387,7 @@ pub async fn measure(
         .context("no shard started")?
         .parse()
         .context("the first shard's address")?;
-    let result = drive(n, bootstrap, budget, &mut shards, &mut reports, start).await;
+    let result = drive(n, bootstrap, setup, &mut shards, &mut reports, start).await;
     for shard in &mut shards {
         // End of input stops a shard; kill it if it does not stop in time.
         let _ = shard.stdin.shutdown().await;
@@ -411,7 +441,7 @@ async fn arrivals(
 async fn drive(
     n: usize,
     bootstrap: Multiaddr,
-    budget: (u32, u32),
+    setup: NodeSetup,
     shards: &mut [Shard],
     reports: &mut Reports,
     start: Instant,
@@ -446,7 +476,7 @@ async fn drive(
     } else {
         (None, None)
     };
-    let new_worker_known = new_worker(n, bootstrap, budget, reports).await;
+    let new_worker_known = new_worker(n, bootstrap, setup, reports).await;
     let converged = everyone_announces(n, shards, reports).await;
     Ok(MeshReport {
         processes: shards.len(),
@@ -575,10 +605,10 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 async fn new_worker(
     n: usize,
     bootstrap: Multiaddr,
-    budget: (u32, u32),
+    setup: NodeSetup,
     reports: &mut Reports,
 ) -> anyhow::Result<Duration> {
-    let config = bench_config(NEW_WORKER_SEED, budget).with_bootstrap(vec![bootstrap]);
+    let config = bench_config(NEW_WORKER_SEED, setup).with_bootstrap(vec![bootstrap]);
     let new = testing::spawn_local(config).await?;
     let new_peer = new.peer_id;
     let result = async {
