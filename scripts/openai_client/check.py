@@ -51,6 +51,47 @@ def main(base: str) -> None:
     assert finish in ("stop", "length"), finish
     print(f"streamed chat: {''.join(pieces)!r} ({finish})")
 
+    # Content as a list of parts, as LangChain and the Agents SDK send it;
+    # with greedy decoding the answer equals the one to the same text sent
+    # as a string (parts join with a newline).
+    as_parts = client.chat.completions.create(
+        model=model,
+        messages=[
+            {"role": "developer", "content": [{"type": "text", "text": "Answer briefly."}]},
+            {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2 + 2?"}]},
+        ],
+        max_tokens=12,
+        temperature=0,
+    )
+    as_string = client.chat.completions.create(
+        model=model,
+        messages=[
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "What is\n2 + 2?"},
+        ],
+        max_tokens=12,
+        temperature=0,
+    )
+    parts_text = as_parts.choices[0].message.content
+    assert parts_text, "empty answer to content parts"
+    assert parts_text == as_string.choices[0].message.content, (parts_text, as_string.choices[0].message.content)
+    print(f"content parts: {parts_text!r}")
+    try:
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+            ]}],
+            max_tokens=4,
+        )
+    except openai.BadRequestError as e:
+        err = (e.body or {}).get("error", e.body or {})
+        assert "image_url" in err.get("message", ""), err
+        print(f"image part refused: {err.get('message')}")
+    else:
+        raise AssertionError("an image part was accepted by a text-only model")
+
     comp = client.completions.create(model=model, prompt="The sky is", max_tokens=8, temperature=0)
     assert comp.choices[0].text, "empty completion"
     assert comp.usage.prompt_tokens >= 1

@@ -111,10 +111,63 @@ pub struct StreamOptions {
 pub struct Message {
     /// `system`, `user`, `assistant` (or `developer`, treated as `system`).
     pub role: String,
-    /// The text.
-    pub content: Option<String>,
+    /// The text, or a list of content parts (what most current clients
+    /// send); read by [`content_text`].
+    pub content: Option<serde_json::Value>,
     /// Participant name (ignored).
     pub name: Option<String>,
+}
+
+/// Text parts join with a newline, as vLLM joins them for text-only models.
+const PART_SEPARATOR: &str = "\n";
+
+/// The text of message `index`'s `content`: a string as it is, a list of
+/// `text` parts joined by a newline. An `image_url`, `input_audio` or
+/// `file` part is refused naming `model` (the request's, or the default):
+/// every model the mesh serves today reads text only. Anything else is
+/// refused saying what was expected.
+fn content_text(
+    content: serde_json::Value,
+    model: Option<&str>,
+    index: usize,
+) -> Result<String, ApiError> {
+    use serde_json::Value;
+    let bad = |message: String| Err(ApiError::invalid("messages", message));
+    let parts = match content {
+        Value::Null => return Ok(String::new()),
+        Value::String(text) => return Ok(text),
+        Value::Array(parts) => parts,
+        _ => {
+            return bad(format!(
+                "messages[{index}].content must be a string or a list of content parts"
+            ))
+        }
+    };
+    let mut texts = Vec::with_capacity(parts.len());
+    for (j, part) in parts.into_iter().enumerate() {
+        let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+        match (kind, part.get("text")) {
+            ("text", Some(Value::String(text))) => texts.push(text.clone()),
+            ("text", _) => {
+                return bad(format!(
+                    "messages[{index}].content[{j}] is a text part without a `text` string"
+                ))
+            }
+            ("image_url" | "input_audio" | "file", _) => {
+                let model =
+                    model.map_or_else(|| "the default model".to_string(), |m| format!("model `{m}`"));
+                return bad(format!(
+                    "messages[{index}] has an `{kind}` part, but {model} takes text only: send text parts"
+                ));
+            }
+            _ => {
+                return bad(format!(
+                    "messages[{index}].content[{j}] has no known `type` (got {kind:?}): use {{\"type\":\"text\",\"text\":…}}"
+                ))
+            }
+        }
+    }
+    Ok(texts.join(PART_SEPARATOR))
 }
 
 /// `POST /v1/chat/completions`.
@@ -352,7 +405,7 @@ impl ChatRequest {
             return Err(ApiError::invalid("messages", "messages must not be empty"));
         }
         let mut messages = Vec::with_capacity(self.messages.len());
-        for m in self.messages {
+        for (index, m) in self.messages.into_iter().enumerate() {
             let role = match m.role.as_str() {
                 "system" | "developer" => "system",
                 "user" => "user",
@@ -364,7 +417,11 @@ impl ChatRequest {
                     ))
                 }
             };
-            messages.push((role.to_string(), m.content.unwrap_or_default()));
+            let text = match m.content {
+                Some(content) => content_text(content, self.model.as_deref(), index)?,
+                None => String::new(),
+            };
+            messages.push((role.to_string(), text));
         }
         Ok(Validated {
             model: self.model,
@@ -443,6 +500,78 @@ mod tests {
         let v = chat(r#"{"messages":[{"role":"user","content":"hi"}],"max_coefficient":1.25}"#)
             .expect("valid");
         assert_eq!(v.max_coefficient_milli, Some(1250));
+    }
+
+    /// What LangChain, the Agents SDK and most current clients send: the
+    /// content as a list of parts. Before, any such message was refused
+    /// with `invalid type: sequence, expected a string`.
+    #[test]
+    fn content_parts_are_read_as_text_and_other_kinds_are_refused_by_name() {
+        let v = chat(
+            r#"{"messages":[{"role":"system","content":[{"type":"text","text":"Be brief."}]},{"role":"user","content":[{"type":"text","text":"Hello"},{"type":"text","text":"there"}]}]}"#,
+        )
+        .expect("text parts");
+        let WirePrompt::Chat(messages) = v.prompt else {
+            panic!("a chat prompt")
+        };
+        assert_eq!(
+            messages,
+            vec![
+                ("system".to_string(), "Be brief.".to_string()),
+                ("user".to_string(), "Hello\nthere".to_string()),
+            ]
+        );
+        // An empty list is an empty message, like an empty string.
+        let v = chat(r#"{"messages":[{"role":"user","content":[]}]}"#).expect("no parts");
+        let WirePrompt::Chat(messages) = v.prompt else {
+            panic!("a chat prompt")
+        };
+        assert_eq!(messages, vec![("user".to_string(), String::new())]);
+        for (kind, part) in [
+            (
+                "image_url",
+                r#"{"type":"image_url","image_url":{"url":"https://x/y.png"}}"#,
+            ),
+            (
+                "input_audio",
+                r#"{"type":"input_audio","input_audio":{"data":"AA==","format":"wav"}}"#,
+            ),
+            ("file", r#"{"type":"file","file":{"file_id":"f"}}"#),
+        ] {
+            let body = format!(
+                r#"{{"model":"SmolLM2","messages":[{{"role":"user","content":"a"}},{{"role":"user","content":[{{"type":"text","text":"see"}},{part}]}}]}}"#
+            );
+            let e = chat(&body).expect_err(kind);
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{kind}");
+            assert_eq!(e.param, Some("messages"), "{kind}");
+            assert!(
+                e.message
+                    .contains(&format!("messages[1] has an `{kind}` part"))
+                    && e.message.contains("model `SmolLM2` takes text only"),
+                "{kind}: {}",
+                e.message
+            );
+        }
+        // A part of no known type, a text part without its text, or
+        // content of another shape is refused, saying what was expected.
+        for (body, says) in [
+            (
+                r#"{"messages":[{"role":"user","content":[{"type":"video","video":{}}]}]}"#,
+                "messages[0].content[0] has no known `type` (got \"video\")",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":[{"type":"text"}]}]}"#,
+                "messages[0].content[0] is a text part without a `text` string",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":42}]}"#,
+                "messages[0].content must be a string or a list of content parts",
+            ),
+        ] {
+            let e = chat(body).expect_err(body);
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+            assert!(e.message.contains(says), "{body}: {}", e.message);
+        }
     }
 
     #[test]
