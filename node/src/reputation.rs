@@ -239,16 +239,25 @@ impl Reputation {
     }
 
     /// Every worker's score that differs from the prior: those this
-    /// gateway used and those a kept report names.
+    /// gateway used and those a kept report names. One pass over the
+    /// tallies (each reporter's standing computed once), where calling
+    /// [`Reputation::score`] per worker would go over every report per
+    /// worker.
     pub fn scores(&self) -> Scores {
-        let mut out = Scores::with_capacity(self.own.len());
-        let named = self.reported.values().flat_map(|r| r.tallies.keys());
-        for worker in self.own.keys().chain(named) {
-            if !out.contains_key(worker) {
-                out.insert(*worker, self.score(worker));
+        let mut totals: HashMap<PeerId, Tally> = self.own.clone();
+        for (reporter, reported) in &self.reported {
+            let standing = self.standing(reporter);
+            for (worker, r) in &reported.tallies {
+                let weight = standing * (REPORT_CAP / r.total().max(REPORT_CAP));
+                let t = totals.entry(*worker).or_default();
+                t.ok += r.ok * weight;
+                t.failed += r.failed * weight;
             }
         }
-        out
+        totals
+            .into_iter()
+            .map(|(worker, t)| (worker, (t.ok + 1.0) / (t.total() + 2.0)))
+            .collect()
     }
 }
 

@@ -221,12 +221,7 @@ fn context_message(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn peer(n: u8) -> PeerId {
-        silk_overlay::testing::seeded_keypair(u64::from(n))
-            .public()
-            .to_peer_id()
-    }
+    use crate::gateway::test_peer as peer;
 
     #[test]
     fn the_cause_of_a_failed_request_weighs_the_attempts() {

@@ -55,6 +55,14 @@ pub use table::{WorkerTable, TABLE_SYNC};
 
 use context::PromptCounter;
 
+/// A peer id fixed by `n`, for the gateway's unit tests.
+#[cfg(test)]
+pub(crate) fn test_peer(n: u8) -> PeerId {
+    silk_overlay::testing::seeded_keypair(u64::from(n))
+        .public()
+        .to_peer_id()
+}
+
 /// Default of [`NodeOptions::job_progress_timeout`]: the overlay's idle
 /// timeout for a frame.
 pub const JOB_PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);

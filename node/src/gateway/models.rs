@@ -80,12 +80,7 @@ fn model_matches(id: &str, wanted: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn peer(n: u8) -> PeerId {
-        silk_overlay::testing::seeded_keypair(u64::from(n))
-            .public()
-            .to_peer_id()
-    }
+    use crate::gateway::test_peer as peer;
 
     /// Audit F10: ids were sorted and the first whose name matched won, so
     /// anyone announcing `name@sha256:0…` took every request by name, and a

@@ -327,13 +327,8 @@ impl Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::test_peer as peer;
     use crate::protocol::WirePrompt;
-
-    fn peer(n: u8) -> PeerId {
-        silk_overlay::testing::seeded_keypair(u64::from(n))
-            .public()
-            .to_peer_id()
-    }
 
     fn worker(n: u8, mode: AttestationMode, price_milli: u64) -> Announcement {
         Announcement {
