@@ -9,7 +9,9 @@ export SILK_DATA_DIR="${SILK_DATA_DIR:-$HOME/.silk}"
 jobs="${CARGO_BUILD_JOBS:-2}"
 
 echo "== build"
-cargo build -j"$jobs" --bin silk
+# Fail points on, as `cargo test` builds it: the crash tests stop nodes at
+# chosen points inside a money step (docs/RELIABILITY.md).
+cargo build -j"$jobs" -p silk-node --bin silk --features fail/failpoints
 silk="${CARGO_TARGET_DIR:-$repo/target}/debug/silk"
 export SILK_BIN="$silk"
 

@@ -377,6 +377,8 @@ impl Engine {
                 ),
             });
         }
+        // Fault tests hold a job here to see which thread tokenizes it.
+        fail::fail_point!("engine-tokenize");
         let prompt = self.tokenize(&request.prompt)?;
         if prompt.is_empty() {
             return Err(InferenceError::InvalidRequest {
@@ -592,6 +594,8 @@ impl<B: Backend> Scheduler<B> {
     }
 
     fn step(&mut self) {
+        // Fault tests make a forward pass panic here.
+        fail::fail_point!("engine-step");
         let started = Instant::now();
         let chunk = self.config.prefill_chunk;
         // Which sequences take part, and with which tokens.

@@ -567,7 +567,7 @@ async fn a_job_no_worker_took_is_answered_with_the_status_of_its_cause() {
     let dir = tempfile::tempdir().expect("tempdir");
     let gateway = free_gateway(dir.path()).await;
     let plays = Arc::new(Mutex::new(Play::Honest));
-    let (worker, _peer) = hostile_worker(&gateway, 68, None, Arc::clone(&plays)).await;
+    let (worker, peer) = hostile_worker(&gateway, 68, None, Arc::clone(&plays)).await;
     let cancel = CancellationToken::new();
     let options = ApiOptions {
         addr: "127.0.0.1:0".into(),
@@ -612,6 +612,22 @@ async fn a_job_no_worker_took_is_answered_with_the_status_of_its_cause() {
             "{code:?}: the message names the worker's reason: {v}"
         );
     }
+    // A gateway without the model's tokenizer cannot judge a prompt's
+    // length itself: the worker's refusal is the caller's fault, and ten of
+    // them leave the worker's standing where it was (audit F11).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = gateway.reputation_of(&peer);
+    *plays.lock().expect("lock") = Play::Refuse(JobErrorCode::Rejected);
+    for _ in 0..10 {
+        let r = client.post(&url).json(&body).send().await.expect("send");
+        assert_eq!(r.status().as_u16(), 400);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        gateway.reputation_of(&peer),
+        before,
+        "the caller's bad requests moved the worker's reputation"
+    );
     // And the worker still serves once it stops refusing.
     *plays.lock().expect("lock") = Play::Honest;
     let r = client.post(&url).json(&body).send().await.expect("send");

@@ -189,6 +189,7 @@ pub struct NodeHandle {
     /// loopback answer only requests that carry a key.
     pub api_key: Option<String>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -507,6 +508,7 @@ impl Testnet {
             wallet: None,
             api_key,
             args,
+            env: Vec::new(),
             child: None,
         };
         self.launch(&mut node).await?;
@@ -568,6 +570,7 @@ impl Testnet {
         let child = command
             .args(&node.args)
             .env("RUST_LOG", &self.config.log_filter)
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -691,6 +694,13 @@ impl Testnet {
 
     /// Restarts node `i` with its data directory (same identity and API port).
     pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.restart_with_env(i, &[]).await
+    }
+
+    /// Restarts node `i` like [`Testnet::restart`], with `env` added to its
+    /// environment (for example `FAILPOINTS`, which binaries built by
+    /// `cargo test` read).
+    pub async fn restart_with_env(&mut self, i: usize, env: &[(&str, &str)]) -> anyhow::Result<()> {
         self.nodes[i].kill();
         let mut node = std::mem::replace(
             &mut self.nodes[i],
@@ -704,12 +714,41 @@ impl Testnet {
                 wallet: None,
                 api_key: None,
                 args: Vec::new(),
+                env: Vec::new(),
                 child: None,
             },
         );
+        node.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect();
         let r = self.launch(&mut node).await;
         self.nodes[i] = node;
         r
+    }
+
+    /// Waits up to `timeout` for node `i`'s process to end on its own (a
+    /// fail point, a crash); returns its exit status.
+    pub async fn wait_exit(
+        &mut self,
+        i: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.nodes[i]
+                .child
+                .as_mut()
+                .with_context(|| format!("node {i} is not running"))?;
+            if let Some(status) = child.try_wait()? {
+                self.nodes[i].child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("node {i} was still running after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Index of a running node that is not a worker (a pure gateway).

@@ -395,15 +395,19 @@ async fn wait_for_worker(net: &Testnet, gw: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGKILL at each step where money moves, and the books still balance on
-/// chain: a gateway killed while a job holds its reservation (the restart
-/// releases it, nothing is charged for the lost job); a gateway killed as
-/// soon as a paid answer reached the caller, perhaps before its cheque
-/// reached the worker (the next cumulative cheque carries it); a worker
-/// killed right after acknowledging a cheque, while its redemption pass
-/// (every second, threshold 1 nanoTON) may be in flight. After each:
-/// charged = paid on chain + outstanding, for every lane, and what callers
-/// were charged is what the gateway signed.
+/// A crash at each step where money moves, and the books still balance on
+/// chain: a worker killed (SIGKILL) right after acknowledging a cheque; a
+/// worker that dies inside its redemption, with the redeem message sent to
+/// the chain and not yet in its book (fail point `worker-redemption-sent`:
+/// the restart must find it paid and only mark it); a gateway killed while
+/// a job holds its reservation (the restart releases it, nothing is
+/// charged for the lost job); a gateway that dies with a job's cheque
+/// signed and stored but not delivered (fail point `gateway-cheque-signed`:
+/// the next cumulative cheque carries it). After each: charged = paid on
+/// chain + outstanding, for every lane, and the gateway's books agree with
+/// what its callers were charged. The fail points are compiled into the
+/// `silk` that `cargo test` builds; a fail point aborts the process, which
+/// is as abrupt as SIGKILL (no destructor runs, nothing is flushed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_at_each_money_step_keep_the_books_balanced() -> anyhow::Result<()> {
     let mut config = TestnetConfig::new(3, 1)?;
@@ -446,7 +450,54 @@ async fn crashes_at_each_money_step_keep_the_books_balanced() -> anyhow::Result<
     );
     books_balance(&net, &gateways, &[worker]).await?;
 
-    // 2. The gateway while a job holds its reservation (mid-stream).
+    // 2. The worker inside its redemption: the redeem message is on its
+    //    way to the chain, the book does not know it yet.
+    let wallet = payments(&net, worker).await?["wallet"].clone();
+    net.restart_with_env(worker, &[("FAILPOINTS", "worker-redemption-sent=return")])
+        .await?;
+    wait_for_worker(&net, gw).await?;
+    callers_charged += paid_job(&net, gw, "Name a fruit.").await?;
+    net.wait_exit(worker, Duration::from_secs(60))
+        .await
+        .context(
+            "the worker did not die at its fail point `worker-redemption-sent` \
+             (is `silk` the binary `cargo test` builds, with fail points?)",
+        )?;
+    // The dead worker's redemption lands on chain all the same.
+    let g = payments(&net, gw).await?;
+    let contract = g["contract"].as_str().context("contract")?;
+    let lane = g["lanes"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["worker"] == wallet))
+        .and_then(|l| l["lane_id"].as_u64())
+        .with_context(|| format!("no lane to the worker: {g}"))?;
+    let start = Instant::now();
+    loop {
+        let paid = net
+            .lane_on_chain(contract, u32::try_from(lane)?)
+            .await?
+            .map_or(0, |(_, p)| p);
+        if paid == u128::from(callers_charged) {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the redemption sent before the crash did not land: paid {paid} of {callers_charged}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    net.restart(worker).await?;
+    let p = wait_for(&net, worker, "the book to learn of the redemption", |p| {
+        p["redeemed_nanoton"] == p["earned_nanoton"]
+    })
+    .await?;
+    ensure!(
+        delivered(&p, callers_charged),
+        "cheques lost in the crash: {p}"
+    );
+    books_balance(&net, &gateways, &[worker]).await?;
+
+    // 3. The gateway while a job holds its reservation (mid-stream).
     wait_for_worker(&net, gw).await?;
     let (tx, mut first_token) = tokio::sync::mpsc::unbounded_channel();
     let client = net.client().clone();
@@ -490,18 +541,35 @@ async fn crashes_at_each_money_step_keep_the_books_balanced() -> anyhow::Result<
     );
     books_balance(&net, &gateways, &[worker]).await?;
 
-    // 3. The gateway as soon as a paid answer reached the caller: its
-    //    cheque may not have reached the worker. The next job's cumulative
-    //    cheque covers it.
+    // 4. The gateway with a job's cheque signed and stored, before the
+    //    worker or the caller hears of it. The next job's cumulative
+    //    cheque carries it to the worker.
+    net.restart_with_env(gw, &[("FAILPOINTS", "gateway-cheque-signed=return")])
+        .await?;
     wait_for_worker(&net, gw).await?;
-    callers_charged += paid_job(&net, gw, "What is 2+2?").await?;
-    net.kill(gw);
+    let lost = paid_job(&net, gw, "What is 2+2?").await;
+    ensure!(
+        lost.is_err(),
+        "the gateway answered past its fail point: {lost:?}"
+    );
+    net.wait_exit(gw, Duration::from_secs(60))
+        .await
+        .context("the gateway did not die at its fail point `gateway-cheque-signed`")?;
     net.restart(gw).await?;
     let p = payments(&net, gw).await?;
+    let signed = p["spent_nanoton"].as_u64().context("spent")?;
     ensure!(
-        p["spent_nanoton"].as_u64() == Some(callers_charged),
-        "signed ≠ charged to callers after the crash: {p}"
+        signed > callers_charged,
+        "the cheque signed before the crash was lost: spent {signed}, charged before {callers_charged}"
     );
+    let w = payments(&net, worker).await?;
+    ensure!(
+        delivered(&w, callers_charged),
+        "the worker holds a cheque the gateway never sent: {w}"
+    );
+    // What the crashed job cost is the gateway's own loss (its caller got
+    // no answer); on chain it is owed to the worker like any other job.
+    callers_charged = signed;
     wait_for_worker(&net, gw).await?;
     callers_charged += paid_job(&net, gw, "Count to three.").await?;
     wait_for(&net, worker, "every cheque, and its redemption", |p| {

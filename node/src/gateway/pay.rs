@@ -93,6 +93,10 @@ impl PaidJob {
             .await
         {
             Ok(bill) => {
+                // Crash test: dead with the cheque signed and stored, and
+                // neither the worker nor the caller told; the next
+                // cumulative cheque must carry it.
+                fail::fail_point!("gateway-cheque-signed", |_| std::process::abort());
                 tokio::spawn(deliver_cheque(overlay.clone(), peer, bill.delivery));
                 Some(bill.cost)
             }

@@ -924,6 +924,9 @@ impl Payments {
                 state_init: None,
             };
             let tx = self.transfer(&[msg]).await?;
+            // Crash test: dead with the redemption on its way to the chain
+            // and not in the book; the restart must only mark it.
+            fail::fail_point!("worker-redemption-sent", |_| std::process::abort());
             self.contract_result(&lane.contract, tx.lt, "redeem")
                 .await?;
         }
