@@ -11,7 +11,7 @@ jobs="${CARGO_BUILD_JOBS:-2}"
 echo "== build"
 # Fail points on, as `cargo test` builds it: the crash tests stop nodes at
 # chosen points inside a money step (docs/RELIABILITY.md).
-cargo build -j"$jobs" -p silk-node --bin silk --features fail/failpoints
+cargo build -j"$jobs" -p silk-node --bin silk --features fail/failpoints,silk-inference/failpoints
 silk="${CARGO_TARGET_DIR:-$repo/target}/debug/silk"
 export SILK_BIN="$silk"
 

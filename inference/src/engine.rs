@@ -378,6 +378,7 @@ impl Engine {
             });
         }
         // Fault tests hold a job here to see which thread tokenizes it.
+        #[cfg(feature = "failpoints")]
         fail::fail_point!("engine-tokenize");
         let prompt = self.tokenize(&request.prompt)?;
         if prompt.is_empty() {
@@ -595,6 +596,7 @@ impl<B: Backend> Scheduler<B> {
 
     fn step(&mut self) {
         // Fault tests make a forward pass panic here.
+        #[cfg(feature = "failpoints")]
         fail::fail_point!("engine-step");
         let started = Instant::now();
         let chunk = self.config.prefill_chunk;

@@ -25,6 +25,11 @@
 //! workers redeem them on chain.
 //!
 //! The same library backs `silk testnet` and the end-to-end tests.
+//! [`delay_line`] puts nodes in network namespaces joined through a relay
+//! that holds packets for each link's delay (this kernel has no
+//! `sch_netem`).
+
+pub mod delay_line;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -287,7 +292,13 @@ impl Testnet {
             let worker = i >= first_worker && i < first_worker + net.config.workers;
             let node = net.start_node(i, worker, bootstrap.as_deref()).await?;
             if bootstrap.is_none() {
-                let mesh = net.get_json(&format!("{}/v1/mesh", node.api_url)).await?;
+                // Not in `net.nodes` yet: its key is passed by hand.
+                let mesh = net
+                    .get_json_with(
+                        &format!("{}/v1/mesh", node.api_url),
+                        node.api_key.as_deref(),
+                    )
+                    .await?;
                 bootstrap = mesh["listen_addrs"]
                     .as_array()
                     .and_then(|a| {

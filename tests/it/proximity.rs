@@ -1,164 +1,59 @@
-//! Proximity routing over emulated latency.
+//! Proximity routing over real delays.
 //!
-//! Three network namespaces hang off a bridge in the root namespace: a
-//! gateway, a near worker and a far worker. `tc netem` delays both ends of
-//! each worker's veth, 1 ms each way for the near one (2 ms RTT) and 100 ms
-//! for the far one (200 ms RTT); the gateway's link has none. Every node runs
-//! inside its namespace and listens on its bridge address, where this
-//! process reaches its API. Sequential jobs mostly go to the near worker;
-//! once the gateway has `max_jobs_per_worker` jobs on it, a burst spills to
-//! the far worker.
+//! Three regions of the testnet's delay line (`silk_testnet::delay_line`:
+//! network namespaces joined by TUN devices through a relay in this
+//! process, which holds each packet for its link's delay): the gateway's,
+//! a near worker's 5 ms away and a far worker's 150 ms away (RTTs; the two
+//! workers are 150 ms apart). Every node runs inside its region's
+//! namespace and listens on its address, where this process reaches its
+//! API (the test's own region has no delay to any). Sequential jobs go to
+//! the near worker; once the gateway has `max_jobs_per_worker` jobs on
+//! it, a burst spills to the far worker.
 //!
-//! Needs root with CAP_NET_ADMIN, iproute2, and a kernel with veth, bridge
-//! and `sch_netem`; without them it says why and passes. Everything it
-//! creates carries its pid in the name and is removed when it ends, failed
-//! or not. No node has a route beyond the bridge.
+//! Needs root (namespaces, TUN devices) and iproute2; without root it says
+//! so and passes. The delay line creates and removes its namespaces.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use serde_json::{json, Value};
+use silk_testnet::delay_line::{self, DelayLine, Link, Topology};
 use silk_testnet::{NodeOptions, Testnet, TestnetConfig};
 
-/// Namespace tags in node order (gateway, near worker, far worker) with the
-/// netem delay each way on their veth, in ms.
+/// Regions in node order: gateway, near worker, far worker.
+const REGIONS: [&str; 3] = ["gw", "near", "far"];
+/// RTTs from the gateway's region, in ms.
 ///
 /// The gateway ranks workers by RTT plus the job's tokens over the decode
 /// speed each worker measured at startup. Debug builds on a busy machine
 /// decode single-digit tokens/s and two workers' measurements can differ
 /// by a fifth or more, worth tens of ms even for a one-token job, so the
-/// RTT gap is made large enough to outweigh that.
-const NODES: [(&str, u32); 3] = [("gw", 0), ("near", 1), ("far", 100)];
+/// RTT gap is large enough to outweigh that.
+const NEAR_RTT_MS: u64 = 5;
+const FAR_RTT_MS: u64 = 150;
 const GATEWAY: usize = 0;
 const NEAR: usize = 1;
 const FAR: usize = 2;
-/// Jobs in phase 1, one at a time, one token each (see [`NODES`]).
-const SEQUENTIAL: usize = 8;
+/// Jobs in phase 1, one at a time, one token each.
+const SEQUENTIAL: usize = 10;
 /// The gateway's per-worker cap in phase 2.
 const MAX_JOBS_PER_WORKER: usize = 2;
 /// Concurrent jobs in phase 2: twice what the near worker may take.
 const BURST: usize = 2 * MAX_JOBS_PER_WORKER;
 
-/// Runs a command; its stderr on failure.
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("cannot run `{}`: {e}", args[0]))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+fn topology() -> Topology {
+    Topology::new()
+        .link("gw", "near", Link::rtt_ms(NEAR_RTT_MS))
+        .link("gw", "far", Link::rtt_ms(FAR_RTT_MS))
+        .link("near", "far", Link::rtt_ms(FAR_RTT_MS))
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let ids = s.lines().find_map(|l| l.strip_prefix("Uid:"))?;
-            Some(ids.split_whitespace().nth(1)? == "0")
-        })
-        .unwrap_or(false)
-}
-
-/// The bridge, namespaces and veths; removed on drop.
-struct Lab {
-    /// First three octets of the bridge's /24.
-    subnet: String,
-    bridge: Option<String>,
-    /// One per node, in node order.
-    netns: Vec<String>,
-    /// The root-namespace end of each node's veth.
-    veths: Vec<String>,
-}
-
-impl Lab {
-    /// Builds the topology, or says why it cannot.
-    fn create() -> Result<Self, String> {
-        if sh(&["ip", "-V"]).is_err() || sh(&["tc", "-V"]).is_err() {
-            return Err("`ip` or `tc` is missing: install iproute2".into());
-        }
-        if !is_root() {
-            return Err("not root: run as root (CAP_NET_ADMIN) to build network namespaces".into());
-        }
-        let pid = std::process::id();
-        let mut lab = Lab {
-            subnet: format!("10.77.{}", pid % 250 + 1),
-            bridge: None,
-            netns: Vec::new(),
-            veths: Vec::new(),
-        };
-        let bridge = format!("silkbr{pid}");
-        sh(&["ip", "link", "add", &bridge, "type", "bridge"])?;
-        lab.bridge = Some(bridge.clone());
-        let bridge_addr = format!("{}.1/24", lab.subnet);
-        sh(&["ip", "addr", "add", &bridge_addr, "dev", &bridge])?;
-        sh(&["ip", "link", "set", &bridge, "up"])?;
-        for (i, (tag, delay_ms)) in NODES.into_iter().enumerate() {
-            let ns = format!("silk-{pid}-{tag}");
-            sh(&["ip", "netns", "add", &ns])?;
-            lab.netns.push(ns.clone());
-            let veth = format!("sk{pid}{tag}");
-            sh(&[
-                "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ])?;
-            lab.veths.push(veth.clone());
-            sh(&["ip", "link", "set", &veth, "master", &bridge, "up"])?;
-            let addr = format!("{}/24", lab.host(i));
-            sh(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
-            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-            if delay_ms > 0 {
-                let delay = format!("{delay_ms}ms");
-                sh(&[
-                    "tc", "qdisc", "add", "dev", &veth, "root", "netem", "delay", &delay,
-                ])
-                .map_err(|e| format!("{e} (is the sch_netem module available?)"))?;
-                sh(&[
-                    "tc", "-n", &ns, "qdisc", "add", "dev", "eth0", "root", "netem", "delay",
-                    &delay,
-                ])?;
-            }
-        }
-        Ok(lab)
-    }
-
-    /// Node `i`'s address on the bridge.
-    fn host(&self, i: usize) -> String {
-        format!("{}.{}", self.subnet, i + 2)
-    }
-
-    /// How the testnet starts node `i`: inside its namespace, on its address.
-    fn node_options(&self, i: usize, config_toml: String) -> NodeOptions {
-        NodeOptions {
-            launcher: ["ip", "netns", "exec", &self.netns[i]]
-                .map(String::from)
-                .to_vec(),
-            host: Some(self.host(i)),
-            config_toml,
-        }
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        // Deleting one end of a veth deletes both; the namespaces are empty
-        // by now because the testnet, declared later, is dropped first.
-        for veth in &self.veths {
-            let _ = sh(&["ip", "link", "del", veth]);
-        }
-        for ns in &self.netns {
-            let _ = sh(&["ip", "netns", "del", ns]);
-        }
-        if let Some(bridge) = &self.bridge {
-            let _ = sh(&["ip", "link", "del", bridge]);
-        }
+/// How the testnet starts node `i`: inside its region, on its address.
+fn node_options(line: &DelayLine, i: usize, config_toml: String) -> NodeOptions {
+    NodeOptions {
+        launcher: line.launcher(REGIONS[i]),
+        host: line.address(REGIONS[i]).map(|a| a.to_string()),
+        config_toml,
     }
 }
 
@@ -223,28 +118,30 @@ async fn wait_for_rtts(net: &Testnet, near: &str, far: &str) -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_prefers_the_near_worker_and_spills_to_the_far_one() -> anyhow::Result<()> {
-    let mut config = TestnetConfig::new(NODES.len(), 2)?;
-    let lab = match Lab::create() {
-        Ok(lab) => lab,
-        Err(why) => {
-            eprintln!("skipping the proximity test: {why}");
-            return Ok(());
-        }
-    };
+    let mut config = TestnetConfig::new(REGIONS.len(), 2)?;
+    if !delay_line::is_root() {
+        eprintln!(
+            "skipping the proximity test: not root (network namespaces and TUN devices need it)"
+        );
+        return Ok(());
+    }
+    let line = DelayLine::start(topology())
+        .map_err(anyhow::Error::msg)
+        .context("the delay line did not start")?;
     // The devnet would listen on the root namespace's loopback, which
     // nodes inside namespaces cannot reach.
     config.payments = false;
-    config.node_options = (0..NODES.len())
+    config.node_options = (0..REGIONS.len())
         .map(|i| {
             let toml = if i == GATEWAY {
                 format!("max_jobs_per_worker = {MAX_JOBS_PER_WORKER}\n")
             } else {
                 String::new()
             };
-            lab.node_options(i, toml)
+            node_options(&line, i, toml)
         })
         .collect();
-    // Node 0 is the gateway, nodes 1 and 2 the workers: NODES order.
+    // Node 0 is the gateway, nodes 1 and 2 the workers: REGIONS order.
     let net = Testnet::spawn(config)
         .await
         .context("the mesh inside the namespaces did not start/converge")?;
@@ -252,7 +149,7 @@ async fn gateway_prefers_the_near_worker_and_spills_to_the_far_one() -> anyhow::
     let near = net.nodes[NEAR].peer_id.clone();
     let far = net.nodes[FAR].peer_id.clone();
     let (near_seen, far_seen) = wait_for_rtts(&net, &near, &far).await?;
-    for (name, w) in [("near", near_seen), ("far", far_seen)] {
+    for (name, w) in [("near", &near_seen), ("far", &far_seen)] {
         let number = |key: &str| w[key].as_f64().unwrap_or(f64::NAN);
         println!(
             "{name} worker: rtt {:.1} ms, decodes {:.1} tokens/s",
@@ -260,6 +157,12 @@ async fn gateway_prefers_the_near_worker_and_spills_to_the_far_one() -> anyhow::
             number("decode_tokens_per_s")
         );
     }
+    // The line holds every packet for its link's delay: no RTT is shorter.
+    let far_rtt = far_seen["rtt_ms"].as_f64().unwrap_or(0.0);
+    ensure!(
+        far_rtt >= FAR_RTT_MS as f64 * 0.95,
+        "the gateway measured {far_rtt} ms to the far worker, under the line's {FAR_RTT_MS} ms"
+    );
 
     // Phase 1: one job at a time; the near worker has free slots throughout.
     let (mut to_near, mut to_far) = (0, 0);
@@ -274,8 +177,8 @@ async fn gateway_prefers_the_near_worker_and_spills_to_the_far_one() -> anyhow::
     }
     println!("phase 1 ({SEQUENTIAL} sequential jobs): near {to_near}, far {to_far}");
     ensure!(
-        4 * to_near >= 3 * SEQUENTIAL,
-        "expected at least 3/4 of the sequential jobs on the near worker, got near {to_near}, far {to_far}"
+        10 * to_near >= 9 * SEQUENTIAL,
+        "expected at least 90% of the sequential jobs on the near worker, got near {to_near}, far {to_far}"
     );
 
     // Phase 2: more concurrent jobs than the gateway sends the near worker.
@@ -298,5 +201,8 @@ async fn gateway_prefers_the_near_worker_and_spills_to_the_far_one() -> anyhow::
         to_far >= 1,
         "the gateway did not spill to the far worker when the near one was saturated"
     );
+    println!("delay line: {:?}", line.carried());
+    drop(net);
+    drop(line);
     Ok(())
 }
