@@ -34,6 +34,11 @@ pub struct NodeConfig {
     pub allow_insecure_workers: bool,
     /// Jobs this gateway sends to one worker at once.
     pub max_jobs_per_worker: u32,
+    /// Most requests waiting for a free worker slot at once (0: none wait;
+    /// a request that finds no slot gets a 429 at once).
+    pub queue_limit: usize,
+    /// Longest a request waits for a free worker slot, in seconds.
+    pub queue_timeout_s: u64,
     /// Enable mDNS discovery on the LAN.
     pub mdns: bool,
     /// Fewest connected peers the node looks for (it walks the DHT for
@@ -137,6 +142,8 @@ impl Default for NodeConfig {
             models_dir: None,
             allow_insecure_workers: false,
             max_jobs_per_worker: 8,
+            queue_limit: 256,
+            queue_timeout_s: 30,
             mdns: false,
             min_peers: 25,
             max_peers: 50,

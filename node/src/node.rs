@@ -70,6 +70,8 @@ pub struct NodeOptions {
     pub billing: Option<Arc<Billing>>,
     /// Jobs this gateway sends to one worker at once.
     pub max_jobs_per_worker: u32,
+    /// How many requests wait for a free slot, and for how long.
+    pub queue: crate::gateway::queue::QueueConfig,
     /// mDNS on the LAN.
     pub mdns: bool,
     /// Faster gossip and pings (local testnets).

@@ -35,6 +35,7 @@ async fn start_worker(dir: &tempfile::TempDir) -> Arc<Node> {
         default_max_coefficient_milli: 2000,
         billing: None,
         max_jobs_per_worker: 8,
+        queue: Default::default(),
         mdns: false,
         min_peers: 25,
         max_peers: 50,

@@ -12,6 +12,7 @@ use silk_chain::devnet::{Devnet, DevnetConfig};
 use silk_chain::ledger::Ledger;
 use silk_chain::{Address, Coins, Keys};
 use silk_node::billing::Billing;
+use silk_node::gateway::queue::QueueConfig;
 use silk_node::gateway::JobEvent;
 use silk_node::node::{Node, NodeOptions};
 use silk_node::payments::{Payments, PaymentsConfig};
@@ -21,6 +22,12 @@ use silk_overlay::{JobErrorCode, JobResponder, OverlayEvent};
 use tokio_util::sync::CancellationToken;
 
 const MODEL: &str = "hostile@sha256:00";
+
+/// A gateway queue that holds nobody: no free slot is a 429 at once.
+const NO_QUEUE: QueueConfig = QueueConfig {
+    limit: 0,
+    timeout: Duration::from_secs(1),
+};
 
 /// What the hostile worker does with the next job.
 #[derive(Clone, Copy, Debug)]
@@ -252,6 +259,7 @@ async fn a_gateway_pays_only_for_what_it_received_and_drops_stalled_jobs() {
         default_max_coefficient_milli: 2000,
         billing: Some(Arc::clone(&billing)),
         max_jobs_per_worker: 8,
+        queue: Default::default(),
         mdns: false,
         min_peers: 25,
         max_peers: 50,
@@ -340,6 +348,7 @@ async fn silent_tdx_sybils_do_not_stall_dispatch() {
         default_max_coefficient_milli: 2000,
         billing: None,
         max_jobs_per_worker: 8,
+        queue: Default::default(),
         mdns: false,
         min_peers: 25,
         max_peers: 50,
@@ -446,8 +455,8 @@ async fn silent_tdx_sybils_do_not_stall_dispatch() {
 }
 
 /// A gateway in this process that pays nothing and routes to insecure
-/// workers, its data in `dir`.
-async fn free_gateway(dir: &std::path::Path) -> Arc<Node> {
+/// workers, its data in `dir`, with a queue of `queue`.
+async fn free_gateway(dir: &std::path::Path, queue: QueueConfig) -> Arc<Node> {
     Node::start(NodeOptions {
         data_dir: dir.to_path_buf(),
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
@@ -460,6 +469,7 @@ async fn free_gateway(dir: &std::path::Path) -> Arc<Node> {
         default_max_coefficient_milli: 2000,
         billing: None,
         max_jobs_per_worker: 8,
+        queue,
         mdns: false,
         min_peers: 25,
         max_peers: 50,
@@ -483,7 +493,7 @@ async fn the_request_deadline_ends_a_slow_job_with_a_504_or_an_error_event() {
     use silk_node::api::{self, guard::HttpConfig, keys::ApiKeys, ApiOptions};
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = free_gateway(dir.path()).await;
+    let gateway = free_gateway(dir.path(), QueueConfig::default()).await;
     let (worker, _peer) =
         hostile_worker(&gateway, 67, None, Arc::new(Mutex::new(Play::Trickle))).await;
     let cancel = CancellationToken::new();
@@ -565,7 +575,9 @@ async fn a_job_no_worker_took_is_answered_with_the_status_of_its_cause() {
     use silk_node::api::{self, guard::HttpConfig, keys::ApiKeys, ApiOptions};
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let gateway = free_gateway(dir.path()).await;
+    // No queue: the first answer is the subject here (the queue has its
+    // own test below).
+    let gateway = free_gateway(dir.path(), NO_QUEUE).await;
     let plays = Arc::new(Mutex::new(Play::Honest));
     let (worker, peer) = hostile_worker(&gateway, 68, None, Arc::clone(&plays)).await;
     let cancel = CancellationToken::new();
@@ -640,4 +652,94 @@ async fn a_job_no_worker_took_is_answered_with_the_status_of_its_cause() {
         gateway.shutdown_and_wait(Duration::from_secs(10)).await,
         "node tasks outlived the shutdown"
     );
+}
+
+/// A request that finds the only worker busy waits in the gateway's queue
+/// and is served once the worker takes jobs again; past the queue's limit
+/// a request gets `429 queue_full` at once, and past its deadline `429
+/// workers_saturated`, both with `Retry-After`. Before the queue every
+/// one of them was an immediate `429 workers_busy`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_finds_no_free_slot_waits_for_one() {
+    use silk_node::api::{self, guard::HttpConfig, keys::ApiKeys, ApiOptions};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = QueueConfig {
+        limit: 1,
+        timeout: Duration::from_secs(3),
+    };
+    let gateway = free_gateway(dir.path(), queue).await;
+    let plays = Arc::new(Mutex::new(Play::Refuse(JobErrorCode::Busy)));
+    let (worker, _peer) = hostile_worker(&gateway, 69, None, Arc::clone(&plays)).await;
+    let cancel = CancellationToken::new();
+    let options = ApiOptions {
+        addr: "127.0.0.1:0".into(),
+        http: HttpConfig::default(),
+        keys: ApiKeys::open(&dir.path().join(api::keys::KEYS_FILE)).expect("keys"),
+    };
+    let (addr, _task) = api::serve(Arc::clone(&gateway), options, cancel.clone())
+        .await
+        .expect("serve");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let url = format!("http://{addr}/v1/chat/completions");
+    let body = serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hello there."}],
+        "max_tokens": 4,
+    });
+
+    // 1. The worker is busy: the request waits; the worker frees up; the
+    //    request is served.
+    let waiting = tokio::spawn({
+        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        async move {
+            let r = client.post(&url).json(&body).send().await.expect("send");
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+    });
+    let start = std::time::Instant::now();
+    while gateway.gateway().queued() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the request did not wait in the queue"
+        );
+        assert!(
+            !waiting.is_finished(),
+            "answered at once: {:?}",
+            waiting.await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // 2. Meanwhile the queue (of 1) is full: the next request is told so.
+    let r = client.post(&url).json(&body).send().await.expect("send");
+    assert_eq!(r.status().as_u16(), 429);
+    assert_eq!(
+        r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "queue_full", "{v}");
+
+    *plays.lock().expect("lock") = Play::Honest;
+    let (status, text) = waiting.await.expect("task");
+    assert_eq!(status, 200, "the queued request: {text}");
+    assert_eq!(gateway.gateway().queued(), 0);
+
+    // 3. A worker busy for longer than the queue's deadline.
+    *plays.lock().expect("lock") = Play::Refuse(JobErrorCode::Busy);
+    let r = client.post(&url).json(&body).send().await.expect("send");
+    assert_eq!(r.status().as_u16(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "workers_saturated", "{v}");
+    assert_eq!(gateway.gateway().queued(), 0);
+
+    cancel.cancel();
+    worker.abort();
+    gateway.shutdown();
 }

@@ -371,3 +371,63 @@ where
         }
     }
 }
+
+/// A burst past the workers' free slots waits in the gateway's queue and
+/// is served: 64 concurrent streamed requests on 2 workers (each gateway
+/// sends a worker at most 8 jobs at once, so 48 wait). Before the queue,
+/// 46 of 64 got an immediate `429 workers_saturated`. Prints the time to
+/// first token across the burst (not asserted: the machine decides it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_free_slots_is_queued_and_served() -> anyhow::Result<()> {
+    let mut config = TestnetConfig::new(3, 2)?;
+    config.payments = false;
+    let net = Testnet::spawn(config)
+        .await
+        .context("testnet did not start")?;
+    ensure!(!net.nodes[0].worker, "node 0 is the gateway");
+    const BURST: usize = 64;
+    let started = std::time::Instant::now();
+    let results = futures::future::join_all((0..BURST).map(|i| {
+        let client = net.client().clone();
+        let url = net.nodes[0].api_url.clone();
+        async move {
+            let mut first: Option<Duration> = None;
+            let r = stream_chat(
+                &client,
+                &url,
+                json!({
+                    "messages": [{"role": "user", "content": format!("Say the number {i}.")}],
+                    "max_tokens": 8,
+                    "temperature": 0,
+                }),
+                |_| {},
+                |_| {
+                    first.get_or_insert_with(|| started.elapsed());
+                },
+            )
+            .await;
+            (r, first)
+        }
+    }))
+    .await;
+    let mut ttft = Vec::new();
+    for (i, (r, first)) in results.into_iter().enumerate() {
+        let r = r.with_context(|| format!("request {i}"))?;
+        ensure!(
+            r.status == 200 && r.error.is_none() && r.done,
+            "request {i} of the burst was not served: status {}, {:?}",
+            r.status,
+            r.error
+        );
+        ttft.push(first.with_context(|| format!("request {i} had no token"))?);
+    }
+    ttft.sort();
+    let at = |q: f64| ttft[((ttft.len() - 1) as f64 * q).round() as usize].as_secs_f64();
+    println!(
+        "burst of {BURST} on 2 workers: time to first token p50 {:.2} s, p90 {:.2} s, max {:.2} s",
+        at(0.5),
+        at(0.9),
+        at(1.0)
+    );
+    Ok(())
+}

@@ -579,3 +579,152 @@ async fn crashes_at_each_money_step_keep_the_books_balanced() -> anyhow::Result<
     books_balance(&net, &gateways, &[worker]).await?;
     Ok(())
 }
+
+/// Mid-stream failover on a paid testnet: the worker serving a streamed
+/// job is killed after its first tokens; the gateway goes on on the other
+/// worker and the caller sees one stream with every token and no error.
+/// Each worker is paid for what it produced: the gateway signs on both
+/// lanes, and the job's cost is the sum. The killed worker, restarted,
+/// gets what it was owed with the next cumulative cheque, and the books
+/// balance on chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_fails_over_pays_each_worker_for_what_it_produced() -> anyhow::Result<()> {
+    let mut config = TestnetConfig::new(3, 2)?;
+    config.payments_toml =
+        "lane_amount = 1000000000\nredeem_threshold = 1\nredeem_every_s = 1\ntimeout_s = 30\n"
+            .into();
+    let mut net = Testnet::spawn(config)
+        .await
+        .context("testnet did not start")?;
+    let gw = 0usize;
+    ensure!(
+        !net.nodes[gw].worker && net.nodes[1].worker && net.nodes[2].worker,
+        "node roles"
+    );
+    let wallets = [
+        payments(&net, 1).await?["wallet"].clone(),
+        payments(&net, 2).await?["wallet"].clone(),
+    ];
+
+    let (tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
+    let client = net.client().clone();
+    let url = net.nodes[gw].api_url.clone();
+    let stream = tokio::spawn(async move {
+        let mut pieces = 0;
+        silk_testnet::stream_chat(
+            &client,
+            &url,
+            json!({
+                "messages": [{"role": "user", "content": "Count from one to one thousand."}],
+                "max_tokens": 120,
+                "temperature": 0,
+                "ignore_eos": true,
+                "stream_options": {"include_usage": true},
+            }),
+            |start| {
+                let _ = tx.send(start.worker.clone());
+            },
+            |_| {
+                pieces += 1;
+                if pieces == 20 {
+                    let _ = tx.send(None);
+                }
+            },
+        )
+        .await
+    });
+    let serving = tokio::time::timeout(Duration::from_secs(60), progress.recv())
+        .await
+        .context("no answer within 60 s")?
+        .flatten()
+        .context("no x-silk-worker")?;
+    tokio::time::timeout(Duration::from_secs(60), progress.recv())
+        .await
+        .context("no 20 pieces within 60 s")?
+        .context("the stream ended before 20 pieces")?;
+    let killed = net
+        .kill_peer(&serving)
+        .context("the serving worker is not a testnet node")?;
+    let survivor = 3 - killed;
+    let streamed = stream.await??;
+    ensure!(
+        streamed.error.is_none() && streamed.done,
+        "the caller's stream broke: {:?}",
+        streamed.error
+    );
+    let last = streamed.events.last().context("no events")?;
+    ensure!(
+        last["usage"]["completion_tokens"] == 120,
+        "the caller did not get every token: {last}"
+    );
+    let cost = last["silk"]["cost_nanoton"]
+        .as_u64()
+        .with_context(|| format!("no cost in the final chunk: {last}"))?;
+
+    // What the gateway signed, per worker: both produced, both are owed.
+    let p = payments(&net, gw).await?;
+    let signed = |w: usize| {
+        p["lanes"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["worker"] == wallets[w - 1]))
+            .and_then(|l| l["signed_nanoton"].as_u64())
+            .unwrap_or(0)
+    };
+    let (to_killed, to_survivor) = (signed(killed), signed(survivor));
+    println!("failover: cost {cost} nanoTON = {to_killed} to the killed worker + {to_survivor} to the survivor");
+    ensure!(
+        to_killed > 0 && to_survivor > 0,
+        "each worker is owed for what it produced: killed {to_killed}, survivor {to_survivor}: {p}"
+    );
+    ensure!(
+        to_killed + to_survivor == cost,
+        "the caller was charged {cost}, the gateway signed {to_killed} + {to_survivor}"
+    );
+    ensure!(
+        p["reserved_nanoton"].as_u64() == Some(0),
+        "a reservation is left: {p}"
+    );
+    wait_for(&net, survivor, "the survivor's cheque, redeemed", |w| {
+        w["earned_nanoton"].as_u64() == Some(to_survivor)
+            && w["redeemed_nanoton"] == w["earned_nanoton"]
+    })
+    .await?;
+
+    // The killed worker comes back; with the survivor gone, the next job
+    // is its, and that job's cumulative cheque carries what it was owed.
+    net.restart(killed).await?;
+    net.kill(survivor);
+    let start = Instant::now();
+    while !net
+        .known_workers(gw)
+        .await
+        .unwrap_or_default()
+        .contains(&net.nodes[killed].peer_id)
+    {
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "the gateway did not see the restarted worker within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let next = loop {
+        // The survivor's announcement may outlive it: a job that lands
+        // there fails and is retried on the restarted worker.
+        match paid_job(&net, gw, "Say hi.").await {
+            Ok(c) => break c,
+            Err(e) if start.elapsed() < Duration::from_secs(90) => {
+                println!("retrying a job: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    wait_for(&net, killed, "the owed cheque, redeemed", |w| {
+        w["earned_nanoton"].as_u64() == Some(to_killed + next)
+            && w["redeemed_nanoton"] == w["earned_nanoton"]
+    })
+    .await?;
+    net.restart(survivor).await?;
+    books_balance(&net, &[gw], &[1, 2]).await?;
+    Ok(())
+}

@@ -180,10 +180,15 @@ impl From<DispatchError> for ApiError {
                 "attestation_error",
                 "attestation_refused",
             ),
-            DispatchError::Saturated(_) => (
+            DispatchError::Saturated(_) | DispatchError::QueueTimeout { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 "workers_saturated",
+            ),
+            DispatchError::QueueFull { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "queue_full",
             ),
             DispatchError::TooExpensive { .. } => (
                 StatusCode::BAD_REQUEST,
@@ -234,7 +239,11 @@ impl From<DispatchError> for ApiError {
             }),
             _ => None,
         };
-        let error = ApiError::new(status, kind, code, e.to_string());
+        let mut error = ApiError::new(status, kind, code, e.to_string());
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // Slots free up as jobs end: a second is a fair first retry.
+            error = error.with_retry_after(1);
+        }
         match param {
             Some(p) => error.with_param(p),
             None => error,

@@ -26,6 +26,8 @@ pub struct ApiError {
     code: &'static str,
     param: Option<&'static str>,
     message: String,
+    /// `Retry-After`, in seconds.
+    retry_after_s: Option<u64>,
 }
 
 impl ApiError {
@@ -42,6 +44,15 @@ impl ApiError {
             code,
             param: None,
             message: message.into(),
+            retry_after_s: None,
+        }
+    }
+
+    /// The same error with a `Retry-After` of `secs` seconds.
+    pub fn with_retry_after(self, secs: u64) -> Self {
+        Self {
+            retry_after_s: Some(secs),
+            ..self
         }
     }
 
@@ -71,7 +82,12 @@ impl IntoResponse for ApiError {
         let body = json!({ "error": {
             "message": self.message, "type": self.kind, "param": self.param, "code": self.code,
         }});
-        (self.status, axum::Json(body)).into_response()
+        let mut r = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after_s {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        r
     }
 }
 

@@ -77,6 +77,7 @@ fn options(data_dir: &Path, models_dir: &Path, worker: Option<String>) -> NodeOp
         default_max_coefficient_milli: 2000,
         billing: None,
         max_jobs_per_worker: 8,
+        queue: Default::default(),
         mdns: false,
         min_peers: 25,
         max_peers: 50,

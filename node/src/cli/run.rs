@@ -128,6 +128,10 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         default_max_coefficient_milli: payments.default_max_coefficient_milli,
         billing: billing.clone(),
         max_jobs_per_worker: config.max_jobs_per_worker,
+        queue: crate::gateway::queue::QueueConfig {
+            limit: config.queue_limit,
+            timeout: std::time::Duration::from_secs(config.queue_timeout_s),
+        },
         mdns: config.mdns,
         min_peers: config.min_peers,
         max_peers: config.max_peers,

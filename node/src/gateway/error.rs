@@ -200,6 +200,34 @@ pub enum DispatchError {
     /// Every attempt failed before the first token.
     #[error("no worker could take the job: {0}")]
     AllFailed(Attempts),
+    /// Every worker was at capacity and the gateway's queue was full.
+    #[error("every worker for `{model}` is busy and {limit} requests are already waiting; retry shortly")]
+    QueueFull {
+        /// The model.
+        model: String,
+        /// The queue's limit.
+        limit: usize,
+    },
+    /// Every worker stayed at capacity for as long as a request may wait.
+    #[error("every worker for `{model}` stayed busy while the request waited {:.1} s; retry shortly", waited.as_secs_f64())]
+    QueueTimeout {
+        /// The model.
+        model: String,
+        /// How long the request waited.
+        waited: std::time::Duration,
+    },
+}
+
+impl DispatchError {
+    /// Whether the request found every worker at capacity (this gateway's
+    /// cap, or every attempt answered busy): it may wait in the queue.
+    pub fn is_saturation(&self) -> bool {
+        match self {
+            Self::Saturated(_) => true,
+            Self::AllFailed(a) => a.cause() == FailureCause::Busy,
+            _ => false,
+        }
+    }
 }
 
 fn context_message(

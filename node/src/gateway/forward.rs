@@ -51,6 +51,8 @@ pub(crate) struct Attempt {
 struct InFlight {
     map: Arc<Mutex<HashMap<PeerId, u32>>>,
     peer: PeerId,
+    /// Told when the slot frees, so queued requests retry.
+    queue: Arc<super::queue::JobQueue>,
 }
 
 impl Drop for InFlight {
@@ -63,6 +65,7 @@ impl Drop for InFlight {
                 }
             }
         }
+        self.queue.slot_freed();
     }
 }
 
@@ -251,6 +254,7 @@ impl Gateway {
         InFlight {
             map: Arc::clone(&self.in_flight),
             peer,
+            queue: Arc::clone(&self.queue),
         }
     }
 

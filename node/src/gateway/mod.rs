@@ -21,6 +21,7 @@
 //! - [`error`]: why an attempt or a request failed, by cause.
 //! - [`models`]: which model id a request's name means.
 //! - [`context`]: the context-window check before any worker is asked.
+//! - [`queue`]: requests that find no free slot wait for one, in order.
 
 pub mod attestation;
 pub mod context;
@@ -28,6 +29,7 @@ pub mod error;
 mod forward;
 pub mod models;
 mod pay;
+pub mod queue;
 pub mod routing;
 pub mod select;
 mod table;
@@ -54,6 +56,7 @@ pub use models::{default_pinned_models, model_name, pick_model};
 pub use table::{WorkerTable, TABLE_SYNC};
 
 use context::PromptCounter;
+use queue::JobQueue;
 
 /// A peer id fixed by `n`, for the gateway's unit tests.
 #[cfg(test)]
@@ -123,6 +126,8 @@ pub struct Gateway {
     dht_lookups: Mutex<HashMap<String, (Instant, Vec<Announcement>)>>,
     /// This gateway's jobs running on each worker.
     in_flight: Arc<Mutex<HashMap<PeerId, u32>>>,
+    /// Requests waiting for a free slot.
+    queue: Arc<JobQueue>,
     /// When each worker last failed or was busy.
     failures: Mutex<HashMap<PeerId, Instant>>,
     reputation: ReputationHandle,
@@ -138,6 +143,59 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
+    /// Waits in the queue for a free slot and places `request` there
+    /// (see [`queue`]): 429 errors when the queue is full or the wait
+    /// passes its deadline.
+    async fn place_queued(
+        &self,
+        request: &JobRequest,
+        max_coefficient: u32,
+    ) -> Result<(PeerId, AttestationMode, forward::Attempt), DispatchError> {
+        let config = self.queue.config();
+        let model = request.model.clone();
+        let Some(ticket) = self.queue.enter(&model) else {
+            return Err(DispatchError::QueueFull {
+                model,
+                limit: config.limit,
+            });
+        };
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + config.timeout;
+        let timed_out = || DispatchError::QueueTimeout {
+            model: request.model.clone(),
+            waited: started.elapsed(),
+        };
+        let _turn = tokio::time::timeout_at(deadline, ticket.turn())
+            .await
+            .map_err(|_| timed_out())?;
+        loop {
+            let freed = self.queue.freed();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            match self.place(request, max_coefficient, &[]).await {
+                Err(e) if e.is_saturation() => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Err(timed_out());
+                    }
+                    let wait = queue::RETRY_EVERY.min(deadline - now);
+                    let _ = tokio::time::timeout(wait, freed).await;
+                }
+                other => {
+                    if let Ok((worker, ..)) = &other {
+                        tracing::debug!(%worker, waited_ms = started.elapsed().as_millis() as u64, "a queued request found a slot");
+                    }
+                    return other;
+                }
+            }
+        }
+    }
+
+    /// Requests waiting for a free slot now.
+    pub fn queued(&self) -> usize {
+        self.queue.waiting()
+    }
+
     /// A gateway with an empty worker table, with the attestation policy,
     /// collateral source and payment settings of `options`.
     pub fn new(
@@ -182,6 +240,7 @@ impl Gateway {
             attest_unanswered: Mutex::default(),
             dht_lookups: Mutex::default(),
             in_flight: Arc::default(),
+            queue: Arc::new(JobQueue::new(options.queue)),
             failures: Mutex::default(),
             reputation,
             cancel,
@@ -322,7 +381,19 @@ impl Gateway {
             max_coefficient_milli,
             self.default_max_coefficient_milli,
         );
-        let (worker, attestation, attempt) = self.place(&request, max_coefficient, &[]).await?;
+        // While others wait for this model, a new request joins the back.
+        let placed = if self.queue.waiting_for(&request.model) == 0 {
+            self.place(&request, max_coefficient, &[]).await
+        } else {
+            Err(DispatchError::Saturated(request.model.clone()))
+        };
+        let (worker, attestation, attempt) = match placed {
+            // A queue of 0 is off: the first answer stands.
+            Err(e) if e.is_saturation() && self.queue.config().limit > 0 => {
+                self.place_queued(&request, max_coefficient).await?
+            }
+            other => other?,
+        };
         let (tx, events) = mpsc::channel(forward::JOB_CHANNEL);
         let model = request.model.clone();
         tokio::spawn(Arc::clone(self).relay(request, max_coefficient, worker, attempt, spend, tx));
