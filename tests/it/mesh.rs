@@ -381,6 +381,12 @@ where
 async fn a_burst_past_the_free_slots_is_queued_and_served() -> anyhow::Result<()> {
     let mut config = TestnetConfig::new(3, 2)?;
     config.payments = false;
+    // CI runs the end-to-end tests side by side on two cores: give the
+    // queue room to wait out a slow machine.
+    config.node_options = vec![silk_testnet::NodeOptions {
+        config_toml: "queue_timeout_s = 300\n".into(),
+        ..Default::default()
+    }];
     let net = Testnet::spawn(config)
         .await
         .context("testnet did not start")?;

@@ -728,3 +728,143 @@ async fn a_job_that_fails_over_pays_each_worker_for_what_it_produced() -> anyhow
     books_balance(&net, &[gw], &[1, 2]).await?;
     Ok(())
 }
+
+/// Steady load through worker churn, paid: five workers, one of them
+/// (20%) killed and restarted every minute for `SILK_CHURN_MINUTES`
+/// minutes (5 by default) while three callers keep sending streamed jobs
+/// through the gateway. At least 99.5% of the jobs complete with every
+/// token they asked for; afterwards no reservation is held, every worker
+/// holds the cheques for what it produced (a killed worker's due reaches
+/// it after its restart), and the books balance on chain to the nanoTON.
+///
+/// Ignored in the parallel run: `scripts/test.sh` runs it on its own
+/// afterwards (`--ignored`), since five minutes of load on a two-core
+/// machine would slow every end-to-end test beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs on its own: scripts/test.sh, `cargo test -p silk-tests --test it -- --ignored churn`"]
+async fn jobs_complete_and_books_balance_through_worker_churn() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let minutes: u64 = std::env::var("SILK_CHURN_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(5);
+    let mut config = TestnetConfig::new(6, 5)?;
+    config.payments_toml =
+        "lane_amount = 1000000000\nredeem_threshold = 1\nredeem_every_s = 1\ntimeout_s = 30\n"
+            .into();
+    let mut net = Testnet::spawn(config)
+        .await
+        .context("testnet did not start")?;
+    let gw = 0usize;
+    let workers: Vec<usize> = (1..6).collect();
+    ensure!(
+        !net.nodes[gw].worker && workers.iter().all(|&w| net.nodes[w].worker),
+        "node roles"
+    );
+
+    const MAX_TOKENS: u64 = 24;
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut callers = Vec::new();
+    for c in 0..3u32 {
+        let (client, url) = (net.client().clone(), net.nodes[gw].api_url.clone());
+        let (stop, failures) = (Arc::clone(&stop), Arc::clone(&failures));
+        callers.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let r = silk_testnet::stream_chat(
+                    &client,
+                    &url,
+                    json!({
+                        "messages": [{"role": "user", "content": format!("Caller {c}, job {i}: tell a story.")}],
+                        "max_tokens": MAX_TOKENS,
+                        "temperature": 0,
+                        "ignore_eos": true,
+                        "stream_options": {"include_usage": true},
+                    }),
+                    |_| {},
+                    |_| {},
+                )
+                .await;
+                let complete = match &r {
+                    Ok(s) => {
+                        s.status == 200
+                            && s.done
+                            && s.error.is_none()
+                            && s.events.last().map(|e| &e["usage"]["completion_tokens"])
+                                == Some(&json!(MAX_TOKENS))
+                    }
+                    Err(_) => false,
+                };
+                if complete {
+                    done += 1;
+                } else {
+                    let why = match r {
+                        Ok(s) => format!("status {} done {} error {:?}", s.status, s.done, s.error),
+                        Err(e) => format!("{e:#}"),
+                    };
+                    failures.lock().expect("lock").push(format!("caller {c} job {i}: {why}"));
+                }
+            }
+            done
+        }));
+    }
+
+    let start = Instant::now();
+    for minute in 0..minutes {
+        let w = workers[minute as usize % workers.len()];
+        tokio::time::sleep_until((start + Duration::from_secs(60 * minute + 20)).into()).await;
+        net.kill(w);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        net.restart(w).await?;
+    }
+    tokio::time::sleep_until((start + Duration::from_secs(60 * minutes)).into()).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut completed = 0u64;
+    for c in callers {
+        completed += c.await?;
+    }
+    let failures = failures.lock().expect("lock").clone();
+    let total = completed + failures.len() as u64;
+    println!(
+        "churn: {minutes} min, {total} jobs, {completed} complete ({:.2}%), {} workers killed and restarted",
+        100.0 * completed as f64 / total.max(1) as f64,
+        minutes
+    );
+    for f in &failures {
+        println!("  failed: {f}");
+    }
+    ensure!(total > 0, "no job ran");
+    ensure!(
+        completed * 1000 >= total * 995,
+        "{} of {total} jobs failed: {failures:?}",
+        failures.len()
+    );
+
+    // Nothing is left reserved, and every worker comes to hold what the
+    // gateway signed for it.
+    let p = payments(&net, gw).await?;
+    ensure!(
+        p["reserved_nanoton"].as_u64() == Some(0),
+        "a reservation is left: {p}"
+    );
+    for &w in &workers {
+        let wallet = payments(&net, w).await?["wallet"].clone();
+        let signed = p["lanes"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["worker"] == wallet))
+            .and_then(|l| l["signed_nanoton"].as_u64())
+            .unwrap_or(0);
+        wait_for(&net, w, "every cheque signed for it, redeemed", |b| {
+            b["earned_nanoton"].as_u64() == Some(signed)
+                && b["redeemed_nanoton"] == b["earned_nanoton"]
+        })
+        .await?;
+    }
+    books_balance(&net, &[gw], &workers).await?;
+    Ok(())
+}

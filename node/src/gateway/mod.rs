@@ -173,7 +173,7 @@ impl Gateway {
             tokio::pin!(freed);
             freed.as_mut().enable();
             match self.place(request, max_coefficient, &[]).await {
-                Err(e) if e.is_saturation() => {
+                Err(e) if self.may_wait(&e, &request.model) => {
                     let now = tokio::time::Instant::now();
                     if now >= deadline {
                         return Err(timed_out());
@@ -189,6 +189,24 @@ impl Gateway {
                 }
             }
         }
+    }
+
+    /// Whether a request that failed with `e` may wait for a slot: every
+    /// worker was at capacity, or the workers with room all failed while
+    /// others serving `model` are at this gateway's cap (their slots will
+    /// free up; a burst must not turn one worker's failure into a 503).
+    fn may_wait(&self, e: &DispatchError, model: &str) -> bool {
+        if e.is_saturation() {
+            return true;
+        }
+        if !matches!(e, DispatchError::AllFailed(_)) {
+            return false;
+        }
+        let in_flight = self.in_flight.lock().map(|m| m.clone()).unwrap_or_default();
+        self.known_workers().iter().any(|a| {
+            a.models.iter().any(|m| m == model)
+                && in_flight.get(&a.peer_id).copied().unwrap_or(0) >= self.max_jobs_per_worker
+        })
     }
 
     /// Requests waiting for a free slot now.
@@ -389,7 +407,7 @@ impl Gateway {
         };
         let (worker, attestation, attempt) = match placed {
             // A queue of 0 is off: the first answer stands.
-            Err(e) if e.is_saturation() && self.queue.config().limit > 0 => {
+            Err(e) if self.may_wait(&e, &request.model) && self.queue.config().limit > 0 => {
                 self.place_queued(&request, max_coefficient).await?
             }
             other => other?,
