@@ -22,6 +22,12 @@ echo "== default model"
 echo "== format"
 cargo fmt --all -- --check
 
+echo "== the cuda feature still compiles (no GPU here: checked, not run)"
+# silk-node's cuda feature turns on silk-inference's, so both crates' CUDA
+# paths are type-checked (the binary links no CUDA library; see
+# DEPENDENCIES.md on burn 0.21).
+cargo check -j"$jobs" -p silk-node --features cuda
+
 echo "== cargo test"
 # The fidelity table is part of what the suite reports: that test runs on
 # its own below with its output shown.

@@ -586,7 +586,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn packets_wait_out_their_link_and_no_longer() {
+    fn packets_wait_out_their_link() {
         if !is_root() {
             eprintln!("skipping: the delay line needs root (namespaces, TUN devices)");
             return;
