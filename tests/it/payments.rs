@@ -404,8 +404,10 @@ async fn wait_for_worker(net: &Testnet, gw: usize) -> anyhow::Result<()> {
 /// charged for the lost job); a gateway that dies with a job's cheque
 /// signed and stored but not delivered (fail point `gateway-cheque-signed`:
 /// the next cumulative cheque carries it). After each: charged = paid on
-/// chain + outstanding, for every lane, and the gateway's books agree with
-/// what its callers were charged. The fail points are compiled into the
+/// chain + outstanding, for every lane, and what the gateway signed is what
+/// its callers were charged, but for the job the last crash cut off (its
+/// caller got no answer: the gateway's own loss, owed to the worker that
+/// produced it like any other job). The fail points are compiled into the
 /// `silk` that `cargo test` builds; a fail point aborts the process, which
 /// is as abrupt as SIGKILL (no destructor runs, nothing is flushed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
