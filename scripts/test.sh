@@ -34,9 +34,6 @@ echo "== cargo test"
 fidelity=smollm2_every_cpu_path_is_as_faithful_as_llama_cpp
 cargo test -j"$jobs" --workspace --no-fail-fast -- --skip "$fidelity"
 
-echo "== worker churn under load (five minutes, on its own)"
-cargo test -j"$jobs" -p silk-tests --test it -- --ignored --nocapture churn
-
 echo "== fidelity of every CPU path on the default model (against transformers and llama.cpp)"
 cargo test -j"$jobs" -p silk-inference --test reference "$fidelity" -- --nocapture
 
