@@ -34,6 +34,11 @@ echo "== cargo test"
 fidelity=smollm2_every_cpu_path_is_as_faithful_as_llama_cpp
 cargo test -j"$jobs" --workspace --no-fail-fast -- --skip "$fidelity"
 
+echo "== churn: 20% of paid workers killed and restarted per minute for 5 minutes"
+# Marked #[ignore] so `cargo test` above stays quick; run here on its own,
+# with its report shown.
+cargo test -j"$jobs" -p silk-tests --test it churn -- --ignored --nocapture
+
 echo "== fidelity of every CPU path on the default model (against transformers and llama.cpp)"
 cargo test -j"$jobs" -p silk-inference --test reference "$fidelity" -- --nocapture
 

@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use silk_chain::{Address, Coins};
 use tokio_util::sync::CancellationToken;
 
-use crate::payments::{Payments, PaymentsError, Reservation};
+use crate::payments::{Payments, PaymentsError, Reservation, UndeliveredCheque};
 use crate::protocol::{ChequeAck, ChequeDelivery, JobUsage, PaymentTerms, TokenChunk};
 
 /// How long a worker waits for the cheque of a finished job before it
@@ -241,6 +241,55 @@ impl Billing {
                 cheque,
             },
         })
+    }
+
+    /// Holds a cheque its worker did not acknowledge, for re-sending
+    /// (committed; see [`crate::payments::ClientBook::hold_undelivered`]).
+    pub async fn hold_undelivered(&self, peer: String, d: &ChequeDelivery) {
+        let p = self.payments.clone();
+        let held = UndeliveredCheque {
+            peer,
+            job: d.job,
+            cheque: d.cheque.clone(),
+        };
+        let r = tokio::task::spawn_blocking(move || p.client_book().hold_undelivered(&held)).await;
+        if !matches!(r, Ok(Ok(()))) {
+            tracing::error!(job = d.job, result = ?r, "could not hold an undelivered cheque");
+        }
+    }
+
+    /// The cheques held for re-sending, as deliveries.
+    pub async fn undelivered(&self) -> Vec<(String, ChequeDelivery)> {
+        let p = self.payments.clone();
+        let public_key = self.payments.public_key();
+        match tokio::task::spawn_blocking(move || p.client_book().undelivered()).await {
+            Ok(Ok(held)) => held
+                .into_iter()
+                .map(|h| {
+                    let d = ChequeDelivery {
+                        job: h.job,
+                        public_key,
+                        cheque: h.cheque,
+                    };
+                    (h.peer, d)
+                })
+                .collect(),
+            r => {
+                tracing::error!(result = ?r.map(|r| r.map(|v| v.len())), "could not read the undelivered cheques");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Records that a worker answered a cheque: one held for it on that
+    /// lane, no higher, is no longer re-sent.
+    pub async fn delivered(&self, d: &ChequeDelivery) {
+        let p = self.payments.clone();
+        let cheque = d.cheque.clone();
+        let r = tokio::task::spawn_blocking(move || p.client_book().delivered(&cheque)).await;
+        if !matches!(r, Ok(Ok(()))) {
+            tracing::error!(job = d.job, result = ?r, "could not record a delivered cheque");
+        }
     }
 
     // ---- worker ----

@@ -203,6 +203,9 @@ impl Node {
         });
         node.spawn_task("router", Arc::clone(&node).route(events));
         node.spawn_task("worker table", Arc::clone(&node.gateway).table_keeper());
+        if node.billing.is_some() {
+            node.spawn_task("cheque courier", Arc::clone(&node.gateway).cheque_courier());
+        }
         node.spawn_task("reputation", reputation_service.run(node.cancel.clone()));
         node.spawn_task(
             "attestation refresh",

@@ -81,6 +81,10 @@ pub struct Announcement {
     /// Where the worker is paid (silk puts a TON wallet address here); opaque
     /// to the overlay, which only carries it signed with the rest.
     pub payout: Option<String>,
+    /// The worker's network coordinate ([`crate::vivaldi`]), from which a
+    /// gateway estimates its RTT to the worker without a connection. The
+    /// overlay fills it in when it publishes the announcement.
+    pub coordinate: Option<crate::vivaldi::Coordinate>,
 }
 
 /// A payload signed by its author's libp2p key.
@@ -205,6 +209,9 @@ impl Announcement {
             return Err(format!(
                 "a payout address of more than {MAX_PAYOUT_BYTES} bytes"
             ));
+        }
+        if let Some(c) = &self.coordinate {
+            c.check_ranges()?;
         }
         Ok(())
     }
@@ -545,6 +552,11 @@ impl GossipBook {
         );
     }
 
+    /// The coordinate `peer` announced last, if any.
+    pub(crate) fn coordinate(&self, peer: &PeerId) -> Option<&crate::vivaldi::Coordinate> {
+        self.latest.get(peer)?.announcement.coordinate.as_ref()
+    }
+
     /// The latest seq seen from `peer`.
     #[cfg(test)]
     pub(crate) fn last_seq(&self, peer: &PeerId) -> Option<u64> {
@@ -645,6 +657,7 @@ mod tests {
             seq,
             expires_at_ms: NOW_MS + 60_000,
             payout: None,
+            coordinate: None,
         }
     }
 

@@ -107,10 +107,16 @@ impl OverlayHandle {
         self.ask(|reply| Command::Peers { reply }).await
     }
 
+    /// This node's network coordinate now ([`crate::vivaldi`]).
+    pub async fn coordinate(&self) -> Result<crate::vivaldi::Coordinate, OverlayError> {
+        self.ask(|reply| Command::Coordinate { reply }).await
+    }
+
     /// Makes `announcement` this node's current announcement: signs it,
     /// publishes it on gossip, and re-publishes it to peers that subscribe
     /// later, until it expires. `peer_id` must be this node's and `seq` must
-    /// grow with every call. Succeeds even when no peer listens yet.
+    /// grow with every call; its `coordinate` is replaced by this node's.
+    /// Succeeds even when no peer listens yet.
     pub async fn announce(&self, announcement: Announcement) -> Result<(), OverlayError> {
         self.ask(|reply| Command::Announce {
             announcement,

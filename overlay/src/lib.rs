@@ -48,6 +48,10 @@
 //! - Provider records: [`OverlayHandle::start_providing`] /
 //!   [`OverlayHandle::get_providers`] for model ids.
 //!
+//! - Coordinates ([`vivaldi`]): each ping to a peer that announced a
+//!   network coordinate moves this node's own; [`OverlayHandle::announce`]
+//!   stamps it into the announcement, so a gateway can estimate its RTT to
+//!   a worker it holds no connection to ([`OverlayHandle::coordinate`]).
 //! - Peer budget ([`peers`]): between `min_peers` and `max_peers`
 //!   connections; the surplus is closed, keeping peers with job streams
 //!   and spreading the rest over the Kademlia buckets; too few start a
@@ -66,6 +70,7 @@ pub mod misbehaviour;
 mod network;
 pub mod peers;
 pub mod testing;
+pub mod vivaldi;
 
 pub use behaviour::{ATTEST_PROTOCOL, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 pub use config::{
@@ -78,5 +83,6 @@ pub use handle::{AttestationResponder, OverlayHandle, PeerInfo};
 pub use job::{JobErrorCode, JobFrame, JobResponder, JobStream, JOB_PROTOCOL, JOB_WIRE_VERSION};
 pub use misbehaviour::Misbehaviour;
 pub use network::{Overlay, OverlayEvent};
+pub use vivaldi::Coordinate;
 
 pub use libp2p::{identity::Keypair, Multiaddr, PeerId};

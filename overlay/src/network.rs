@@ -69,6 +69,9 @@ pub(crate) enum Command {
     Peers {
         reply: oneshot::Sender<Vec<PeerInfo>>,
     },
+    Coordinate {
+        reply: oneshot::Sender<crate::vivaldi::Coordinate>,
+    },
     Announce {
         announcement: Announcement,
         reply: Reply<()>,
@@ -310,6 +313,7 @@ impl Overlay {
             announce_topic,
             reputation_topic,
             book: GossipBook::new(&config),
+            vivaldi: crate::vivaldi::State::default(),
             policy: PeerPolicy::new(
                 config.ban_threshold,
                 config.ban_duration,
@@ -450,6 +454,9 @@ struct EventLoop {
     announce_topic: gossipsub::IdentTopic,
     reputation_topic: gossipsub::IdentTopic,
     book: GossipBook,
+    /// This node's network coordinate, moved by every ping to a peer that
+    /// announced one.
+    vivaldi: crate::vivaldi::State,
     policy: PeerPolicy,
     peers: HashMap<PeerId, PeerState>,
     own: Option<OwnAnnouncement>,
@@ -728,6 +735,9 @@ impl EventLoop {
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
+            Command::Coordinate { reply } => {
+                let _ = reply.send(self.vivaldi.coordinate());
+            }
             Command::Peers { reply } => {
                 let gossipsub = &self.swarm.behaviour().gossipsub;
                 let peers = self
@@ -870,7 +880,8 @@ impl EventLoop {
         }
     }
 
-    fn announce(&mut self, announcement: Announcement) -> Result<(), OverlayError> {
+    fn announce(&mut self, mut announcement: Announcement) -> Result<(), OverlayError> {
+        announcement.coordinate = Some(self.vivaldi.coordinate());
         let local = *self.swarm.local_peer_id();
         if announcement.peer_id != local {
             return Err(OverlayError::NotOwnAnnouncement {
@@ -1014,6 +1025,13 @@ impl EventLoop {
                             None => rtt,
                             Some(old) => old.mul_f64(1.0 - RTT_ALPHA) + rtt.mul_f64(RTT_ALPHA),
                         });
+                    }
+                    if let Some(theirs) = self.book.coordinate(&peer) {
+                        let tiebreak = peer
+                            .to_bytes()
+                            .iter()
+                            .fold(0u64, |h, b| h.rotate_left(8) ^ u64::from(*b));
+                        self.vivaldi.observe(theirs, rtt, tiebreak);
                     }
                 }
                 Err(e) => tracing::debug!(%peer, error = %e, "ping failed"),

@@ -106,6 +106,7 @@ pub fn worker_announcement(peer: PeerId, seq: u64, models: &[&str]) -> Announcem
         seq,
         expires_at_ms: unix_ms() + 5 * 60 * 1000,
         payout: None,
+        coordinate: None,
     }
 }
 

@@ -587,8 +587,8 @@ async fn crashes_at_each_money_step_keep_the_books_balanced() -> anyhow::Result<
 /// worker and the caller sees one stream with every token and no error.
 /// Each worker is paid for what it produced: the gateway signs on both
 /// lanes, and the job's cost is the sum. The killed worker, restarted,
-/// gets what it was owed with the next cumulative cheque, and the books
-/// balance on chain.
+/// gets the cheque it was owed (the gateway holds an undelivered cheque
+/// and re-sends it), and the books balance on chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_fails_over_pays_each_worker_for_what_it_produced() -> anyhow::Result<()> {
     let mut config = TestnetConfig::new(3, 2)?;
@@ -692,41 +692,21 @@ async fn a_job_that_fails_over_pays_each_worker_for_what_it_produced() -> anyhow
     })
     .await?;
 
-    // The killed worker comes back; with the survivor gone, the next job
-    // is its, and that job's cumulative cheque carries what it was owed.
+    // The killed worker comes back, and its cheque with it: the gateway
+    // held the cheque it could not deliver and re-sends it, with no other
+    // job needed to reach the worker.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     net.restart(killed).await?;
-    net.kill(survivor);
-    let start = Instant::now();
-    while !net
-        .known_workers(gw)
-        .await
-        .unwrap_or_default()
-        .contains(&net.nodes[killed].peer_id)
-    {
-        ensure!(
-            start.elapsed() < Duration::from_secs(60),
-            "the gateway did not see the restarted worker within 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let next = loop {
-        // The survivor's announcement may outlive it: a job that lands
-        // there fails and is retried on the restarted worker.
-        match paid_job(&net, gw, "Say hi.").await {
-            Ok(c) => break c,
-            Err(e) if start.elapsed() < Duration::from_secs(90) => {
-                println!("retrying a job: {e}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    };
-    wait_for(&net, killed, "the owed cheque, redeemed", |w| {
-        w["earned_nanoton"].as_u64() == Some(to_killed + next)
-            && w["redeemed_nanoton"] == w["earned_nanoton"]
-    })
+    wait_for(
+        &net,
+        killed,
+        "the held cheque, delivered and redeemed",
+        |w| {
+            w["earned_nanoton"].as_u64() == Some(to_killed)
+                && w["redeemed_nanoton"] == w["earned_nanoton"]
+        },
+    )
     .await?;
-    net.restart(survivor).await?;
     books_balance(&net, &[gw], &[1, 2]).await?;
     Ok(())
 }
@@ -739,15 +719,14 @@ async fn a_job_that_fails_over_pays_each_worker_for_what_it_produced() -> anyhow
 /// holds the cheques for what it produced (a killed worker's due reaches
 /// it after its restart), and the books balance on chain to the nanoTON.
 ///
-/// Run by hand (`cargo test -p silk-tests --test it -- --ignored churn`),
-/// not in CI: it fails when the worker killed last got no job after its
-/// restart. The gateway sends a cheque a few times and then counts on the
-/// next job's cumulative cheque; with no next job, the killed worker is
-/// never paid for the job it was producing (501 of 501 jobs completed in
-/// that run; the books check failed). Re-sending an undelivered cheque
-/// when the worker is back is the fix still to make.
+/// Takes six minutes, so `cargo test` skips it; `scripts/test.sh` runs it
+/// on its own (`cargo test -p silk-tests --test it churn -- --ignored`).
+/// Before the gateway held and re-sent undelivered cheques it failed: the
+/// worker killed last got no job after its restart, so the cheque for the
+/// job it was producing never reached it (501 of 501 jobs completed; the
+/// books check failed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finds an open defect: an undelivered cheque is never re-sent (see the doc comment)"]
+#[ignore = "six minutes: scripts/test.sh runs it on its own"]
 async fn jobs_complete_and_books_balance_through_worker_churn() -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};

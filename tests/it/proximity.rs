@@ -116,6 +116,64 @@ async fn wait_for_rtts(net: &Testnet, near: &str, far: &str) -> anyhow::Result<(
     }
 }
 
+/// Network coordinates on the line: every node's coordinate, and the RTT
+/// that each pair's coordinates predict against the line's. Each node
+/// moves its coordinate with every ping to a peer that announced one, so
+/// by now the workers have announced theirs and the gateway has placed
+/// itself. Prints the median relative error (the estimate's quality is
+/// asserted on a simulated topology in `silk_overlay::vivaldi`); fails
+/// only if coordinates do not make it from worker to gateway.
+async fn report_coordinates(net: &Testnet, near: &str, far: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut pairs = Vec::new();
+    loop {
+        pairs.clear();
+        for (from, to, to_region, rtt_ms) in [
+            (GATEWAY, near, REGIONS[NEAR], NEAR_RTT_MS),
+            (GATEWAY, far, REGIONS[FAR], FAR_RTT_MS),
+            (NEAR, far, REGIONS[FAR], FAR_RTT_MS),
+        ] {
+            let mesh = net
+                .get_json(&format!("{}/v1/mesh", net.nodes[from].api_url))
+                .await?;
+            let estimate = mesh["workers"].as_array().and_then(|ws| {
+                ws.iter()
+                    .find(|w| w["peer_id"] == to)
+                    .and_then(|w| w["estimated_rtt_ms"].as_f64())
+            });
+            if let Some(e) = estimate {
+                pairs.push((
+                    Duration::from_secs_f64(e / 1e3),
+                    Duration::from_millis(rtt_ms),
+                ));
+                println!(
+                    "coordinates: {} to {to_region}: estimate {e:.1} ms, line {rtt_ms} ms",
+                    REGIONS[from]
+                );
+            }
+        }
+        if pairs.len() == 3 {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the nodes hold no coordinate estimate for every pair after 30 s"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut errors: Vec<f64> = pairs
+        .iter()
+        .map(|(e, rtt)| (e.as_secs_f64() - rtt.as_secs_f64()).abs() / rtt.as_secs_f64())
+        .collect();
+    errors.sort_by(f64::total_cmp);
+    let median = errors[errors.len() / 2];
+    println!(
+        "coordinates: median relative error {median:.3} over {} pairs",
+        pairs.len()
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_prefers_the_near_worker_and_spills_to_the_far_one() -> anyhow::Result<()> {
     let mut config = TestnetConfig::new(REGIONS.len(), 2)?;
@@ -201,6 +259,7 @@ async fn gateway_prefers_the_near_worker_and_spills_to_the_far_one() -> anyhow::
         to_far >= 1,
         "the gateway did not spill to the far worker when the near one was saturated"
     );
+    report_coordinates(&net, &near, &far).await?;
     println!("delay line: {:?}", line.carried());
     drop(net);
     drop(line);

@@ -330,9 +330,7 @@ async fn complete(
         model,
         prompt: v.prompt,
         max_tokens: v.max_tokens,
-        temperature: v.temperature,
-        top_p: v.top_p,
-        seed: v.seed,
+        sampling: v.sampling,
         stop: v.stop,
         ignore_eos: v.ignore_eos,
         payment: None,
@@ -618,6 +616,7 @@ async fn mesh(State(node): State<Arc<Node>>, Extension(caller): Extension<Caller
     let peers = overlay.peers().await.unwrap_or_default();
     let listen = overlay.listen_addrs().await.unwrap_or_default();
     let anns = node.known_workers();
+    let coordinate = overlay.coordinate().await.ok();
     let rtt_of = |p: &silk_overlay::PeerId| {
         peers
             .iter()
@@ -633,6 +632,9 @@ async fn mesh(State(node): State<Arc<Node>>, Extension(caller): Extension<Caller
                 "peer_id": a.peer_id.to_string(),
                 "local": a.peer_id == me,
                 "rtt_ms": if a.peer_id == me { Some(0.0) } else { rtt_of(&a.peer_id) },
+                "coordinate": a.coordinate,
+                "estimated_rtt_ms": coordinate.as_ref().zip(a.coordinate.as_ref())
+                    .map(|(mine, theirs)| mine.estimate_rtt(theirs).as_secs_f64() * 1000.0),
                 "models": a.models,
                 "context_windows": a.context_windows,
                 "free_slots": a.free_slots,
@@ -663,6 +665,7 @@ async fn mesh(State(node): State<Arc<Node>>, Extension(caller): Extension<Caller
         "peer_id": me.to_string(),
         "listen_addrs": listen.iter().map(|a| format!("{a}/p2p/{me}")).collect::<Vec<_>>(),
         "attestation": mode_str(node.attestation_mode()),
+        "coordinate": coordinate,
         "allow_insecure_workers": node.allows_insecure(),
         "worker": node.served_model().map(|m| json!({ "model": m.id, "name": m.name })),
         "peers": peers,

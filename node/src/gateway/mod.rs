@@ -325,20 +325,23 @@ impl Gateway {
                 () = self.cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let (book, peers) = match (
+            let (book, peers, coordinate) = match (
                 self.overlay.announcements().await,
                 self.overlay.peers().await,
+                self.overlay.coordinate().await,
             ) {
-                (Ok(b), Ok(p)) => (b, p),
-                (Err(silk_overlay::OverlayError::Stopped), _)
-                | (_, Err(silk_overlay::OverlayError::Stopped)) => return,
-                (Err(e), _) | (_, Err(e)) => {
+                (Ok(b), Ok(p), Ok(c)) => (b, p, c),
+                (Err(silk_overlay::OverlayError::Stopped), _, _)
+                | (_, Err(silk_overlay::OverlayError::Stopped), _)
+                | (_, _, Err(silk_overlay::OverlayError::Stopped)) => return,
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                     tracing::warn!(error = %e, "could not read the overlay's workers");
                     continue;
                 }
             };
             if let Ok(mut t) = self.workers.write() {
                 t.sync(book, own);
+                t.set_coordinate(coordinate);
                 t.set_rtts(
                     peers
                         .into_iter()

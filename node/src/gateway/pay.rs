@@ -1,9 +1,11 @@
 //! The gateway's payments around one job: the worst case reserved on the
 //! lane to the worker before the job, the job settled with what was
-//! delivered after it, and the cumulative cheque delivered to the worker.
+//! delivered after it, and the cumulative cheque delivered to the worker,
+//! re-sent by the courier until the worker answers.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use silk_overlay::{JobFrame, OverlayHandle, PeerId};
 
@@ -97,7 +99,12 @@ impl PaidJob {
                 // neither the worker nor the caller told; the next
                 // cumulative cheque must carry it.
                 fail::fail_point!("gateway-cheque-signed", |_| std::process::abort());
-                tokio::spawn(deliver_cheque(overlay.clone(), peer, bill.delivery));
+                tokio::spawn(deliver_cheque(
+                    overlay.clone(),
+                    Arc::clone(&self.billing),
+                    peer,
+                    bill.delivery,
+                ));
                 Some(bill.cost)
             }
             Err(e) => {
@@ -108,46 +115,152 @@ impl PaidJob {
     }
 }
 
-/// Sends a cheque to the worker that earned it, retrying a few times; a
-/// cheque that never arrives is covered by the next one (they are cumulative).
-async fn deliver_cheque(overlay: OverlayHandle, peer: PeerId, delivery: protocol::ChequeDelivery) {
-    let message = protocol::encode(&JobMessage::Cheque(delivery));
+/// How often the courier looks for held cheques to re-send.
+const COURIER_TICK: Duration = Duration::from_secs(2);
+/// The longest the courier waits between two tries at one worker.
+const COURIER_MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// How a worker answered one try at delivering a cheque.
+enum Answer {
+    /// It stored the cheque.
+    Acknowledged,
+    /// It refused it: sending it again changes nothing.
+    Refused,
+    /// No answer (unreachable, stopped midway): try again later.
+    Unreachable,
+    /// This node is shutting down.
+    Stopped,
+}
+
+/// One try at delivering `message` (a cheque) to `peer`.
+async fn try_deliver(overlay: &OverlayHandle, peer: PeerId, message: Vec<u8>) -> Answer {
+    let stream =
+        tokio::time::timeout(Duration::from_secs(10), overlay.open_job(peer, message)).await;
+    let mut stream = match stream {
+        Ok(Ok(s)) => s,
+        Ok(Err(silk_overlay::OverlayError::Stopped)) => return Answer::Stopped,
+        Ok(Err(e)) => {
+            tracing::debug!(worker = %peer, error = %e, "cheque delivery failed");
+            return Answer::Unreachable;
+        }
+        Err(_) => return Answer::Unreachable,
+    };
+    match tokio::time::timeout(Duration::from_secs(10), stream.next_frame()).await {
+        Ok(Some(Ok(JobFrame::End(bytes)))) => {
+            match postcard::from_bytes::<protocol::ChequeAck>(&bytes) {
+                Ok(ack) => {
+                    tracing::debug!(worker = %peer, cumulative = ack.cumulative_nano, outstanding = ack.outstanding_nano, "cheque acknowledged")
+                }
+                Err(e) => tracing::warn!(worker = %peer, error = %e, "undecodable cheque ack"),
+            }
+            Answer::Acknowledged
+        }
+        Ok(Some(Ok(JobFrame::Error { code, message }))) => {
+            tracing::warn!(worker = %peer, ?code, %message, "worker refused a cheque");
+            Answer::Refused
+        }
+        other => {
+            tracing::debug!(worker = %peer, ?other, "no cheque ack");
+            Answer::Unreachable
+        }
+    }
+}
+
+/// Sends a job's cheque to the worker that earned it, retrying a few times.
+/// A cheque that gets no answer is held (in the payments store) and the
+/// courier ([`Gateway::cheque_courier`]) re-sends it until the worker
+/// answers; a later cheque on the lane covers it (they are cumulative).
+async fn deliver_cheque(
+    overlay: OverlayHandle,
+    billing: Arc<Billing>,
+    peer: PeerId,
+    delivery: protocol::ChequeDelivery,
+) {
+    let message = protocol::encode(&JobMessage::Cheque(delivery.clone()));
     for attempt in 0..3u32 {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
         }
-        let stream = tokio::time::timeout(
-            Duration::from_secs(10),
-            overlay.open_job(peer, message.clone()),
-        )
-        .await;
-        let mut stream = match stream {
-            Ok(Ok(s)) => s,
-            Ok(Err(silk_overlay::OverlayError::Stopped)) => return,
-            Ok(Err(e)) => {
-                tracing::debug!(worker = %peer, error = %e, "cheque delivery failed; retrying");
-                continue;
+        match try_deliver(&overlay, peer, message.clone()).await {
+            Answer::Acknowledged | Answer::Refused => {
+                billing.delivered(&delivery).await;
+                return;
             }
-            Err(_) => continue,
+            Answer::Stopped => break,
+            Answer::Unreachable => {}
+        }
+    }
+    tracing::info!(worker = %peer, job = delivery.job, "cheque not delivered; held to re-send");
+    billing.hold_undelivered(peer.to_string(), &delivery).await;
+}
+
+impl Gateway {
+    /// Re-sends every held cheque (see [`deliver_cheque`]) until its worker
+    /// answers, backing off per worker up to [`COURIER_MAX_BACKOFF`]; held
+    /// cheques survive a restart, so this also finishes what the last run
+    /// left undelivered. Runs until the node stops.
+    pub async fn cheque_courier(self: Arc<Self>) {
+        let Some(billing) = self.billing.clone() else {
+            return;
         };
-        match stream.next_frame().await {
-            Some(Ok(JobFrame::End(bytes))) => {
-                match postcard::from_bytes::<protocol::ChequeAck>(&bytes) {
-                    Ok(ack) => {
-                        tracing::debug!(worker = %peer, cumulative = ack.cumulative_nano, outstanding = ack.outstanding_nano, "cheque acknowledged")
-                    }
-                    Err(e) => tracing::warn!(worker = %peer, error = %e, "undecodable cheque ack"),
+        // Per worker wallet: when to try next, and the wait after a miss.
+        let mut backoff: HashMap<String, (Instant, Duration)> = HashMap::new();
+        let mut tick = tokio::time::interval(COURIER_TICK);
+        loop {
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let held = billing.undelivered().await;
+            backoff.retain(|w, _| {
+                held.iter()
+                    .any(|(_, d)| &d.cheque.cheque.worker.to_raw() == w)
+            });
+            let now = Instant::now();
+            let due: Vec<_> = held
+                .into_iter()
+                .filter(|(_, d)| {
+                    backoff
+                        .get(&d.cheque.cheque.worker.to_raw())
+                        .is_none_or(|(next, _)| *next <= now)
+                })
+                .collect();
+            let tries = due.into_iter().map(|(peer, d)| {
+                let overlay = self.overlay.clone();
+                async move {
+                    let answer = match peer.parse::<PeerId>() {
+                        Ok(p) => {
+                            try_deliver(&overlay, p, protocol::encode(&JobMessage::Cheque(d.clone())))
+                                .await
+                        }
+                        Err(e) => {
+                            // Only this node writes the store; a bad id there
+                            // is a defect, and no retry can fix it.
+                            tracing::error!(peer, error = %e, "a held cheque names no valid peer; dropped");
+                            Answer::Refused
+                        }
+                    };
+                    (d, answer)
                 }
-                return;
-            }
-            Some(Ok(JobFrame::Error { code, message })) => {
-                tracing::warn!(worker = %peer, ?code, %message, "worker refused a cheque");
-                return;
-            }
-            other => {
-                tracing::debug!(worker = %peer, ?other, "no cheque ack; retrying");
+            });
+            for (d, answer) in futures::future::join_all(tries).await {
+                let wallet = d.cheque.cheque.worker.to_raw();
+                match answer {
+                    Answer::Acknowledged | Answer::Refused => {
+                        tracing::info!(worker = %d.cheque.cheque.worker, job = d.job, cumulative = d.cheque.cheque.cumulative.nano(), "held cheque delivered");
+                        billing.delivered(&d).await;
+                        backoff.remove(&wallet);
+                    }
+                    Answer::Stopped => return,
+                    Answer::Unreachable => {
+                        let wait = backoff
+                            .get(&wallet)
+                            .map_or(COURIER_TICK, |(_, w)| (*w * 2).min(COURIER_MAX_BACKOFF));
+                        backoff.insert(wallet, (Instant::now() + wait, wait));
+                    }
+                }
             }
         }
     }
-    tracing::warn!(worker = %peer, "could not deliver a cheque; the next one covers it");
 }

@@ -1,9 +1,15 @@
-//! The worker table: latest announcement and RTT per worker.
+//! The worker table: latest announcement and RTT per worker: measured
+//! where this node is connected to the worker, estimated from network
+//! coordinates ([`silk_overlay::vivaldi`]) where it is not.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use silk_overlay::{Announcement, PeerId};
+use silk_overlay::{Announcement, Coordinate, PeerId};
+
+/// A coordinate whose own error estimate is above this (thousandths) has
+/// not settled yet: the estimate it gives is not used for routing.
+pub(crate) const MAX_ESTIMATE_ERROR_MILLI: u16 = 1_000;
 
 /// How often the table is re-read from the overlay.
 pub const TABLE_SYNC: Duration = Duration::from_secs(1);
@@ -13,6 +19,8 @@ pub const TABLE_SYNC: Duration = Duration::from_secs(1);
 pub struct WorkerTable {
     workers: HashMap<PeerId, Announcement>,
     rtts: HashMap<PeerId, Duration>,
+    /// This node's network coordinate.
+    coordinate: Option<Coordinate>,
 }
 
 impl WorkerTable {
@@ -43,6 +51,20 @@ impl WorkerTable {
         self.rtts = rtts.into_iter().collect();
     }
 
+    /// Sets this node's network coordinate.
+    pub fn set_coordinate(&mut self, c: Coordinate) {
+        self.coordinate = Some(c);
+    }
+
+    /// The RTT to `a`'s worker that its coordinate and this node's predict,
+    /// when both have settled.
+    fn estimate(&self, a: &Announcement) -> Option<Duration> {
+        let (mine, theirs) = (self.coordinate.as_ref()?, a.coordinate.as_ref()?);
+        (mine.error_milli <= MAX_ESTIMATE_ERROR_MILLI
+            && theirs.error_milli <= MAX_ESTIMATE_ERROR_MILLI)
+            .then(|| mine.estimate_rtt(theirs))
+    }
+
     /// The connection to `peer` closed: its RTT is unknown until the next ping.
     pub fn disconnected(&mut self, peer: &PeerId) {
         self.rtts.remove(peer);
@@ -56,7 +78,9 @@ impl WorkerTable {
     }
 
     /// Unexpired announcements of workers serving `model`, except those in
-    /// `exclude`, with the RTT to each (zero for `own`, this node).
+    /// `exclude`, with the RTT to each: zero for `own` (this node), the
+    /// measured one for a connected worker, else the coordinates' estimate,
+    /// else unknown.
     pub fn serving(
         &self,
         model: &str,
@@ -70,7 +94,10 @@ impl WorkerTable {
                 let rtt = if a.peer_id == own {
                     Some(Duration::ZERO)
                 } else {
-                    self.rtts.get(&a.peer_id).copied()
+                    self.rtts
+                        .get(&a.peer_id)
+                        .copied()
+                        .or_else(|| self.estimate(a))
                 };
                 (a.clone(), rtt)
             })
@@ -156,5 +183,42 @@ mod tests {
         let mut want = vec![(a, 2), (own, 1)];
         want.sort();
         assert_eq!(left, want);
+    }
+
+    #[test]
+    fn a_worker_without_a_connection_gets_the_rtt_its_coordinate_predicts() {
+        let mut t = WorkerTable::default();
+        let (near, far, unsure) = (peer(1), peer(2), peer(3));
+        let at = |x_us: i32, error_milli: u16| Coordinate {
+            vec: [x_us, 0, 0, 0],
+            height_us: 0,
+            error_milli,
+        };
+        for (p, c) in [
+            (near, at(5_000, 200)),
+            (far, at(150_000, 200)),
+            (unsure, at(1_000, 1_400)),
+        ] {
+            let mut a = worker_announcement(p, 1, &["m"]);
+            a.coordinate = Some(c);
+            t.offer(a);
+        }
+        let rtt_of = |t: &WorkerTable, p: PeerId| {
+            t.serving("m", 0, peer(9), &[])
+                .into_iter()
+                .find(|(a, _)| a.peer_id == p)
+                .and_then(|(_, rtt)| rtt)
+        };
+        // Without a coordinate of its own, the gateway knows nothing.
+        assert_eq!(rtt_of(&t, near), None);
+        t.set_coordinate(at(0, 300));
+        let ms = |d: Option<Duration>| d.map(|d| d.as_millis());
+        assert_eq!(ms(rtt_of(&t, near)), Some(5));
+        assert_eq!(ms(rtt_of(&t, far)), Some(150));
+        // A coordinate that has not settled is no estimate.
+        assert_eq!(rtt_of(&t, unsure), None);
+        // A measured RTT wins over the estimate.
+        t.set_rtts([(far, Duration::from_millis(90))]);
+        assert_eq!(ms(rtt_of(&t, far)), Some(90));
     }
 }

@@ -4,11 +4,16 @@
 //! and every change is committed to redb before the caller sees the result,
 //! so a restarted gateway never signs a lower cumulative amount and never
 //! settles a reservation twice.
+//!
+//! A signed cheque the worker did not acknowledge is held (also in redb)
+//! until it is delivered: the gateway re-sends it, so a worker that was
+//! down when its job ended is still paid when it comes back, without
+//! waiting for another job to reach it.
 
 use silk_chain::{Address, Cheque, Coins, Keys, SignedCheque};
 
 use super::error::{store_err, PaymentsError, Result};
-use super::store::{encode, get_in, next_counter, Store, CLIENT_LANES, RESERVATIONS};
+use super::store::{encode, get_in, next_counter, Store, CLIENT_LANES, RESERVATIONS, UNDELIVERED};
 
 /// One lane as the gateway books it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -45,6 +50,17 @@ pub struct Reservation {
     pub lane_id: u32,
     /// The worst case reserved.
     pub amount: Coins,
+}
+
+/// A signed cheque its worker has not acknowledged yet.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UndeliveredCheque {
+    /// The worker's peer id (the overlay address the cheque goes to).
+    pub peer: String,
+    /// The job whose settlement signed it.
+    pub job: u64,
+    /// The lane's cumulative cheque.
+    pub cheque: SignedCheque,
 }
 
 /// The gateway's lanes in redb; see the module docs.
@@ -249,5 +265,130 @@ impl ClientBook {
             }
             .sign(keys)?,
         ))
+    }
+
+    /// Holds a cheque its worker did not acknowledge, to be re-sent. Only
+    /// the highest cheque per lane is held (it covers every lower one); a
+    /// lower one than that held changes nothing. Committed before it returns.
+    pub fn hold_undelivered(&self, held: &UndeliveredCheque) -> Result<()> {
+        let key = held.cheque.cheque.worker.to_raw();
+        let tx = self.store.write()?;
+        {
+            let mut t = tx.open_table(UNDELIVERED).map_err(store_err)?;
+            let covered = get_in::<UndeliveredCheque>(&t, &key)?.is_some_and(|h| {
+                h.cheque.cheque.lane_id == held.cheque.cheque.lane_id
+                    && h.cheque.cheque.cumulative >= held.cheque.cheque.cumulative
+            });
+            if covered {
+                return Ok(());
+            }
+            t.insert(key.as_str(), encode(held)?.as_slice())
+                .map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)
+    }
+
+    /// Every cheque held for delivery.
+    pub fn undelivered(&self) -> Result<Vec<UndeliveredCheque>> {
+        self.store.all(UNDELIVERED)
+    }
+
+    /// Records that the worker of `cheque` answered it (took it, or refused
+    /// it for good): a held cheque on that lane no higher than it is no
+    /// longer owed a delivery. Writes only when there is one.
+    pub fn delivered(&self, cheque: &SignedCheque) -> Result<()> {
+        let key = cheque.cheque.worker.to_raw();
+        let answered = |h: &UndeliveredCheque| {
+            h.cheque.cheque.lane_id == cheque.cheque.lane_id
+                && h.cheque.cheque.cumulative <= cheque.cheque.cumulative
+        };
+        match self.store.get::<UndeliveredCheque>(UNDELIVERED, &key)? {
+            Some(h) if answered(&h) => {}
+            _ => return Ok(()),
+        }
+        let tx = self.store.write()?;
+        {
+            let mut t = tx.open_table(UNDELIVERED).map_err(store_err)?;
+            if get_in::<UndeliveredCheque>(&t, &key)?.is_some_and(|h| answered(&h)) {
+                t.remove(key.as_str()).map_err(store_err)?;
+            }
+        }
+        tx.commit().map_err(store_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cheque(keys: &Keys, worker: &Address, lane_id: u32, nano: u128) -> UndeliveredCheque {
+        UndeliveredCheque {
+            peer: "12D3KooWworker".into(),
+            job: nano as u64,
+            cheque: Cheque {
+                contract: Address::new(0, [1; 32]),
+                worker: worker.clone(),
+                lane_id,
+                cumulative: Coins(nano),
+            }
+            .sign(keys)
+            .expect("sign"),
+        }
+    }
+
+    #[test]
+    fn the_highest_undelivered_cheque_per_lane_is_held_until_an_answer_covers_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("payments.redb")).expect("store");
+        let book = ClientBook::new(store.clone(), Address::new(0, [1; 32]));
+        let keys = Keys::from_seed([9; 32]);
+        let (a, b) = (Address::new(0, [2; 32]), Address::new(0, [3; 32]));
+        let held = |book: &ClientBook| {
+            let mut v: Vec<(u32, u128)> = book
+                .undelivered()
+                .expect("read")
+                .iter()
+                .map(|h| (h.cheque.cheque.lane_id, h.cheque.cheque.cumulative.0))
+                .collect();
+            v.sort();
+            v
+        };
+
+        book.hold_undelivered(&cheque(&keys, &a, 1, 100))
+            .expect("hold");
+        book.hold_undelivered(&cheque(&keys, &b, 4, 7))
+            .expect("hold");
+        // A lower cheque on the same lane is covered by the one held.
+        book.hold_undelivered(&cheque(&keys, &a, 1, 90))
+            .expect("hold");
+        assert_eq!(held(&book), vec![(1, 100), (4, 7)]);
+        // A higher one replaces it.
+        book.hold_undelivered(&cheque(&keys, &a, 1, 150))
+            .expect("hold");
+        assert_eq!(held(&book), vec![(1, 150), (4, 7)]);
+
+        // An answer to a lower cheque leaves the higher one owed; an answer
+        // to it, or to a higher one (a later job's), clears it.
+        book.delivered(&cheque(&keys, &a, 1, 120).cheque)
+            .expect("answer");
+        assert_eq!(held(&book), vec![(1, 150), (4, 7)]);
+        // Another lane of the same worker (a new lane replaced the old one)
+        // answers nothing about this one.
+        book.delivered(&cheque(&keys, &a, 2, 500).cheque)
+            .expect("answer");
+        assert_eq!(held(&book), vec![(1, 150), (4, 7)]);
+        book.delivered(&cheque(&keys, &a, 1, 200).cheque)
+            .expect("answer");
+        assert_eq!(held(&book), vec![(4, 7)]);
+
+        // Held cheques survive a restart.
+        drop(book);
+        drop(store);
+        let store = Store::open(&dir.path().join("payments.redb")).expect("reopen");
+        let book = ClientBook::new(store, Address::new(0, [1; 32]));
+        assert_eq!(held(&book), vec![(4, 7)]);
+        book.delivered(&cheque(&keys, &b, 4, 7).cheque)
+            .expect("answer");
+        assert!(held(&book).is_empty());
     }
 }

@@ -49,7 +49,7 @@ use silk_chain::message::OutMessage;
 use silk_chain::settlement::{self, LaneTopUp, SettlementParams};
 use silk_chain::{Address, Coins, Keys, Price, SignedCheque, Wallet, WalletVersion};
 
-pub use client_book::{ClientBook, ClientLane, Reservation};
+pub use client_book::{ClientBook, ClientLane, Reservation, UndeliveredCheque};
 pub use error::{PaymentsError, Result};
 pub use store::Store;
 pub use worker_book::{

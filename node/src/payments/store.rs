@@ -19,6 +19,9 @@ pub(crate) const WORKER_LANES: TableDefinition<&str, &[u8]> = TableDefinition::n
 /// Jobs a worker ran for a paying client, until their cheque arrives or
 /// they are booked as unpaid; keyed by `contract/job`.
 pub(crate) const WORKER_JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("worker_jobs");
+/// Cheques the gateway signed and could not deliver yet, keyed by the
+/// worker's raw address (the latest per lane: cheques are cumulative).
+pub(crate) const UNDELIVERED: TableDefinition<&str, &[u8]> = TableDefinition::new("undelivered");
 /// Counters.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -46,6 +49,7 @@ impl Store {
         tx.open_table(RESERVATIONS).map_err(store_err)?;
         tx.open_table(WORKER_LANES).map_err(store_err)?;
         tx.open_table(WORKER_JOBS).map_err(store_err)?;
+        tx.open_table(UNDELIVERED).map_err(store_err)?;
         tx.open_table(META).map_err(store_err)?;
         tx.commit().map_err(store_err)?;
         Ok(Store { db: Arc::new(db) })

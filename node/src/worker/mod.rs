@@ -152,6 +152,8 @@ impl WorkerService {
             seq,
             expires_at_ms: now_ms() + ANNOUNCE_TTL.as_millis() as u64,
             payout: self.billing.as_ref().map(|b| b.payout().to_raw()),
+            // The overlay puts its coordinate in when it publishes.
+            coordinate: None,
         }
     }
 
