@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use crate::cache::{bytes_for, KvCache};
 use crate::error::{InferenceError, Result};
 use crate::model::{LoadedModel, ModelSource};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{History, Sampler, SamplingParams};
 use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
 use crate::transformer::{Segment, Transformer};
 
@@ -349,6 +349,18 @@ impl Engine {
     /// does not fit, or a full queue.
     pub fn submit(&self, request: GenerateRequest) -> Result<GenerationStream> {
         request.sampling.validate()?;
+        let vocab = self.tokenizer.vocab_size().min(self.embedding_rows).max(1);
+        if let Some((bad, _)) = request
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|(id, _)| *id as usize >= vocab)
+        {
+            return Err(InferenceError::InvalidRequest {
+                field: "logit_bias",
+                reason: format!("token id {bad} is outside the model's vocabulary of {vocab}"),
+            });
+        }
         if request.max_tokens == 0 {
             return Err(InferenceError::InvalidRequest {
                 field: "max_tokens",
@@ -459,6 +471,8 @@ struct Sequence<B: Backend> {
     consumed: usize,
     cache: KvCache<B>,
     sampler: Sampler,
+    /// What the penalties look at: the prompt and the answer so far.
+    history: History,
     request: GenerateRequest,
     sender: mpsc::Sender<Event>,
     decoder: IncrementalDecoder,
@@ -562,6 +576,7 @@ impl<B: Backend> Scheduler<B> {
             self.active.push(Sequence {
                 cache: self.transformer.new_cache(),
                 sampler: Sampler::new(job.request.sampling.clone()),
+                history: History::new(&job.prompt),
                 prompt: job.prompt,
                 consumed: 0,
                 request: job.request,
@@ -666,13 +681,15 @@ impl<B: Backend> Scheduler<B> {
                 decoded += 1;
             }
             let row = &logits[row * vocab..(row + 1) * vocab];
-            let token = seq.sampler.sample(row);
+            let token = seq.sampler.sample(row, &seq.history);
             if let Some(carried) = seq.replay.pop_front() {
                 // This step made `carried` on the engine that began the
                 // answer: feed it back instead of what was drawn here.
                 seq.next_input = Some(carried);
+                seq.history.push(carried);
                 continue;
             }
+            seq.history.push(token);
             self.emit(*i, token);
         }
         if decoded > 0 {

@@ -46,7 +46,7 @@ pub use engine::{
 };
 pub use error::{InferenceError, Result};
 pub use model::{LoadedModel, ModelSource};
-pub use sampling::SamplingParams;
+pub use sampling::{SamplingParams, MAX_LOGIT_BIAS};
 pub use store::{ModelStore, DEFAULT_MODEL};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use transformer::WeightLayout;

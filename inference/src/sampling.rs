@@ -1,6 +1,11 @@
-//! Choosing the next token from logits: greedy, or temperature with top-k
-//! and top-p (nucleus) filtering, from a seeded generator so that a request
-//! with a seed gets the same tokens every time.
+//! Choosing the next token from logits: greedy, or temperature with top-k,
+//! min-p and top-p (nucleus) filtering, from a seeded generator so that a
+//! request with a seed gets the same tokens every time. Before either, the
+//! logits are adjusted as OpenAI and vLLM define: `logit_bias` added,
+//! `repetition_penalty` (vLLM's) on every token of the prompt and the
+//! answer, `frequency_penalty` and `presence_penalty` on the answer's.
+
+use std::collections::{HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -18,7 +23,25 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Seed for reproducible sampling; random when absent.
     pub seed: Option<u64>,
+    /// Subtracted from the logit of every token the answer already holds,
+    /// once, -2 to 2 (OpenAI's).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time the answer holds it,
+    /// -2 to 2 (OpenAI's).
+    pub frequency_penalty: f32,
+    /// Divides the positive logits (multiplies the negative ones) of every
+    /// token in the prompt or the answer; 1 is off, (0, 2] (vLLM's).
+    pub repetition_penalty: f32,
+    /// Drops tokens less likely than this share of the most likely one,
+    /// [0, 1]; 0 is off.
+    pub min_p: f32,
+    /// Added to a token's logit, -100 to 100, at most [`MAX_LOGIT_BIAS`]
+    /// tokens (OpenAI's; -100 bans a token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
+
+/// Most tokens one request may bias (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -27,6 +50,11 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: 0,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            min_p: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -46,7 +74,80 @@ impl SamplingParams {
                 reason: format!("is {}, must be in (0, 1]", self.top_p),
             });
         }
+        let invalid = |field: &'static str, reason: String| {
+            Err(InferenceError::InvalidRequest { field, reason })
+        };
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return invalid(field, format!("is {v}, must be between -2 and 2"));
+            }
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 2.0) {
+            return invalid(
+                "repetition_penalty",
+                format!("is {}, must be in (0, 2]", self.repetition_penalty),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return invalid(
+                "min_p",
+                format!("is {}, must be between 0 and 1", self.min_p),
+            );
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return invalid(
+                "logit_bias",
+                format!(
+                    "biases {} tokens, at most {MAX_LOGIT_BIAS} are allowed",
+                    self.logit_bias.len()
+                ),
+            );
+        }
+        if let Some((id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return invalid(
+                "logit_bias",
+                format!("the bias of token {id} is {b}, must be between -100 and 100"),
+            );
+        }
         Ok(())
+    }
+
+    /// Whether the logits need adjusting before sampling.
+    fn adjusts(&self) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
+            || !self.logit_bias.is_empty()
+    }
+}
+
+/// What the penalties look at: the prompt's tokens and how often the answer
+/// (continuation included) holds each token.
+#[derive(Debug, Default, Clone)]
+pub struct History {
+    prompt: HashSet<u32>,
+    answer: HashMap<u32, u32>,
+}
+
+impl History {
+    /// A history of `prompt` and an empty answer.
+    pub fn new(prompt: &[u32]) -> Self {
+        Self {
+            prompt: prompt.iter().copied().collect(),
+            answer: HashMap::new(),
+        }
+    }
+
+    /// The answer got `token`.
+    pub fn push(&mut self, token: u32) {
+        *self.answer.entry(token).or_default() += 1;
     }
 }
 
@@ -67,8 +168,48 @@ impl Sampler {
         Self { params, rng }
     }
 
-    /// Picks the next token.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// Picks the next token after `history`.
+    pub fn sample(&mut self, logits: &[f32], history: &History) -> u32 {
+        if !self.params.adjusts() {
+            return self.pick(logits);
+        }
+        let mut adjusted = logits.to_vec();
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(l) = adjusted.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+        let r = self.params.repetition_penalty;
+        if r != 1.0 {
+            for &id in history.prompt.iter().chain(history.answer.keys()) {
+                if let Some(l) = adjusted.get_mut(id as usize) {
+                    *l = if *l > 0.0 { *l / r } else { *l * r };
+                }
+            }
+            // A token in both the prompt and the answer was penalised
+            // twice: undo once.
+            for id in history
+                .answer
+                .keys()
+                .filter(|id| history.prompt.contains(id))
+            {
+                if let Some(l) = adjusted.get_mut(*id as usize) {
+                    *l = if *l > 0.0 { *l * r } else { *l / r };
+                }
+            }
+        }
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if presence != 0.0 || frequency != 0.0 {
+            for (&id, &count) in &history.answer {
+                if let Some(l) = adjusted.get_mut(id as usize) {
+                    *l -= presence + frequency * count as f32;
+                }
+            }
+        }
+        self.pick(&adjusted)
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 1e-6 {
             return argmax(logits);
         }
@@ -93,6 +234,12 @@ impl Sampler {
         let mut probs: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
+        if self.params.min_p > 0.0 {
+            // Sorted by probability: keep the head above the floor.
+            let floor = self.params.min_p * probs[0];
+            let keep = probs.iter().take_while(|&&p| p >= floor).count().max(1);
+            probs.truncate(keep);
+        }
         if self.params.top_p < 1.0 {
             let mut cumulative = 0.0;
             let mut keep = probs.len();
@@ -140,7 +287,7 @@ mod tests {
     fn greedy_takes_the_first_maximum() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
         let mut s = Sampler::new(SamplingParams::default());
-        assert_eq!(s.sample(&[0.0, -1.0, 5.0]), 2);
+        assert_eq!(s.sample(&[0.0, -1.0, 5.0], &History::default()), 2);
     }
 
     #[test]
@@ -148,12 +295,15 @@ mod tests {
         let params = |seed| SamplingParams {
             temperature: 1.0,
             top_p: 0.95,
-            top_k: 0,
             seed: Some(seed),
+            ..Default::default()
         };
+        let none = History::default();
         let run = |seed| {
             let mut s = Sampler::new(params(seed));
-            (0..64).map(|_| s.sample(&logits())).collect::<Vec<_>>()
+            (0..64)
+                .map(|_| s.sample(&logits(), &none))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
@@ -168,7 +318,8 @@ mod tests {
             seed: Some(1),
             ..Default::default()
         });
-        assert!((0..20).all(|_| s.sample(&l) == argmax(&l)));
+        let none = History::default();
+        assert!((0..20).all(|_| s.sample(&l, &none) == argmax(&l)));
 
         // Two tokens hold nearly all the mass; top_p 0.5 keeps only the best.
         let l = [10.0, 9.9, 0.0, 0.0];
@@ -178,7 +329,73 @@ mod tests {
             seed: Some(3),
             ..Default::default()
         });
-        assert!((0..50).all(|_| s.sample(&l) == 0));
+        assert!((0..50).all(|_| s.sample(&l, &none) == 0));
+    }
+
+    #[test]
+    fn min_p_drops_tokens_far_below_the_best() {
+        // Token 0 holds e^0 / (e^0 + e^-1 + 2 e^-5): tokens 2 and 3 are
+        // under 1% of it, token 1 is 37% of it.
+        let l = [5.0, 4.0, 0.0, 0.0];
+        let none = History::default();
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            min_p: 0.1,
+            seed: Some(5),
+            ..Default::default()
+        });
+        let drawn: HashSet<u32> = (0..400).map(|_| s.sample(&l, &none)).collect();
+        assert_eq!(drawn, HashSet::from([0, 1]));
+    }
+
+    #[test]
+    fn penalties_and_bias_move_greedy_choices_as_openai_and_vllm_define() {
+        let l = [2.0, 1.5, 1.0, -1.0];
+        let greedy = |p: SamplingParams, h: &History| Sampler::new(p).sample(&l, h);
+        let mut h = History::new(&[3]);
+        h.push(0);
+        h.push(0);
+        h.push(1);
+        // Nothing set: the best logit.
+        assert_eq!(greedy(SamplingParams::default(), &h), 0);
+        // presence 0.6: 1.4, 0.9, 1.0 → token 0 still best.
+        let p = |presence, frequency| SamplingParams {
+            presence_penalty: presence,
+            frequency_penalty: frequency,
+            ..Default::default()
+        };
+        assert_eq!(greedy(p(0.6, 0.0), &h), 0);
+        // frequency 0.4: 2 - 0.8 = 1.2, 1.5 - 0.4 = 1.1, 1.0 → 0 still.
+        assert_eq!(greedy(p(0.0, 0.4), &h), 0);
+        // Both: 2 - 0.5 - 0.8 = 0.7, 1.5 - 0.5 - 0.4 = 0.6, 1.0 → token 2.
+        assert_eq!(greedy(p(0.5, 0.4), &h), 2);
+        // A negative penalty rewards repeats.
+        let mut once = History::default();
+        once.push(1);
+        assert_eq!(greedy(p(-1.0, 0.0), &once), 1);
+        // Repetition 2: 1.0, 0.75 for answer tokens, 1.0; the prompt token 3
+        // goes to -2. Ties go to the first: token 0.
+        let r = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        assert_eq!(greedy(r.clone(), &h), 0);
+        // Under it a token in both prompt and answer is penalised once.
+        let mut both = History::new(&[0]);
+        both.push(0);
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 1.5,
+            logit_bias: vec![(2, -0.4)],
+            ..Default::default()
+        });
+        // 2 / 1.5 = 1.33 < 1.5: token 1.
+        assert_eq!(s.sample(&l, &both), 1);
+        // A bias of -100 bans a token; one past the vocabulary changes nothing.
+        let ban = SamplingParams {
+            logit_bias: vec![(0, -100.0), (99, 100.0)],
+            ..Default::default()
+        };
+        assert_eq!(greedy(ban, &History::default()), 1);
     }
 
     #[test]
@@ -197,5 +414,52 @@ mod tests {
             ..Default::default()
         };
         assert!(p.validate().expect_err("p").to_string().contains("top_p"));
+        for (p, field) in [
+            (
+                SamplingParams {
+                    presence_penalty: 2.5,
+                    ..Default::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: -3.0,
+                    ..Default::default()
+                },
+                "frequency_penalty",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    min_p: 1.5,
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+            (
+                SamplingParams {
+                    logit_bias: vec![(1, 101.0)],
+                    ..Default::default()
+                },
+                "logit_bias",
+            ),
+            (
+                SamplingParams {
+                    logit_bias: (0..301).map(|i| (i, 1.0)).collect(),
+                    ..Default::default()
+                },
+                "logit_bias",
+            ),
+        ] {
+            let e = p.validate().expect_err(field).to_string();
+            assert!(e.contains(field), "{e}");
+        }
     }
 }

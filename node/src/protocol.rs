@@ -82,12 +82,10 @@ pub struct JobRequest {
     pub prompt: WirePrompt,
     /// Most tokens to generate (≥ 1).
     pub max_tokens: u32,
-    /// Sampling temperature, 0 to 2.
-    pub temperature: f32,
-    /// Nucleus mass, (0, 1].
-    pub top_p: f32,
-    /// Sampling seed.
-    pub seed: Option<u64>,
+    /// How to pick tokens: temperature, top-p/k, min-p, seed, penalties,
+    /// logit bias. The worker's engine checks every range again (a gateway
+    /// is a peer like any other).
+    pub sampling: SamplingParams,
     /// Stop strings.
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens.
@@ -167,12 +165,7 @@ impl JobRequest {
             ),
         };
         GenerateRequest {
-            sampling: SamplingParams {
-                temperature: self.temperature,
-                top_p: self.top_p,
-                top_k: 0,
-                seed: self.seed,
-            },
+            sampling: self.sampling.clone(),
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
             continuation: self.continuation.clone(),
@@ -236,9 +229,13 @@ mod tests {
             model: "m@sha256:00".into(),
             prompt: WirePrompt::Chat(vec![("user".into(), "hi".into())]),
             max_tokens: 4,
-            temperature: 0.5,
-            top_p: 1.0,
-            seed: Some(3),
+            sampling: SamplingParams {
+                temperature: 0.5,
+                seed: Some(3),
+                presence_penalty: 0.25,
+                logit_bias: vec![(17, -100.0)],
+                ..Default::default()
+            },
             stop: vec!["\n".into()],
             ignore_eos: false,
             payment: Some(PaymentTerms {

@@ -113,6 +113,69 @@ def main(base: str) -> None:
     else:
         raise AssertionError("temperature=5 was accepted")
 
+    # Sampling past temperature, applied by the worker's engine. A bias of
+    # +100 on one token makes every greedy step pick it: the answer is one
+    # piece of text four times over.
+    biased = client.completions.create(
+        model=model, prompt="The sky is", max_tokens=4, temperature=0, logit_bias={"1000": 100}
+    )
+    text = biased.choices[0].text
+    assert biased.usage.completion_tokens == 4, biased.usage
+    assert text and len(text) % 4 == 0 and text == text[: len(text) // 4] * 4, repr(text)
+    print(f"logit_bias +100 on token 1000: {text!r}")
+    # A strong frequency penalty changes a greedy, repetitive answer.
+    ask = dict(
+        model=model,
+        messages=[{"role": "user", "content": "Repeat after me: la la la la la la la la"}],
+        max_tokens=24,
+        temperature=0,
+    )
+    plain = client.chat.completions.create(**ask).choices[0].message.content
+    penalised = client.chat.completions.create(**ask, frequency_penalty=2.0).choices[0].message.content
+    assert plain != penalised, (plain, penalised)
+    print(f"frequency_penalty 2: {plain!r} became {penalised!r}")
+
+    # The error matrix: each invalid field gets a 400 naming it as `param`.
+    for field, value in [
+        ("temperature", 5),
+        ("top_p", 0),
+        ("presence_penalty", 3),
+        ("frequency_penalty", -3),
+        ("repetition_penalty", 0),
+        ("min_p", 2),
+        ("logit_bias", {"5": 101}),
+        ("logit_bias", {"five": 1}),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("max_tokens", 0),
+        ("n", 2),
+    ]:
+        try:
+            client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": "hi"}],
+                **({"max_tokens": 4} if field != "max_tokens" else {}),
+                extra_body={field: value},
+            )
+        except openai.BadRequestError as e:
+            err = (e.body or {}).get("error", e.body or {})
+            assert e.status_code == 400, (field, e.status_code)
+            assert err.get("param") == field, (field, err)
+        else:
+            raise AssertionError(f"{field}={value!r} was accepted")
+    # A token id past the vocabulary is the worker's to judge: still 400.
+    try:
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            logit_bias={"99999999": 1},
+        )
+    except openai.BadRequestError as e:
+        err = (e.body or {}).get("error", e.body or {})
+        assert "logit_bias" in err.get("message", ""), err
+        print(f"logit_bias past the vocabulary refused: {err.get('message')}")
+    else:
+        raise AssertionError("a logit_bias past the vocabulary was accepted")
+    print("error matrix: every invalid field refused with its param")
+
     print("openai client checks passed")
 
 

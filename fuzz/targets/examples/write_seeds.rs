@@ -67,9 +67,14 @@ fn job_request(payment: Option<PaymentTerms>, chat: bool) -> JobRequest {
             WirePrompt::Text("The capital of France is".into())
         },
         max_tokens: 16,
-        temperature: 0.7,
-        top_p: 0.9,
-        seed: Some(42),
+        sampling: silk_inference::SamplingParams {
+            temperature: 0.7,
+            top_p: 0.9,
+            seed: Some(42),
+            frequency_penalty: 0.5,
+            logit_bias: vec![(2, -100.0)],
+            ..Default::default()
+        },
         stop: vec!["\n".into()],
         ignore_eos: false,
         payment,
@@ -200,6 +205,11 @@ fn gossip_and_reputation_seeds() -> Result<()> {
         seq: 17,
         expires_at_ms: 1_800_000_000_000,
         payout: Some(Address::new(0, [2; 32]).to_raw()),
+        coordinate: Some(silk_overlay::Coordinate {
+            vec: [12_000, -3_500, 800, 0],
+            height_us: 1_500,
+            error_milli: 400,
+        }),
     };
     let signed = SignedEnvelope::sign_announcement(&worker, &announcement)?;
     assert_eq!(signed.verify_announcement()?, announcement);

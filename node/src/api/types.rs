@@ -7,6 +7,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
+use silk_inference::SamplingParams;
+
 use crate::protocol::WirePrompt;
 
 /// Default `max_tokens` of a chat completion.
@@ -214,10 +216,19 @@ pub struct ChatRequest {
     pub seed: Option<u64>,
     /// End-user id (ignored).
     pub user: Option<String>,
-    /// Must be 0 if given (not supported).
+    /// -2 to 2: lowers every token the answer already holds, once.
     pub presence_penalty: Option<f32>,
-    /// Must be 0 if given (not supported).
+    /// -2 to 2: lowers a token once per time the answer holds it.
     pub frequency_penalty: Option<f32>,
+    /// (0, 2], 1 is off: vLLM's penalty on every token of the prompt and
+    /// the answer.
+    pub repetition_penalty: Option<f32>,
+    /// Token id (as a string) to a bias from -100 to 100 added to its logit.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// [0, 1]: drops tokens less likely than this share of the best one.
+    pub min_p: Option<f32>,
+    /// Keep only the k most likely tokens; 0 or absent keeps all (vLLM's).
+    pub top_k: Option<u32>,
     /// Generate past end-of-sequence (vLLM extension).
     pub ignore_eos: Option<bool>,
     /// Highest worker price coefficient to pay (silk extension; e.g. `1.5`,
@@ -251,10 +262,19 @@ pub struct CompletionRequest {
     pub seed: Option<u64>,
     /// End-user id (ignored).
     pub user: Option<String>,
-    /// Must be 0 if given.
+    /// -2 to 2: lowers every token the answer already holds, once.
     pub presence_penalty: Option<f32>,
-    /// Must be 0 if given.
+    /// -2 to 2: lowers a token once per time the answer holds it.
     pub frequency_penalty: Option<f32>,
+    /// (0, 2], 1 is off: vLLM's penalty on every token of the prompt and
+    /// the answer.
+    pub repetition_penalty: Option<f32>,
+    /// Token id (as a string) to a bias from -100 to 100 added to its logit.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// [0, 1]: drops tokens less likely than this share of the best one.
+    pub min_p: Option<f32>,
+    /// Keep only the k most likely tokens; 0 or absent keeps all (vLLM's).
+    pub top_k: Option<u32>,
     /// Generate past end-of-sequence (vLLM extension).
     pub ignore_eos: Option<bool>,
     /// Highest worker price coefficient to pay (silk extension; e.g. `1.5`,
@@ -281,12 +301,8 @@ pub struct Validated {
     pub prompt: WirePrompt,
     /// Most tokens.
     pub max_tokens: u32,
-    /// Temperature.
-    pub temperature: f32,
-    /// Top-p.
-    pub top_p: f32,
-    /// Seed.
-    pub seed: Option<u64>,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
     /// Stop strings.
     pub stop: Vec<String>,
     /// Stream.
@@ -320,11 +336,57 @@ struct Common {
     top_p: Option<f32>,
     n: Option<u32>,
     stop: Option<Stop>,
+    seed: Option<u64>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    min_p: Option<f32>,
+    top_k: Option<u32>,
 }
 
-fn check_common(c: Common, default_max: u32) -> Result<(u32, f32, f32, Vec<String>), ApiError> {
+/// The sampling fields past temperature and top-p: parsed, and checked by
+/// the engine's own rules (the worker checks them again), the error naming
+/// the field.
+fn check_sampling(
+    c: &mut Common,
+    temperature: f32,
+    top_p: f32,
+) -> Result<SamplingParams, ApiError> {
+    let mut logit_bias = Vec::new();
+    for (key, &bias) in c.logit_bias.iter().flatten() {
+        let id = key.parse::<u32>().map_err(|_| {
+            ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias keys are token ids, got {key:?}"),
+            )
+        })?;
+        logit_bias.push((id, bias));
+    }
+    let sampling = SamplingParams {
+        temperature,
+        top_p,
+        top_k: c.top_k.unwrap_or(0) as usize,
+        seed: c.seed,
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+        repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
+        min_p: c.min_p.unwrap_or(0.0),
+        logit_bias,
+    };
+    match sampling.validate() {
+        Ok(()) => Ok(sampling),
+        Err(silk_inference::InferenceError::InvalidRequest { field, reason }) => {
+            Err(ApiError::invalid(field, format!("{field} {reason}")))
+        }
+        Err(e) => Err(ApiError::invalid("sampling", e.to_string())),
+    }
+}
+
+fn check_common(
+    mut c: Common,
+    default_max: u32,
+) -> Result<(u32, SamplingParams, Vec<String>), ApiError> {
     let max_tokens = c.max_tokens.unwrap_or(default_max);
     if !(1..=MAX_TOKENS_LIMIT).contains(&max_tokens) {
         return Err(ApiError::invalid(
@@ -351,21 +413,7 @@ fn check_common(c: Common, default_max: u32) -> Result<(u32, f32, f32, Vec<Strin
             return Err(ApiError::invalid("n", format!("n must be 1, got {n}")));
         }
     }
-    for (name, v) in [
-        ("presence_penalty", c.presence_penalty),
-        ("frequency_penalty", c.frequency_penalty),
-    ] {
-        if v.is_some_and(|v| v != 0.0) {
-            return Err(ApiError::invalid(
-                if name == "presence_penalty" {
-                    "presence_penalty"
-                } else {
-                    "frequency_penalty"
-                },
-                format!("{name} is not supported; omit it or pass 0"),
-            ));
-        }
-    }
+    let sampling = check_sampling(&mut c, temperature, top_p)?;
     let stop = match c.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
@@ -393,7 +441,7 @@ fn check_common(c: Common, default_max: u32) -> Result<(u32, f32, f32, Vec<Strin
             ),
         ));
     }
-    Ok((max_tokens, temperature, top_p, stop))
+    Ok((max_tokens, sampling, stop))
 }
 
 impl ChatRequest {
@@ -405,15 +453,20 @@ impl ChatRequest {
                 "give max_tokens or max_completion_tokens, not both",
             ));
         }
-        let (max_tokens, temperature, top_p, stop) = check_common(
+        let (max_tokens, sampling, stop) = check_common(
             Common {
                 max_tokens: self.max_tokens.or(self.max_completion_tokens),
                 temperature: self.temperature,
                 top_p: self.top_p,
                 n: self.n,
                 stop: self.stop,
+                seed: self.seed,
                 presence_penalty: self.presence_penalty,
                 frequency_penalty: self.frequency_penalty,
+                repetition_penalty: self.repetition_penalty,
+                logit_bias: self.logit_bias,
+                min_p: self.min_p,
+                top_k: self.top_k,
             },
             DEFAULT_CHAT_MAX_TOKENS,
         )?;
@@ -443,9 +496,7 @@ impl ChatRequest {
             model: self.model,
             prompt: WirePrompt::Chat(messages),
             max_tokens,
-            temperature,
-            top_p,
-            seed: self.seed,
+            sampling,
             stop,
             stream: self.stream.unwrap_or(false),
             ignore_eos: self.ignore_eos.unwrap_or(false),
@@ -457,15 +508,20 @@ impl ChatRequest {
 impl CompletionRequest {
     /// Checks ranges and builds the job parameters.
     pub fn validate(self) -> Result<Validated, ApiError> {
-        let (max_tokens, temperature, top_p, stop) = check_common(
+        let (max_tokens, sampling, stop) = check_common(
             Common {
                 max_tokens: self.max_tokens,
                 temperature: self.temperature,
                 top_p: self.top_p,
                 n: self.n,
                 stop: self.stop,
+                seed: self.seed,
                 presence_penalty: self.presence_penalty,
                 frequency_penalty: self.frequency_penalty,
+                repetition_penalty: self.repetition_penalty,
+                logit_bias: self.logit_bias,
+                min_p: self.min_p,
+                top_k: self.top_k,
             },
             DEFAULT_COMPLETION_MAX_TOKENS,
         )?;
@@ -486,9 +542,7 @@ impl CompletionRequest {
             model: self.model,
             prompt: WirePrompt::Text(prompt),
             max_tokens,
-            temperature,
-            top_p,
-            seed: self.seed,
+            sampling,
             stop,
             stream: self.stream.unwrap_or(false),
             ignore_eos: self.ignore_eos.unwrap_or(false),
@@ -606,12 +660,59 @@ mod tests {
             format!(r#"{{{m},"max_coefficient":1.0005}}"#),
             format!(r#"{{{m},"max_coefficient":5000}}"#),
             format!(r#"{{{m},"max_coefficient":"2"}}"#),
+            format!(r#"{{{m},"presence_penalty":2.5}}"#),
+            format!(r#"{{{m},"frequency_penalty":-2.1}}"#),
+            format!(r#"{{{m},"repetition_penalty":0}}"#),
+            format!(r#"{{{m},"min_p":1.1}}"#),
+            format!(r#"{{{m},"logit_bias":{{"5":101}}}}"#),
+            format!(r#"{{{m},"logit_bias":{{"the":1}}}}"#),
             r#"{"messages":[]}"#.to_string(),
             r#"{"messages":[{"role":"wizard","content":"x"}]}"#.to_string(),
         ] {
             let e = chat(&body).expect_err(&body);
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
         }
+        // Each sampling error names its field as `param`.
+        for (body, param) in [
+            (
+                format!(r#"{{{m},"presence_penalty":3}}"#),
+                "presence_penalty",
+            ),
+            (
+                format!(r#"{{{m},"frequency_penalty":-3}}"#),
+                "frequency_penalty",
+            ),
+            (
+                format!(r#"{{{m},"repetition_penalty":2.5}}"#),
+                "repetition_penalty",
+            ),
+            (format!(r#"{{{m},"min_p":-0.1}}"#), "min_p"),
+            (
+                format!(r#"{{{m},"logit_bias":{{"7":-100.5}}}}"#),
+                "logit_bias",
+            ),
+        ] {
+            let e = chat(&body).expect_err(&body);
+            assert_eq!(e.param, Some(param), "{body}: {}", e.message);
+        }
+        let v = chat(&format!(
+            r#"{{{m},"presence_penalty":0.5,"frequency_penalty":-0.5,"repetition_penalty":1.2,"min_p":0.05,"top_k":40,"seed":9,"logit_bias":{{"42":-100,"7":3.5}}}}"#
+        ))
+        .expect("valid sampling");
+        assert_eq!(
+            (v.sampling.presence_penalty, v.sampling.frequency_penalty),
+            (0.5, -0.5)
+        );
+        assert_eq!(
+            (
+                v.sampling.repetition_penalty,
+                v.sampling.min_p,
+                v.sampling.top_k
+            ),
+            (1.2, 0.05, 40)
+        );
+        assert_eq!(v.sampling.seed, Some(9));
+        assert_eq!(v.sampling.logit_bias, vec![(42, -100.0), (7, 3.5)]);
         let e = parse::<CompletionRequest>(br#"{"prompt":["a","b"]}"#)
             .and_then(CompletionRequest::validate)
             .expect_err("two prompts");

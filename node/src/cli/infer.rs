@@ -66,6 +66,7 @@ pub fn run(args: InferArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             top_p: args.top_p,
             top_k: args.top_k,
             seed: args.seed,
+            ..SamplingParams::default()
         },
         ..GenerateRequest::new(prompt, args.max_tokens)
     };

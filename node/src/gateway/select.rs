@@ -318,6 +318,7 @@ impl Gateway {
                 seq: 0,
                 expires_at_ms: now_ms(),
                 payout: None,
+                coordinate: None,
             });
         }
         Some(out)
@@ -344,6 +345,7 @@ mod tests {
             seq: 1,
             expires_at_ms: u64::MAX,
             payout: None,
+            coordinate: None,
         }
     }
 
@@ -352,9 +354,7 @@ mod tests {
             model: "m@sha256:00".into(),
             prompt: WirePrompt::Text("hello".into()),
             max_tokens: 16,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: None,
+            sampling: silk_inference::SamplingParams::default(),
             stop: Vec::new(),
             ignore_eos: false,
             payment: None,
