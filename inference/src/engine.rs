@@ -21,11 +21,13 @@ use burn::prelude::Backend;
 use tokio::sync::mpsc;
 
 use crate::cache::{bytes_for, KvCache};
+use crate::constraint::{apply_mask, Constraint, Grammars};
 use crate::error::{InferenceError, Result};
 use crate::model::{LoadedModel, ModelSource};
-use crate::sampling::{History, Sampler, SamplingParams};
+use crate::sampling::{History, Sampler, SamplingParams, TokenLogprob, TopLogprob};
 use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
 use crate::transformer::{Segment, Transformer};
+use llguidance::Matcher;
 
 /// Most stop strings a request may carry.
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -108,6 +110,14 @@ pub struct GenerateRequest {
     /// out whole. They count as prompt tokens in [`Usage`], not against
     /// `max_tokens`.
     pub continuation: Vec<u32>,
+    /// Report each generated token's log-probability and this many most
+    /// likely alternatives (0 to [`crate::MAX_TOP_LOGPROBS`]); `None` for
+    /// none.
+    pub logprobs: Option<u8>,
+    /// What the answer must parse as; enforced by masking every step's
+    /// logits (see [`crate::constraint`]). The answer ends when it is
+    /// complete.
+    pub constraint: Option<Constraint>,
 }
 
 impl GenerateRequest {
@@ -120,6 +130,8 @@ impl GenerateRequest {
             stop: Vec::new(),
             ignore_eos: false,
             continuation: Vec::new(),
+            logprobs: None,
+            constraint: None,
         }
     }
 }
@@ -161,6 +173,9 @@ pub enum Event {
         id: u32,
         /// New text.
         text: String,
+        /// Its log-probability, when the request asked for them (none for
+        /// the end-of-sequence token that ends the answer).
+        logprob: Option<TokenLogprob>,
     },
     /// The request finished.
     Done(Usage),
@@ -211,6 +226,8 @@ struct Counters {
 
 struct Job {
     prompt: Vec<u32>,
+    /// The request's constraint, compiled.
+    matcher: Option<Matcher>,
     request: GenerateRequest,
     sender: mpsc::Sender<Event>,
     enqueued: Instant,
@@ -229,6 +246,9 @@ pub struct Engine {
     kv_bytes_per_token: usize,
     /// Rows of the model's embedding table.
     embedding_rows: usize,
+    /// The vocabulary as the grammar engine sees it, built at the first
+    /// constrained request.
+    grammars: Arc<std::sync::OnceLock<std::result::Result<Grammars, String>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -311,7 +331,19 @@ impl Engine {
             counters,
             kv_bytes_per_token,
             embedding_rows,
+            grammars: Arc::default(),
         })
+    }
+
+    /// A matcher for `constraint` over this model's vocabulary.
+    fn matcher(&self, constraint: &Constraint) -> Result<Matcher> {
+        let vocab = self.tokenizer.vocab_size().min(self.embedding_rows).max(1);
+        let grammars = self
+            .grammars
+            .get_or_init(|| Grammars::new(self.tokenizer.clone(), vocab).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| InferenceError::Grammar(e.clone()))?;
+        grammars.matcher(constraint)
     }
 
     /// The model's identity.
@@ -359,6 +391,12 @@ impl Engine {
             return Err(InferenceError::InvalidRequest {
                 field: "logit_bias",
                 reason: format!("token id {bad} is outside the model's vocabulary of {vocab}"),
+            });
+        }
+        if let Some(k) = request.logprobs.filter(|&k| k > crate::MAX_TOP_LOGPROBS) {
+            return Err(InferenceError::InvalidRequest {
+                field: "top_logprobs",
+                reason: format!("is {k}, at most {} are allowed", crate::MAX_TOP_LOGPROBS),
             });
         }
         if request.max_tokens == 0 {
@@ -427,9 +465,15 @@ impl Engine {
                 ),
             });
         }
+        let matcher = request
+            .constraint
+            .as_ref()
+            .map(|c| self.matcher(c))
+            .transpose()?;
         let (sender, receiver) = mpsc::channel(self.config.stream_buffer.max(1));
         let job = Job {
             prompt: prompt.clone(),
+            matcher,
             request,
             sender,
             enqueued: Instant::now(),
@@ -473,6 +517,8 @@ struct Sequence<B: Backend> {
     sampler: Sampler,
     /// What the penalties look at: the prompt and the answer so far.
     history: History,
+    /// The answer's grammar, when the request has a constraint.
+    matcher: Option<Matcher>,
     request: GenerateRequest,
     sender: mpsc::Sender<Event>,
     decoder: IncrementalDecoder,
@@ -577,6 +623,7 @@ impl<B: Backend> Scheduler<B> {
                 cache: self.transformer.new_cache(),
                 sampler: Sampler::new(job.request.sampling.clone()),
                 history: History::new(&job.prompt),
+                matcher: job.matcher,
                 prompt: job.prompt,
                 consumed: 0,
                 request: job.request,
@@ -681,16 +728,56 @@ impl<B: Backend> Scheduler<B> {
                 decoded += 1;
             }
             let row = &logits[row * vocab..(row + 1) * vocab];
-            let token = seq.sampler.sample(row, &seq.history);
             if let Some(carried) = seq.replay.pop_front() {
                 // This step made `carried` on the engine that began the
-                // answer: feed it back instead of what was drawn here.
+                // answer: feed it back instead of drawing one here (the
+                // sampler still draws, so a seeded run keeps its stream).
+                let _ = seq.sampler.sample(row, &seq.history);
                 seq.next_input = Some(carried);
                 seq.history.push(carried);
+                if let Some(m) = seq.matcher.as_mut() {
+                    if let Err(e) = m.consume_token(carried) {
+                        let _ = seq.sender.try_send(Event::Error(format!(
+                            "the continuation does not fit the response format: {e}"
+                        )));
+                        seq.finished = true;
+                    }
+                }
                 continue;
             }
+            let token = match seq.matcher.as_mut() {
+                None => seq.sampler.sample(row, &seq.history),
+                Some(m) => {
+                    let mut masked = row.to_vec();
+                    match apply_mask(m, &mut masked) {
+                        Ok(()) => seq.sampler.sample(&masked, &seq.history),
+                        Err(e) => {
+                            let _ = seq.sender.try_send(Event::Error(e.to_string()));
+                            seq.finished = true;
+                            continue;
+                        }
+                    }
+                }
+            };
             seq.history.push(token);
-            self.emit(*i, token);
+            let complete = match seq.matcher.as_mut() {
+                None => false,
+                Some(m) => match m.consume_token(token) {
+                    Ok(()) => m.is_stopped(),
+                    Err(e) => {
+                        let _ = seq
+                            .sender
+                            .try_send(Event::Error(format!("constrained decoding: {e}")));
+                        seq.finished = true;
+                        continue;
+                    }
+                },
+            };
+            let logprob = seq
+                .request
+                .logprobs
+                .map(|k| crate::sampling::logprobs(row, token, usize::from(k)));
+            self.emit(*i, token, logprob, complete);
         }
         if decoded > 0 {
             let tps = decoded as f64 / started.elapsed().as_secs_f64().max(1e-9);
@@ -707,7 +794,15 @@ impl<B: Backend> Scheduler<B> {
     }
 
     /// Handles one sampled token: stop checks, text, events.
-    fn emit(&mut self, index: usize, token: u32) {
+    /// `complete`: the answer's grammar is satisfied and allows nothing
+    /// more, so it ends here.
+    fn emit(
+        &mut self,
+        index: usize,
+        token: u32,
+        logprob: Option<(f32, Vec<(u32, f32)>)>,
+        complete: bool,
+    ) {
         let tokenizer = self.tokenizer.clone();
         let context = self.transformer.config().max_position_embeddings;
         let seq = &mut self.active[index];
@@ -732,7 +827,10 @@ impl<B: Backend> Scheduler<B> {
                     return;
                 }
             }
-            if let Some(pos) = earliest_stop(&seq.held, &seq.request.stop) {
+            if complete {
+                text = std::mem::take(&mut seq.held);
+                finish = Some(FinishReason::Stop);
+            } else if let Some(pos) = earliest_stop(&seq.held, &seq.request.stop) {
                 seq.held.truncate(pos);
                 text = std::mem::take(&mut seq.held);
                 finish = Some(FinishReason::Stop);
@@ -749,7 +847,25 @@ impl<B: Backend> Scheduler<B> {
             finish = Some(FinishReason::Length);
             text.push_str(&std::mem::take(&mut seq.held));
         }
-        let token_event = Event::Token { id: token, text };
+        let logprob = logprob
+            .filter(|_| !is_stop_token)
+            .map(|(lp, top)| TokenLogprob {
+                bytes: tokenizer.token_bytes(token),
+                logprob: lp,
+                top: top
+                    .into_iter()
+                    .map(|(id, logprob)| TopLogprob {
+                        id,
+                        bytes: tokenizer.token_bytes(id),
+                        logprob,
+                    })
+                    .collect(),
+            });
+        let token_event = Event::Token {
+            id: token,
+            text,
+            logprob,
+        };
         match seq.sender.try_send(token_event) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(event)) => seq.pending = Some(event),

@@ -95,6 +95,9 @@ pub enum InferenceError {
     /// The requested compute backend is unavailable.
     #[error("backend: {0}")]
     Backend(String),
+    /// Constrained decoding failed midway (the grammar engine's own error).
+    #[error("constrained decoding: {0}")]
+    Grammar(String),
 }
 
 impl InferenceError {

@@ -20,13 +20,17 @@
 //!   batched continuously; tokens stream back through a bounded channel per
 //!   request. [`Engine::load`] reports the load the
 //!   node gossips.
-//! - [`sampling`] picks tokens (greedy, temperature, top-k, top-p, seeded).
+//! - [`sampling`] picks tokens (greedy, temperature, top-k, min-p, top-p,
+//!   seeded) after penalties and logit bias, and reports log-probabilities;
+//!   [`constraint`] masks each step's logits so an answer parses as the
+//!   JSON schema a request gives (llguidance).
 //!
 //! The crate knows tensors and tokens, nothing about peers or money.
 
 pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod constraint;
 pub mod cpu;
 pub mod engine;
 pub mod error;
@@ -39,6 +43,7 @@ pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
 
+pub use constraint::Constraint;
 pub use cpu::CpuKernels;
 pub use engine::{
     prompt_ids, Engine, EngineConfig, EngineLoad, Event, FinishReason, GenerateRequest,
@@ -46,7 +51,7 @@ pub use engine::{
 };
 pub use error::{InferenceError, Result};
 pub use model::{LoadedModel, ModelSource};
-pub use sampling::{SamplingParams, MAX_LOGIT_BIAS};
+pub use sampling::{SamplingParams, TokenLogprob, TopLogprob, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS};
 pub use store::{ModelStore, DEFAULT_MODEL};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use transformer::WeightLayout;

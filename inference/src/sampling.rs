@@ -264,6 +264,81 @@ impl Sampler {
     }
 }
 
+/// Most alternatives a request may ask log-probabilities for (OpenAI's
+/// `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: u8 = 20;
+
+/// A generated token's log-probability and the most likely alternatives
+/// at its step, from the model's distribution (the raw logits, before
+/// penalties, bias and temperature, as vLLM reports by default).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TokenLogprob {
+    /// The token's bytes (a token can hold part of a character).
+    pub bytes: Vec<u8>,
+    /// Its natural-log probability (≤ 0).
+    pub logprob: f32,
+    /// The most likely tokens at this step, best first.
+    pub top: Vec<TopLogprob>,
+}
+
+/// One alternative in [`TokenLogprob::top`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TopLogprob {
+    /// Token id.
+    pub id: u32,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// Its natural-log probability (≤ 0).
+    pub logprob: f32,
+}
+
+/// The log-probability of `token` under `logits` and the `k` most likely
+/// tokens with theirs, best first (ties by lower id).
+pub fn logprobs(logits: &[f32], token: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return (f32::NEG_INFINITY, Vec::new());
+    }
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| f64::from(l - max).exp())
+        .sum();
+    let lse = f64::from(max) + sum.ln();
+    let lp = |l: f32| {
+        if l.is_finite() {
+            (f64::from(l) - lse).min(0.0) as f32
+        } else {
+            f32::NEG_INFINITY
+        }
+    };
+    let chosen = logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&l| lp(l));
+    let mut top: Vec<(u32, f32)> = Vec::new();
+    if k > 0 {
+        let mut all: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let k = k.min(all.len());
+        if k > 0 && k < all.len() {
+            all.select_nth_unstable_by(k - 1, by_logit);
+            all.truncate(k);
+        }
+        all.sort_unstable_by(by_logit);
+        top = all.into_iter().map(|(i, l)| (i, lp(l))).collect();
+    }
+    (chosen, top)
+}
+
 /// Index of the largest logit (the first one on ties, as torch does).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -330,6 +405,21 @@ mod tests {
             ..Default::default()
         });
         assert!((0..50).all(|_| s.sample(&l, &none) == 0));
+    }
+
+    #[test]
+    fn logprobs_are_a_normalised_log_softmax_with_the_best_first() {
+        let l = [1.0f32, 3.0, 3.0, f32::NEG_INFINITY, 0.5];
+        let (chosen, top) = logprobs(&l, 4, 3);
+        let z: f64 = [1.0f64, 3.0, 3.0, 0.5].iter().map(|x| x.exp()).sum();
+        assert!((f64::from(chosen) - (0.5 - z.ln())).abs() < 1e-6);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2, 0]);
+        let mass: f64 = (0..5).map(|i| f64::from(logprobs(&l, i, 0).0).exp()).sum();
+        assert!((mass - 1.0).abs() < 1e-6, "{mass}");
+        assert_eq!(logprobs(&l, 3, 0).0, f32::NEG_INFINITY);
+        assert!(top.iter().all(|t| t.1 <= 0.0));
+        // More alternatives than tokens: every finite one.
+        assert_eq!(logprobs(&l, 0, 20).1.len(), 4);
     }
 
     #[test]

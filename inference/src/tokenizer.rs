@@ -33,6 +33,8 @@ pub struct Tokenizer {
     bos_token: Option<String>,
     eos_token: Option<String>,
     stop_ids: BTreeSet<u32>,
+    /// Ids of the special added tokens, read once when first asked.
+    special_ids: std::sync::OnceLock<BTreeSet<u32>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -115,6 +117,7 @@ impl Tokenizer {
             bos_token,
             eos_token,
             stop_ids,
+            special_ids: std::sync::OnceLock::new(),
         })
     }
 
@@ -244,6 +247,7 @@ impl Tokenizer {
             bos_token: name_of(bos_id),
             eos_token: name_of(eos_id),
             stop_ids,
+            special_ids: std::sync::OnceLock::new(),
         })
     }
 
@@ -262,6 +266,47 @@ impl Tokenizer {
     /// completions do).
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(tok_err)
+    }
+
+    /// The bytes token `id` stands for: a byte-level token's characters
+    /// mapped back to bytes (GPT-2's table), so a token holding part of a
+    /// character gives exactly its bytes; any other token's own text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        let byte_level = matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        // Special tokens (`<|im_end|>`) are printable ASCII, which the
+        // alphabet maps to itself, so they come out as their text.
+        if byte_level {
+            let table = gpt2_unicode_to_byte();
+            if let Some(bytes) = piece
+                .chars()
+                .map(|c| table.get(&c).copied())
+                .collect::<Option<Vec<u8>>>()
+            {
+                return bytes;
+            }
+        }
+        piece.into_bytes()
+    }
+
+    /// Whether `id` is a special token (BOS, EOS, a chat-template marker),
+    /// which no text ever encodes to.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_ids
+            .get_or_init(|| {
+                self.inner
+                    .get_added_tokens_decoder()
+                    .into_iter()
+                    .filter(|(_, t)| t.special)
+                    .map(|(id, _)| id)
+                    .collect()
+            })
+            .contains(&id)
     }
 
     /// Ids that end generation (EOS, end-of-turn).
@@ -363,6 +408,29 @@ fn strftime_utc(secs: u64, format: &str) -> String {
         .replace("%b", &name[..3])
 }
 
+/// GPT-2's byte-level alphabet reversed: the character each byte is
+/// written as in a byte-level vocabulary, back to the byte.
+fn gpt2_unicode_to_byte() -> &'static std::collections::HashMap<char, u8> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<char, u8>> =
+        std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let printable = |b: u8| matches!(b, 33..=126 | 161..=172 | 174..=255);
+        let mut next = 256u32;
+        (0..=255u8)
+            .map(|b| {
+                let c = if printable(b) {
+                    char::from(b)
+                } else {
+                    let c = char::from_u32(next).unwrap_or('\u{FFFD}');
+                    next += 1;
+                    c
+                };
+                (c, b)
+            })
+            .collect()
+    })
+}
+
 /// Turns generated ids into text pieces as they arrive, holding back bytes
 /// of a character that is not complete yet.
 #[derive(Debug, Default)]
@@ -393,6 +461,15 @@ impl IncrementalDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpt2_byte_alphabet_round_trips_every_byte() {
+        let t = gpt2_unicode_to_byte();
+        assert_eq!(t.len(), 256);
+        assert_eq!(t.get(&'Ġ'), Some(&b' '));
+        assert_eq!(t.get(&'Ċ'), Some(&b'\n'));
+        assert_eq!(t.get(&'a'), Some(&b'a'));
+    }
 
     #[test]
     fn strftime_formats_a_known_date() {

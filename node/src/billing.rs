@@ -57,6 +57,8 @@ pub const MAX_TOKEN_BYTES: u64 = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
     max_tokens: u32,
+    /// Alternatives per token the job asked log-probabilities with.
+    logprobs: Option<u8>,
     ids: u32,
     text_bytes: u64,
 }
@@ -66,9 +68,52 @@ impl Delivery {
     pub fn new(max_tokens: u32) -> Self {
         Self {
             max_tokens,
+            logprobs: None,
             ids: 0,
             text_bytes: 0,
         }
+    }
+
+    /// The job asked for log-probabilities with `top` alternatives each.
+    pub fn with_logprobs(mut self, top: Option<u8>) -> Self {
+        self.logprobs = top;
+        self
+    }
+
+    /// Whether a chunk's log-probabilities are what the job asked for: at
+    /// most one per token, each a probability's log (≤ 0, not NaN) with at
+    /// most the asked number of alternatives, every token's bytes within
+    /// [`MAX_TOKEN_BYTES`]; none when none were asked.
+    fn check_logprobs(&self, chunk: &TokenChunk) -> Result<(), String> {
+        if chunk.logprobs.is_empty() {
+            return Ok(());
+        }
+        let Some(top) = self.logprobs else {
+            return Err("sent log-probabilities the job did not ask for".into());
+        };
+        if chunk.logprobs.len() > chunk.ids.len() {
+            return Err(format!(
+                "sent {} log-probabilities for {} tokens",
+                chunk.logprobs.len(),
+                chunk.ids.len()
+            ));
+        }
+        let bad = |lp: f32| lp.is_nan() || lp > 0.0;
+        let long = |b: &[u8]| b.len() as u64 > MAX_TOKEN_BYTES;
+        for t in &chunk.logprobs {
+            if bad(t.logprob) || long(&t.bytes) || t.top.len() > usize::from(top) {
+                return Err(format!(
+                    "sent a malformed log-probability (logprob {}, {} bytes, {} alternatives of {top} asked)",
+                    t.logprob,
+                    t.bytes.len(),
+                    t.top.len()
+                ));
+            }
+            if t.top.iter().any(|a| bad(a.logprob) || long(&a.bytes)) {
+                return Err("sent a malformed alternative log-probability".into());
+            }
+        }
+        Ok(())
     }
 
     /// Takes in a chunk before it is passed on. Returns whether it moved
@@ -76,6 +121,7 @@ impl Delivery {
     /// job's terms: more tokens than `max_tokens`, or more text than they
     /// can stand for. A refused chunk changes nothing.
     pub fn accept(&mut self, chunk: &TokenChunk) -> Result<bool, String> {
+        self.check_logprobs(chunk)?;
         let ids = u32::try_from(chunk.ids.len())
             .ok()
             .and_then(|n| self.ids.checked_add(n))
@@ -415,6 +461,7 @@ mod tests {
         TokenChunk {
             ids: vec![7; n],
             text: text.into(),
+            logprobs: Vec::new(),
         }
     }
 
@@ -449,5 +496,44 @@ mod tests {
         assert_eq!(d.paid_tokens(), 0);
         // Empty chunks are no progress.
         assert_eq!(d.accept(&chunk(0, "")), Ok(false));
+    }
+
+    #[test]
+    fn log_probabilities_from_a_worker_are_only_what_the_job_asked_for() {
+        use silk_inference::{TokenLogprob, TopLogprob};
+        let lp = |logprob: f32, alternatives: usize| TokenLogprob {
+            bytes: b"hi".to_vec(),
+            logprob,
+            top: (0..alternatives)
+                .map(|i| TopLogprob {
+                    id: i as u32,
+                    bytes: vec![b'x'],
+                    logprob: -1.0,
+                })
+                .collect(),
+        };
+        let with = |n: usize, lps: Vec<TokenLogprob>| TokenChunk {
+            logprobs: lps,
+            ..chunk(n, "hi")
+        };
+        // Not asked: none may come.
+        let mut d = Delivery::new(8);
+        assert!(d.accept(&with(1, vec![lp(-0.5, 0)])).is_err());
+        assert_eq!(d.tokens(), 0);
+        let mut d = Delivery::new(8).with_logprobs(Some(2));
+        assert_eq!(d.accept(&with(1, vec![lp(-0.5, 2)])), Ok(true));
+        // More entries than tokens, more alternatives than asked, a
+        // probability above 1 or NaN: refused, and nothing changes.
+        for bad in [
+            with(1, vec![lp(-0.5, 0), lp(-0.5, 0)]),
+            with(1, vec![lp(-0.5, 3)]),
+            with(1, vec![lp(0.5, 0)]),
+            with(1, vec![lp(f32::NAN, 0)]),
+        ] {
+            assert!(d.accept(&bad).is_err());
+        }
+        assert_eq!(d.tokens(), 1);
+        // -inf (a token the model ruled out) is a probability of 0.
+        assert_eq!(d.accept(&with(1, vec![lp(f32::NEG_INFINITY, 0)])), Ok(true));
     }
 }

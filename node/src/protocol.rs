@@ -15,7 +15,9 @@
 
 use serde::{Deserialize, Serialize};
 use silk_chain::{Address, SignedCheque};
-use silk_inference::{ChatMessage, GenerateRequest, Prompt, SamplingParams};
+use silk_inference::{
+    ChatMessage, Constraint, GenerateRequest, Prompt, SamplingParams, TokenLogprob,
+};
 
 /// Application error code: the worker does not serve the requested model.
 pub const ERR_WRONG_MODEL: u32 = 1;
@@ -96,6 +98,12 @@ pub struct JobRequest {
     /// the worker goes on after them (they are prefilled with the prompt,
     /// counted as prompt tokens, and not against `max_tokens`).
     pub continuation: Vec<u32>,
+    /// Report each token's log-probability and this many alternatives
+    /// (at most [`silk_inference::MAX_TOP_LOGPROBS`]).
+    pub logprobs: Option<u8>,
+    /// What the answer must parse as (`response_format`), enforced by the
+    /// worker's engine.
+    pub constraint: Option<Constraint>,
 }
 
 /// The prompt of a job.
@@ -114,6 +122,9 @@ pub struct TokenChunk {
     pub ids: Vec<u32>,
     /// Text they complete (may be empty).
     pub text: String,
+    /// The log-probability of each of `ids`, when the job asked for them
+    /// (none for an end-of-sequence token).
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// Why generation ended.
@@ -169,6 +180,8 @@ impl JobRequest {
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
             continuation: self.continuation.clone(),
+            logprobs: self.logprobs,
+            constraint: self.constraint.clone(),
             ..GenerateRequest::new(prompt, self.max_tokens.max(1) as usize)
         }
     }
@@ -245,6 +258,8 @@ mod tests {
                 job: 11,
             }),
             continuation: vec![5, 6],
+            logprobs: Some(3),
+            constraint: Some(Constraint::JsonSchema(r#"{"type":"object"}"#.into())),
         };
         let m = JobMessage::Generate(r);
         let back: JobMessage = postcard::from_bytes(&encode(&m)).expect("decode");

@@ -135,6 +135,8 @@ async fn tokenizing_a_prompt_does_not_hold_up_the_runtime() {
         ignore_eos: true,
         payment: None,
         continuation: Vec::new(),
+        logprobs: None,
+        constraint: None,
     };
     let message = protocol::encode(&JobMessage::Generate(request));
     let job = {

@@ -50,6 +50,7 @@ fn token(text: &str) -> Vec<u8> {
     protocol::encode(&TokenChunk {
         ids: vec![42],
         text: text.into(),
+        logprobs: Vec::new(),
     })
 }
 
@@ -69,6 +70,7 @@ async fn play(play: Play, max_tokens: u32, mut r: JobResponder) {
             let chunk = TokenChunk {
                 ids: vec![42; 40],
                 text: String::new(),
+                logprobs: Vec::new(),
             };
             let _ = r.send_data(protocol::encode(&chunk)).await;
             let _ = r.end(usage(1_000_000, 40)).await;
@@ -102,6 +104,7 @@ async fn play(play: Play, max_tokens: u32, mut r: JobResponder) {
             let empty = protocol::encode(&TokenChunk {
                 ids: Vec::new(),
                 text: String::new(),
+                logprobs: Vec::new(),
             });
             for _ in 0..6000 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -123,6 +126,8 @@ async fn dispatch(gateway: &Arc<Node>, max_tokens: u32) -> (u32, Result<Option<C
         ignore_eos: false,
         payment: None,
         continuation: Vec::new(),
+        logprobs: None,
+        constraint: None,
     };
     let mut job = gateway
         .dispatch(request, None, None)

@@ -2,9 +2,12 @@
 
 Usage: check.py http://127.0.0.1:PORT   — exits non-zero on any failure.
 """
+import enum
+import json
 import sys
 
 import openai
+import pydantic
 
 
 def main(base: str) -> None:
@@ -113,6 +116,100 @@ def main(base: str) -> None:
     else:
         raise AssertionError("temperature=5 was accepted")
 
+    # Log-probabilities, from the logits the worker's sampler used: with
+    # greedy decoding each chosen token is the most likely alternative, and
+    # the tokens' bytes spell the answer.
+    lp_chat = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=10,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = lp_chat.choices[0].logprobs.content
+    answer = lp_chat.choices[0].message.content
+    assert content and len(content) <= lp_chat.usage.completion_tokens, (content, lp_chat.usage)
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3, e
+        assert e.top_logprobs[0].token == e.token, e
+        assert abs(e.top_logprobs[0].logprob - e.logprob) < 1e-5, e
+        assert sum(2.718281828 ** t.logprob for t in e.top_logprobs) <= 1.0001, e
+    spelled = b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="ignore")
+    assert answer.startswith(spelled) or spelled.startswith(answer), (spelled, answer)
+    print(f"chat logprobs: {[(e.token, round(e.logprob, 3)) for e in content]}")
+    streamed_tokens = []
+    for chunk in client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=10,
+        temperature=0,
+        logprobs=True,
+        stream=True,
+    ):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed_tokens += [e.token for e in chunk.choices[0].logprobs.content]
+    assert streamed_tokens == [e.token for e in content], (streamed_tokens, content)
+    lp_text = client.completions.create(
+        model=model, prompt="The sky is", max_tokens=6, temperature=0, logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    lps = lp_text.choices[0].logprobs
+    assert len(lps.tokens) == 6 and len(lps.token_logprobs) == 6, lps
+    assert all(len(t) <= 2 for t in lps.top_logprobs), lps
+    assert lps.text_offset[0] == 0 and lps.text_offset == sorted(lps.text_offset), lps
+    print(f"completion logprobs: {list(zip(lps.tokens, lps.token_logprobs))}")
+
+    # Structured outputs: the worker masks every step to the schema, so
+    # even a 135M model's answer parses into the Pydantic model.
+    class Colour(str, enum.Enum):
+        red = "red"
+        green = "green"
+        blue = "blue"
+
+    class City(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=20)
+        country: str = pydantic.Field(max_length=20)
+        population_millions: int = pydantic.Field(ge=0, le=100)
+        colour: Colour
+
+    parsed = client.chat.completions.parse(
+        model=model,
+        messages=[{"role": "user", "content": "Describe Paris as JSON."}],
+        response_format=City,
+        max_tokens=200,
+        temperature=0,
+    )
+    city = parsed.choices[0].message.parsed
+    assert isinstance(city, City), parsed
+    assert parsed.choices[0].finish_reason == "stop", parsed.choices[0]
+    print(f"parse() with a Pydantic model: {city!r}")
+    as_object = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Give me a JSON object about cats."}],
+        response_format={"type": "json_object"},
+        max_tokens=200,
+        temperature=0.8,
+        seed=1,
+    )
+    obj = json.loads(as_object.choices[0].message.content)
+    assert isinstance(obj, dict), obj
+    print(f"json_object: {as_object.choices[0].message.content!r}")
+    try:
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "bad", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}},
+        )
+    except openai.BadRequestError as e:
+        err = (e.body or {}).get("error", e.body or {})
+        assert "response_format" in err.get("message", ""), err
+        print(f"unsatisfiable schema refused: {err.get('message')[:120]}")
+    else:
+        raise AssertionError("an unsatisfiable schema was accepted")
+
     # Sampling past temperature, applied by the worker's engine. A bias of
     # +100 on one token makes every greedy step pick it: the answer is one
     # piece of text four times over.
@@ -148,13 +245,14 @@ def main(base: str) -> None:
         ("stop", ["a", "b", "c", "d", "e"]),
         ("max_tokens", 0),
         ("n", 2),
+        ("top_logprobs", 21),
     ]:
         try:
             client.chat.completions.create(
                 model=model,
                 messages=[{"role": "user", "content": "hi"}],
                 **({"max_tokens": 4} if field != "max_tokens" else {}),
-                extra_body={field: value},
+                extra_body={field: value, **({"logprobs": True} if field == "top_logprobs" else {})},
             )
         except openai.BadRequestError as e:
             err = (e.body or {}).get("error", e.body or {})

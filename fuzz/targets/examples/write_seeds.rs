@@ -79,6 +79,12 @@ fn job_request(payment: Option<PaymentTerms>, chat: bool) -> JobRequest {
         ignore_eos: false,
         payment,
         continuation: if chat { Vec::new() } else { vec![330, 6342] },
+        logprobs: if chat { Some(5) } else { None },
+        constraint: chat.then(|| {
+            silk_inference::Constraint::JsonSchema(
+                r#"{"type":"object","properties":{"city":{"type":"string"}}}"#.into(),
+            )
+        }),
     }
 }
 
@@ -138,6 +144,7 @@ fn job_seeds() -> Result<()> {
     let chunk = TokenChunk {
         ids: vec![12, 345, 6789],
         text: " Paris.".into(),
+        logprobs: Vec::new(),
     };
     let usage = JobUsage {
         prompt_tokens: 7,

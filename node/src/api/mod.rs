@@ -335,7 +335,10 @@ async fn complete(
         ignore_eos: v.ignore_eos,
         payment: None,
         continuation: Vec::new(),
+        logprobs: v.logprobs,
+        constraint: v.constraint,
     };
+    let logprobs = v.logprobs.is_some();
     // The key's daily cap is checked against the job's worst case before
     // any lane is opened or reserved.
     let worst = node.worst_case_cost(&request, v.max_coefficient_milli);
@@ -374,9 +377,9 @@ async fn complete(
         HeaderValue::from_static(mode_str(dispatch.attestation)),
     );
     if v.stream {
-        (headers, stream_response(dispatch, kind, deadline)).into_response()
+        (headers, stream_response(dispatch, kind, logprobs, deadline)).into_response()
     } else {
-        match collect(dispatch, kind).await {
+        match collect(dispatch, kind, logprobs).await {
             Ok(body) => (headers, Json(body)).into_response(),
             Err(e) => (headers, e).into_response(),
         }
@@ -413,11 +416,68 @@ fn usage_json(u: &crate::protocol::JobUsage) -> Value {
     })
 }
 
-async fn collect(mut d: Dispatch, kind: Kind) -> Result<Value, ApiError> {
+/// A log-probability as JSON: a number, and OpenAI's -9999 for a token the
+/// model ruled out (JSON has no -inf).
+fn logprob_json(lp: f32) -> Value {
+    json!(if lp.is_finite() {
+        f64::from(lp)
+    } else {
+        -9999.0
+    })
+}
+
+/// Chat's `logprobs` for `tokens`: `{"content": [{token, logprob, bytes,
+/// top_logprobs}], "refusal": null}`.
+fn chat_logprobs(tokens: &[silk_inference::TokenLogprob]) -> Value {
+    let entry = |bytes: &[u8], lp: f32| {
+        json!({
+            "token": String::from_utf8_lossy(bytes),
+            "logprob": logprob_json(lp),
+            "bytes": bytes,
+        })
+    };
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut e = entry(&t.bytes, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|a| entry(&a.bytes, a.logprob)).collect();
+            e
+        })
+        .collect();
+    json!({ "content": content, "refusal": null })
+}
+
+/// Completions' `logprobs` for `tokens`, whose text starts `offset` bytes
+/// into the answer (moved past them): `{tokens, token_logprobs,
+/// top_logprobs, text_offset}`.
+fn text_logprobs(tokens: &[silk_inference::TokenLogprob], offset: &mut usize) -> Value {
+    let mut text_offset = Vec::with_capacity(tokens.len());
+    for t in tokens {
+        text_offset.push(*offset);
+        *offset += t.bytes.len();
+    }
+    json!({
+        "tokens": tokens.iter().map(|t| String::from_utf8_lossy(&t.bytes)).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| logprob_json(t.logprob)).collect::<Vec<_>>(),
+        "top_logprobs": tokens.iter().map(|t| {
+            t.top
+                .iter()
+                .map(|a| (String::from_utf8_lossy(&a.bytes).into_owned(), logprob_json(a.logprob)))
+                .collect::<serde_json::Map<String, Value>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
+}
+
+async fn collect(mut d: Dispatch, kind: Kind, want_logprobs: bool) -> Result<Value, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     let (usage, cost) = loop {
         match d.events.recv().await {
-            Some(JobEvent::Token(t)) => text.push_str(&t.text),
+            Some(JobEvent::Token(t)) => {
+                text.push_str(&t.text);
+                logprobs.extend(t.logprobs);
+            }
             Some(JobEvent::Done { usage, cost }) => break (usage, cost),
             Some(JobEvent::Failed(e)) => {
                 return Err(ApiError::new(
@@ -441,13 +501,13 @@ async fn collect(mut d: Dispatch, kind: Kind) -> Result<Value, ApiError> {
         Kind::Chat => json!({
             "index": 0,
             "message": { "role": "assistant", "content": text },
-            "logprobs": null,
+            "logprobs": want_logprobs.then(|| chat_logprobs(&logprobs)),
             "finish_reason": usage.finish.as_str(),
         }),
         Kind::Text => json!({
             "index": 0,
             "text": text,
-            "logprobs": null,
+            "logprobs": want_logprobs.then(|| text_logprobs(&logprobs, &mut 0)),
             "finish_reason": usage.finish.as_str(),
         }),
     };
@@ -465,10 +525,11 @@ async fn collect(mut d: Dispatch, kind: Kind) -> Result<Value, ApiError> {
 fn stream_response(
     d: Dispatch,
     kind: Kind,
+    logprobs: bool,
     deadline: Instant,
 ) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
     let (tx, rx) = mpsc::channel::<SseEvent>(64);
-    tokio::spawn(pump(d, kind, tx, deadline));
+    tokio::spawn(pump(d, kind, logprobs, tx, deadline));
     let stream =
         futures::stream::unfold(
             rx,
@@ -480,7 +541,14 @@ fn stream_response(
 /// Turns job events into SSE events; stops (dropping the job, which cancels
 /// it on the worker) as soon as the client goes away or the request's
 /// deadline passes.
-async fn pump(mut d: Dispatch, kind: Kind, tx: mpsc::Sender<SseEvent>, deadline: Instant) {
+async fn pump(
+    mut d: Dispatch,
+    kind: Kind,
+    want_logprobs: bool,
+    tx: mpsc::Sender<SseEvent>,
+    deadline: Instant,
+) {
+    let mut text_offset = 0usize;
     let id = completion_id(if kind == Kind::Chat {
         "chatcmpl"
     } else {
@@ -494,6 +562,7 @@ async fn pump(mut d: Dispatch, kind: Kind, tx: mpsc::Sender<SseEvent>, deadline:
     };
     let silk = silk_info(&d);
     let chunk = |text: Option<&str>,
+                 logprobs: Value,
                  finish: Option<&str>,
                  first: bool,
                  usage: Option<Value>,
@@ -507,10 +576,10 @@ async fn pump(mut d: Dispatch, kind: Kind, tx: mpsc::Sender<SseEvent>, deadline:
                 if let Some(t) = text {
                     delta.insert("content".into(), json!(t));
                 }
-                json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
+                json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
             }
             Kind::Text => json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish
+                "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish
             }),
         };
         let mut v = json!({
@@ -534,13 +603,19 @@ async fn pump(mut d: Dispatch, kind: Kind, tx: mpsc::Sender<SseEvent>, deadline:
         };
         let event = match next {
             Some(JobEvent::Token(t)) => {
-                let e = chunk(Some(&t.text), None, first, None, &silk);
+                let logprobs = match kind {
+                    _ if !want_logprobs => Value::Null,
+                    Kind::Chat => chat_logprobs(&t.logprobs),
+                    Kind::Text => text_logprobs(&t.logprobs, &mut text_offset),
+                };
+                let e = chunk(Some(&t.text), logprobs, None, first, None, &silk);
                 first = false;
                 e
             }
             Some(JobEvent::Done { usage, cost }) => {
                 let e = chunk(
                     if first { Some("") } else { None },
+                    Value::Null,
                     Some(usage.finish.as_str()),
                     first,
                     Some(usage_json(&usage)),

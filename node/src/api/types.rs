@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use silk_inference::SamplingParams;
+use silk_inference::{Constraint, SamplingParams};
 
 use crate::protocol::WirePrompt;
 
@@ -234,6 +234,12 @@ pub struct ChatRequest {
     /// Highest worker price coefficient to pay (silk extension; e.g. `1.5`,
     /// at most three decimals). Default: the node's configured maximum.
     pub max_coefficient: Option<f64>,
+    /// Return each answer token's log-probability.
+    pub logprobs: Option<bool>,
+    /// With `logprobs`, also the 0 to 20 most likely tokens at each step.
+    pub top_logprobs: Option<u32>,
+    /// What the answer must parse as, enforced by the worker's sampler.
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// `POST /v1/completions`.
@@ -280,6 +286,84 @@ pub struct CompletionRequest {
     /// Highest worker price coefficient to pay (silk extension; e.g. `1.5`,
     /// at most three decimals). Default: the node's configured maximum.
     pub max_coefficient: Option<f64>,
+    /// Return each answer token's log-probability and this many (0 to 20)
+    /// most likely tokens at each step.
+    pub logprobs: Option<u32>,
+    /// What the answer must parse as (vLLM takes it here too).
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// `response_format`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseFormat {
+    /// Free text (the default).
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against a schema.
+    JsonSchema {
+        /// The schema and its name.
+        json_schema: JsonSchemaFormat,
+    },
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSchemaFormat {
+    /// 1 to 64 letters, digits, `_` or `-`.
+    pub name: String,
+    /// Accepted and not used.
+    pub description: Option<String>,
+    /// The JSON schema; absent, any JSON value.
+    pub schema: Option<serde_json::Value>,
+    /// Accepted: silk enforces every schema as OpenAI's strict mode does.
+    pub strict: Option<bool>,
+}
+
+impl ResponseFormat {
+    /// The constraint the worker enforces, after the checks the gateway
+    /// can make itself (the worker compiles the schema and refuses what
+    /// llguidance cannot enforce).
+    fn constraint(self) -> Result<Option<Constraint>, ApiError> {
+        match self {
+            ResponseFormat::Text => Ok(None),
+            ResponseFormat::JsonObject => Ok(Some(Constraint::JsonObject)),
+            ResponseFormat::JsonSchema { json_schema } => {
+                let name_ok = (1..=64).contains(&json_schema.name.len())
+                    && json_schema
+                        .name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if !name_ok {
+                    return Err(ApiError::invalid(
+                        "response_format",
+                        "response_format.json_schema.name must be 1 to 64 letters, digits, _ or -",
+                    ));
+                }
+                let schema = json_schema.schema.unwrap_or_else(|| json!({}));
+                if !schema.is_object() {
+                    return Err(ApiError::invalid(
+                        "response_format",
+                        "response_format.json_schema.schema must be a JSON object",
+                    ));
+                }
+                let text = schema.to_string();
+                if text.len() > silk_inference::constraint::MAX_SCHEMA_BYTES {
+                    return Err(ApiError::invalid(
+                        "response_format",
+                        format!(
+                            "response_format.json_schema.schema is {} bytes, at most {} are allowed",
+                            text.len(),
+                            silk_inference::constraint::MAX_SCHEMA_BYTES
+                        ),
+                    ));
+                }
+                Ok(Some(Constraint::JsonSchema(text)))
+            }
+        }
+    }
 }
 
 /// A completion prompt.
@@ -311,6 +395,26 @@ pub struct Validated {
     pub ignore_eos: bool,
     /// `max_coefficient` × 1000.
     pub max_coefficient_milli: Option<u32>,
+    /// Log-probabilities with this many alternatives per token.
+    pub logprobs: Option<u8>,
+    /// What the answer must parse as.
+    pub constraint: Option<Constraint>,
+}
+
+/// Checks a count of alternative tokens asked log-probabilities for.
+fn check_top_logprobs(param: &'static str, k: u32) -> Result<u8, ApiError> {
+    u8::try_from(k)
+        .ok()
+        .filter(|&k| k <= silk_inference::MAX_TOP_LOGPROBS)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                param,
+                format!(
+                    "{param} must be between 0 and {}, got {k}",
+                    silk_inference::MAX_TOP_LOGPROBS
+                ),
+            )
+        })
 }
 
 /// Largest `max_coefficient` accepted.
@@ -492,6 +596,16 @@ impl ChatRequest {
             };
             messages.push((role.to_string(), text));
         }
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (true, k) => Some(check_top_logprobs("top_logprobs", k.unwrap_or(0))?),
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs: true",
+                ))
+            }
+        };
         Ok(Validated {
             model: self.model,
             prompt: WirePrompt::Chat(messages),
@@ -501,6 +615,12 @@ impl ChatRequest {
             stream: self.stream.unwrap_or(false),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             max_coefficient_milli: check_max_coefficient(self.max_coefficient)?,
+            logprobs,
+            constraint: self
+                .response_format
+                .map(ResponseFormat::constraint)
+                .transpose()?
+                .flatten(),
         })
     }
 }
@@ -538,6 +658,10 @@ impl CompletionRequest {
         if prompt.is_empty() {
             return Err(ApiError::invalid("prompt", "prompt must not be empty"));
         }
+        let logprobs = self
+            .logprobs
+            .map(|k| check_top_logprobs("logprobs", k))
+            .transpose()?;
         Ok(Validated {
             model: self.model,
             prompt: WirePrompt::Text(prompt),
@@ -547,6 +671,12 @@ impl CompletionRequest {
             stream: self.stream.unwrap_or(false),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             max_coefficient_milli: check_max_coefficient(self.max_coefficient)?,
+            logprobs,
+            constraint: self
+                .response_format
+                .map(ResponseFormat::constraint)
+                .transpose()?
+                .flatten(),
         })
     }
 }
@@ -691,6 +821,11 @@ mod tests {
                 format!(r#"{{{m},"logit_bias":{{"7":-100.5}}}}"#),
                 "logit_bias",
             ),
+            (
+                format!(r#"{{{m},"logprobs":true,"top_logprobs":21}}"#),
+                "top_logprobs",
+            ),
+            (format!(r#"{{{m},"top_logprobs":2}}"#), "top_logprobs"),
         ] {
             let e = chat(&body).expect_err(&body);
             assert_eq!(e.param, Some(param), "{body}: {}", e.message);
@@ -713,6 +848,54 @@ mod tests {
         );
         assert_eq!(v.sampling.seed, Some(9));
         assert_eq!(v.sampling.logit_bias, vec![(42, -100.0), (7, 3.5)]);
+        assert_eq!(v.logprobs, None);
+        let v = chat(&format!(r#"{{{m},"logprobs":true}}"#)).expect("logprobs");
+        assert_eq!(v.logprobs, Some(0));
+        let v = chat(&format!(r#"{{{m},"logprobs":true,"top_logprobs":20}}"#)).expect("20");
+        assert_eq!(v.logprobs, Some(20));
+        let completion = |body: &str| {
+            parse::<CompletionRequest>(body.as_bytes()).and_then(CompletionRequest::validate)
+        };
+        assert_eq!(
+            completion(r#"{"prompt":"a","logprobs":5}"#)
+                .expect("5")
+                .logprobs,
+            Some(5)
+        );
+        let e = completion(r#"{"prompt":"a","logprobs":21}"#).expect_err("21");
+        assert_eq!(e.param, Some("logprobs"));
+    }
+
+    #[test]
+    fn response_formats_become_constraints_and_bad_ones_are_refused() {
+        let m = r#""messages":[{"role":"user","content":"hi"}]"#;
+        let with = |rf: &str| chat(&format!(r#"{{{m},"response_format":{rf}}}"#));
+        assert_eq!(with(r#"{"type":"text"}"#).expect("text").constraint, None);
+        assert_eq!(
+            with(r#"{"type":"json_object"}"#)
+                .expect("object")
+                .constraint,
+            Some(Constraint::JsonObject)
+        );
+        let v = with(r#"{"type":"json_schema","json_schema":{"name":"City","strict":true,"schema":{"type":"object","properties":{"name":{"type":"string"}},"required":["name"]}}}"#)
+            .expect("schema");
+        match v.constraint {
+            Some(Constraint::JsonSchema(s)) => {
+                let back: serde_json::Value = serde_json::from_str(&s).expect("json");
+                assert_eq!(back["required"], json!(["name"]));
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            r#"{"type":"xml"}"#,
+            r#"{"type":"json_schema"}"#,
+            r#"{"type":"json_schema","json_schema":{"name":"a b","schema":{}}}"#,
+            r#"{"type":"json_schema","json_schema":{"name":"ok","schema":[1]}}"#,
+            r#"{"type":"json_schema","json_schema":{"name":"ok","schema":{},"extra":1}}"#,
+        ] {
+            let e = with(bad).expect_err(bad);
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
         let e = parse::<CompletionRequest>(br#"{"prompt":["a","b"]}"#)
             .and_then(CompletionRequest::validate)
             .expect_err("two prompts");

@@ -286,6 +286,8 @@ async fn routing_overhead(args: &MeshBenchArgs, data_dir: &Path) -> anyhow::Resu
         ignore_eos: true,
         payment: None,
         continuation: Vec::new(),
+        logprobs: None,
+        constraint: None,
     };
     let engine = worker.engine().context("no engine")?;
     let (mut direct, mut routed) = (Vec::new(), Vec::new());

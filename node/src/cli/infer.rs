@@ -76,7 +76,9 @@ pub fn run(args: InferArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     while let Some(event) = stream.blocking_next() {
         match event {
-            Event::Token { id, text: piece } => {
+            Event::Token {
+                id, text: piece, ..
+            } => {
                 token_ids.push(id);
                 if !args.json {
                     write!(stdout, "{piece}")?;

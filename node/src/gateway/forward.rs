@@ -293,9 +293,10 @@ impl Gateway {
                     e = stream.next() => e,
                 };
                 let out = match event {
-                    Some(Event::Token { id, text }) => JobEvent::Token(TokenChunk {
+                    Some(Event::Token { id, text, logprob }) => JobEvent::Token(TokenChunk {
                         ids: vec![id],
                         text,
+                        logprobs: logprob.into_iter().collect(),
                     }),
                     Some(Event::Done(u)) => JobEvent::Done {
                         usage: protocol::usage_record(&u, price),
@@ -324,6 +325,7 @@ impl Gateway {
         paid: &mut Option<PaidJob>,
     ) -> Result<Attempt, AttemptError> {
         let max_tokens = request.max_tokens;
+        let logprobs = request.logprobs;
         let mut request = request.clone();
         request.payment = paid.as_ref().map(|p| p.terms().clone());
         let mut stream = tokio::time::timeout(
@@ -369,7 +371,7 @@ impl Gateway {
         let deadline = tokio::time::Instant::now()
             + progress_timeout
             + Duration::from_secs(u64::from(SECONDS_PER_TOKEN_AT_WORST)) * max_tokens;
-        let mut delivery = Delivery::new(max_tokens);
+        let mut delivery = Delivery::new(max_tokens).with_logprobs(logprobs);
         tokio::spawn(async move {
             let _slot = slot;
             let mut next = Some(first);

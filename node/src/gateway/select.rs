@@ -359,6 +359,8 @@ mod tests {
             ignore_eos: false,
             payment: None,
             continuation: Vec::new(),
+            logprobs: None,
+            constraint: None,
         }
     }
 

@@ -208,10 +208,11 @@ async fn run_job(
             event = stream.next() => event,
         };
         match event {
-            Some(Event::Token { id, text }) => {
+            Some(Event::Token { id, text, logprob }) => {
                 let chunk = TokenChunk {
                     ids: vec![id],
                     text,
+                    logprobs: logprob.into_iter().collect(),
                 };
                 if let Err(e) = responder.send_data(encode(&chunk)).await {
                     tracing::debug!(%peer, error = %e, "gateway went away; cancelling the job");
