@@ -222,6 +222,10 @@ struct Counters {
     queued: AtomicUsize,
     /// f64 bits of the decode-speed moving average.
     decode_tps: AtomicU64,
+    /// Tokens picked under a constraint, and the nanoseconds spent
+    /// computing their masks and advancing their grammars.
+    masked_tokens: AtomicU64,
+    mask_nanos: AtomicU64,
 }
 
 struct Job {
@@ -493,6 +497,15 @@ impl Engine {
         }
     }
 
+    /// Tokens picked under a constraint so far, and the time spent on
+    /// their masks and grammars (what constrained decoding costs).
+    pub fn mask_stats(&self) -> (u64, Duration) {
+        (
+            self.counters.masked_tokens.load(Ordering::Relaxed),
+            Duration::from_nanos(self.counters.mask_nanos.load(Ordering::Relaxed)),
+        )
+    }
+
     /// Whether the scheduler thread still runs (it stops only on a panic).
     pub fn is_running(&self) -> bool {
         !self.queue.is_closed()
@@ -745,11 +758,15 @@ impl<B: Backend> Scheduler<B> {
                 }
                 continue;
             }
+            let mut grammar_time = Duration::ZERO;
             let token = match seq.matcher.as_mut() {
                 None => seq.sampler.sample(row, &seq.history),
                 Some(m) => {
                     let mut masked = row.to_vec();
-                    match apply_mask(m, &mut masked) {
+                    let started = Instant::now();
+                    let masking = apply_mask(m, &mut masked);
+                    grammar_time += started.elapsed();
+                    match masking {
                         Ok(()) => seq.sampler.sample(&masked, &seq.history),
                         Err(e) => {
                             let _ = seq.sender.try_send(Event::Error(e.to_string()));
@@ -762,16 +779,26 @@ impl<B: Backend> Scheduler<B> {
             seq.history.push(token);
             let complete = match seq.matcher.as_mut() {
                 None => false,
-                Some(m) => match m.consume_token(token) {
-                    Ok(()) => m.is_stopped(),
-                    Err(e) => {
-                        let _ = seq
-                            .sender
-                            .try_send(Event::Error(format!("constrained decoding: {e}")));
-                        seq.finished = true;
-                        continue;
+                Some(m) => {
+                    let started = Instant::now();
+                    let consumed = m.consume_token(token);
+                    grammar_time += started.elapsed();
+                    match consumed {
+                        Ok(()) => {
+                            let nanos = u64::try_from(grammar_time.as_nanos()).unwrap_or(u64::MAX);
+                            self.counters.mask_nanos.fetch_add(nanos, Ordering::Relaxed);
+                            self.counters.masked_tokens.fetch_add(1, Ordering::Relaxed);
+                            m.is_stopped()
+                        }
+                        Err(e) => {
+                            let _ = seq
+                                .sender
+                                .try_send(Event::Error(format!("constrained decoding: {e}")));
+                            seq.finished = true;
+                            continue;
+                        }
                     }
-                },
+                }
             };
             let logprob = seq
                 .request

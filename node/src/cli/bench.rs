@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use silk_inference::backend::{start_engine, Device};
 use silk_inference::model::ModelFormat;
 use silk_inference::{
-    CpuKernels, Engine, EngineConfig, Event, GenerateRequest, ModelStore, Prompt,
+    Constraint, CpuKernels, Engine, EngineConfig, Event, GenerateRequest, ModelStore, Prompt,
 };
 
 /// `silk bench ...`
@@ -155,6 +155,64 @@ fn measure(
     })
 }
 
+/// Constrained decoding at `batch`: each request's answer must be a JSON
+/// array of exactly `gen_tokens / 2` digits (about two tokens an item), so
+/// every step computes a mask. Returns the aggregate decode tokens/s and
+/// the grammar's cost per token (mask plus grammar step, from the engine's
+/// own counters).
+fn measure_constrained(
+    engine: &Engine,
+    prompt: &[u32],
+    batch: usize,
+    gen_tokens: usize,
+) -> anyhow::Result<(f64, std::time::Duration)> {
+    let items = (gen_tokens / 2).max(1);
+    let schema = serde_json::json!({
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": 9},
+        "minItems": items,
+        "maxItems": items,
+    });
+    let (masks_before, time_before) = engine.mask_stats();
+    let submitted = Instant::now();
+    let mut streams = Vec::with_capacity(batch);
+    for _ in 0..batch {
+        let mut request = GenerateRequest::new(Prompt::Tokens(prompt.to_vec()), 4 * items + 8);
+        request.constraint = Some(Constraint::JsonSchema(schema.to_string()));
+        streams.push(engine.submit(request)?);
+    }
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                let (mut first, mut tokens) = (None, 0usize);
+                while let Some(event) = s.blocking_next() {
+                    match event {
+                        Event::Token { .. } => {
+                            tokens += 1;
+                            first.get_or_insert_with(Instant::now);
+                        }
+                        Event::Done(_) => break,
+                        Event::Error(e) => return Err(anyhow::anyhow!(e)),
+                    }
+                }
+                Ok((first, tokens, Instant::now()))
+            })
+        })
+        .collect();
+    let (mut first_all, mut end, mut after_first) = (submitted, submitted, 0usize);
+    for h in handles {
+        let (first, tokens, done) = h.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        first_all = first_all.max(first.context("no token")?);
+        end = end.max(done);
+        after_first += tokens.saturating_sub(1);
+    }
+    let (masks, time) = engine.mask_stats();
+    let per_token = (time - time_before) / u32::try_from((masks - masks_before).max(1))?;
+    let decode = end.duration_since(first_all).as_secs_f64();
+    Ok((after_first as f64 / decode.max(1e-9), per_token))
+}
+
 /// The CPU model, core count, architecture, the vector extensions the
 /// kernels care about and the kernel set in use, printed with every
 /// benchmark.
@@ -272,6 +330,15 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
         );
         ours.push(row);
     }
+    let mut constrained = Vec::new();
+    for &b in &args.batch {
+        let (tps, per_token) = measure_constrained(&engine, &prompt, b, args.gen_tokens)?;
+        eprintln!(
+            "silk batch {b}, JSON schema: {tps:.1} decode tokens/s, grammar {:.1} µs/token",
+            per_token.as_secs_f64() * 1e6
+        );
+        constrained.push((b, tps, per_token));
+    }
     let reference = match &gguf {
         Some(g) => reference(&args, g)?,
         None => None,
@@ -326,6 +393,24 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
             "- silk batch {} aggregate decode / batch 1 = {:.2}",
             o32.batch,
             o32.decode_tokens_per_s / o1.decode_tokens_per_s.max(1e-9)
+        );
+    }
+    println!();
+    println!(
+        "Constrained decoding (`response_format` JSON schema: an array of {} digits; llguidance mask and grammar step per token, on the engine thread):",
+        (args.gen_tokens / 2).max(1)
+    );
+    println!();
+    println!("| batch | decode tok/s (aggregate), constrained | same, free | grammar µs/token |");
+    println!("|---:|---:|---:|---:|");
+    for (b, tps, per_token) in &constrained {
+        let free = ours
+            .iter()
+            .find(|r| r.batch == *b)
+            .map_or(0.0, |r| r.decode_tokens_per_s);
+        println!(
+            "| {b} | {tps:.1} | {free:.1} | {:.1} |",
+            per_token.as_secs_f64() * 1e6
         );
     }
     Ok(ExitCode::SUCCESS)
