@@ -10,7 +10,8 @@ use clap::{Args, Subcommand};
 use silk_inference::backend::{start_engine, Device};
 use silk_inference::model::ModelFormat;
 use silk_inference::{
-    Constraint, CpuKernels, Engine, EngineConfig, Event, GenerateRequest, ModelStore, Prompt,
+    Constraint, CpuKernels, Engine, EngineConfig, Event, GenerateRequest, GenerationStream,
+    ModelStore, Prompt,
 };
 
 /// `silk bench ...`
@@ -97,26 +98,15 @@ fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-fn measure(
-    engine: &Engine,
-    prompt: &[u32],
-    batch: usize,
-    gen_tokens: usize,
-) -> anyhow::Result<Row> {
-    let submitted = Instant::now();
-    let mut streams = Vec::with_capacity(batch);
-    for _ in 0..batch {
-        let mut request = GenerateRequest::new(Prompt::Tokens(prompt.to_vec()), gen_tokens + 1);
-        request.ignore_eos = true;
-        streams.push(engine.submit(request)?);
-    }
-    // Drain the streams on their own threads so no reader holds the batch back.
+/// Reads every stream to its end, each on its own thread so no reader
+/// holds the batch back; returns each one's first-token time, token count
+/// and end time.
+fn drain(streams: Vec<GenerationStream>) -> anyhow::Result<Vec<(Option<Instant>, usize, Instant)>> {
     let handles: Vec<_> = streams
         .into_iter()
         .map(|mut s| {
             std::thread::spawn(move || {
-                let mut first = None;
-                let mut tokens = 0usize;
+                let (mut first, mut tokens) = (None, 0usize);
                 while let Some(event) = s.blocking_next() {
                     match event {
                         Event::Token { .. } => {
@@ -131,10 +121,28 @@ fn measure(
             })
         })
         .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().map_err(|_| anyhow::anyhow!("reader panicked"))?)
+        .collect()
+}
+
+fn measure(
+    engine: &Engine,
+    prompt: &[u32],
+    batch: usize,
+    gen_tokens: usize,
+) -> anyhow::Result<Row> {
+    let submitted = Instant::now();
+    let mut streams = Vec::with_capacity(batch);
+    for _ in 0..batch {
+        let mut request = GenerateRequest::new(Prompt::Tokens(prompt.to_vec()), gen_tokens + 1);
+        request.ignore_eos = true;
+        streams.push(engine.submit(request)?);
+    }
     let mut firsts = Vec::new();
     let mut end = submitted;
-    for h in handles {
-        let (first, tokens, done) = h.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    for (first, tokens, done) in drain(streams)? {
         anyhow::ensure!(
             tokens == gen_tokens + 1,
             "a request produced {tokens} tokens"
@@ -181,28 +189,8 @@ fn measure_constrained(
         request.constraint = Some(Constraint::JsonSchema(schema.to_string()));
         streams.push(engine.submit(request)?);
     }
-    let handles: Vec<_> = streams
-        .into_iter()
-        .map(|mut s| {
-            std::thread::spawn(move || {
-                let (mut first, mut tokens) = (None, 0usize);
-                while let Some(event) = s.blocking_next() {
-                    match event {
-                        Event::Token { .. } => {
-                            tokens += 1;
-                            first.get_or_insert_with(Instant::now);
-                        }
-                        Event::Done(_) => break,
-                        Event::Error(e) => return Err(anyhow::anyhow!(e)),
-                    }
-                }
-                Ok((first, tokens, Instant::now()))
-            })
-        })
-        .collect();
     let (mut first_all, mut end, mut after_first) = (submitted, submitted, 0usize);
-    for h in handles {
-        let (first, tokens, done) = h.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    for (first, tokens, done) in drain(streams)? {
         first_all = first_all.max(first.context("no token")?);
         end = end.max(done);
         after_first += tokens.saturating_sub(1);
