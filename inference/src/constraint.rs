@@ -1,5 +1,5 @@
 //! Constrained decoding: what a request's answer must parse as (any JSON
-//! object, or a JSON schema), turned into a token mask at every step by
+//! object, a JSON schema, or a call of one of its tools), turned into a token mask at every step by
 //! `llguidance`, the engine llama.cpp, vLLM and SGLang use. The mask is
 //! computed from the model's own vocabulary, so a token that would make the
 //! answer leave the grammar is never sampled; when the grammar is complete
@@ -19,6 +19,7 @@ use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
 use crate::error::{InferenceError, Result};
 use crate::tokenizer::Tokenizer;
+use crate::tools::{Tool, MAX_PARALLEL_TOOL_CALLS, TOOL_CALL_CLOSE, TOOL_CALL_OPEN};
 
 /// What an answer must be.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -27,17 +28,50 @@ pub enum Constraint {
     JsonObject,
     /// A JSON value valid against this schema, as JSON text.
     JsonSchema(String),
+    /// One call of one of `tools` in the Hermes format
+    /// (`<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`, see
+    /// [`crate::tools`]), its arguments valid against that function's
+    /// schema; with `parallel`, up to
+    /// [`crate::tools::MAX_PARALLEL_TOOL_CALLS`] calls, one per line
+    /// (`tool_choice` `required` or a named function).
+    ToolCalls {
+        /// The functions it may call (at least one).
+        tools: Vec<Tool>,
+        /// Whether it may make more than one call.
+        parallel: bool,
+    },
 }
 
 /// Largest schema accepted, in bytes.
 pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
 
 impl Constraint {
+    /// The grammar llguidance compiles.
+    fn grammar(&self) -> Result<TopLevelGrammar> {
+        match self {
+            Constraint::ToolCalls { tools, parallel } => Ok(TopLevelGrammar::from_lark(
+                tool_calls_lark(tools, *parallel)?,
+            )),
+            _ => Ok(TopLevelGrammar::from_json_schema(self.schema()?)),
+        }
+    }
+
+    /// The request field a grammar that cannot be enforced comes from.
+    fn field(&self) -> &'static str {
+        match self {
+            Constraint::ToolCalls { .. } => "tools",
+            _ => "response_format",
+        }
+    }
+
     /// The schema llguidance compiles: compact JSON (no free whitespace,
     /// which a model could otherwise emit until `max_tokens` runs out).
     fn schema(&self) -> Result<serde_json::Value> {
         let mut schema = match self {
             Constraint::JsonObject => serde_json::json!({ "type": "object" }),
+            Constraint::ToolCalls { .. } => {
+                return Err(invalid("tool calls have a grammar, not a schema".into()))
+            }
             Constraint::JsonSchema(text) => {
                 if text.len() > MAX_SCHEMA_BYTES {
                     return Err(invalid(format!(
@@ -58,6 +92,61 @@ impl Constraint {
         );
         Ok(schema)
     }
+}
+
+/// The Lark grammar of one (or, with `parallel`, up to
+/// [`MAX_PARALLEL_TOOL_CALLS`]) calls of `tools`: each call's JSON is an
+/// object with the function's name as a constant and its arguments under
+/// its schema, written as the chat templates write calls (`", "` and
+/// `": "` between items).
+fn tool_calls_lark(tools: &[Tool], parallel: bool) -> Result<String> {
+    if tools.is_empty() {
+        return Err(InferenceError::InvalidRequest {
+            field: "tools",
+            reason: "a required tool call needs at least one function".into(),
+        });
+    }
+    crate::tools::check_tools(tools)?;
+    let mut lark = if parallel {
+        format!(
+            "start: call (\"\\n\" call){{0,{}}}\n",
+            MAX_PARALLEL_TOOL_CALLS - 1
+        )
+    } else {
+        "start: call\n".to_string()
+    };
+    let alternatives: Vec<String> = (0..tools.len()).map(|i| format!("f{i}")).collect();
+    lark.push_str(&format!(
+        "call: \"{TOOL_CALL_OPEN}\\n\" ({}) \"\\n{TOOL_CALL_CLOSE}\"\n",
+        alternatives.join(" | ")
+    ));
+    for (i, tool) in tools.iter().enumerate() {
+        // A function declared without parameters takes none (the chat
+        // template shows it an empty object schema).
+        let mut arguments = if tool.parameters.trim().is_empty() {
+            serde_json::json!({ "type": "object", "properties": {}, "additionalProperties": false })
+        } else {
+            tool.schema()?
+        };
+        let mut schema = serde_json::json!({
+            "type": "object",
+            "properties": { "name": { "const": tool.name } },
+            "required": ["name", "arguments"],
+            "additionalProperties": false,
+            "x-guidance": { "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " },
+        });
+        // References (`#/$defs/…`, what pydantic writes) resolve against
+        // the root, which is now the call's object: the definitions move
+        // there with them.
+        for key in ["$defs", "definitions"] {
+            if let Some(defs) = arguments.as_object_mut().and_then(|o| o.remove(key)) {
+                schema[key] = defs;
+            }
+        }
+        schema["properties"]["arguments"] = arguments;
+        lark.push_str(&format!("f{i}: %json {schema}\n"));
+    }
+    Ok(lark)
 }
 
 fn invalid(reason: String) -> InferenceError {
@@ -126,14 +215,18 @@ impl Grammars {
     /// A fresh matcher for `constraint`; a schema llguidance cannot compile
     /// is refused naming `response_format`.
     pub fn matcher(&self, constraint: &Constraint) -> Result<Matcher> {
-        let grammar = TopLevelGrammar::from_json_schema(constraint.schema()?);
+        let field = constraint.field();
+        let refused = |e: String| InferenceError::InvalidRequest {
+            field,
+            reason: format!("the schema cannot be enforced: {e}"),
+        };
         let parser = self
             .factory
-            .create_parser(grammar)
-            .map_err(|e| invalid(format!("the schema cannot be enforced: {e}")))?;
+            .create_parser(constraint.grammar()?)
+            .map_err(|e| refused(e.to_string()))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(invalid(format!("the schema cannot be enforced: {e}")));
+            return Err(refused(e));
         }
         Ok(matcher)
     }

@@ -26,6 +26,7 @@ use crate::error::{InferenceError, Result};
 use crate::model::{LoadedModel, ModelSource};
 use crate::sampling::{History, Sampler, SamplingParams, TokenLogprob, TopLogprob};
 use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
+use crate::tools::Tool;
 use crate::transformer::{Segment, Transformer};
 use llguidance::Matcher;
 
@@ -66,8 +67,14 @@ impl Default for EngineConfig {
 pub enum Prompt {
     /// Raw text, tokenized with the model's special tokens (BOS).
     Text(String),
-    /// A conversation, rendered with the model's chat template.
-    Chat(Vec<ChatMessage>),
+    /// A conversation, rendered with the model's chat template, and the
+    /// functions the model may call (see [`crate::tools`]).
+    Chat {
+        /// The messages.
+        messages: Vec<ChatMessage>,
+        /// The functions; empty for none.
+        tools: Vec<Tool>,
+    },
     /// Pre-tokenized input.
     Tokens(Vec<u32>),
 }
@@ -79,8 +86,8 @@ pub enum Prompt {
 pub fn prompt_ids(tokenizer: &Tokenizer, prompt: &Prompt) -> Result<Vec<u32>> {
     match prompt {
         Prompt::Text(text) => tokenizer.encode(text, true),
-        Prompt::Chat(messages) => {
-            let text = tokenizer.apply_chat_template(messages, true)?;
+        Prompt::Chat { messages, tools } => {
+            let text = tokenizer.apply_chat_template_with_tools(messages, tools, true)?;
             tokenizer.encode(&text, false)
         }
         Prompt::Tokens(ids) => Ok(ids.clone()),

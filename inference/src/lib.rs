@@ -23,7 +23,11 @@
 //! - [`sampling`] picks tokens (greedy, temperature, top-k, min-p, top-p,
 //!   seeded) after penalties and logit bias, and reports log-probabilities;
 //!   [`constraint`] masks each step's logits so an answer parses as the
-//!   JSON schema a request gives (llguidance).
+//!   JSON schema a request gives, or as a call of one of its tools
+//!   (llguidance).
+//! - [`tools`] renders a conversation with tools (the model's template, or
+//!   the Hermes format for one that knows none) and reads `<tool_call>`
+//!   blocks back out of an answer as it streams.
 //!
 //! The crate knows tensors and tokens, nothing about peers or money.
 
@@ -40,6 +44,7 @@ pub mod packed;
 pub mod sampling;
 pub mod store;
 pub mod tokenizer;
+pub mod tools;
 pub mod transformer;
 pub mod weights;
 
@@ -54,4 +59,5 @@ pub use model::{LoadedModel, ModelSource};
 pub use sampling::{SamplingParams, TokenLogprob, TopLogprob, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS};
 pub use store::{ModelStore, DEFAULT_MODEL};
 pub use tokenizer::{ChatMessage, Tokenizer};
+pub use tools::{ParsedCall, Piece, Tool, ToolCall, ToolCallReader};
 pub use transformer::WeightLayout;

@@ -16,6 +16,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{InferenceError, Result};
 use crate::gguf::{GgufFile, Value};
+use crate::tools::{self, Tool, ToolCall};
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -24,6 +25,26 @@ pub struct ChatMessage {
     pub role: String,
     /// The text.
     pub content: String,
+    /// The participant's name, for templates that use it.
+    pub name: Option<String>,
+    /// The calls an assistant message made.
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message with a role and text only.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            name: None,
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
 }
 
 /// A model's tokenizer with its chat template and stop tokens.
@@ -324,12 +345,34 @@ impl Tokenizer {
         self.chat_template.is_some()
     }
 
+    /// Whether the model's chat template renders tools itself (otherwise
+    /// [`tools::hermes_fallback`] rewrites a conversation that has them).
+    pub fn template_knows_tools(&self) -> bool {
+        self.chat_template
+            .as_deref()
+            .is_some_and(tools::template_knows_tools)
+    }
+
     /// Renders `messages` with the model's chat template, the way
     /// transformers' `apply_chat_template` does (trim_blocks, lstrip_blocks,
-    /// Python string methods, `raise_exception`).
+    /// Python string methods, `raise_exception`, `tojson` as Python writes
+    /// JSON).
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.apply_chat_template_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// [`Self::apply_chat_template`] with the functions the model may call:
+    /// passed to a template that knows tools as `tools`, or written into
+    /// the conversation by [`tools::hermes_fallback`] for one that does not
+    /// (as is a conversation that carries calls or their results).
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Tool],
         add_generation_prompt: bool,
     ) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
@@ -337,6 +380,20 @@ impl Tokenizer {
                 "this model has no chat template; send a plain prompt instead".into(),
             )
         })?;
+        tools::check_tools(tools)?;
+        let uses_tools = !tools.is_empty()
+            || messages
+                .iter()
+                .any(|m| m.role == "tool" || !m.tool_calls.is_empty());
+        let (messages, tools) = if uses_tools && !tools::template_knows_tools(template) {
+            (tools::hermes_fallback(messages, tools)?, Vec::new())
+        } else {
+            let tools = tools
+                .iter()
+                .map(Tool::openai_json)
+                .collect::<Result<Vec<_>>>()?;
+            (messages.to_vec(), tools)
+        };
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -358,18 +415,46 @@ impl Tokenizer {
                 .unwrap_or(0);
             strftime_utc(now, &format)
         });
+        // minijinja's own `tojson` escapes `<`, `>`, `&` and `'` for HTML
+        // and writes no spaces; templates were written for Python's.
+        env.add_filter(
+            "tojson",
+            |value: minijinja::Value,
+             kwargs: minijinja::value::Kwargs|
+             -> std::result::Result<minijinja::Value, minijinja::Error> {
+                let indent: Option<usize> = kwargs.get("indent")?;
+                kwargs.assert_all_used()?;
+                let json = serde_json::to_value(&value).map_err(|e| {
+                    minijinja::Error::new(minijinja::ErrorKind::BadSerialization, e.to_string())
+                })?;
+                Ok(minijinja::Value::from_safe_string(tools::python_json(
+                    &json, indent,
+                )))
+            },
+        );
         env.add_template("chat", template)
             .map_err(|e| InferenceError::Template(format!("cannot parse: {e}")))?;
         let tmpl = env
             .get_template("chat")
             .map_err(|e| InferenceError::Template(e.to_string()))?;
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-        })
-        .map_err(|e| InferenceError::Template(format!("cannot render: {e}")))
+        let messages = tools::template_messages(&messages);
+        let rendered = if tools.is_empty() {
+            tmpl.render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token.clone().unwrap_or_default(),
+                eos_token => self.eos_token.clone().unwrap_or_default(),
+            })
+        } else {
+            tmpl.render(minijinja::context! {
+                messages => messages,
+                tools => tools,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token.clone().unwrap_or_default(),
+                eos_token => self.eos_token.clone().unwrap_or_default(),
+            })
+        };
+        rendered.map_err(|e| InferenceError::Template(format!("cannot render: {e}")))
     }
 }
 

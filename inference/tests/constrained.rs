@@ -12,8 +12,9 @@ use silk_inference::cpu::CpuKernels;
 use silk_inference::engine::{Engine, EngineConfig, Event, FinishReason, GenerateRequest, Prompt};
 use silk_inference::model::{LoadedModel, ModelSource};
 use silk_inference::sampling::SamplingParams;
+use silk_inference::tools::{read_tool_calls, ParsedCall, MAX_PARALLEL_TOOL_CALLS};
 use silk_inference::transformer::WeightLayout;
-use silk_inference::{Constraint, InferenceError};
+use silk_inference::{Constraint, InferenceError, Tool};
 
 fn engine(name: &str) -> Engine {
     let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -187,6 +188,151 @@ fn a_schema_that_cannot_be_enforced_is_refused_naming_response_format() {
                 assert_eq!(field, "response_format", "{bad}")
             }
             other => panic!("{bad}: {other:?}"),
+        }
+    }
+}
+
+/// The functions of the tool-call tests: the person schema above, one
+/// whose schema refers to its own `$defs` (as pydantic writes them), and
+/// one that takes no arguments.
+fn tools() -> Vec<Tool> {
+    vec![
+        Tool {
+            name: "save_person".into(),
+            description: Some("Stores a person.".into()),
+            parameters: schema().to_string(),
+        },
+        Tool {
+            name: "paint".into(),
+            description: None,
+            parameters: json!({
+                "type": "object",
+                "properties": {"colour": {"$ref": "#/$defs/Colour"}},
+                "required": ["colour"],
+                "additionalProperties": false,
+                "$defs": {"Colour": {"enum": ["red", "green", "blue"]}}
+            })
+            .to_string(),
+        },
+        Tool {
+            name: "now".into(),
+            description: None,
+            parameters: String::new(),
+        },
+    ]
+}
+
+/// Checks a read call's arguments against its function's schema.
+fn valid_call(call: &ParsedCall) -> Result<(), String> {
+    let args: Value = serde_json::from_str(&call.arguments).map_err(|e| e.to_string())?;
+    match call.name.as_str() {
+        "save_person" => valid(&args),
+        "paint"
+            if matches!(args["colour"].as_str(), Some("red" | "green" | "blue"))
+                && args.as_object().is_some_and(|o| o.len() == 1) =>
+        {
+            Ok(())
+        }
+        "now" if args.is_object() => Ok(()),
+        other => Err(format!("{other}({args})")),
+    }
+}
+
+/// `tool_choice: required`: whatever the weights, the answer is one call of
+/// a declared function in the format the chat templates use, and its
+/// arguments match that function's schema.
+#[test]
+fn every_required_tool_call_parses_and_matches_its_functions_schema() {
+    let tools = tools();
+    for name in ["tiny-llama", "tiny-qwen3"] {
+        let engine = engine(name);
+        let constraint = Constraint::ToolCalls {
+            tools: tools.clone(),
+            parallel: false,
+        };
+        let answers = run(&engine, &constraint, 100);
+        let mut called = std::collections::BTreeMap::<String, usize>::new();
+        for (seed, (text, finish, _)) in answers.iter().enumerate() {
+            assert_eq!(*finish, FinishReason::Stop, "{name} seed {seed}: {text:?}");
+            let (rest, calls) = read_tool_calls(text, &tools);
+            assert_eq!(
+                rest, None,
+                "{name} seed {seed}: text outside the call in {text:?}"
+            );
+            assert_eq!(calls.len(), 1, "{name} seed {seed}: {text:?}");
+            if let Err(why) = valid_call(&calls[0]) {
+                panic!("{name} seed {seed}: {text} breaks the schema: {why}");
+            }
+            *called.entry(calls[0].name.clone()).or_default() += 1;
+        }
+        println!(
+            "{name}: 100 of 100 required calls valid: {called:?}; e.g. {:?}",
+            answers[0].0
+        );
+
+        // A named function: every answer calls it.
+        let named = Constraint::ToolCalls {
+            tools: vec![tools[1].clone()],
+            parallel: false,
+        };
+        for (seed, (text, finish, _)) in run(&engine, &named, 20).iter().enumerate() {
+            assert_eq!(*finish, FinishReason::Stop, "{name} seed {seed}");
+            let (_, calls) = read_tool_calls(text, &tools);
+            assert!(
+                calls.len() == 1 && calls[0].name == "paint" && valid_call(&calls[0]).is_ok(),
+                "{name} seed {seed}: {text:?}"
+            );
+        }
+
+        // Parallel calls: up to the cap, each valid, in the answers that
+        // ended by themselves.
+        let parallel = Constraint::ToolCalls {
+            tools: tools[1..].to_vec(),
+            parallel: true,
+        };
+        let mut most = 0;
+        for (seed, (text, finish, tokens)) in run(&engine, &parallel, 20).iter().enumerate() {
+            if *finish == FinishReason::Length {
+                assert_eq!(*tokens, MAX_TOKENS, "{name} seed {seed}");
+                continue;
+            }
+            let (rest, calls) = read_tool_calls(text, &tools);
+            assert_eq!(rest, None, "{name} seed {seed}: {text:?}");
+            assert!(
+                (1..=MAX_PARALLEL_TOOL_CALLS).contains(&calls.len()),
+                "{name} seed {seed}: {} calls",
+                calls.len()
+            );
+            for c in &calls {
+                assert!(valid_call(c).is_ok(), "{name} seed {seed}: {c:?}");
+            }
+            most = most.max(calls.len());
+        }
+        println!("{name}: parallel calls, up to {most} in one answer");
+    }
+}
+
+#[test]
+fn a_tool_schema_that_cannot_be_enforced_is_refused_naming_tools() {
+    let engine = engine("tiny-llama");
+    for parameters in [
+        "not json".to_string(),
+        json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}).to_string(),
+    ] {
+        let mut r = GenerateRequest::new(Prompt::Text("x".into()), 8);
+        r.constraint = Some(Constraint::ToolCalls {
+            tools: vec![Tool {
+                name: "f".into(),
+                description: None,
+                parameters: parameters.clone(),
+            }],
+            parallel: false,
+        });
+        match engine.submit(r) {
+            Err(InferenceError::InvalidRequest { field, .. }) => {
+                assert_eq!(field, "tools", "{parameters}")
+            }
+            other => panic!("{parameters}: {other:?}"),
         }
     }
 }

@@ -16,7 +16,7 @@
 use serde::{Deserialize, Serialize};
 use silk_chain::{Address, SignedCheque};
 use silk_inference::{
-    ChatMessage, Constraint, GenerateRequest, Prompt, SamplingParams, TokenLogprob,
+    ChatMessage, Constraint, GenerateRequest, Prompt, SamplingParams, TokenLogprob, Tool,
 };
 
 /// Application error code: the worker does not serve the requested model.
@@ -113,6 +113,16 @@ pub enum WirePrompt {
     Text(String),
     /// Chat messages as (role, content).
     Chat(Vec<(String, String)>),
+    /// A conversation with what [`WirePrompt::Chat`] cannot carry: tools
+    /// the model may call, assistant messages with calls, tool results,
+    /// names. A gateway sends [`WirePrompt::Chat`] when it can, so workers
+    /// that predate this variant still serve plain conversations.
+    Conversation {
+        /// The messages.
+        messages: Vec<ChatMessage>,
+        /// The functions the model may call.
+        tools: Vec<Tool>,
+    },
 }
 
 /// One data frame: generated text and its token ids.
@@ -166,14 +176,17 @@ impl JobRequest {
     pub fn to_generate(&self) -> GenerateRequest {
         let prompt = match &self.prompt {
             WirePrompt::Text(t) => Prompt::Text(t.clone()),
-            WirePrompt::Chat(m) => Prompt::Chat(
-                m.iter()
-                    .map(|(role, content)| ChatMessage {
-                        role: role.clone(),
-                        content: content.clone(),
-                    })
+            WirePrompt::Chat(m) => Prompt::Chat {
+                messages: m
+                    .iter()
+                    .map(|(role, content)| ChatMessage::new(role.clone(), content.clone()))
                     .collect(),
-            ),
+                tools: Vec::new(),
+            },
+            WirePrompt::Conversation { messages, tools } => Prompt::Chat {
+                messages: messages.clone(),
+                tools: tools.clone(),
+            },
         };
         GenerateRequest {
             sampling: self.sampling.clone(),
@@ -198,15 +211,45 @@ impl JobRequest {
     pub fn prompt_tokens_bound(&self) -> u64 {
         let messages = match &self.prompt {
             WirePrompt::Text(_) => 0,
-            WirePrompt::Chat(m) => m.len() as u64,
+            WirePrompt::Chat(m) => m.len(),
+            WirePrompt::Conversation { messages, .. } => messages.len(),
         };
-        self.prompt_bytes() + 16 * messages + 32 + self.continuation.len() as u64
+        self.prompt_bytes() + 16 * messages as u64 + 32 + self.continuation.len() as u64
     }
 
+    /// The prompt's bytes as a template writes them, at most: tools and
+    /// calls are written again as JSON with spaces (at most twice their
+    /// bytes) inside a fixed preamble and tags.
     fn prompt_bytes(&self) -> u64 {
         let bytes = match &self.prompt {
             WirePrompt::Text(t) => t.len(),
             WirePrompt::Chat(m) => m.iter().map(|(r, c)| r.len() + c.len() + 8).sum(),
+            WirePrompt::Conversation { messages, tools } => {
+                let message = |m: &ChatMessage| {
+                    let calls: usize = m
+                        .tool_calls
+                        .iter()
+                        .map(|c| c.id.len() + c.name.len() + 2 * c.arguments.len() + 64)
+                        .sum();
+                    m.role.len()
+                        + m.content.len()
+                        + m.name.as_ref().map_or(0, String::len)
+                        + m.tool_call_id.as_ref().map_or(0, String::len)
+                        + calls
+                        + if m.role == "tool" { 48 } else { 8 }
+                };
+                let tools_bytes: usize = tools
+                    .iter()
+                    .map(|t| {
+                        2 * (t.name.len()
+                            + t.description.as_ref().map_or(0, String::len)
+                            + t.parameters.len())
+                            + 64
+                    })
+                    .sum();
+                let preamble = if tools.is_empty() { 0 } else { 1024 };
+                messages.iter().map(message).sum::<usize>() + tools_bytes + preamble
+            }
         };
         bytes as u64
     }

@@ -5,6 +5,7 @@ Usage: check.py http://127.0.0.1:PORT   — exits non-zero on any failure.
 import enum
 import json
 import sys
+import typing
 
 import openai
 import pydantic
@@ -209,6 +210,83 @@ def main(base: str) -> None:
         print(f"unsatisfiable schema refused: {err.get('message')[:120]}")
     else:
         raise AssertionError("an unsatisfiable schema was accepted")
+
+    # Tools. With tool_choice "required" (or a named function) the worker
+    # writes the call under a grammar made from the function's schema, so
+    # even a 135M model's call parses into the Pydantic model.
+    class GetWeather(pydantic.BaseModel):
+        """The current weather in a city."""
+
+        city: str = pydantic.Field(max_length=30)
+        unit: typing.Literal["celsius", "fahrenheit"]
+
+    weather_tool = openai.pydantic_function_tool(GetWeather, name="get_weather")
+    clock_tool = {"type": "function", "function": {
+        "name": "now", "description": "The time.", "strict": True,
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    called = client.chat.completions.parse(
+        model=model, messages=ask, tools=[weather_tool, clock_tool],
+        tool_choice="required", max_tokens=120, temperature=0,
+    )
+    choice = called.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content is None, choice.message
+    calls = choice.message.tool_calls
+    assert calls and all(c.id.startswith("call_") for c in calls), calls
+    assert calls[0].function.name in ("get_weather", "now"), calls
+    if calls[0].function.name == "get_weather":
+        assert isinstance(calls[0].function.parsed_arguments, GetWeather), calls[0]
+    print(f"tool_choice required: {[(c.function.name, c.function.arguments) for c in calls]}")
+    # A named function, streamed: the call arrives as a tool_calls delta.
+    stream = client.chat.completions.create(
+        model=model, messages=ask, tools=[weather_tool, clock_tool],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=120, temperature=0, stream=True,
+    )
+    deltas, finish, content = [], None, ""
+    for chunk in stream:
+        for c in chunk.choices:
+            deltas.extend(c.delta.tool_calls or [])
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls" and content == "", (finish, content)
+    assert len(deltas) == 1 and deltas[0].index == 0 and deltas[0].function.name == "get_weather", deltas
+    streamed = GetWeather.model_validate_json(deltas[0].function.arguments)
+    print(f"streamed named call: get_weather({streamed!r})")
+    # The conversation goes on: the assistant's calls and the results go
+    # back as the SDK hands them over, and the model answers in text.
+    followup = ask + [choice.message] + [
+        {"role": "tool", "tool_call_id": c.id, "content": json.dumps({"temperature": 9, "sky": "rain"})}
+        for c in calls
+    ]
+    answer = client.chat.completions.create(
+        model=model, messages=followup, tools=[weather_tool, clock_tool], tool_choice="none",
+        max_tokens=40, temperature=0,
+    )
+    reply = answer.choices[0]
+    assert reply.message.tool_calls is None and reply.message.content, reply
+    assert reply.finish_reason in ("stop", "length"), reply
+    print(f"after the tool result: {reply.message.content!r}")
+    # auto: the model decides; whatever it wrote is either text or calls of
+    # declared functions.
+    auto = client.chat.completions.create(
+        model=model, messages=ask, tools=[weather_tool, clock_tool], max_tokens=60, temperature=0,
+    ).choices[0]
+    assert auto.finish_reason in ("stop", "length", "tool_calls"), auto
+    assert (auto.finish_reason == "tool_calls") == bool(auto.message.tool_calls), auto
+    print(f"tool_choice auto: finish {auto.finish_reason}, {auto.message.content or auto.message.tool_calls!r}")
+    try:
+        client.chat.completions.create(
+            model=model, messages=ask, tools=[clock_tool], max_tokens=4,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        )
+    except openai.BadRequestError as e:
+        err = (e.body or {}).get("error", e.body or {})
+        assert err.get("param") == "tool_choice", err
+        print(f"a tool_choice naming an undeclared function refused: {err.get('message')}")
+    else:
+        raise AssertionError("a tool_choice naming an undeclared function was accepted")
 
     # Sampling past temperature, applied by the worker's engine. A bias of
     # +100 on one token makes every greedy step pick it: the answer is one

@@ -88,6 +88,41 @@ fn job_request(payment: Option<PaymentTerms>, chat: bool) -> JobRequest {
     }
 }
 
+/// A conversation that called a tool and got its result, asking for a
+/// call under a grammar.
+fn tools_request() -> JobRequest {
+    let tool = silk_inference::Tool {
+        name: "get_weather".into(),
+        description: Some("Weather in a city.".into()),
+        parameters:
+            r#"{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}"#
+                .into(),
+    };
+    let mut call = silk_inference::ChatMessage::new("assistant", "");
+    call.tool_calls = vec![silk_inference::ToolCall {
+        id: "call_1".into(),
+        name: "get_weather".into(),
+        arguments: r#"{"city":"Paris"}"#.into(),
+    }];
+    let mut result = silk_inference::ChatMessage::new("tool", r#"{"temp":9}"#);
+    result.tool_call_id = Some("call_1".into());
+    JobRequest {
+        prompt: WirePrompt::Conversation {
+            messages: vec![
+                silk_inference::ChatMessage::new("user", "Weather in Paris and Rome?"),
+                call,
+                result,
+            ],
+            tools: vec![tool.clone()],
+        },
+        constraint: Some(silk_inference::Constraint::ToolCalls {
+            tools: vec![tool],
+            parallel: true,
+        }),
+        ..job_request(None, true)
+    }
+}
+
 fn delivery() -> Result<ChequeDelivery> {
     let keys = silk_chain::Keys::from_seed([3; 32]);
     let cheque = Cheque {
@@ -136,6 +171,7 @@ fn job_seeds() -> Result<()> {
             "generate-chat-paid",
             JobMessage::Generate(job_request(Some(payment), true)),
         ),
+        ("generate-tools", JobMessage::Generate(tools_request())),
         ("cheque", JobMessage::Cheque(delivery()?)),
     ];
     for (name, m) in &messages {

@@ -36,6 +36,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use silk_inference::{ParsedCall, Piece, ToolCallReader};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -339,6 +340,7 @@ async fn complete(
         constraint: v.constraint,
     };
     let logprobs = v.logprobs.is_some();
+    let tools = v.tools;
     // The key's daily cap is checked against the job's worst case before
     // any lane is opened or reserved.
     let worst = node.worst_case_cost(&request, v.max_coefficient_milli);
@@ -376,10 +378,15 @@ async fn complete(
         ATTESTATION_HEADER,
         HeaderValue::from_static(mode_str(dispatch.attestation)),
     );
+    let reader = (!tools.is_empty()).then(|| ToolCallReader::new(&tools));
     if v.stream {
-        (headers, stream_response(dispatch, kind, logprobs, deadline)).into_response()
+        (
+            headers,
+            stream_response(dispatch, kind, logprobs, reader, deadline),
+        )
+            .into_response()
     } else {
-        match collect(dispatch, kind, logprobs).await {
+        match collect(dispatch, kind, logprobs, reader).await {
             Ok(body) => (headers, Json(body)).into_response(),
             Err(e) => (headers, e).into_response(),
         }
@@ -469,7 +476,39 @@ fn text_logprobs(tokens: &[silk_inference::TokenLogprob], offset: &mut usize) ->
     })
 }
 
-async fn collect(mut d: Dispatch, kind: Kind, want_logprobs: bool) -> Result<Value, ApiError> {
+/// A new tool call id.
+fn tool_call_id() -> String {
+    completion_id("call").replace('-', "_")
+}
+
+/// A read call in OpenAI's shape (`index` only in stream deltas).
+fn tool_call_json(call: ParsedCall, index: Option<usize>) -> Value {
+    let mut v = json!({
+        "id": tool_call_id(),
+        "type": "function",
+        "function": { "name": call.name, "arguments": call.arguments },
+    });
+    if let Some(i) = index {
+        v["index"] = json!(i);
+    }
+    v
+}
+
+/// `finish_reason`: `tool_calls` when an answer that ended by itself made
+/// calls.
+fn finish_str(usage: &crate::protocol::JobUsage, calls: usize) -> &'static str {
+    match usage.finish {
+        crate::protocol::Finish::Stop if calls > 0 => "tool_calls",
+        _ => usage.finish.as_str(),
+    }
+}
+
+async fn collect(
+    mut d: Dispatch,
+    kind: Kind,
+    want_logprobs: bool,
+    reader: Option<ToolCallReader>,
+) -> Result<Value, ApiError> {
     let mut text = String::new();
     let mut logprobs = Vec::new();
     let (usage, cost) = loop {
@@ -498,12 +537,37 @@ async fn collect(mut d: Dispatch, kind: Kind, want_logprobs: bool) -> Result<Val
         }
     };
     let choice = match kind {
-        Kind::Chat => json!({
-            "index": 0,
-            "message": { "role": "assistant", "content": text },
-            "logprobs": want_logprobs.then(|| chat_logprobs(&logprobs)),
-            "finish_reason": usage.finish.as_str(),
-        }),
+        Kind::Chat => {
+            let mut message = json!({ "role": "assistant", "content": text });
+            let mut calls = 0;
+            if let Some(mut reader) = reader {
+                let mut pieces = reader.push(&text);
+                pieces.extend(reader.finish());
+                let mut content = String::new();
+                let mut tool_calls = Vec::new();
+                for piece in pieces {
+                    match piece {
+                        Piece::Text(t) => content.push_str(&t),
+                        Piece::Call(c) => tool_calls.push(tool_call_json(c, None)),
+                    }
+                }
+                calls = tool_calls.len();
+                if calls > 0 {
+                    message["content"] = if content.is_empty() {
+                        Value::Null
+                    } else {
+                        json!(content)
+                    };
+                    message["tool_calls"] = json!(tool_calls);
+                }
+            }
+            json!({
+                "index": 0,
+                "message": message,
+                "logprobs": want_logprobs.then(|| chat_logprobs(&logprobs)),
+                "finish_reason": finish_str(&usage, calls),
+            })
+        }
         Kind::Text => json!({
             "index": 0,
             "text": text,
@@ -526,10 +590,11 @@ fn stream_response(
     d: Dispatch,
     kind: Kind,
     logprobs: bool,
+    reader: Option<ToolCallReader>,
     deadline: Instant,
 ) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
     let (tx, rx) = mpsc::channel::<SseEvent>(64);
-    tokio::spawn(pump(d, kind, logprobs, tx, deadline));
+    tokio::spawn(pump(d, kind, logprobs, reader, tx, deadline));
     let stream =
         futures::stream::unfold(
             rx,
@@ -540,11 +605,14 @@ fn stream_response(
 
 /// Turns job events into SSE events; stops (dropping the job, which cancels
 /// it on the worker) as soon as the client goes away or the request's
-/// deadline passes.
+/// deadline passes. With a tool-call reader, text that may begin a call is
+/// held until it is decided, and each call goes out as one `tool_calls`
+/// delta (id, name and all its arguments) when its block closes.
 async fn pump(
     mut d: Dispatch,
     kind: Kind,
     want_logprobs: bool,
+    mut reader: Option<ToolCallReader>,
     tx: mpsc::Sender<SseEvent>,
     deadline: Instant,
 ) {
@@ -561,29 +629,32 @@ async fn pump(
         "text_completion"
     };
     let silk = silk_info(&d);
-    let chunk = |text: Option<&str>,
+    let model = d.model.clone();
+    let chunk = |delta: Delta,
                  logprobs: Value,
                  finish: Option<&str>,
-                 first: bool,
                  usage: Option<Value>,
                  silk: &Value| {
         let choice = match kind {
             Kind::Chat => {
-                let mut delta = serde_json::Map::new();
-                if first {
-                    delta.insert("role".into(), json!("assistant"));
+                let mut map = serde_json::Map::new();
+                if delta.first {
+                    map.insert("role".into(), json!("assistant"));
                 }
-                if let Some(t) = text {
-                    delta.insert("content".into(), json!(t));
+                if let Some(t) = delta.text {
+                    map.insert("content".into(), json!(t));
                 }
-                json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
+                if let Some(call) = delta.call {
+                    map.insert("tool_calls".into(), json!([call]));
+                }
+                json!({ "index": 0, "delta": map, "logprobs": logprobs, "finish_reason": finish })
             }
             Kind::Text => json!({
-                "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish
+                "index": 0, "text": delta.text.unwrap_or_default(), "logprobs": logprobs, "finish_reason": finish
             }),
         };
         let mut v = json!({
-            "id": id, "object": object, "created": created, "model": d.model,
+            "id": id, "object": object, "created": created, "model": model,
             "choices": [choice], "silk": silk,
         });
         if let Some(u) = usage {
@@ -592,6 +663,9 @@ async fn pump(
         SseEvent::default().data(v.to_string())
     };
     let mut first = true;
+    let mut calls = 0usize;
+    // Log-probabilities of tokens whose text the reader still holds.
+    let mut held_logprobs: Vec<silk_inference::TokenLogprob> = Vec::new();
     loop {
         let Ok(next) = tokio::time::timeout_at(deadline, d.events.recv()).await else {
             let err = json!({ "error": {
@@ -601,29 +675,84 @@ async fn pump(
             let _ = tx.send(SseEvent::default().data(err.to_string())).await;
             return;
         };
-        let event = match next {
+        let events = match next {
             Some(JobEvent::Token(t)) => {
-                let logprobs = match kind {
-                    _ if !want_logprobs => Value::Null,
-                    Kind::Chat => chat_logprobs(&t.logprobs),
-                    Kind::Text => text_logprobs(&t.logprobs, &mut text_offset),
+                let pieces = match reader.as_mut() {
+                    None => vec![Piece::Text(t.text)],
+                    Some(r) => r.push(&t.text),
                 };
-                let e = chunk(Some(&t.text), logprobs, None, first, None, &silk);
-                first = false;
-                e
+                held_logprobs.extend(t.logprobs);
+                let mut events = Vec::with_capacity(pieces.len());
+                for piece in pieces {
+                    let logprobs = match kind {
+                        _ if !want_logprobs => Value::Null,
+                        Kind::Chat => chat_logprobs(&std::mem::take(&mut held_logprobs)),
+                        Kind::Text => {
+                            text_logprobs(&std::mem::take(&mut held_logprobs), &mut text_offset)
+                        }
+                    };
+                    let delta = match piece {
+                        Piece::Text(text) => Delta {
+                            first,
+                            text: Some(text),
+                            call: None,
+                        },
+                        Piece::Call(call) => {
+                            calls += 1;
+                            Delta {
+                                first,
+                                text: None,
+                                call: Some(tool_call_json(call, Some(calls - 1))),
+                            }
+                        }
+                    };
+                    events.push(chunk(delta, logprobs, None, None, &silk));
+                    first = false;
+                }
+                events
             }
             Some(JobEvent::Done { usage, cost }) => {
-                let e = chunk(
-                    if first { Some("") } else { None },
+                let mut events = Vec::new();
+                for piece in reader
+                    .as_mut()
+                    .map(ToolCallReader::finish)
+                    .unwrap_or_default()
+                {
+                    let delta = match piece {
+                        Piece::Text(text) => Delta {
+                            first,
+                            text: Some(text),
+                            call: None,
+                        },
+                        Piece::Call(call) => {
+                            calls += 1;
+                            Delta {
+                                first,
+                                text: None,
+                                call: Some(tool_call_json(call, Some(calls - 1))),
+                            }
+                        }
+                    };
+                    events.push(chunk(delta, Value::Null, None, None, &silk));
+                    first = false;
+                }
+                events.push(chunk(
+                    Delta {
+                        first,
+                        text: first.then(String::new),
+                        call: None,
+                    },
                     Value::Null,
-                    Some(usage.finish.as_str()),
-                    first,
+                    Some(finish_str(&usage, calls)),
                     Some(usage_json(&usage)),
                     &silk_final(&d, cost),
-                );
-                if tx.send(e).await.is_ok() {
-                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+                ));
+                for e in events {
+                    if tx.send(e).await.is_err() {
+                        return;
+                    }
                 }
+                let _ = tx.send(SseEvent::default().data("[DONE]")).await;
                 return;
             }
             Some(JobEvent::Failed(msg)) => {
@@ -642,10 +771,22 @@ async fn pump(
                 return;
             }
         };
-        if tx.send(event).await.is_err() {
-            return;
+        for e in events {
+            if tx.send(e).await.is_err() {
+                return;
+            }
         }
     }
+}
+
+/// What one stream chunk adds to the answer.
+struct Delta {
+    /// The first chunk, which carries the role.
+    first: bool,
+    /// Text.
+    text: Option<String>,
+    /// One tool call.
+    call: Option<Value>,
 }
 
 async fn models(State(node): State<Arc<Node>>) -> Response {

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use silk_inference::{Constraint, SamplingParams};
+use silk_inference::{ChatMessage, Constraint, SamplingParams, Tool, ToolCall};
 
 use crate::protocol::WirePrompt;
 
@@ -127,13 +127,114 @@ pub struct StreamOptions {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
-    /// `system`, `user`, `assistant` (or `developer`, treated as `system`).
+    /// `system`, `user`, `assistant`, `tool` (or `developer`, treated as
+    /// `system`).
     pub role: String,
     /// The text, or a list of content parts (what most current clients
     /// send); read by [`content_text`].
     pub content: Option<serde_json::Value>,
-    /// Participant name (ignored).
+    /// Participant name, passed to templates that use it.
     pub name: Option<String>,
+    /// The calls an assistant message made.
+    pub tool_calls: Option<Vec<MessageToolCall>>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
+    /// An assistant's refusal (accepted, and read as its content when it
+    /// has none).
+    pub refusal: Option<String>,
+    /// Fields of the SDKs' own response messages, which clients hand back
+    /// as they got them (`messages.append(completion.choices[0].message)`):
+    /// accepted and not used.
+    pub annotations: Option<serde::de::IgnoredAny>,
+    /// See `annotations`.
+    pub audio: Option<serde::de::IgnoredAny>,
+    /// See `annotations` (the openai SDK's `parse()` result).
+    pub parsed: Option<serde::de::IgnoredAny>,
+    /// See `annotations` (the deprecated single call).
+    pub function_call: Option<serde::de::IgnoredAny>,
+}
+
+/// `messages[].tool_calls[]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageToolCall {
+    /// The call's id, which a later `tool` message answers.
+    pub id: String,
+    /// `function`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// The function called.
+    pub function: FunctionCall,
+}
+
+/// `messages[].tool_calls[].function`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCall {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments, as JSON text.
+    pub arguments: String,
+    /// What the openai SDK's `parse()` adds to a call it hands back:
+    /// accepted and not used.
+    pub parsed_arguments: Option<serde::de::IgnoredAny>,
+}
+
+/// `tools[]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolDefinition {
+    /// `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function.
+    pub function: FunctionDefinition,
+}
+
+/// `tools[].function`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionDefinition {
+    /// 1 to 64 letters, digits, `_` or `-`.
+    pub name: String,
+    /// What it does, for the model.
+    pub description: Option<String>,
+    /// Its arguments' JSON schema; absent, it takes none.
+    pub parameters: Option<serde_json::Value>,
+    /// Accepted: with `tool_choice` `required` or naming the function the
+    /// arguments always match the schema; with `auto` the model writes
+    /// them freely.
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: `none`, `auto`, `required`, or
+/// `{"type": "function", "function": {"name": …}}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    /// `none`, `auto` or `required`.
+    Mode(String),
+    /// One named function.
+    Named(NamedToolChoice),
+}
+
+/// `tool_choice` naming a function.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedToolChoice {
+    /// `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function.
+    pub function: NamedFunction,
+}
+
+/// `tool_choice.function`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedFunction {
+    /// Its name.
+    pub name: String,
 }
 
 /// Text parts join with a newline, as vLLM joins them for text-only models.
@@ -240,6 +341,12 @@ pub struct ChatRequest {
     pub top_logprobs: Option<u32>,
     /// What the answer must parse as, enforced by the worker's sampler.
     pub response_format: Option<ResponseFormat>,
+    /// Functions the model may call.
+    pub tools: Option<Vec<ToolDefinition>>,
+    /// Whether and which to call (default `auto` with tools).
+    pub tool_choice: Option<ToolChoice>,
+    /// Whether an answer may make several calls (default true).
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// `POST /v1/completions`.
@@ -399,6 +506,9 @@ pub struct Validated {
     pub logprobs: Option<u8>,
     /// What the answer must parse as.
     pub constraint: Option<Constraint>,
+    /// The functions whose calls are read out of the answer (empty: the
+    /// answer is all text).
+    pub tools: Vec<Tool>,
 }
 
 /// Checks a count of alternative tokens asked log-probabilities for.
@@ -579,23 +689,55 @@ impl ChatRequest {
         }
         let mut messages = Vec::with_capacity(self.messages.len());
         for (index, m) in self.messages.into_iter().enumerate() {
-            let role = match m.role.as_str() {
-                "system" | "developer" => "system",
-                "user" => "user",
-                "assistant" => "assistant",
-                other => {
-                    return Err(ApiError::invalid(
-                        "messages",
-                        format!("unknown role `{other}`: use system, user or assistant"),
-                    ))
-                }
-            };
-            let text = match m.content {
-                Some(content) => content_text(content, self.model.as_deref(), index)?,
-                None => String::new(),
-            };
-            messages.push((role.to_string(), text));
+            messages.push(chat_message(m, self.model.as_deref(), index)?);
         }
+        let tools = check_tool_definitions(self.tools.unwrap_or_default())?;
+        let choice = check_tool_choice(self.tool_choice, &tools)?;
+        let parallel = self.parallel_tool_calls.unwrap_or(true);
+        let response_format = self
+            .response_format
+            .map(ResponseFormat::constraint)
+            .transpose()?
+            .flatten();
+        // What the worker renders, what it must produce, and whose calls
+        // are read out of the answer.
+        let (tools, constraint) = match choice {
+            Choice::None => (Vec::new(), response_format),
+            Choice::Auto => (tools, response_format),
+            Choice::Required | Choice::Named(_) if response_format.is_some() => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "a required tool call and a response_format cannot both be enforced: drop one",
+                ))
+            }
+            Choice::Required => {
+                let constraint = Constraint::ToolCalls {
+                    tools: tools.clone(),
+                    parallel,
+                };
+                (tools, Some(constraint))
+            }
+            Choice::Named(name) => {
+                let named = tools.iter().filter(|t| t.name == name).cloned().collect();
+                let constraint = Constraint::ToolCalls {
+                    tools: named,
+                    parallel: false,
+                };
+                (tools, Some(constraint))
+            }
+        };
+        let plain = tools.is_empty()
+            && messages
+                .iter()
+                .all(|m| m.name.is_none() && m.tool_calls.is_empty() && m.tool_call_id.is_none());
+        let prompt = if plain {
+            WirePrompt::Chat(messages.into_iter().map(|m| (m.role, m.content)).collect())
+        } else {
+            WirePrompt::Conversation {
+                messages,
+                tools: tools.clone(),
+            }
+        };
         let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (true, k) => Some(check_top_logprobs("top_logprobs", k.unwrap_or(0))?),
             (false, None) => None,
@@ -608,7 +750,7 @@ impl ChatRequest {
         };
         Ok(Validated {
             model: self.model,
-            prompt: WirePrompt::Chat(messages),
+            prompt,
             max_tokens,
             sampling,
             stop,
@@ -616,11 +758,8 @@ impl ChatRequest {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             max_coefficient_milli: check_max_coefficient(self.max_coefficient)?,
             logprobs,
-            constraint: self
-                .response_format
-                .map(ResponseFormat::constraint)
-                .transpose()?
-                .flatten(),
+            constraint,
+            tools,
         })
     }
 }
@@ -677,7 +816,156 @@ impl CompletionRequest {
                 .map(ResponseFormat::constraint)
                 .transpose()?
                 .flatten(),
+            tools: Vec::new(),
         })
+    }
+}
+
+/// Message `index` of a chat request, checked: a known role, its content
+/// as text, calls only on assistant messages and an answered call's id
+/// only (and always) on tool messages.
+fn chat_message(m: Message, model: Option<&str>, index: usize) -> Result<ChatMessage, ApiError> {
+    let bad = |message: String| Err(ApiError::invalid("messages", message));
+    let role = match m.role.as_str() {
+        "system" | "developer" => "system",
+        "user" => "user",
+        "assistant" => "assistant",
+        "tool" => "tool",
+        other => {
+            return bad(format!(
+                "unknown role `{other}` in messages[{index}]: use system, developer, user, assistant or tool"
+            ))
+        }
+    };
+    let mut content = match m.content {
+        Some(content) => content_text(content, model, index)?,
+        None => String::new(),
+    };
+    if content.is_empty() && role == "assistant" {
+        content = m.refusal.unwrap_or_default();
+    }
+    let mut tool_calls = Vec::new();
+    for (j, call) in m.tool_calls.into_iter().flatten().enumerate() {
+        if role != "assistant" {
+            return bad(format!(
+                "messages[{index}] has tool_calls, which only assistant messages make"
+            ));
+        }
+        if call.kind.as_deref().is_some_and(|k| k != "function") {
+            return bad(format!(
+                "messages[{index}].tool_calls[{j}].type must be \"function\""
+            ));
+        }
+        if !silk_inference::tools::valid_name(&call.function.name) {
+            return bad(format!(
+                "messages[{index}].tool_calls[{j}].function.name must be 1 to 64 letters, digits, _ or -"
+            ));
+        }
+        tool_calls.push(ToolCall {
+            id: call.id,
+            name: call.function.name,
+            arguments: call.function.arguments,
+        });
+    }
+    let tool_call_id = match (role, m.tool_call_id) {
+        ("tool", Some(id)) => Some(id),
+        ("tool", None) => {
+            return bad(format!(
+                "messages[{index}] is a tool message without tool_call_id"
+            ))
+        }
+        (_, Some(_)) => {
+            return bad(format!(
+                "messages[{index}] has tool_call_id, which only tool messages carry"
+            ))
+        }
+        (_, None) => None,
+    };
+    Ok(ChatMessage {
+        role: role.to_string(),
+        content,
+        name: m.name,
+        tool_calls,
+        tool_call_id,
+    })
+}
+
+/// `tools`, checked by the engine's rules (the worker checks them again).
+fn check_tool_definitions(tools: Vec<ToolDefinition>) -> Result<Vec<Tool>, ApiError> {
+    let mut out = Vec::with_capacity(tools.len());
+    for (i, t) in tools.into_iter().enumerate() {
+        if t.kind != "function" {
+            return Err(ApiError::invalid(
+                "tools",
+                format!("tools[{i}].type must be \"function\", got {:?}", t.kind),
+            ));
+        }
+        let parameters = match t.function.parameters {
+            None => String::new(),
+            Some(p @ serde_json::Value::Object(_)) => p.to_string(),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "tools",
+                    format!("tools[{i}].function.parameters must be a JSON schema object"),
+                ))
+            }
+        };
+        out.push(Tool {
+            name: t.function.name,
+            description: t.function.description,
+            parameters,
+        });
+    }
+    match silk_inference::tools::check_tools(&out) {
+        Ok(()) => Ok(out),
+        Err(silk_inference::InferenceError::InvalidRequest { field, reason }) => {
+            Err(ApiError::invalid(field, format!("{field} {reason}")))
+        }
+        Err(e) => Err(ApiError::invalid("tools", e.to_string())),
+    }
+}
+
+/// What `tool_choice` asks for.
+enum Choice {
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+fn check_tool_choice(choice: Option<ToolChoice>, tools: &[Tool]) -> Result<Choice, ApiError> {
+    let bad = |message: String| Err(ApiError::invalid("tool_choice", message));
+    let choice = match choice {
+        None if tools.is_empty() => Choice::None,
+        None => Choice::Auto,
+        Some(ToolChoice::Mode(mode)) => match mode.as_str() {
+            "none" => Choice::None,
+            "auto" => Choice::Auto,
+            "required" => Choice::Required,
+            other => {
+                return bad(format!(
+                    "tool_choice must be none, auto, required or a named function, got {other:?}"
+                ))
+            }
+        },
+        Some(ToolChoice::Named(named)) => {
+            if named.kind != "function" {
+                return bad(format!(
+                    "tool_choice.type must be \"function\", got {:?}",
+                    named.kind
+                ));
+            }
+            Choice::Named(named.function.name)
+        }
+    };
+    match &choice {
+        Choice::Auto | Choice::Required if tools.is_empty() => {
+            bad("tool_choice needs tools to choose from".into())
+        }
+        Choice::Named(name) if !tools.iter().any(|t| &t.name == name) => bad(format!(
+            "tool_choice names `{name}`, which is not among the request's tools"
+        )),
+        _ => Ok(choice),
     }
 }
 
@@ -900,5 +1188,168 @@ mod tests {
             .and_then(CompletionRequest::validate)
             .expect_err("two prompts");
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+
+    const WEATHER: &str = r#"{"type":"function","function":{"name":"get_weather","description":"Weather in a city.","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}"#;
+    const NOW: &str = r#"{"type":"function","function":{"name":"now"}}"#;
+
+    fn with_tools(extra: &str) -> Result<Validated, ApiError> {
+        chat(&format!(
+            r#"{{"messages":[{{"role":"user","content":"hi"}}],"tools":[{WEATHER},{NOW}]{extra}}}"#
+        ))
+    }
+
+    #[test]
+    fn tools_reach_the_worker_and_tool_choice_picks_the_grammar() {
+        // auto (the default): tools rendered, calls read, no grammar.
+        let v = with_tools("").expect("auto");
+        let WirePrompt::Conversation { messages, tools } = &v.prompt else {
+            panic!("a conversation: {:?}", v.prompt)
+        };
+        assert_eq!(messages.len(), 1);
+        assert_eq!(tools.len(), 2);
+        assert_eq!(tools[0].name, "get_weather");
+        assert_eq!(
+            tools[0].parameters,
+            r#"{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}"#
+        );
+        assert_eq!(tools[1].parameters, "");
+        assert_eq!(v.tools, *tools);
+        assert_eq!(v.constraint, None);
+        // required: a grammar over every tool, parallel unless refused.
+        let v = with_tools(r#","tool_choice":"required""#).expect("required");
+        assert_eq!(
+            v.constraint,
+            Some(Constraint::ToolCalls {
+                tools: v.tools.clone(),
+                parallel: true
+            })
+        );
+        let v = with_tools(r#","tool_choice":"required","parallel_tool_calls":false"#)
+            .expect("required, one call");
+        assert!(matches!(
+            v.constraint,
+            Some(Constraint::ToolCalls {
+                parallel: false,
+                ..
+            })
+        ));
+        // A named function: a grammar over it alone, all tools rendered.
+        let v = with_tools(r#","tool_choice":{"type":"function","function":{"name":"now"}}"#)
+            .expect("named");
+        match &v.constraint {
+            Some(Constraint::ToolCalls { tools, parallel }) => {
+                assert_eq!(tools.len(), 1);
+                assert_eq!(tools[0].name, "now");
+                assert!(!parallel);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(v.tools.len(), 2);
+        // none: the worker sees no tools and the answer is all text; a
+        // conversation without tool fields goes as a plain chat, which
+        // workers of every version read.
+        let v = with_tools(r#","tool_choice":"none""#).expect("none");
+        assert!(v.tools.is_empty() && v.constraint.is_none());
+        assert!(matches!(v.prompt, WirePrompt::Chat(_)), "{:?}", v.prompt);
+    }
+
+    #[test]
+    fn a_conversation_with_calls_and_results_is_carried_whole() {
+        let v = chat(&format!(
+            r#"{{"messages":[
+                {{"role":"user","content":"weather in Paris?","name":"ann"}},
+                {{"role":"assistant","content":null,"tool_calls":[{{"id":"c1","type":"function","function":{{"name":"get_weather","arguments":"{{\"city\":\"Paris\"}}"}}}}]}},
+                {{"role":"tool","tool_call_id":"c1","content":[{{"type":"text","text":"9 C"}}]}}
+            ],"tools":[{WEATHER}]}}"#
+        ))
+        .expect("valid");
+        let WirePrompt::Conversation { messages, .. } = v.prompt else {
+            panic!("a conversation")
+        };
+        assert_eq!(messages[0].name.as_deref(), Some("ann"));
+        assert_eq!(messages[1].content, "");
+        assert_eq!(
+            messages[1].tool_calls,
+            vec![silk_inference::ToolCall {
+                id: "c1".into(),
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Paris"}"#.into(),
+            }]
+        );
+        assert_eq!(messages[2].role, "tool");
+        assert_eq!(messages[2].tool_call_id.as_deref(), Some("c1"));
+        assert_eq!(messages[2].content, "9 C");
+    }
+
+    #[test]
+    fn bad_tools_and_tool_choices_are_refused_naming_the_field() {
+        for (body, param, says) in [
+            (
+                r#"{"messages":[{"role":"user","content":"hi"}],"tool_choice":"auto"}"#.to_string(),
+                "tool_choice",
+                "needs tools",
+            ),
+            (
+                format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"tools":[{NOW}],"tool_choice":"sometimes"}}"#),
+                "tool_choice",
+                "none, auto, required",
+            ),
+            (
+                format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"tools":[{NOW}],"tool_choice":{{"type":"function","function":{{"name":"rm"}}}}}}"#),
+                "tool_choice",
+                "`rm`, which is not among",
+            ),
+            (
+                format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"tools":[{NOW}],"tool_choice":"required","response_format":{{"type":"json_object"}}}}"#),
+                "tool_choice",
+                "cannot both be enforced",
+            ),
+            (
+                format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"tools":[{NOW},{NOW}]}}"#),
+                "tools",
+                "twice",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"retrieval","function":{"name":"f"}}]}"#.to_string(),
+                "tools",
+                "tools[0].type must be \"function\"",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"no spaces"}}]}"#.to_string(),
+                "tools",
+                "must be 1 to 64 letters",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f","parameters":[1]}}]}"#.to_string(),
+                "tools",
+                "must be a JSON schema object",
+            ),
+            (
+                r#"{"messages":[{"role":"tool","content":"9 C"}]}"#.to_string(),
+                "messages",
+                "without tool_call_id",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"hi","tool_call_id":"c1"}]}"#.to_string(),
+                "messages",
+                "only tool messages carry",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"hi","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]}]}"#.to_string(),
+                "messages",
+                "only assistant messages make",
+            ),
+            (
+                r#"{"messages":[{"role":"robot","content":"hi"}]}"#.to_string(),
+                "messages",
+                "unknown role `robot`",
+            ),
+        ] {
+            let e = chat(&body).expect_err(says);
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{says}");
+            assert_eq!(e.param, Some(param), "{says}: {}", e.message);
+            assert!(e.message.contains(says), "{says}: {}", e.message);
+        }
     }
 }

@@ -53,10 +53,10 @@ pub fn run(args: InferArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let engine = start_engine(source, args.device, EngineConfig::default())
         .with_context(|| format!("loading {}", args.model))?;
     let prompt = if args.chat {
-        Prompt::Chat(vec![ChatMessage {
-            role: "user".into(),
-            content: args.prompt.clone(),
-        }])
+        Prompt::Chat {
+            messages: vec![ChatMessage::new("user", args.prompt.clone())],
+            tools: Vec::new(),
+        }
     } else {
         Prompt::Text(args.prompt.clone())
     };
