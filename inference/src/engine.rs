@@ -125,6 +125,11 @@ pub struct GenerateRequest {
     /// logits (see [`crate::constraint`]). The answer ends when it is
     /// complete.
     pub constraint: Option<Constraint>,
+    /// Score the prompt: report the log-probability of each prompt token
+    /// after the first, given the ones before it, and this many most likely
+    /// alternatives ([`Event::PromptLogprobs`], before any token). With it,
+    /// `max_tokens` may be 0: the prompt is scored and nothing generated.
+    pub prompt_logprobs: Option<u8>,
 }
 
 impl GenerateRequest {
@@ -139,6 +144,7 @@ impl GenerateRequest {
             continuation: Vec::new(),
             logprobs: None,
             constraint: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -184,6 +190,11 @@ pub enum Event {
         /// the end-of-sequence token that ends the answer).
         logprob: Option<TokenLogprob>,
     },
+    /// The prompt's log-probabilities, when the request asked for them
+    /// ([`GenerateRequest::prompt_logprobs`]): one per prompt token after
+    /// the first (the first has nothing before it), sent once the prompt is
+    /// read and before any token.
+    PromptLogprobs(Vec<TokenLogprob>),
     /// The request finished.
     Done(Usage),
     /// The request failed after admission.
@@ -410,10 +421,25 @@ impl Engine {
                 reason: format!("is {k}, at most {} are allowed", crate::MAX_TOP_LOGPROBS),
             });
         }
-        if request.max_tokens == 0 {
+        if let Some(k) = request
+            .prompt_logprobs
+            .filter(|&k| k > crate::MAX_TOP_LOGPROBS)
+        {
+            return Err(InferenceError::InvalidRequest {
+                field: "logprobs",
+                reason: format!("is {k}, at most {} are allowed", crate::MAX_TOP_LOGPROBS),
+            });
+        }
+        if request.max_tokens == 0 && request.prompt_logprobs.is_none() {
             return Err(InferenceError::InvalidRequest {
                 field: "max_tokens",
-                reason: "must be at least 1".into(),
+                reason: "must be at least 1 (0 only when scoring the prompt)".into(),
+            });
+        }
+        if request.max_tokens == 0 && !request.continuation.is_empty() {
+            return Err(InferenceError::InvalidRequest {
+                field: "max_tokens",
+                reason: "must be at least 1 to go on after a continuation".into(),
             });
         }
         if request.max_tokens > self.context {
@@ -539,6 +565,8 @@ struct Sequence<B: Backend> {
     history: History,
     /// The answer's grammar, when the request has a constraint.
     matcher: Option<Matcher>,
+    /// The prompt's log-probabilities so far, when the request scores it.
+    prompt_logprobs: Vec<TokenLogprob>,
     request: GenerateRequest,
     sender: mpsc::Sender<Event>,
     decoder: IncrementalDecoder,
@@ -644,6 +672,7 @@ impl<B: Backend> Scheduler<B> {
                 sampler: Sampler::new(job.request.sampling.clone()),
                 history: History::new(&job.prompt),
                 matcher: job.matcher,
+                prompt_logprobs: Vec::new(),
                 prompt: job.prompt,
                 consumed: 0,
                 request: job.request,
@@ -701,6 +730,13 @@ impl<B: Backend> Scheduler<B> {
             return;
         }
         let vocab = self.transformer.config().vocab_size;
+        // A request that scores its prompt needs every position's logits
+        // while its prompt is read; then the step computes them for every
+        // segment (each one's last row is still its next-token row).
+        let all_positions = inputs.iter().any(|(i, _)| {
+            let seq = &self.active[*i];
+            seq.request.prompt_logprobs.is_some() && seq.consumed < seq.prompt.len()
+        });
         let logits = {
             let mut picked: Vec<&mut Sequence<B>> = Vec::with_capacity(inputs.len());
             let mut rest: &mut [Sequence<B>] = &mut self.active;
@@ -720,7 +756,7 @@ impl<B: Backend> Scheduler<B> {
                     cache: &mut seq.cache,
                 })
                 .collect();
-            let out = self.transformer.forward(&mut segments, false);
+            let out = self.transformer.forward(&mut segments, all_positions);
             out.into_data().to_vec::<f32>()
         };
         let logits = match logits {
@@ -737,17 +773,56 @@ impl<B: Backend> Scheduler<B> {
             }
         };
         let mut decoded = 0usize;
-        for (row, (i, tokens)) in inputs.iter().enumerate() {
+        let mut first_row = 0usize;
+        for (i, tokens) in &inputs {
             let seq = &mut self.active[*i];
+            // This segment's rows: one per token with every position, else
+            // its last.
+            let rows = if all_positions { tokens.len() } else { 1 };
+            let segment = &logits[first_row * vocab..(first_row + rows) * vocab];
+            first_row += rows;
+            let row = &segment[(rows - 1) * vocab..];
             if seq.consumed < seq.prompt.len() {
+                if let Some(k) = seq.request.prompt_logprobs {
+                    // Row j predicts the prompt token after position
+                    // consumed + j.
+                    for j in 0..tokens.len() {
+                        let Some(&next) = seq.prompt.get(seq.consumed + j + 1) else {
+                            break;
+                        };
+                        let (logprob, top) = crate::sampling::logprobs(
+                            &segment[j * vocab..(j + 1) * vocab],
+                            next,
+                            usize::from(k),
+                        );
+                        seq.prompt_logprobs.push(token_logprob(
+                            &self.tokenizer,
+                            next,
+                            logprob,
+                            top,
+                        ));
+                    }
+                }
                 seq.consumed += tokens.len();
                 if seq.consumed < seq.prompt.len() {
                     continue;
                 }
+                if seq.request.prompt_logprobs.is_some() {
+                    let scored = std::mem::take(&mut seq.prompt_logprobs);
+                    if seq.sender.try_send(Event::PromptLogprobs(scored)).is_err() {
+                        // The first event of a stream finds room unless the
+                        // reader is gone.
+                        seq.finished = true;
+                        continue;
+                    }
+                    if seq.request.max_tokens == 0 {
+                        self.finish_scored(*i);
+                        continue;
+                    }
+                }
             } else {
                 decoded += 1;
             }
-            let row = &logits[row * vocab..(row + 1) * vocab];
             if let Some(carried) = seq.replay.pop_front() {
                 // This step made `carried` on the engine that began the
                 // answer: feed it back instead of drawing one here (the
@@ -883,18 +958,7 @@ impl<B: Backend> Scheduler<B> {
         }
         let logprob = logprob
             .filter(|_| !is_stop_token)
-            .map(|(lp, top)| TokenLogprob {
-                bytes: tokenizer.token_bytes(token),
-                logprob: lp,
-                top: top
-                    .into_iter()
-                    .map(|(id, logprob)| TopLogprob {
-                        id,
-                        bytes: tokenizer.token_bytes(id),
-                        logprob,
-                    })
-                    .collect(),
-            });
+            .map(|(lp, top)| token_logprob(&tokenizer, token, lp, top));
         let token_event = Event::Token {
             id: token,
             text,
@@ -939,6 +1003,47 @@ impl<B: Backend> Scheduler<B> {
             }
             seq.finished = true;
         }
+    }
+}
+
+impl<B: Backend> Scheduler<B> {
+    /// Ends a request that only scored its prompt (`max_tokens` 0).
+    fn finish_scored(&mut self, index: usize) {
+        let seq = &mut self.active[index];
+        let now = Instant::now();
+        let usage = Usage {
+            prompt_tokens: seq.prompt.len(),
+            completion_tokens: 0,
+            finish_reason: FinishReason::Length,
+            prefill_ms: now.duration_since(seq.admitted).as_secs_f64() * 1e3,
+            queue_ms: seq.admitted.duration_since(seq.enqueued).as_secs_f64() * 1e3,
+            decode_tokens_per_s: 0.0,
+        };
+        if let Err(mpsc::error::TrySendError::Full(ev)) = seq.sender.try_send(Event::Done(usage)) {
+            deliver_later(seq.sender.clone(), vec![ev]);
+        }
+        seq.finished = true;
+    }
+}
+
+/// A token's log-probability with its bytes and its alternatives'.
+fn token_logprob(
+    tokenizer: &Tokenizer,
+    token: u32,
+    logprob: f32,
+    top: Vec<(u32, f32)>,
+) -> TokenLogprob {
+    TokenLogprob {
+        bytes: tokenizer.token_bytes(token),
+        logprob,
+        top: top
+            .into_iter()
+            .map(|(id, logprob)| TopLogprob {
+                id,
+                bytes: tokenizer.token_bytes(id),
+                logprob,
+            })
+            .collect(),
     }
 }
 

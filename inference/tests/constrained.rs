@@ -118,6 +118,9 @@ fn run(engine: &Engine, constraint: &Constraint, seeds: u64) -> Vec<(String, Fin
                     Some(Event::Token { text: t, .. }) => text.push_str(&t),
                     Some(Event::Done(u)) => return (text, u.finish_reason, u.completion_tokens),
                     Some(Event::Error(e)) => panic!("engine error: {e}"),
+                    Some(Event::PromptLogprobs(_)) => {
+                        panic!("prompt log-probabilities nobody asked for")
+                    }
                     None => panic!("the stream ended without a result"),
                 }
             }

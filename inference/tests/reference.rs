@@ -325,6 +325,7 @@ fn batched_engine_in(path: (WeightLayout, CpuKernels)) {
                 Event::Token { id, .. } => got.push(id),
                 Event::Done(usage) => done = Some(usage),
                 Event::Error(e) => panic!("engine error: {e}"),
+                Event::PromptLogprobs(_) => panic!("prompt log-probabilities nobody asked for"),
             }
         }
         assert_eq!(got, want, "{path:?}");
@@ -359,6 +360,7 @@ fn a_continuation_goes_on_where_the_tokens_stopped() {
                     Event::Token { id, .. } => got.push(id),
                     Event::Done(usage) => done = Some(usage),
                     Event::Error(e) => panic!("engine error: {e}"),
+                    Event::PromptLogprobs(_) => panic!("prompt log-probabilities nobody asked for"),
                 }
             }
             assert_eq!(got, want[half..], "{path:?}");

@@ -53,14 +53,20 @@ pub const MAX_TOKEN_BYTES: u64 = 256;
 /// What a gateway received of one job, and so what it pays for (audit F8):
 /// completion tokens that came with text (at most one per byte of text
 /// received), never more than `max_tokens`; and nothing at all, prompt
-/// included, when no such token came.
+/// included, when no such token came, unless the job scored its prompt and
+/// the scores came (what such a job is for).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
     max_tokens: u32,
     /// Alternatives per token the job asked log-probabilities with.
     logprobs: Option<u8>,
+    /// Alternatives per prompt token the job asked scores with, and the
+    /// most prompt tokens it can have.
+    prompt_logprobs: Option<(u8, u64)>,
     ids: u32,
     text_bytes: u64,
+    /// The prompt's scores came.
+    scored: bool,
 }
 
 impl Delivery {
@@ -69,9 +75,24 @@ impl Delivery {
         Self {
             max_tokens,
             logprobs: None,
+            prompt_logprobs: None,
             ids: 0,
             text_bytes: 0,
+            scored: false,
         }
+    }
+
+    /// The job asked its prompt scored with `top` alternatives per token;
+    /// the prompt has at most `prompt_bound` tokens.
+    pub fn with_prompt_logprobs(mut self, top: Option<u8>, prompt_bound: u64) -> Self {
+        self.prompt_logprobs = top.map(|k| (k, prompt_bound));
+        self
+    }
+
+    /// Whether the prompt is paid for: a completion token came, or the
+    /// prompt's scores did.
+    pub fn prompt_served(&self) -> bool {
+        self.paid_tokens() > 0 || self.scored
     }
 
     /// The job asked for log-probabilities with `top` alternatives each.
@@ -85,6 +106,7 @@ impl Delivery {
     /// most the asked number of alternatives, every token's bytes within
     /// [`MAX_TOKEN_BYTES`]; none when none were asked.
     fn check_logprobs(&self, chunk: &TokenChunk) -> Result<(), String> {
+        self.check_prompt_logprobs(chunk)?;
         if chunk.logprobs.is_empty() {
             return Ok(());
         }
@@ -111,6 +133,42 @@ impl Delivery {
             }
             if t.top.iter().any(|a| bad(a.logprob) || long(&a.bytes)) {
                 return Err("sent a malformed alternative log-probability".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a chunk's prompt scores are what the job asked for: only
+    /// when asked, once, before any token, in a chunk of nothing else, at
+    /// most one per prompt token, each well-formed.
+    fn check_prompt_logprobs(&self, chunk: &TokenChunk) -> Result<(), String> {
+        if chunk.prompt_logprobs.is_empty() {
+            return Ok(());
+        }
+        let Some((top, bound)) = self.prompt_logprobs else {
+            return Err("sent prompt log-probabilities the job did not ask for".into());
+        };
+        if self.scored || self.ids > 0 || !chunk.ids.is_empty() || !chunk.text.is_empty() {
+            return Err(
+                "sent prompt log-probabilities after the prompt was scored or the answer began"
+                    .into(),
+            );
+        }
+        if chunk.prompt_logprobs.len() as u64 > bound {
+            return Err(format!(
+                "sent {} prompt log-probabilities for a prompt of at most {bound} tokens",
+                chunk.prompt_logprobs.len()
+            ));
+        }
+        let bad = |lp: f32| lp.is_nan() || lp > 0.0;
+        let long = |b: &[u8]| b.len() as u64 > MAX_TOKEN_BYTES;
+        for t in &chunk.prompt_logprobs {
+            if bad(t.logprob)
+                || long(&t.bytes)
+                || t.top.len() > usize::from(top)
+                || t.top.iter().any(|a| bad(a.logprob) || long(&a.bytes))
+            {
+                return Err("sent a malformed prompt log-probability".into());
             }
         }
         Ok(())
@@ -144,7 +202,9 @@ impl Delivery {
         let before = self.paid_tokens();
         self.ids = ids;
         self.text_bytes = text_bytes;
-        Ok(self.paid_tokens() > before)
+        let scored = !chunk.prompt_logprobs.is_empty();
+        self.scored |= scored;
+        Ok(self.paid_tokens() > before || scored)
     }
 
     /// Completion tokens to pay for.
@@ -251,11 +311,11 @@ impl Billing {
     }
 
     /// Settles a job: `usage` is the worker's record (absent when the job
-    /// failed midway) and `delivered` the completion tokens the gateway
-    /// pays for ([`Delivery::paid_tokens`]). The gateway pays for at most
-    /// `delivered` completion tokens and at most `prompt_tokens_bound`
-    /// prompt tokens, at `coefficient_milli`; a job that failed midway pays
-    /// its delivered tokens only, and one that delivered none pays nothing.
+    /// failed midway) and `delivery` what the caller got. The gateway pays
+    /// for at most [`Delivery::paid_tokens`] completion tokens and at most
+    /// `prompt_tokens_bound` prompt tokens, at `coefficient_milli`; a job
+    /// that failed midway pays its delivered tokens only, and one that
+    /// served nothing (no token, no prompt scores) pays nothing.
     /// The new cumulative cheque is committed before this returns.
     pub async fn settle(
         &self,
@@ -264,9 +324,10 @@ impl Billing {
         coefficient_milli: u32,
         prompt_tokens_bound: u64,
         usage: Option<&JobUsage>,
-        delivered: u32,
+        delivery: Delivery,
     ) -> Result<Bill, PaymentsError> {
-        let (prompt, completion) = match usage.filter(|_| delivered > 0) {
+        let delivered = delivery.paid_tokens();
+        let (prompt, completion) = match usage.filter(|_| delivery.prompt_served()) {
             Some(u) => (
                 u64::from(u.prompt_tokens).min(prompt_tokens_bound),
                 u64::from(u.completion_tokens.min(delivered)),
@@ -462,6 +523,7 @@ mod tests {
             ids: vec![7; n],
             text: text.into(),
             logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
         }
     }
 
@@ -535,5 +597,52 @@ mod tests {
         assert_eq!(d.tokens(), 1);
         // -inf (a token the model ruled out) is a probability of 0.
         assert_eq!(d.accept(&with(1, vec![lp(f32::NEG_INFINITY, 0)])), Ok(true));
+    }
+
+    /// A job that scores its prompt (`echo` with `max_tokens: 0`) is paid
+    /// for its prompt once the scores came, and only scores it asked for,
+    /// once, before the answer, no more than the prompt has tokens.
+    #[test]
+    fn prompt_scores_are_taken_once_before_the_answer_and_pay_for_the_prompt() {
+        use silk_inference::TokenLogprob;
+        let lp = |logprob: f32| TokenLogprob {
+            bytes: b"x".to_vec(),
+            logprob,
+            top: Vec::new(),
+        };
+        let scores = |n: usize| TokenChunk {
+            prompt_logprobs: vec![lp(-1.0); n],
+            ..TokenChunk::default()
+        };
+        // Not asked for.
+        let mut d = Delivery::new(4);
+        assert!(d.accept(&scores(3)).is_err());
+        assert!(!d.prompt_served());
+        // Asked: scores of a 10-token prompt at most; nothing generated is
+        // still a prompt served.
+        let mut d = Delivery::new(0).with_prompt_logprobs(Some(0), 10);
+        assert!(d.accept(&scores(11)).is_err());
+        assert!(d
+            .accept(&TokenChunk {
+                prompt_logprobs: vec![lp(0.5)],
+                ..TokenChunk::default()
+            })
+            .is_err());
+        assert!(!d.prompt_served());
+        assert_eq!(d.accept(&scores(9)), Ok(true));
+        assert!(d.prompt_served());
+        assert_eq!(d.paid_tokens(), 0);
+        // A second set, or scores riding with tokens, are refused.
+        assert!(d.accept(&scores(9)).is_err());
+        let mut d = Delivery::new(4).with_prompt_logprobs(Some(0), 10);
+        assert_eq!(d.accept(&chunk(1, "a")), Ok(true));
+        assert!(d.accept(&scores(3)).is_err());
+        let mixed = TokenChunk {
+            prompt_logprobs: vec![lp(-1.0)],
+            ..chunk(1, "a")
+        };
+        let mut d = Delivery::new(4).with_prompt_logprobs(Some(0), 10);
+        assert!(d.accept(&mixed).is_err());
+        assert!(!d.prompt_served());
     }
 }

@@ -104,6 +104,10 @@ pub struct JobRequest {
     /// What the answer must parse as (`response_format`), enforced by the
     /// worker's engine.
     pub constraint: Option<Constraint>,
+    /// Score the prompt (completions' `echo` with `logprobs`): the worker
+    /// reports each prompt token's log-probability and this many
+    /// alternatives in the first chunk. With it, `max_tokens` may be 0.
+    pub prompt_logprobs: Option<u8>,
 }
 
 /// The prompt of a job.
@@ -126,7 +130,7 @@ pub enum WirePrompt {
 }
 
 /// One data frame: generated text and its token ids.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TokenChunk {
     /// Token ids.
     pub ids: Vec<u32>,
@@ -135,6 +139,10 @@ pub struct TokenChunk {
     /// The log-probability of each of `ids`, when the job asked for them
     /// (none for an end-of-sequence token).
     pub logprobs: Vec<TokenLogprob>,
+    /// When the job scores its prompt ([`JobRequest::prompt_logprobs`]):
+    /// in the first chunk, which has no `ids`, the log-probability of each
+    /// prompt token after the first; empty in every other chunk.
+    pub prompt_logprobs: Vec<TokenLogprob>,
 }
 
 /// Why generation ended.
@@ -195,7 +203,8 @@ impl JobRequest {
             continuation: self.continuation.clone(),
             logprobs: self.logprobs,
             constraint: self.constraint.clone(),
-            ..GenerateRequest::new(prompt, self.max_tokens.max(1) as usize)
+            prompt_logprobs: self.prompt_logprobs,
+            ..GenerateRequest::new(prompt, self.max_tokens as usize)
         }
     }
 
@@ -303,6 +312,7 @@ mod tests {
             continuation: vec![5, 6],
             logprobs: Some(3),
             constraint: Some(Constraint::JsonSchema(r#"{"type":"object"}"#.into())),
+            prompt_logprobs: Some(2),
         };
         let m = JobMessage::Generate(r);
         let back: JobMessage = postcard::from_bytes(&encode(&m)).expect("decode");

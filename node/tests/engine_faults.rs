@@ -137,6 +137,7 @@ async fn tokenizing_a_prompt_does_not_hold_up_the_runtime() {
         continuation: Vec::new(),
         logprobs: None,
         constraint: None,
+        prompt_logprobs: None,
     };
     let message = protocol::encode(&JobMessage::Generate(request));
     let job = {

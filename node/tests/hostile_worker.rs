@@ -51,6 +51,7 @@ fn token(text: &str) -> Vec<u8> {
         ids: vec![42],
         text: text.into(),
         logprobs: Vec::new(),
+        prompt_logprobs: Vec::new(),
     })
 }
 
@@ -71,6 +72,7 @@ async fn play(play: Play, max_tokens: u32, mut r: JobResponder) {
                 ids: vec![42; 40],
                 text: String::new(),
                 logprobs: Vec::new(),
+                prompt_logprobs: Vec::new(),
             };
             let _ = r.send_data(protocol::encode(&chunk)).await;
             let _ = r.end(usage(1_000_000, 40)).await;
@@ -105,6 +107,7 @@ async fn play(play: Play, max_tokens: u32, mut r: JobResponder) {
                 ids: Vec::new(),
                 text: String::new(),
                 logprobs: Vec::new(),
+                prompt_logprobs: Vec::new(),
             });
             for _ in 0..6000 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -128,6 +131,7 @@ async fn dispatch(gateway: &Arc<Node>, max_tokens: u32) -> (u32, Result<Option<C
         continuation: Vec::new(),
         logprobs: None,
         constraint: None,
+        prompt_logprobs: None,
     };
     let mut job = gateway
         .dispatch(request, None, None)

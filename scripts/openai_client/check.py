@@ -161,6 +161,40 @@ def main(base: str) -> None:
     assert lps.text_offset[0] == 0 and lps.text_offset == sorted(lps.text_offset), lps
     print(f"completion logprobs: {list(zip(lps.tokens, lps.token_logprobs))}")
 
+    # Scoring a prompt (`echo` with `max_tokens: 0`, what evaluation
+    # harnesses send): the prompt comes back with each token's
+    # log-probability given the ones before it; the first has none.
+    prompt = "The capital of France is Paris"
+    scored = client.completions.create(
+        model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=2, temperature=0
+    )
+    s = scored.choices[0]
+    assert s.text == prompt, s.text
+    assert "".join(s.logprobs.tokens) == prompt, s.logprobs.tokens
+    assert s.logprobs.token_logprobs[0] is None, s.logprobs
+    assert all(lp <= 0 for lp in s.logprobs.token_logprobs[1:]), s.logprobs
+    assert s.logprobs.text_offset[0] == 0 and s.logprobs.text_offset == sorted(s.logprobs.text_offset)
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(s.logprobs.tokens)
+    print(f"echo, max_tokens 0: {list(zip(s.logprobs.tokens, s.logprobs.token_logprobs))}")
+    # The greedy continuation of a prompt, scored, is the model's best guess
+    # at each of its tokens.
+    went_on = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=3, echo=True, logprobs=1,
+        temperature=0,
+    ).choices[0]
+    assert went_on.text.startswith("The capital of France is") and len(went_on.text) > len(prompt) - 6
+    assert len(went_on.logprobs.tokens) == len(went_on.logprobs.token_logprobs)
+    print(f"echo with an answer: {went_on.text!r}")
+    chunks = list(client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=3, echo=True, logprobs=1,
+        temperature=0, stream=True,
+    ))
+    streamed_text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed_text == went_on.text, (streamed_text, went_on.text)
+    first = chunks[0].choices[0]
+    assert first.text == "The capital of France is" and first.logprobs.token_logprobs[0] is None, first
+    print("echo streamed: the prompt first, with its scores, then the same answer")
+
     # Structured outputs: the worker masks every step to the schema, so
     # even a 135M model's answer parses into the Pydantic model.
     class Colour(str, enum.Enum):

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Exercises a local silk testnet with the official `openai` Python client:
-# chat, streaming chat, completions, models list and an invalid request.
+# Exercises a local silk testnet with real clients, one testnet for all:
+# the official `openai` Python package (check.py), the official `openai`
+# npm package with Zod (check.mjs, Node 20), and LangChain's ChatOpenAI
+# (langchain_check.py, in its own virtual environment).
 # Usage: scripts/openai_client/run.sh   (needs the default model: `silk model fetch`)
 # Env: SILK_BIN (default: target/debug/silk, built if missing), SILK_DATA_DIR.
 set -euo pipefail
@@ -16,6 +18,17 @@ if [[ ! -x "$venv/bin/python" ]]; then
     python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check "openai==${OPENAI_VERSION:-3.54.0}"
+lc_venv="${SILK_LANGCHAIN_VENV:-$target/langchain-venv}"
+if [[ ! -x "$lc_venv/bin/python" ]]; then
+    python3 -m venv "$lc_venv"
+fi
+"$lc_venv/bin/pip" install --quiet --disable-pip-version-check \
+    "langchain-openai==${LANGCHAIN_OPENAI_VERSION:-1.8.1}" "openai==${OPENAI_VERSION:-3.54.0}"
+node_dir="${SILK_OPENAI_NODE_DIR:-$target/openai-node}"
+mkdir -p "$node_dir"
+cp "$here/package.json" "$node_dir/package.json"
+(cd "$node_dir" && npm install --silent --no-audit --no-fund)
+cp "$here/check.mjs" "$node_dir/check.mjs"
 data_args=()
 if [[ -n "${SILK_DATA_DIR:-}" ]]; then data_args=(--data-dir "$SILK_DATA_DIR"); fi
 
@@ -36,3 +49,5 @@ cat "$log"
 url="$(grep '^node ' "$log" | grep -v '(worker)' | head -1 | awk '{print $3}')"
 [[ -n "$url" ]] || { echo "no gateway URL in the testnet output" >&2; exit 1; }
 "$venv/bin/python" "$here/check.py" "$url"
+node "$node_dir/check.mjs" "$url"
+"$lc_venv/bin/python" "$here/langchain_check.py" "$url"

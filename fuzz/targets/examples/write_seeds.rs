@@ -85,6 +85,7 @@ fn job_request(payment: Option<PaymentTerms>, chat: bool) -> JobRequest {
                 r#"{"type":"object","properties":{"city":{"type":"string"}}}"#.into(),
             )
         }),
+        prompt_logprobs: (!chat).then_some(2),
     }
 }
 
@@ -181,6 +182,7 @@ fn job_seeds() -> Result<()> {
         ids: vec![12, 345, 6789],
         text: " Paris.".into(),
         logprobs: Vec::new(),
+        prompt_logprobs: Vec::new(),
     };
     let usage = JobUsage {
         prompt_tokens: 7,

@@ -338,9 +338,11 @@ async fn complete(
         continuation: Vec::new(),
         logprobs: v.logprobs,
         constraint: v.constraint,
+        prompt_logprobs: v.prompt_logprobs,
     };
     let logprobs = v.logprobs.is_some();
     let tools = v.tools;
+    let echo = v.echo;
     // The key's daily cap is checked against the job's worst case before
     // any lane is opened or reserved.
     let worst = node.worst_case_cost(&request, v.max_coefficient_milli);
@@ -382,11 +384,11 @@ async fn complete(
     if v.stream {
         (
             headers,
-            stream_response(dispatch, kind, logprobs, reader, deadline),
+            stream_response(dispatch, kind, logprobs, reader, echo, deadline),
         )
             .into_response()
     } else {
-        match collect(dispatch, kind, logprobs, reader).await {
+        match collect(dispatch, kind, logprobs, reader, echo).await {
             Ok(body) => (headers, Json(body)).into_response(),
             Err(e) => (headers, e).into_response(),
         }
@@ -454,6 +456,39 @@ fn chat_logprobs(tokens: &[silk_inference::TokenLogprob]) -> Value {
     json!({ "content": content, "refusal": null })
 }
 
+/// Completions' `logprobs` of an echoed prompt, from the worker's scores
+/// of its tokens after the first (moving `offset` past the prompt). The
+/// first token has no score (`null`, as OpenAI and vLLM report it); its
+/// text is what the scored tokens leave of the prompt at its start.
+fn echo_logprobs(
+    prompt: &str,
+    scored: &[silk_inference::TokenLogprob],
+    offset: &mut usize,
+) -> Value {
+    let scored_bytes: usize = scored.iter().map(|t| t.bytes.len()).sum();
+    let first_len = prompt.len().saturating_sub(scored_bytes);
+    let first = String::from_utf8_lossy(&prompt.as_bytes()[..first_len]).into_owned();
+    let start = *offset;
+    *offset += first_len;
+    let rest = text_logprobs(scored, offset);
+    let head = json!({
+        "tokens": [first], "token_logprobs": [null], "top_logprobs": [null], "text_offset": [start],
+    });
+    // The answer starts after the prompt as the caller sent it.
+    *offset = start + prompt.len();
+    join_text_logprobs(head, rest)
+}
+
+/// Two completions' `logprobs` objects, one after the other.
+fn join_text_logprobs(mut a: Value, b: Value) -> Value {
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        if let (Some(Value::Array(x)), Value::Array(y)) = (a.get_mut(key), &b[key]) {
+            x.extend(y.iter().cloned());
+        }
+    }
+    a
+}
+
 /// Completions' `logprobs` for `tokens`, whose text starts `offset` bytes
 /// into the answer (moved past them): `{tokens, token_logprobs,
 /// top_logprobs, text_offset}`.
@@ -508,14 +543,17 @@ async fn collect(
     kind: Kind,
     want_logprobs: bool,
     reader: Option<ToolCallReader>,
+    echo: Option<String>,
 ) -> Result<Value, ApiError> {
     let mut text = String::new();
     let mut logprobs = Vec::new();
+    let mut scored = Vec::new();
     let (usage, cost) = loop {
         match d.events.recv().await {
             Some(JobEvent::Token(t)) => {
                 text.push_str(&t.text);
                 logprobs.extend(t.logprobs);
+                scored.extend(t.prompt_logprobs);
             }
             Some(JobEvent::Done { usage, cost }) => break (usage, cost),
             Some(JobEvent::Failed(e)) => {
@@ -568,12 +606,23 @@ async fn collect(
                 "finish_reason": finish_str(&usage, calls),
             })
         }
-        Kind::Text => json!({
-            "index": 0,
-            "text": text,
-            "logprobs": want_logprobs.then(|| text_logprobs(&logprobs, &mut 0)),
-            "finish_reason": usage.finish.as_str(),
-        }),
+        Kind::Text => {
+            let mut offset = 0;
+            let prompt_part = echo
+                .as_deref()
+                .map(|prompt| echo_logprobs(prompt, &scored, &mut offset));
+            let answer_part = text_logprobs(&logprobs, &mut offset);
+            let logprobs = match prompt_part {
+                Some(p) => join_text_logprobs(p, answer_part),
+                None => answer_part,
+            };
+            json!({
+                "index": 0,
+                "text": echo.unwrap_or_default() + &text,
+                "logprobs": want_logprobs.then_some(logprobs),
+                "finish_reason": usage.finish.as_str(),
+            })
+        }
     };
     Ok(json!({
         "id": completion_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }),
@@ -591,10 +640,11 @@ fn stream_response(
     kind: Kind,
     logprobs: bool,
     reader: Option<ToolCallReader>,
+    echo: Option<String>,
     deadline: Instant,
 ) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
     let (tx, rx) = mpsc::channel::<SseEvent>(64);
-    tokio::spawn(pump(d, kind, logprobs, reader, tx, deadline));
+    tokio::spawn(pump(d, kind, logprobs, reader, echo, tx, deadline));
     let stream =
         futures::stream::unfold(
             rx,
@@ -613,6 +663,7 @@ async fn pump(
     kind: Kind,
     want_logprobs: bool,
     mut reader: Option<ToolCallReader>,
+    mut echo: Option<String>,
     tx: mpsc::Sender<SseEvent>,
     deadline: Instant,
 ) {
@@ -675,7 +726,28 @@ async fn pump(
             let _ = tx.send(SseEvent::default().data(err.to_string())).await;
             return;
         };
-        let events = match next {
+        let mut events = Vec::new();
+        // The echoed prompt goes first, with its scores when asked.
+        if let Some(prompt) = echo.take() {
+            let scored = match &next {
+                Some(JobEvent::Token(t)) => t.prompt_logprobs.as_slice(),
+                _ => &[],
+            };
+            let logprobs = if want_logprobs {
+                echo_logprobs(&prompt, scored, &mut text_offset)
+            } else {
+                Value::Null
+            };
+            let delta = Delta {
+                first,
+                text: Some(prompt),
+                call: None,
+            };
+            events.push(chunk(delta, logprobs, None, None, &silk));
+            first = false;
+        }
+        let more = match next {
+            Some(JobEvent::Token(t)) if t.ids.is_empty() && t.text.is_empty() => Vec::new(),
             Some(JobEvent::Token(t)) => {
                 let pieces = match reader.as_mut() {
                     None => vec![Piece::Text(t.text)],
@@ -712,7 +784,6 @@ async fn pump(
                 events
             }
             Some(JobEvent::Done { usage, cost }) => {
-                let mut events = Vec::new();
                 for piece in reader
                     .as_mut()
                     .map(ToolCallReader::finish)
@@ -771,6 +842,7 @@ async fn pump(
                 return;
             }
         };
+        events.extend(more);
         for e in events {
             if tx.send(e).await.is_err() {
                 return;
@@ -951,4 +1023,43 @@ async fn health(State(node): State<Arc<Node>>, Extension(caller): Extension<Call
         "wallet": node.billing().map(|b| b.payout().to_string()),
     }))
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use silk_inference::TokenLogprob;
+
+    fn lp(text: &str, logprob: f32) -> TokenLogprob {
+        TokenLogprob {
+            bytes: text.as_bytes().to_vec(),
+            logprob,
+            top: Vec::new(),
+        }
+    }
+
+    /// An echoed prompt's first token has no score and takes whatever the
+    /// scored tokens leave of the prompt; offsets run on into the answer.
+    #[test]
+    fn an_echoed_prompt_is_listed_before_the_answer_with_its_scores() {
+        let mut offset = 0;
+        let prompt = echo_logprobs(
+            "The sky is",
+            &[lp(" sky", -2.5), lp(" is", -0.5)],
+            &mut offset,
+        );
+        assert_eq!(offset, 10);
+        let answer = text_logprobs(&[lp(" blue", -0.25)], &mut offset);
+        let all = join_text_logprobs(prompt, answer);
+        assert_eq!(all["tokens"], json!(["The", " sky", " is", " blue"]));
+        assert_eq!(all["token_logprobs"], json!([null, -2.5, -0.5, -0.25]));
+        assert_eq!(all["text_offset"], json!([0, 3, 7, 10]));
+        assert_eq!(all["top_logprobs"][0], Value::Null);
+        // Scores a hostile worker made longer than the prompt cannot push
+        // the first token's cut out of the text.
+        let mut offset = 0;
+        let v = echo_logprobs("ab", &[lp("abc", -1.0)], &mut offset);
+        assert_eq!(v["tokens"][0], json!(""));
+        assert_eq!(offset, 2);
+    }
 }

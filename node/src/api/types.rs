@@ -398,6 +398,10 @@ pub struct CompletionRequest {
     pub logprobs: Option<u32>,
     /// What the answer must parse as (vLLM takes it here too).
     pub response_format: Option<ResponseFormat>,
+    /// Put the prompt before the answer, with its tokens' log-probabilities
+    /// when `logprobs` is given; with `max_tokens: 0` the prompt is only
+    /// scored (what evaluation harnesses do).
+    pub echo: Option<bool>,
 }
 
 /// `response_format`.
@@ -509,6 +513,10 @@ pub struct Validated {
     /// The functions whose calls are read out of the answer (empty: the
     /// answer is all text).
     pub tools: Vec<Tool>,
+    /// `echo`: the prompt text to put before the answer.
+    pub echo: Option<String>,
+    /// Score the prompt with this many alternatives per token.
+    pub prompt_logprobs: Option<u8>,
 }
 
 /// Checks a count of alternative tokens asked log-probabilities for.
@@ -600,9 +608,18 @@ fn check_sampling(
 fn check_common(
     mut c: Common,
     default_max: u32,
+    scoring: bool,
 ) -> Result<(u32, SamplingParams, Vec<String>), ApiError> {
     let max_tokens = c.max_tokens.unwrap_or(default_max);
-    if !(1..=MAX_TOKENS_LIMIT).contains(&max_tokens) {
+    if max_tokens == 0 && !scoring {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            format!(
+                "max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got 0 (0 only scores a prompt: completions with echo)"
+            ),
+        ));
+    }
+    if max_tokens > MAX_TOKENS_LIMIT {
         return Err(ApiError::invalid(
             "max_tokens",
             format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}"),
@@ -683,6 +700,7 @@ impl ChatRequest {
                 top_k: self.top_k,
             },
             DEFAULT_CHAT_MAX_TOKENS,
+            false,
         )?;
         if self.messages.is_empty() {
             return Err(ApiError::invalid("messages", "messages must not be empty"));
@@ -760,6 +778,8 @@ impl ChatRequest {
             logprobs,
             constraint,
             tools,
+            echo: None,
+            prompt_logprobs: None,
         })
     }
 }
@@ -783,6 +803,7 @@ impl CompletionRequest {
                 top_k: self.top_k,
             },
             DEFAULT_COMPLETION_MAX_TOKENS,
+            self.echo == Some(true),
         )?;
         let prompt = match self.prompt {
             PromptInput::One(s) => s,
@@ -801,6 +822,13 @@ impl CompletionRequest {
             .logprobs
             .map(|k| check_top_logprobs("logprobs", k))
             .transpose()?;
+        let echo = (self.echo == Some(true)).then(|| prompt.clone());
+        // The worker scores the prompt when the caller wants its
+        // log-probabilities, or wants nothing generated.
+        let prompt_logprobs = echo
+            .as_ref()
+            .filter(|_| logprobs.is_some() || max_tokens == 0)
+            .map(|_| logprobs.unwrap_or(0));
         Ok(Validated {
             model: self.model,
             prompt: WirePrompt::Text(prompt),
@@ -817,6 +845,8 @@ impl CompletionRequest {
                 .transpose()?
                 .flatten(),
             tools: Vec::new(),
+            echo,
+            prompt_logprobs,
         })
     }
 }

@@ -115,6 +115,7 @@ fn drain(streams: Vec<GenerationStream>) -> anyhow::Result<Vec<(Option<Instant>,
                         }
                         Event::Done(_) => break,
                         Event::Error(e) => return Err(anyhow::anyhow!(e)),
+                        Event::PromptLogprobs(_) => {}
                     }
                 }
                 Ok((first, tokens, Instant::now()))

@@ -288,6 +288,7 @@ async fn routing_overhead(args: &MeshBenchArgs, data_dir: &Path) -> anyhow::Resu
         continuation: Vec::new(),
         logprobs: None,
         constraint: None,
+        prompt_logprobs: None,
     };
     let engine = worker.engine().context("no engine")?;
     let (mut direct, mut routed) = (Vec::new(), Vec::new());

@@ -113,6 +113,7 @@ pub fn run(args: InferArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             Event::Error(e) => anyhow::bail!("generation failed: {e}"),
+            Event::PromptLogprobs(_) => {}
         }
     }
     anyhow::bail!("the engine stopped without finishing the request")

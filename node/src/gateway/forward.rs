@@ -215,6 +215,8 @@ impl Gateway {
                 request.continuation.clone_from(&delivered);
                 request.max_tokens = owed;
                 request.payment = None;
+                // The prompt's scores came before the first token.
+                request.prompt_logprobs = None;
                 match self.place(&request, max_coefficient, &tried).await {
                     Ok((peer, _, next)) => {
                         tracing::warn!(
@@ -297,6 +299,11 @@ impl Gateway {
                         ids: vec![id],
                         text,
                         logprobs: logprob.into_iter().collect(),
+                        prompt_logprobs: Vec::new(),
+                    }),
+                    Some(Event::PromptLogprobs(scored)) => JobEvent::Token(TokenChunk {
+                        prompt_logprobs: scored,
+                        ..TokenChunk::default()
                     }),
                     Some(Event::Done(u)) => JobEvent::Done {
                         usage: protocol::usage_record(&u, price),
@@ -326,6 +333,8 @@ impl Gateway {
     ) -> Result<Attempt, AttemptError> {
         let max_tokens = request.max_tokens;
         let logprobs = request.logprobs;
+        let (prompt_logprobs, prompt_bound) =
+            (request.prompt_logprobs, request.prompt_tokens_bound());
         let mut request = request.clone();
         request.payment = paid.as_ref().map(|p| p.terms().clone());
         let mut stream = tokio::time::timeout(
@@ -371,7 +380,9 @@ impl Gateway {
         let deadline = tokio::time::Instant::now()
             + progress_timeout
             + Duration::from_secs(u64::from(SECONDS_PER_TOKEN_AT_WORST)) * max_tokens;
-        let mut delivery = Delivery::new(max_tokens).with_logprobs(logprobs);
+        let mut delivery = Delivery::new(max_tokens)
+            .with_logprobs(logprobs)
+            .with_prompt_logprobs(prompt_logprobs, prompt_bound);
         tokio::spawn(async move {
             let _slot = slot;
             let mut next = Some(first);
@@ -402,9 +413,7 @@ impl Gateway {
                         };
                         if tx.is_closed() {
                             let cost = match paid {
-                                Some(p) => {
-                                    p.finish(&overlay, peer, None, delivery.paid_tokens()).await
-                                }
+                                Some(p) => p.finish(&overlay, peer, None, delivery).await,
                                 None => Some(silk_chain::Coins::ZERO),
                             };
                             let _ = cost_tx.send(cost);
@@ -429,10 +438,7 @@ impl Gateway {
                     Frame::Failed(message) => (Some(message), None),
                 };
                 let cost = match paid {
-                    Some(p) => {
-                        p.finish(&overlay, peer, usage.as_ref(), delivery.paid_tokens())
-                            .await
-                    }
+                    Some(p) => p.finish(&overlay, peer, usage.as_ref(), delivery).await,
                     None => Some(silk_chain::Coins::ZERO),
                 };
                 let _ = cost_tx.send(cost);

@@ -11,7 +11,7 @@ use silk_overlay::{JobFrame, OverlayHandle, PeerId};
 
 use super::routing::Candidate;
 use super::Gateway;
-use crate::billing::Billing;
+use crate::billing::{Billing, Delivery};
 use crate::payments::Reservation;
 use crate::protocol::{self, JobMessage, JobRequest, JobUsage, PaymentTerms};
 
@@ -72,15 +72,15 @@ impl PaidJob {
         self.billing.release(self.reservation).await;
     }
 
-    /// Settles the job (`usage` absent when it failed midway, `delivered`
-    /// the tokens the caller got) and sends the cheque to `peer` in the
+    /// Settles the job (`usage` absent when it failed midway, `delivery`
+    /// what the caller got) and sends the cheque to `peer` in the
     /// background. Returns the cost, or `None` if settling failed.
     pub(crate) async fn finish(
         self,
         overlay: &OverlayHandle,
         peer: PeerId,
         usage: Option<&JobUsage>,
-        delivered: u32,
+        delivery: Delivery,
     ) -> Option<silk_chain::Coins> {
         match self
             .billing
@@ -90,7 +90,7 @@ impl PaidJob {
                 self.coefficient_milli,
                 self.prompt_bound,
                 usage,
-                delivered,
+                delivery,
             )
             .await
         {

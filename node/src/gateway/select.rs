@@ -361,6 +361,7 @@ mod tests {
             continuation: Vec::new(),
             logprobs: None,
             constraint: None,
+            prompt_logprobs: None,
         }
     }
 

@@ -218,7 +218,7 @@ async fn measure_decode_speed(engine: &Engine) -> u64 {
         match event {
             Event::Done(u) => return (u.decode_tokens_per_s.max(0.0) * 1000.0) as u64,
             Event::Error(_) => return 0,
-            Event::Token { .. } => {}
+            Event::Token { .. } | Event::PromptLogprobs(_) => {}
         }
     }
     0

@@ -213,12 +213,23 @@ async fn run_job(
                     ids: vec![id],
                     text,
                     logprobs: logprob.into_iter().collect(),
+                    prompt_logprobs: Vec::new(),
                 };
                 if let Err(e) = responder.send_data(encode(&chunk)).await {
                     tracing::debug!(%peer, error = %e, "gateway went away; cancelling the job");
                     return (0, produced);
                 }
                 produced = produced.saturating_add(1);
+            }
+            Some(Event::PromptLogprobs(scored)) => {
+                let chunk = TokenChunk {
+                    prompt_logprobs: scored,
+                    ..TokenChunk::default()
+                };
+                if let Err(e) = responder.send_data(encode(&chunk)).await {
+                    tracing::debug!(%peer, error = %e, "gateway went away; cancelling the job");
+                    return (0, produced);
+                }
             }
             Some(Event::Done(usage)) => {
                 let record = usage_record(&usage, price_milli);
