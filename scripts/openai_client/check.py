@@ -240,7 +240,7 @@ def main(base: str) -> None:
         )
     except openai.BadRequestError as e:
         err = (e.body or {}).get("error", e.body or {})
-        assert "response_format" in err.get("message", ""), err
+        assert "response_format" in err.get("message", "") and err.get("param") == "response_format", err
         print(f"unsatisfiable schema refused: {err.get('message')[:120]}")
     else:
         raise AssertionError("an unsatisfiable schema was accepted")
@@ -380,7 +380,7 @@ def main(base: str) -> None:
         )
     except openai.BadRequestError as e:
         err = (e.body or {}).get("error", e.body or {})
-        assert "logit_bias" in err.get("message", ""), err
+        assert "logit_bias" in err.get("message", "") and err.get("param") == "logit_bias", err
         print(f"logit_bias past the vocabulary refused: {err.get('message')}")
     else:
         raise AssertionError("a logit_bias past the vocabulary was accepted")

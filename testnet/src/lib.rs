@@ -83,6 +83,8 @@ pub struct NodeOptions {
     pub host: Option<String>,
     /// Top-level lines of its config.toml, e.g. `max_jobs_per_worker = 2`.
     pub config_toml: String,
+    /// More environment for its process, e.g. `SILK_LOG_FORMAT=json`.
+    pub env: Vec<(String, String)>,
 }
 
 /// The `[payments]` settings of testnet nodes: 1 TON lanes, redemption
@@ -519,7 +521,7 @@ impl Testnet {
             wallet: None,
             api_key,
             args,
-            env: Vec::new(),
+            env: options.env.clone(),
             child: None,
         };
         self.launch(&mut node).await?;
@@ -729,10 +731,11 @@ impl Testnet {
                 child: None,
             },
         );
-        node.env = env
-            .iter()
-            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-            .collect();
+        node.env = self.node_options(i).env;
+        node.env.extend(
+            env.iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string())),
+        );
         let r = self.launch(&mut node).await;
         self.nodes[i] = node;
         r

@@ -437,3 +437,90 @@ async fn a_burst_past_the_free_slots_is_queued_and_served() -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// With `--log-format json` (here `SILK_LOG_FORMAT=json`), every log line is
+/// one JSON object, and a job's lines carry who and what it was about: on
+/// the gateway the request's id (the response's `id`) and the worker, on
+/// the worker the gateway that sent it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_tie_each_job_to_its_request_and_peers() -> anyhow::Result<()> {
+    let mut config = TestnetConfig::new(2, 1)?;
+    config.payments = false;
+    config.log_filter = "warn,silk_node=info".into();
+    let json_logs = silk_testnet::NodeOptions {
+        env: vec![("SILK_LOG_FORMAT".into(), "json".into())],
+        ..Default::default()
+    };
+    config.node_options = vec![json_logs.clone(), json_logs];
+    let net = Testnet::spawn(config)
+        .await
+        .context("testnet did not start")?;
+    let (gateway, worker) = if net.nodes[0].worker { (1, 0) } else { (0, 1) };
+    let (status, _, body) =
+        post(&net, gateway, "/v1/chat/completions", &chat_body("Hi.", 4)).await?;
+    ensure!(status == 200, "{body}");
+    let id = body["id"].as_str().context("no id")?.to_string();
+
+    // The node's log file holds its stdout too (what `silk run` prints
+    // for people); every log line in it is JSON. Lines are written as
+    // events happen: give the worker's a moment.
+    let lines = |node: usize| -> anyhow::Result<Vec<Value>> {
+        let log = net.nodes[node].log();
+        for l in log.lines().filter(|l| !l.starts_with('{')) {
+            ensure!(
+                !["TRACE", "DEBUG", " INFO", " WARN", "ERROR"]
+                    .iter()
+                    .any(|lvl| l.contains(lvl)),
+                "a log line that is not JSON: {l}"
+            );
+        }
+        log.lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+            .collect()
+    };
+    let find = |lines: &[Value], message: &str| -> Option<Value> {
+        lines
+            .iter()
+            .find(|l| l["fields"]["message"] == message)
+            .cloned()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (done, served) = loop {
+        let (g, w) = (lines(gateway)?, lines(worker)?);
+        if let (Some(d), Some(s)) = (find(&g, "job done"), find(&w, "job served")) {
+            break (d, s);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no `job done` / `job served` lines:\n{}\n{}",
+            net.nodes[gateway].log(),
+            net.nodes[worker].log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let span = |line: &Value, name: &str| -> Option<Value> {
+        line["spans"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+    };
+    let request = span(&done, "request").context(format!("no request span: {done}"))?;
+    ensure!(request["id"] == id.as_str(), "{done} is not about {id}");
+    ensure!(
+        done["fields"]["worker"] == net.nodes[worker].peer_id.as_str(),
+        "{done}"
+    );
+    ensure!(
+        done["fields"]["completion_tokens"] == body["usage"]["completion_tokens"],
+        "{done} vs {body}"
+    );
+    let job = span(&served, "job").context(format!("no job span: {served}"))?;
+    ensure!(
+        job["gateway"] == net.nodes[gateway].peer_id.as_str(),
+        "{served}"
+    );
+    println!("gateway: {done}\nworker: {served}");
+    Ok(())
+}

@@ -316,7 +316,27 @@ async fn web_pages_cannot_spend_and_api_keys_hold_their_caps() -> anyhow::Result
 /// charged (its signed cumulative cheque) equals what the contract paid
 /// out on chain plus what is outstanding (cheques the worker holds and has
 /// not redeemed), and the worker's record of what was paid is the chain's.
+///
+/// A redemption in flight is seen by the chain before the worker books its
+/// result (redemptions run every second in these tests), and the books are
+/// read one after another: they must agree within 20 s, and the last
+/// disagreement is the error.
 async fn books_balance(net: &Testnet, gateways: &[usize], workers: &[usize]) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match books_balance_now(net, gateways, workers).await {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+async fn books_balance_now(
+    net: &Testnet,
+    gateways: &[usize],
+    workers: &[usize],
+) -> anyhow::Result<()> {
     let mut worker_books = Vec::new();
     for &w in workers {
         worker_books.push(payments(net, w).await?);

@@ -54,6 +54,7 @@ fn node_options(line: &DelayLine, i: usize, config_toml: String) -> NodeOptions 
         launcher: line.launcher(REGIONS[i]),
         host: line.address(REGIONS[i]).map(|a| a.to_string()),
         config_toml,
+        ..Default::default()
     }
 }
 

@@ -40,6 +40,7 @@ use silk_inference::{ParsedCall, Piece, ToolCallReader};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::gateway::{model_name, Dispatch, DispatchError, FailureCause, JobEvent};
 use crate::node::Node;
@@ -238,6 +239,7 @@ impl From<DispatchError> for ApiError {
                 Some(p) if *p >= u64::from(*window) => "messages",
                 _ => "max_tokens",
             }),
+            DispatchError::InvalidRequest(message) => refused_param(message),
             _ => None,
         };
         let mut error = ApiError::new(status, kind, code, e.to_string());
@@ -250,6 +252,35 @@ impl From<DispatchError> for ApiError {
             None => error,
         }
     }
+}
+
+/// Request fields a worker's engine judges again, by the name its
+/// refusal gives them (`invalid request: `logit_bias` …`).
+const ENGINE_PARAMS: &[&str] = &[
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "max_tokens",
+    "min_p",
+    "presence_penalty",
+    "prompt",
+    "repetition_penalty",
+    "response_format",
+    "stop",
+    "temperature",
+    "tools",
+    "top_k",
+    "top_logprobs",
+    "top_p",
+];
+
+/// The request field a worker's refusal names, when it names one this API
+/// has (a worker is a peer: anything else it says names nothing).
+fn refused_param(message: &str) -> Option<&'static str> {
+    const MARK: &str = "invalid request: `";
+    let start = message.find(MARK)? + MARK.len();
+    let field = &message[start..start + message[start..].find('`')?];
+    ENGINE_PARAMS.iter().copied().find(|p| *p == field)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -316,12 +347,33 @@ async fn completions(
     }
 }
 
+/// Answers a validated request. Every log line about it, on this node and
+/// in the tasks it starts, carries its id (the response's `id`).
 async fn complete(
     node: Arc<Node>,
     caller: Caller,
     v: Validated,
     kind: Kind,
     deadline: Instant,
+) -> Response {
+    let id = completion_id(if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    });
+    let span = tracing::info_span!("request", id = %id);
+    answer(node, caller, v, kind, deadline, id)
+        .instrument(span)
+        .await
+}
+
+async fn answer(
+    node: Arc<Node>,
+    caller: Caller,
+    v: Validated,
+    kind: Kind,
+    deadline: Instant,
+    id: String,
 ) -> Response {
     let model = match node.resolve_model(v.model.as_deref()) {
         Ok(m) => m,
@@ -380,15 +432,17 @@ async fn complete(
         ATTESTATION_HEADER,
         HeaderValue::from_static(mode_str(dispatch.attestation)),
     );
-    let reader = (!tools.is_empty()).then(|| ToolCallReader::new(&tools));
+    let shape = Shape {
+        kind,
+        id,
+        logprobs,
+        reader: (!tools.is_empty()).then(|| ToolCallReader::new(&tools)),
+        echo,
+    };
     if v.stream {
-        (
-            headers,
-            stream_response(dispatch, kind, logprobs, reader, echo, deadline),
-        )
-            .into_response()
+        (headers, stream_response(dispatch, shape, deadline)).into_response()
     } else {
-        match collect(dispatch, kind, logprobs, reader, echo).await {
+        match collect(dispatch, shape).await {
             Ok(body) => (headers, Json(body)).into_response(),
             Err(e) => (headers, e).into_response(),
         }
@@ -538,13 +592,25 @@ fn finish_str(usage: &crate::protocol::JobUsage, calls: usize) -> &'static str {
     }
 }
 
-async fn collect(
-    mut d: Dispatch,
+/// What an answer is made into: which API's shape, under which id, with
+/// log-probabilities or not, calls read out of it, the prompt before it.
+struct Shape {
     kind: Kind,
-    want_logprobs: bool,
+    /// `chatcmpl-…` or `cmpl-…`, also the request's id in the node's logs.
+    id: String,
+    logprobs: bool,
     reader: Option<ToolCallReader>,
     echo: Option<String>,
-) -> Result<Value, ApiError> {
+}
+
+async fn collect(mut d: Dispatch, shape: Shape) -> Result<Value, ApiError> {
+    let Shape {
+        kind,
+        id,
+        logprobs: want_logprobs,
+        reader,
+        echo,
+    } = shape;
     let mut text = String::new();
     let mut logprobs = Vec::new();
     let mut scored = Vec::new();
@@ -625,7 +691,7 @@ async fn collect(
         }
     };
     Ok(json!({
-        "id": completion_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }),
+        "id": id,
         "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
         "created": unix_now(),
         "model": d.model,
@@ -637,14 +703,11 @@ async fn collect(
 
 fn stream_response(
     d: Dispatch,
-    kind: Kind,
-    logprobs: bool,
-    reader: Option<ToolCallReader>,
-    echo: Option<String>,
+    shape: Shape,
     deadline: Instant,
 ) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
     let (tx, rx) = mpsc::channel::<SseEvent>(64);
-    tokio::spawn(pump(d, kind, logprobs, reader, echo, tx, deadline));
+    tokio::spawn(pump(d, shape, tx, deadline).in_current_span());
     let stream =
         futures::stream::unfold(
             rx,
@@ -658,21 +721,15 @@ fn stream_response(
 /// deadline passes. With a tool-call reader, text that may begin a call is
 /// held until it is decided, and each call goes out as one `tool_calls`
 /// delta (id, name and all its arguments) when its block closes.
-async fn pump(
-    mut d: Dispatch,
-    kind: Kind,
-    want_logprobs: bool,
-    mut reader: Option<ToolCallReader>,
-    mut echo: Option<String>,
-    tx: mpsc::Sender<SseEvent>,
-    deadline: Instant,
-) {
+async fn pump(mut d: Dispatch, shape: Shape, tx: mpsc::Sender<SseEvent>, deadline: Instant) {
+    let Shape {
+        kind,
+        id,
+        logprobs: want_logprobs,
+        mut reader,
+        mut echo,
+    } = shape;
     let mut text_offset = 0usize;
-    let id = completion_id(if kind == Kind::Chat {
-        "chatcmpl"
-    } else {
-        "cmpl"
-    });
     let created = unix_now();
     let object = if kind == Kind::Chat {
         "chat.completion.chunk"
@@ -1035,6 +1092,29 @@ mod tests {
             bytes: text.as_bytes().to_vec(),
             logprob,
             top: Vec::new(),
+        }
+    }
+
+    /// A worker's refusal names the field it refused, as the node's own
+    /// checks do; a name the API does not have names nothing.
+    #[test]
+    fn a_workers_refusal_names_the_field_it_refused() {
+        let refusal = |m: &str| {
+            ApiError::from(DispatchError::InvalidRequest(format!(
+                "worker refused (Rejected): {m}"
+            )))
+        };
+        let e = refusal("invalid request: `logit_bias` token id 99999999 is outside the model's vocabulary of 49152");
+        assert_eq!(e.param(), Some("logit_bias"));
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        let e = refusal("invalid request: `response_format` the schema cannot be enforced: x");
+        assert_eq!(e.param(), Some("response_format"));
+        for m in [
+            "invalid request: `continuation` token id 7 is outside",
+            "invalid request: `logit_bias",
+            "the chat template cannot render",
+        ] {
+            assert_eq!(refusal(m).param(), None, "{m}");
         }
     }
 

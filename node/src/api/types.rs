@@ -58,6 +58,16 @@ impl ApiError {
         }
     }
 
+    /// The request field it names, if any.
+    pub fn param(&self) -> Option<&'static str> {
+        self.param
+    }
+
+    /// Its HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
     /// The same error naming the request field it is about.
     pub fn with_param(self, param: &'static str) -> Self {
         Self {

@@ -11,13 +11,25 @@ pub mod init;
 pub mod mesh_shard;
 pub mod model;
 pub mod run;
+pub mod service;
 pub mod testnet;
 pub mod wallet;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Readable text with the fields of the enclosing spans.
+    Human,
+    /// One JSON object a line: `timestamp`, `level`, `fields`, `target`,
+    /// and `spans` (the request's `id`, a job's `gateway` and `job`, an
+    /// attempt's `worker`).
+    Json,
+}
 
 /// silk: confidential AI inference on a peer-to-peer network of GPUs.
 #[derive(Debug, Parser)]
@@ -26,6 +38,11 @@ pub struct Cli {
     /// Data directory (identity key, caches, store). Default: ~/.silk
     #[arg(long, global = true, env = "SILK_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// How log lines (stderr; `RUST_LOG` picks which) are written: `human`,
+    /// or `json`, one object a line with the request's or job's fields, for
+    /// log shippers.
+    #[arg(long, global = true, env = "SILK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -66,6 +83,9 @@ pub enum Command {
     /// API keys for this node's HTTP API: create, list, revoke.
     #[command(subcommand, name = "api-key")]
     ApiKey(api_key::ApiKeyCommand),
+    /// Run the node as a systemd service: `silk service install [--user]`.
+    #[command(subcommand)]
+    Service(service::ServiceCommand),
 }
 
 impl Cli {
@@ -84,13 +104,16 @@ impl Cli {
 /// and runs the command.
 pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => logs.init(),
+        LogFormat::Json => logs.json().with_span_list(true).init(),
+    }
     let data_dir = cli.data_dir();
     match cli.command {
         Command::Attest(cmd) => attest::run(cmd, &data_dir),
@@ -106,5 +129,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Submit(args) => client::submit(args),
         Command::Chat(args) => client::chat(args),
         Command::ApiKey(cmd) => api_key::run(cmd, &data_dir),
+        Command::Service(cmd) => service::run(cmd, &data_dir),
     }
 }

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use silk_inference::Event;
 use silk_overlay::{AttestationMode, JobFrame, PeerId};
@@ -200,6 +201,14 @@ impl Gateway {
                     let carried = request.continuation.len() as u32;
                     usage.prompt_tokens = usage.prompt_tokens.saturating_sub(carried);
                     usage.completion_tokens = usage.completion_tokens.saturating_add(carried);
+                    tracing::info!(
+                        worker = %tried[tried.len() - 1],
+                        workers = tried.len(),
+                        prompt_tokens = usage.prompt_tokens,
+                        completion_tokens = usage.completion_tokens,
+                        cost_nanoton = total.and_then(|c| u64::try_from(c.0).ok()),
+                        "job done"
+                    );
                     settle_spend(spend, total).await;
                     let _ = tx.send(JobEvent::Done { usage, cost: total }).await;
                     return;
@@ -286,38 +295,41 @@ impl Gateway {
         let _ = cost_tx.send(Some(silk_chain::Coins::ZERO));
         let price = worker.price_milli();
         let cancel = self.cancel.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            loop {
-                let event = tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => None,
-                    e = stream.next() => e,
-                };
-                let out = match event {
-                    Some(Event::Token { id, text, logprob }) => JobEvent::Token(TokenChunk {
-                        ids: vec![id],
-                        text,
-                        logprobs: logprob.into_iter().collect(),
-                        prompt_logprobs: Vec::new(),
-                    }),
-                    Some(Event::PromptLogprobs(scored)) => JobEvent::Token(TokenChunk {
-                        prompt_logprobs: scored,
-                        ..TokenChunk::default()
-                    }),
-                    Some(Event::Done(u)) => JobEvent::Done {
-                        usage: protocol::usage_record(&u, price),
-                        cost: Some(silk_chain::Coins::ZERO),
-                    },
-                    Some(Event::Error(e)) => JobEvent::Failed(format!("engine failed: {e}")),
-                    None => JobEvent::Failed("the engine stopped".into()),
-                };
-                let last = !matches!(out, JobEvent::Token(_));
-                if tx.send(out).await.is_err() || last {
-                    return;
+        tokio::spawn(
+            async move {
+                let _slot = slot;
+                loop {
+                    let event = tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => None,
+                        e = stream.next() => e,
+                    };
+                    let out = match event {
+                        Some(Event::Token { id, text, logprob }) => JobEvent::Token(TokenChunk {
+                            ids: vec![id],
+                            text,
+                            logprobs: logprob.into_iter().collect(),
+                            prompt_logprobs: Vec::new(),
+                        }),
+                        Some(Event::PromptLogprobs(scored)) => JobEvent::Token(TokenChunk {
+                            prompt_logprobs: scored,
+                            ..TokenChunk::default()
+                        }),
+                        Some(Event::Done(u)) => JobEvent::Done {
+                            usage: protocol::usage_record(&u, price),
+                            cost: Some(silk_chain::Coins::ZERO),
+                        },
+                        Some(Event::Error(e)) => JobEvent::Failed(format!("engine failed: {e}")),
+                        None => JobEvent::Failed("the engine stopped".into()),
+                    };
+                    let last = !matches!(out, JobEvent::Token(_));
+                    if tx.send(out).await.is_err() || last {
+                        return;
+                    }
                 }
             }
-        });
+            .in_current_span(),
+        );
         Ok(Attempt { events: rx, cost })
     }
 
@@ -451,7 +463,7 @@ impl Gateway {
                 let _ = tx.send(event).await;
                 return;
             }
-        });
+        }.instrument(tracing::info_span!("attempt", worker = %peer)));
         Ok(Attempt {
             events: rx,
             cost: cost_rx,

@@ -37,6 +37,7 @@ mod table;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use silk_overlay::{Announcement, AttestationMode, OverlayHandle, PeerId};
 use tokio::sync::mpsc;
@@ -417,7 +418,11 @@ impl Gateway {
         };
         let (tx, events) = mpsc::channel(forward::JOB_CHANNEL);
         let model = request.model.clone();
-        tokio::spawn(Arc::clone(self).relay(request, max_coefficient, worker, attempt, spend, tx));
+        tokio::spawn(
+            Arc::clone(self)
+                .relay(request, max_coefficient, worker, attempt, spend, tx)
+                .in_current_span(),
+        );
         Ok(Dispatch {
             worker,
             attestation,

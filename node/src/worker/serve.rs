@@ -5,6 +5,7 @@
 use silk_inference::{Engine, Event, GenerateRequest};
 use silk_overlay::{JobErrorCode, JobResponder, Misbehaviour, OverlayHandle, PeerId};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::billing::Billing;
 use crate::protocol::{
@@ -53,7 +54,18 @@ pub async fn serve_stream(
     };
     match message {
         JobMessage::Generate(request) => match ctx.engine {
-            Some(engine) => serve_job(ctx, engine, peer, request, responder, cancel).await,
+            Some(engine) => {
+                // Every line about the job carries the gateway and, for a
+                // paid job, the job's number on its payment lane.
+                let span = tracing::info_span!(
+                    "job",
+                    gateway = %peer,
+                    job = request.payment.as_ref().map(|p| p.job),
+                );
+                serve_job(ctx, engine, peer, request, responder, cancel)
+                    .instrument(span)
+                    .await
+            }
             None => {
                 let _ = responder
                     .error(JobErrorCode::Rejected, "this node is not a worker")
@@ -233,6 +245,11 @@ async fn run_job(
             }
             Some(Event::Done(usage)) => {
                 let record = usage_record(&usage, price_milli);
+                tracing::info!(
+                    prompt_tokens = record.prompt_tokens,
+                    completion_tokens = record.completion_tokens,
+                    "job served"
+                );
                 if let Err(e) = responder.end(encode(&record)).await {
                     tracing::debug!(%peer, error = %e, "could not send the usage frame");
                 }
