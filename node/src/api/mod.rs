@@ -820,21 +820,7 @@ async fn pump(mut d: Dispatch, shape: Shape, tx: mpsc::Sender<SseEvent>, deadlin
                             text_logprobs(&std::mem::take(&mut held_logprobs), &mut text_offset)
                         }
                     };
-                    let delta = match piece {
-                        Piece::Text(text) => Delta {
-                            first,
-                            text: Some(text),
-                            call: None,
-                        },
-                        Piece::Call(call) => {
-                            calls += 1;
-                            Delta {
-                                first,
-                                text: None,
-                                call: Some(tool_call_json(call, Some(calls - 1))),
-                            }
-                        }
-                    };
+                    let delta = Delta::of(piece, first, &mut calls);
                     events.push(chunk(delta, logprobs, None, None, &silk));
                     first = false;
                 }
@@ -846,21 +832,7 @@ async fn pump(mut d: Dispatch, shape: Shape, tx: mpsc::Sender<SseEvent>, deadlin
                     .map(ToolCallReader::finish)
                     .unwrap_or_default()
                 {
-                    let delta = match piece {
-                        Piece::Text(text) => Delta {
-                            first,
-                            text: Some(text),
-                            call: None,
-                        },
-                        Piece::Call(call) => {
-                            calls += 1;
-                            Delta {
-                                first,
-                                text: None,
-                                call: Some(tool_call_json(call, Some(calls - 1))),
-                            }
-                        }
-                    };
+                    let delta = Delta::of(piece, first, &mut calls);
                     events.push(chunk(delta, Value::Null, None, None, &silk));
                     first = false;
                 }
@@ -916,6 +888,28 @@ struct Delta {
     text: Option<String>,
     /// One tool call.
     call: Option<Value>,
+}
+
+impl Delta {
+    /// The delta of one piece of the answer; a call takes the next index
+    /// of the `calls` made so far.
+    fn of(piece: Piece, first: bool, calls: &mut usize) -> Self {
+        match piece {
+            Piece::Text(text) => Delta {
+                first,
+                text: Some(text),
+                call: None,
+            },
+            Piece::Call(call) => {
+                *calls += 1;
+                Delta {
+                    first,
+                    text: None,
+                    call: Some(tool_call_json(call, Some(*calls - 1))),
+                }
+            }
+        }
+    }
 }
 
 async fn models(State(node): State<Arc<Node>>) -> Response {
