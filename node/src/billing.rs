@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use silk_chain::{Address, Coins};
 use tokio_util::sync::CancellationToken;
 
-use crate::payments::{Payments, PaymentsError, Reservation, UndeliveredCheque};
+use crate::payments::{Balances, Payments, PaymentsError, Reservation, UndeliveredCheque};
 use crate::protocol::{ChequeAck, ChequeDelivery, JobUsage, PaymentTerms, TokenChunk};
 
 /// How long a worker waits for the cheque of a finished job before it
@@ -223,6 +223,9 @@ impl Delivery {
 #[derive(Debug)]
 pub struct Billing {
     payments: Payments,
+    /// The last balances read from the chain, and when (see
+    /// [`Billing::balances_cached`]).
+    balances: tokio::sync::Mutex<Option<(std::time::Instant, Result<Balances, String>)>>,
 }
 
 /// A job's bill as the gateway settled it.
@@ -245,12 +248,40 @@ impl Billing {
             Ok(n) => tracing::warn!(jobs = n, "jobs interrupted by a restart were dropped"),
             Err(e) => tracing::error!(error = %e, "could not read the worker's open jobs"),
         }
-        Billing { payments }
+        Billing {
+            payments,
+            balances: tokio::sync::Mutex::default(),
+        }
     }
 
     /// The payments underneath.
     pub fn payments(&self) -> &Payments {
         &self.payments
+    }
+
+    /// The wallet's and the contract's balances, read from the chain at
+    /// most once per `max_age` (a dashboard polls; the chain's API has rate
+    /// limits) and within `timeout`.
+    pub async fn balances_cached(
+        &self,
+        max_age: std::time::Duration,
+        timeout: std::time::Duration,
+    ) -> Result<Balances, String> {
+        let mut cached = self.balances.lock().await;
+        if let Some((at, b)) = &*cached {
+            if at.elapsed() < max_age {
+                return b.clone();
+            }
+        }
+        let read = match tokio::time::timeout(timeout, self.payments.balances()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "the chain did not answer within {} s",
+                timeout.as_secs()
+            )),
+        };
+        *cached = Some((std::time::Instant::now(), read.clone()));
+        read
     }
 
     /// Where this node is paid as a worker.

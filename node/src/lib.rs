@@ -30,7 +30,13 @@
 //!   inside the overlay's `/silk/job/1.0.0` frames), [`api`] (the
 //!   OpenAI-compatible HTTP API on axum over hyper, behind a guard: Host,
 //!   Origin and JSON checks, API keys with rate limits and daily spend
-//!   caps, header, body and request timeouts, connection caps).
+//!   caps, header, body and request timeouts, connection caps; the
+//!   operator's dashboard at `/`).
+//! - The operator's view: [`metrics`] (`/metrics`: job counters and
+//!   histograms, the books' totals and the engine's load read at scrape
+//!   time, the overlay's and libp2p's metrics) and [`activity`] (each
+//!   job's record and the money over time, in redb, for the dashboard and
+//!   `silk status`).
 //!
 //! # Data flow of a job
 //!
@@ -42,6 +48,7 @@
 //! gateway's forwarding task settles the job (cheque to the worker) → SSE
 //! or one JSON body with `silk.cost_nanoton`.
 
+pub mod activity;
 pub mod api;
 pub mod attest;
 pub mod billing;
@@ -49,6 +56,7 @@ pub mod cli;
 pub mod config;
 mod error;
 pub mod gateway;
+pub mod metrics;
 pub mod node;
 pub mod payments;
 pub mod protocol;

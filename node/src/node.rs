@@ -34,6 +34,7 @@ use silk_overlay::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::activity::History;
 use crate::api::keys::SpendHold;
 use crate::attest::{self, NodeIdentity, TsmReport};
 use crate::billing::Billing;
@@ -107,7 +108,12 @@ pub struct Node {
     /// The node's long-lived tasks (see [`Node::spawn_task`]).
     tasks: Mutex<Tasks>,
     started: Instant,
+    metrics: crate::metrics::Metrics,
+    history: History,
 }
+
+/// The history's file in the data directory.
+pub const HISTORY_FILE: &str = "history.redb";
 
 /// Long-lived tasks and their names.
 #[derive(Default)]
@@ -171,6 +177,16 @@ impl Node {
             config.ping_interval = Duration::from_secs(1);
             config.kad_query_timeout = Duration::from_secs(5);
         }
+        let mut metrics = crate::metrics::Metrics::new();
+        config.metrics = Some(silk_overlay::OverlayMetrics::register(
+            metrics.registry_mut(),
+        ));
+        let history_path = options.data_dir.join(HISTORY_FILE);
+        let (history, history_writer) = History::open(&history_path, metrics.jobs().clone())
+            .map_err(|e| MeshError::Config {
+                path: history_path.clone(),
+                reason: e.to_string(),
+            })?;
         let (overlay, events) = Overlay::spawn(config).await?;
         let cancel = CancellationToken::new();
         let worker = loaded.map(|loaded| {
@@ -188,8 +204,17 @@ impl Node {
             overlay.clone(),
             worker.clone(),
             reputation.clone(),
+            history.clone(),
             cancel.clone(),
         )?);
+        metrics
+            .registry_mut()
+            .sub_registry_with_prefix("silk")
+            .register_collector(Box::new(crate::metrics::StateCollector {
+                billing: options.billing.clone(),
+                engine: worker.as_ref().map(|w| w.engine().clone()),
+                queue: gateway.queue(),
+            }));
         let node = Arc::new(Self {
             overlay,
             gateway,
@@ -200,7 +225,13 @@ impl Node {
             cancel,
             tasks: Mutex::default(),
             started: Instant::now(),
+            metrics,
+            history,
         });
+        node.spawn_task(
+            "history",
+            History::run(history_writer, node.billing.clone(), node.cancel.clone()),
+        );
         node.spawn_task("router", Arc::clone(&node).route(events));
         node.spawn_task("worker table", Arc::clone(&node.gateway).table_keeper());
         if node.billing.is_some() {
@@ -287,7 +318,17 @@ impl Node {
         }
     }
 
-    /// This node's payments, when it settles jobs on a ledger.
+    /// This node's Prometheus registry.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// This node's record of jobs and money over time.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Payments, when this node settles jobs on a ledger.
     pub fn billing(&self) -> Option<&Arc<Billing>> {
         self.billing.as_ref()
     }
@@ -401,12 +442,14 @@ impl Node {
                     let overlay = self.overlay.clone();
                     let billing = self.billing.clone();
                     let cancel = self.cancel.clone();
+                    let history = self.history.clone();
                     tokio::spawn(async move {
                         let ctx = worker::WorkerContext {
                             engine: engine.as_ref(),
                             overlay: &overlay,
                             billing: billing.as_deref(),
                             price_milli,
+                            history: &history,
                         };
                         worker::serve_stream(ctx, peer, request, responder, cancel).await
                     });

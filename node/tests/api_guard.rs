@@ -335,7 +335,7 @@ async fn off_loopback_every_request_needs_a_key_and_health_says_little() {
     let (_, key) = api.keys.create("app", KeyLimits::default()).expect("key");
     let client = reqwest::Client::new();
     let base = format!("http://{}", api.addr);
-    for path in ["/v1/models", "/v1/mesh"] {
+    for path in ["/v1/models", "/v1/mesh", "/v1/status", "/metrics"] {
         let r = client
             .get(format!("{base}{path}"))
             .send()
@@ -370,7 +370,65 @@ async fn off_loopback_every_request_needs_a_key_and_health_says_little() {
         .await
         .expect("json");
     assert_eq!(health, json!({"status": "ok"}));
+    // The dashboard's page and script load without a key: they hold no
+    // data (the page asks for a key to read /v1/status), and they may
+    // load nothing from elsewhere.
+    let me = api.node.peer_id().to_string();
+    for path in ["/", "/dashboard.js", "/dashboard.css"] {
+        let r = client
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        let csp = r
+            .headers()
+            .get("content-security-policy")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"),
+            "{path}: {csp}"
+        );
+        let body = r.text().await.expect("text");
+        assert!(!body.contains(&me), "{path} leaks the peer id");
+    }
     // With the key: everything.
+    let status: Value = client
+        .get(format!("{base}/v1/status"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(status["node"]["peer_id"], me);
+    let r = client
+        .get(format!("{base}/v1/status?span=month"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(
+        (code(&body), &body["error"]["param"]),
+        ("invalid_span", &json!("span")),
+        "{body}"
+    );
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("# TYPE silk_peers gauge"), "{metrics}");
+    assert!(metrics.contains("libp2p_swarm"), "{metrics}");
     let health: Value = client
         .get(format!("{base}/health"))
         .bearer_auth(&key)

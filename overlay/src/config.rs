@@ -103,6 +103,9 @@ pub struct OverlayConfig {
     pub idle_connection_timeout: Duration,
     /// Agent version sent through identify.
     pub agent_version: String,
+    /// Where to count swarm events and gossip verdicts (the node's
+    /// `/metrics`); `None` counts nothing.
+    pub metrics: Option<crate::metrics::OverlayMetrics>,
     /// Shifts this node's clock by this many milliseconds, to play a node
     /// whose clock is off (tests only).
     #[cfg(feature = "testing")]
@@ -148,6 +151,7 @@ impl OverlayConfig {
             event_buffer: 1024,
             idle_connection_timeout: Duration::from_secs(120),
             agent_version: format!("silk-overlay/{}", env!("CARGO_PKG_VERSION")),
+            metrics: None,
             #[cfg(feature = "testing")]
             clock_offset_ms: 0,
         }

@@ -354,7 +354,9 @@ pub(crate) enum Verdict<T> {
     /// relay checks envelopes before forwarding, so junk comes from its
     /// sender).
     Reject {
-        /// Why.
+        /// Why, as a short fixed code (a metrics label).
+        kind: &'static str,
+        /// Why, in full.
         reason: String,
         /// The signed author of the invalid content, when known.
         author: Option<PeerId>,
@@ -363,8 +365,9 @@ pub(crate) enum Verdict<T> {
 
 impl<T> Verdict<T> {
     /// A rejection of a message whose author is not proven.
-    fn junk(reason: impl Into<String>) -> Self {
+    fn junk(kind: &'static str, reason: impl Into<String>) -> Self {
         Verdict::Reject {
+            kind,
             reason: reason.into(),
             author: None,
         }
@@ -432,20 +435,23 @@ impl GossipBook {
         now: Instant,
     ) -> Verdict<Announcement> {
         let Some(bytes) = envelope_of(message) else {
-            return Verdict::junk("message shorter than its publication counter");
+            return Verdict::junk("malformed", "message shorter than its publication counter");
         };
         if bytes.len() > self.max_announcement_size {
-            return Verdict::junk(format!("announcement of {} bytes", bytes.len()));
+            return Verdict::junk(
+                "oversized",
+                format!("announcement of {} bytes", bytes.len()),
+            );
         }
         let envelope = match SignedEnvelope::from_bytes(bytes) {
             Ok(e) => e,
-            Err(e) => return Verdict::junk(e.to_string()),
+            Err(e) => return Verdict::junk("malformed", e.to_string()),
         };
         // Cheap checks on the claimed content first; the signature is
         // verified only for messages that would change our state.
         let claimed: Announcement = match postcard::from_bytes(&envelope.payload) {
             Ok(a) => a,
-            Err(_) => return Verdict::junk(EnvelopeError::BadPayload.to_string()),
+            Err(_) => return Verdict::junk("malformed", EnvelopeError::BadPayload.to_string()),
         };
         if let Some(prev) = self.latest.get_mut(&claimed.peer_id) {
             if claimed.seq < prev.announcement.seq {
@@ -484,12 +490,13 @@ impl GossipBook {
         }
         let announcement = match envelope.verify_announcement() {
             Ok(a) => a,
-            Err(e) => return Verdict::junk(e.to_string()),
+            Err(e) => return Verdict::junk("invalid envelope", e.to_string()),
         };
         // Signed by its author, so out-of-range content is the author's own
         // doing: refused and penalised, never stored or forwarded.
         if let Err(reason) = announcement.check_ranges() {
             return Verdict::Reject {
+                kind: "out of range",
                 reason: format!("out of range: {reason}"),
                 author: Some(announcement.peer_id),
             };
@@ -520,18 +527,21 @@ impl GossipBook {
         now: Instant,
     ) -> Verdict<(PeerId, Vec<u8>)> {
         let Some(bytes) = envelope_of(message) else {
-            return Verdict::junk("message shorter than its publication counter");
+            return Verdict::junk("malformed", "message shorter than its publication counter");
         };
         if bytes.len() > self.max_reputation_size {
-            return Verdict::junk(format!("reputation report of {} bytes", bytes.len()));
+            return Verdict::junk(
+                "oversized",
+                format!("reputation report of {} bytes", bytes.len()),
+            );
         }
         let envelope = match SignedEnvelope::from_bytes(bytes) {
             Ok(e) => e,
-            Err(e) => return Verdict::junk(e.to_string()),
+            Err(e) => return Verdict::junk("malformed", e.to_string()),
         };
         let author = match envelope.verify_reputation() {
             Ok(a) => a,
-            Err(e) => return Verdict::junk(e.to_string()),
+            Err(e) => return Verdict::junk("invalid envelope", e.to_string()),
         };
         if !self.take_token(author, now) {
             return Verdict::Ignore("rate limit");

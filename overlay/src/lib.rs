@@ -57,6 +57,10 @@
 //!   and spreading the rest over the Kademlia buckets; too few start a
 //!   random DHT walk.
 //!
+//! - Metrics ([`metrics`]): with [`OverlayConfig::metrics`] set, every
+//!   swarm event goes through `libp2p-metrics`, and each gossip verdict
+//!   and the peer count are counted for the node's `/metrics`.
+//!
 //! Every channel, queue and per-peer map is bounded (see [`OverlayConfig`]).
 
 mod behaviour;
@@ -66,6 +70,7 @@ pub mod gossip;
 mod handle;
 mod ip_limits;
 pub mod job;
+pub mod metrics;
 pub mod misbehaviour;
 mod network;
 pub mod peers;
@@ -81,6 +86,7 @@ pub use error::OverlayError;
 pub use gossip::{Announcement, AttestationMode, EnvelopeError, SignedEnvelope};
 pub use handle::{AttestationResponder, OverlayHandle, PeerInfo};
 pub use job::{JobErrorCode, JobFrame, JobResponder, JobStream, JOB_PROTOCOL, JOB_WIRE_VERSION};
+pub use metrics::OverlayMetrics;
 pub use misbehaviour::Misbehaviour;
 pub use network::{Overlay, OverlayEvent};
 pub use vivaldi::Coordinate;

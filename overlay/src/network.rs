@@ -344,6 +344,7 @@ impl Overlay {
             peer_use_memory: config.peer_use_memory,
             last_peer_check: Instant::now(),
             walk: None,
+            metrics: config.metrics.clone(),
         };
         tokio::spawn(event_loop.run());
 
@@ -494,6 +495,8 @@ struct EventLoop {
     /// The random walk under way to find more peers, with the number of
     /// peers missing when it started.
     walk: Option<(kad::QueryId, usize)>,
+    /// Where swarm events and gossip verdicts are counted, if anywhere.
+    metrics: Option<crate::metrics::OverlayMetrics>,
 }
 
 impl EventLoop {
@@ -949,6 +952,28 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if let Some(metrics) = &self.metrics {
+            metrics.record(&event);
+            if let SwarmEvent::Behaviour(e) = &event {
+                match e {
+                    BehaviourEvent::Gossipsub(e) => metrics.record(e),
+                    BehaviourEvent::Kad(e) => metrics.record(e),
+                    BehaviourEvent::Identify(e) => metrics.record(e),
+                    BehaviourEvent::Ping(e) => metrics.record(e),
+                    BehaviourEvent::Dcutr(e) => metrics.record(e),
+                    _ => {}
+                }
+            }
+        }
+        if matches!(
+            event,
+            SwarmEvent::ConnectionEstablished { .. } | SwarmEvent::ConnectionClosed { .. }
+        ) {
+            // The swarm has applied the event when it reports it.
+            if let Some(metrics) = &self.metrics {
+                metrics.set_peers(self.swarm.connected_peers().count());
+            }
+        }
         match event {
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             SwarmEvent::ConnectionEstablished {
@@ -1071,7 +1096,15 @@ impl EventLoop {
                         Verdict::Accept(a) => Verdict::Accept(OverlayEvent::Announcement(a)),
                         Verdict::Forward => Verdict::Forward,
                         Verdict::Ignore(r) => Verdict::Ignore(r),
-                        Verdict::Reject { reason, author } => Verdict::Reject { reason, author },
+                        Verdict::Reject {
+                            kind,
+                            reason,
+                            author,
+                        } => Verdict::Reject {
+                            kind,
+                            reason,
+                            author,
+                        },
                     }
                 } else if message.topic == self.reputation_topic.hash() {
                     match self.book.check_reputation(&message.data, now) {
@@ -1080,11 +1113,35 @@ impl EventLoop {
                         }
                         Verdict::Forward => Verdict::Forward,
                         Verdict::Ignore(r) => Verdict::Ignore(r),
-                        Verdict::Reject { reason, author } => Verdict::Reject { reason, author },
+                        Verdict::Reject {
+                            kind,
+                            reason,
+                            author,
+                        } => Verdict::Reject {
+                            kind,
+                            reason,
+                            author,
+                        },
                     }
                 } else {
                     Verdict::Ignore("unknown topic")
                 };
+                if let Some(metrics) = &self.metrics {
+                    let topic = if message.topic == self.announce_topic.hash() {
+                        "announcement"
+                    } else if message.topic == self.reputation_topic.hash() {
+                        "reputation"
+                    } else {
+                        "unknown"
+                    };
+                    let (verdict, reason) = match &verdict {
+                        Verdict::Accept(_) => ("accepted", ""),
+                        Verdict::Forward => ("forwarded", ""),
+                        Verdict::Ignore(reason) => ("ignored", *reason),
+                        Verdict::Reject { kind, .. } => ("rejected", *kind),
+                    };
+                    metrics.gossip(topic, verdict, reason);
+                }
                 let acceptance = match &verdict {
                     Verdict::Accept(_) | Verdict::Forward => gossipsub::MessageAcceptance::Accept,
                     Verdict::Ignore(_) => gossipsub::MessageAcceptance::Ignore,
@@ -1100,7 +1157,7 @@ impl EventLoop {
                     Verdict::Ignore(reason) => {
                         tracing::trace!(from = %propagation_source, reason, "gossip message ignored");
                     }
-                    Verdict::Reject { reason, author } => {
+                    Verdict::Reject { reason, author, .. } => {
                         // Signed content that is invalid is its author's
                         // doing (a relay of another version may have
                         // passed it on: audit F15); junk whose author

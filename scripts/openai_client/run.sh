@@ -29,25 +29,12 @@ mkdir -p "$node_dir"
 cp "$here/package.json" "$node_dir/package.json"
 (cd "$node_dir" && npm install --silent --no-audit --no-fund)
 cp "$here/check.mjs" "$node_dir/check.mjs"
-data_args=()
-if [[ -n "${SILK_DATA_DIR:-}" ]]; then data_args=(--data-dir "$SILK_DATA_DIR"); fi
-
+source "$root/scripts/lib/testnet.sh"
 log="$(mktemp)"
-"$silk" "${data_args[@]}" testnet --nodes 3 --workers 1 >"$log" 2>&1 &
-pid=$!
-cleanup() { kill -INT "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -f "$log"; }
+cleanup() { stop_testnet; rm -f "$log"; }
 trap cleanup EXIT
-# Wait for the testnet to print its node URLs.
-for _ in $(seq 1 240); do
-    if grep -q "Ctrl-C stops" "$log"; then break; fi
-    if ! kill -0 "$pid" 2>/dev/null; then cat "$log"; echo "testnet exited" >&2; exit 1; fi
-    sleep 0.5
-done
-grep -q "Ctrl-C stops" "$log" || { cat "$log"; echo "testnet did not start" >&2; exit 1; }
-cat "$log"
-# A node that is not a worker.
-url="$(grep '^node ' "$log" | grep -v '(worker)' | head -1 | awk '{print $3}')"
-[[ -n "$url" ]] || { echo "no gateway URL in the testnet output" >&2; exit 1; }
+start_testnet "$silk" "$log" --nodes 3 --workers 1
+url="$gateway"
 "$venv/bin/python" "$here/check.py" "$url"
 node "$node_dir/check.mjs" "$url"
 "$lc_venv/bin/python" "$here/langchain_check.py" "$url"

@@ -175,6 +175,42 @@ async fn five_node_mesh() -> anyhow::Result<()> {
             "{w}: reputation fell from {b} to {a} on requests the caller got wrong"
         );
     }
+    // The operator sees them as refusals by cause, not as failed jobs.
+    let status = net
+        .get_json(&format!("{}/v1/status?jobs=10", net.nodes[0].api_url))
+        .await?;
+    assert_eq!(
+        status["jobs"]["gateway"]["context_length_exceeded"],
+        json!(10),
+        "{}",
+        status["jobs"]
+    );
+    assert_eq!(
+        status["jobs"]["gateway"].get("failed"),
+        None,
+        "{}",
+        status["jobs"]
+    );
+    // Records reach the history through its writer's inbox: moments later.
+    let mut recent = Vec::new();
+    for _ in 0..50 {
+        let status = net
+            .get_json(&format!("{}/v1/status?jobs=10", net.nodes[0].api_url))
+            .await?;
+        recent = status["recent_jobs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if recent.len() == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(recent.len(), 10, "{recent:?}");
+    for job in &recent {
+        assert_eq!(job["outcome"], "context_length_exceeded", "{job}");
+        assert_eq!(job["peer"], "", "no worker was asked: {job}");
+    }
 
     // A gateway without --allow-insecure-workers refuses them, clearly.
     let (status, _, body) = post(&net, 4, "/v1/chat/completions", &chat_body("hi", 4)).await?;

@@ -4,6 +4,9 @@
 //!   ending in `data: [DONE]`) or not, with `usage`. Requests are validated
 //!   strictly ([`types`]); errors use OpenAI's `{"error":{…}}` shape.
 //! - `GET /v1/models`, `GET /v1/mesh`, `GET /health`.
+//! - The operator's: `GET /v1/status` (this node, its jobs and money over
+//!   time), `GET /metrics` (Prometheus) and the dashboard at `GET /`
+//!   ([`status`]).
 //!
 //! Every completion names its worker and that worker's attestation mode in
 //! the `x-silk-worker` / `x-silk-attestation` headers and in `silk` in the body.
@@ -20,6 +23,7 @@
 pub mod guard;
 pub mod keys;
 pub mod server;
+pub mod status;
 pub mod types;
 
 use std::convert::Infallible;
@@ -63,6 +67,11 @@ pub fn router(node: Arc<Node>, guard: Arc<Guard>, config: &HttpConfig) -> Router
         .route("/v1/models", get(models))
         .route("/v1/mesh", get(mesh))
         .route("/health", get(health))
+        .route("/v1/status", get(status::status))
+        .route("/metrics", get(status::metrics))
+        .route("/", get(status::dashboard_html))
+        .route(status::DASHBOARD_JS_PATH, get(status::dashboard_js))
+        .route(status::DASHBOARD_CSS_PATH, get(status::dashboard_css))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -161,75 +170,30 @@ fn completion_id(prefix: &str) -> String {
 
 impl From<DispatchError> for ApiError {
     fn from(e: DispatchError) -> Self {
-        let (status, kind, code) = match &e {
-            DispatchError::ModelRequired(_) => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "model_required",
-            ),
-            DispatchError::UnknownModel(_) => (
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "model_not_found",
-            ),
-            DispatchError::InsecureRefused(_) => (
-                StatusCode::FORBIDDEN,
-                "attestation_error",
-                "insecure_workers_refused",
-            ),
-            DispatchError::AttestationRefused(_) => (
-                StatusCode::FORBIDDEN,
-                "attestation_error",
-                "attestation_refused",
-            ),
-            DispatchError::Saturated(_) | DispatchError::QueueTimeout { .. } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "workers_saturated",
-            ),
-            DispatchError::QueueFull { .. } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "queue_full",
-            ),
-            DispatchError::TooExpensive { .. } => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "price_above_max_coefficient",
-            ),
-            DispatchError::InvalidRequest(_) => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_request",
-            ),
-            DispatchError::ContextLengthExceeded { .. } => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "context_length_exceeded",
-            ),
+        let (status, kind) = match &e {
+            DispatchError::ModelRequired(_)
+            | DispatchError::TooExpensive { .. }
+            | DispatchError::InvalidRequest(_)
+            | DispatchError::ContextLengthExceeded { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error")
+            }
+            DispatchError::UnknownModel(_) => (StatusCode::NOT_FOUND, "invalid_request_error"),
+            DispatchError::InsecureRefused(_) | DispatchError::AttestationRefused(_) => {
+                (StatusCode::FORBIDDEN, "attestation_error")
+            }
+            DispatchError::Saturated(_)
+            | DispatchError::QueueTimeout { .. }
+            | DispatchError::QueueFull { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error")
+            }
             DispatchError::AllFailed(attempts) => match attempts.cause() {
-                FailureCause::Busy => (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    "workers_busy",
-                ),
-                FailureCause::Payment => (
-                    StatusCode::PAYMENT_REQUIRED,
-                    "payment_error",
-                    "payment_failed",
-                ),
-                FailureCause::Timeout => (
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "server_error",
-                    "worker_timeout",
-                ),
-                FailureCause::Unavailable => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
-                    "no_worker_available",
-                ),
+                FailureCause::Busy => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+                FailureCause::Payment => (StatusCode::PAYMENT_REQUIRED, "payment_error"),
+                FailureCause::Timeout => (StatusCode::GATEWAY_TIMEOUT, "server_error"),
+                FailureCause::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
             },
         };
+        let code = e.code();
         let param = match &e {
             DispatchError::ContextLengthExceeded {
                 window,
@@ -449,7 +413,7 @@ async fn answer(
     }
 }
 
-fn mode_str(mode: silk_overlay::AttestationMode) -> &'static str {
+pub(crate) fn mode_str(mode: silk_overlay::AttestationMode) -> &'static str {
     match mode {
         silk_overlay::AttestationMode::Tdx => "tdx",
         silk_overlay::AttestationMode::Insecure => "insecure",
@@ -951,6 +915,12 @@ async fn models(State(node): State<Arc<Node>>) -> Response {
 }
 
 async fn mesh(State(node): State<Arc<Node>>, Extension(caller): Extension<Caller>) -> Response {
+    Json(mesh_json(&node, &caller).await).into_response()
+}
+
+/// This node, its peers and the workers it knows (`GET /v1/mesh`, and part
+/// of `GET /v1/status`); the books only for a caller who may see them.
+pub(crate) async fn mesh_json(node: &Node, caller: &Caller) -> Value {
     let overlay = node.overlay();
     let peers = overlay.peers().await.unwrap_or_default();
     let listen = overlay.listen_addrs().await.unwrap_or_default();
@@ -1000,7 +970,7 @@ async fn mesh(State(node): State<Arc<Node>>, Extension(caller): Extension<Caller
             })
         })
         .collect();
-    Json(json!({
+    json!({
         "peer_id": me.to_string(),
         "listen_addrs": listen.iter().map(|a| format!("{a}/p2p/{me}")).collect::<Vec<_>>(),
         "attestation": mode_str(node.attestation_mode()),
@@ -1010,12 +980,11 @@ async fn mesh(State(node): State<Arc<Node>>, Extension(caller): Extension<Caller
         "peers": peers,
         "workers": workers,
         "payments": node.billing().filter(|_| caller.sees_books()).map(|b| payments_json(b)),
-    }))
-    .into_response()
+    })
 }
 
 /// A nanoTON amount as a JSON number (a string past `u64`).
-fn nano_json(c: silk_chain::Coins) -> Value {
+pub(crate) fn nano_json(c: silk_chain::Coins) -> Value {
     match u64::try_from(c.nano()) {
         Ok(n) => json!(n),
         Err(_) => json!(c.nano().to_string()),

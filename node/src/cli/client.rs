@@ -21,9 +21,12 @@ pub struct StatusArgs {
     /// is not on loopback; see `silk api-key`).
     #[arg(long, env = "SILK_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Print the raw `/v1/mesh` JSON.
+    /// Print the raw `/v1/status` JSON.
     #[arg(long)]
     pub json: bool,
+    /// How many recent jobs to list.
+    #[arg(long, default_value_t = 10)]
+    pub jobs: usize,
 }
 
 /// Arguments of `silk submit`.
@@ -97,21 +100,22 @@ fn base(api: &str) -> String {
     }
 }
 
-/// Runs `silk status`.
+/// Runs `silk status`: reads the node's `/v1/status` (what its dashboard
+/// shows) and prints it as tables.
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let url = format!("{}/v1/mesh", base(&args.api));
+    let url = format!("{}/v1/status?jobs={}", base(&args.api), args.jobs);
     let client = http_client(args.api_key.as_deref())?;
-    let mesh: Value = runtime()?.block_on(async {
+    let status: Value = runtime()?.block_on(async {
         let r = client
             .get(&url)
             .send()
             .await
             .with_context(|| format!("no node answers at {url}: is `silk run` running?"))?;
-        let status = r.status();
+        let code = r.status();
         let body: Value = r.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
+        if !code.is_success() {
             bail!(
-                "HTTP {status}: {}",
+                "HTTP {code}: {}",
                 body["error"]["message"]
                     .as_str()
                     .unwrap_or("no error message")
@@ -120,93 +124,248 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         anyhow::Ok(body)
     })?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&mesh)?);
+        println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("peer id:      {}", mesh["peer_id"].as_str().unwrap_or("?"));
-    println!(
-        "attestation:  {}",
-        mesh["attestation"].as_str().unwrap_or("?")
-    );
-    println!(
-        "insecure workers allowed: {}",
-        mesh["allow_insecure_workers"].as_bool().unwrap_or(false)
-    );
-    match mesh["worker"].get("model").and_then(Value::as_str) {
-        Some(m) => println!("serving:      {m}"),
-        None => println!("serving:      nothing (gateway only)"),
-    }
-    for a in mesh["listen_addrs"].as_array().into_iter().flatten() {
-        println!("listening:    {}", a.as_str().unwrap_or("?"));
-    }
-    let peers = mesh["peers"].as_array().cloned().unwrap_or_default();
-    println!("\npeers ({}):", peers.len());
-    for p in &peers {
-        println!(
-            "  {}  rtt {}",
-            p["peer_id"].as_str().unwrap_or("?"),
-            p["rtt_ms"]
-                .as_f64()
-                .map(|r| format!("{r:.2} ms"))
-                .unwrap_or_else(|| "?".into())
-        );
-    }
-    let workers = mesh["workers"].as_array().cloned().unwrap_or_default();
-    println!("\nworkers ({}):", workers.len());
-    for w in &workers {
-        println!(
-            "  {}  {}  free {}  queue {}  {:.1} tok/s  price ×{:.3}  attestation {}  rtt {}",
-            w["peer_id"].as_str().unwrap_or("?"),
-            w["models"][0].as_str().unwrap_or("?"),
-            w["free_slots"],
-            w["queue_depth"],
-            w["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
-            w["price_coefficient_milli"].as_f64().unwrap_or(0.0) / 1000.0,
-            w["attestation"].as_str().unwrap_or("?"),
-            w["rtt_ms"]
-                .as_f64()
-                .map(|r| format!("{r:.2} ms"))
-                .unwrap_or_else(|| "?".into())
-        );
-    }
-    print_payments(&mesh["payments"]);
+    print!("{}", status_tables(&status));
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_payments(p: &Value) {
-    if p.is_null() {
-        println!("\npayments:     off (no ledger configured)");
-        return;
+/// nanoTON (a JSON number, or a string past u64) as TON.
+fn ton(v: &Value) -> String {
+    v.as_u64()
+        .map(|n| silk_chain::Coins(u128::from(n)).to_string())
+        .or_else(|| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "–".into())
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "–".into(),
+        other => other.to_string(),
     }
-    let ton = |v: &Value| {
-        v.as_u64()
-            .map(|n| silk_chain::Coins(u128::from(n)).to_string())
-            .or_else(|| v.as_str().map(str::to_string))
-            .unwrap_or_else(|| "?".into())
-    };
-    println!("\npayments:");
-    println!("  wallet      {}", p["wallet"].as_str().unwrap_or("?"));
-    println!("  contract    {}", p["contract"].as_str().unwrap_or("?"));
-    println!(
-        "  spending    {} TON signed in cheques, {} TON reserved for jobs in flight",
-        ton(&p["spent_nanoton"]),
-        ton(&p["reserved_nanoton"])
-    );
-    for l in p["lanes"].as_array().into_iter().flatten() {
-        println!(
-            "    lane {} to {}: {} TON deposited, {} TON signed",
-            l["lane_id"],
-            l["worker"].as_str().unwrap_or("?"),
-            ton(&l["deposited_nanoton"]),
-            ton(&l["signed_nanoton"])
-        );
+}
+
+/// `name@sha256:<64 hex>` as `name@sha256:<first 8>…`.
+fn short_model(id: &str) -> String {
+    match id.find("@sha256:") {
+        Some(at) if id.len() > at + 16 => format!("{}…", &id[..at + 16]),
+        _ => id.to_string(),
     }
-    println!(
-        "  earnings    {} TON in cheques, {} TON redeemed, {} TON of work not covered",
-        ton(&p["earned_nanoton"]),
-        ton(&p["redeemed_nanoton"]),
-        ton(&p["uncovered_nanoton"])
-    );
+}
+
+fn fixed(v: &Value, digits: usize) -> String {
+    v.as_f64()
+        .map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "–".into())
+}
+
+fn table(header: &[&str]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header.iter().copied());
+    t
+}
+
+/// `/v1/status` as the tables `silk status` prints.
+fn status_tables(s: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let n = &s["node"];
+    let mut node = table(&["node", ""]);
+    node.add_row(vec!["peer id".into(), text(&n["peer_id"])]);
+    node.add_row(vec!["version".into(), text(&n["version"])]);
+    node.add_row(vec![
+        "uptime".into(),
+        n["uptime_s"]
+            .as_u64()
+            .map(|t| format!("{}h {:02}m {:02}s", t / 3600, t / 60 % 60, t % 60))
+            .unwrap_or_else(|| "–".into()),
+    ]);
+    node.add_row(vec!["attestation".into(), text(&n["attestation_words"])]);
+    node.add_row(vec![
+        "serving".into(),
+        match n["worker"]["model"].as_str() {
+            Some(m) => m.to_string(),
+            None => "nothing (gateway only)".into(),
+        },
+    ]);
+    if !n["wallet"].is_null() {
+        node.add_row(vec!["wallet".into(), text(&n["wallet"])]);
+        node.add_row(vec!["contract".into(), text(&n["contract"])]);
+    }
+    let _ = writeln!(out, "{node}");
+
+    let mut money = table(&["money", "TON"]);
+    let b = &s["balances"];
+    if let Some(e) = b["error"].as_str() {
+        money.add_row(vec!["balances".into(), format!("unavailable: {e}")]);
+    } else if !b.is_null() {
+        money.add_row(vec!["wallet balance".into(), ton(&b["wallet_nanoton"])]);
+        money.add_row(vec!["contract balance".into(), ton(&b["contract_nanoton"])]);
+        money.add_row(vec!["in open lanes".into(), ton(&b["committed_nanoton"])]);
+    }
+    let m = &s["money"];
+    if m.is_null() {
+        money.add_row(vec!["payments", "off on this node"]);
+    } else {
+        money.add_row(vec!["earned".into(), ton(&m["earned"])]);
+        money.add_row(vec!["redeemed".into(), ton(&m["redeemed"])]);
+        money.add_row(vec!["spent".into(), ton(&m["charged"])]);
+        money.add_row(vec!["reserved now".into(), ton(&m["reserved"])]);
+        let points = s["series"]["points"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let sum = |k: &str| -> u64 { points.iter().filter_map(|p| p[k].as_u64()).sum() };
+        let span = text(&s["series"]["span"]);
+        money.add_row(vec![
+            format!("earned, last {span}"),
+            ton(&json!(sum("earned_nanoton"))),
+        ]);
+        money.add_row(vec![
+            format!("spent, last {span}"),
+            ton(&json!(sum("charged_nanoton"))),
+        ]);
+    }
+    let _ = writeln!(out, "{money}");
+
+    let mut jobs = table(&["jobs", "outcome", "count"]);
+    for role in ["gateway", "worker"] {
+        let counts = s["jobs"][role].as_object().cloned().unwrap_or_default();
+        if counts.is_empty() {
+            jobs.add_row(vec![role.to_string(), "–".into(), "0".into()]);
+        }
+        for (outcome, count) in counts {
+            jobs.add_row(vec![role.to_string(), outcome, text(&count)]);
+        }
+    }
+    let _ = writeln!(out, "{jobs}");
+
+    let e = &s["engine"];
+    let mut engine = table(&["engine", ""]);
+    if e.is_null() {
+        engine.add_row(vec!["engine", "none (gateway only)"]);
+    } else {
+        engine.add_row(vec![
+            "batch in use".into(),
+            format!("{} of {}", text(&e["batch_in_use"]), text(&e["batch_size"])),
+        ]);
+        engine.add_row(vec!["queued".into(), text(&e["queued"])]);
+        engine.add_row(vec![
+            "decode".into(),
+            format!("{} tok/s", fixed(&e["decode_tokens_per_s"], 1)),
+        ]);
+    }
+    engine.add_row(vec!["gateway queue".into(), text(&s["gateway_queue"])]);
+    let _ = writeln!(out, "{engine}");
+
+    let mut recent = table(&[
+        "recent jobs",
+        "role",
+        "model",
+        "peer",
+        "tokens",
+        "first token",
+        "tok/s",
+        "cost TON",
+        "outcome",
+    ]);
+    for j in s["recent_jobs"].as_array().into_iter().flatten() {
+        let ended = j["at_ms"]
+            .as_u64()
+            .and_then(|ms| chrono::DateTime::from_timestamp_millis(i64::try_from(ms).ok()?))
+            .map(|t| t.format("%H:%M:%S").to_string())
+            .unwrap_or_else(|| "–".into());
+        recent.add_row(vec![
+            ended,
+            text(&j["role"]),
+            short_model(&text(&j["model"])),
+            text(&j["peer"]),
+            format!(
+                "{} + {}",
+                text(&j["prompt_tokens"]),
+                text(&j["completion_tokens"])
+            ),
+            j["first_token_ms"]
+                .as_u64()
+                .map(|t| format!("{t} ms"))
+                .unwrap_or_else(|| "–".into()),
+            fixed(&j["tokens_per_s"], 1),
+            if j["cost_nanoton"].is_null() {
+                "–".into()
+            } else {
+                ton(&j["cost_nanoton"])
+            },
+            text(&j["outcome"]),
+        ]);
+    }
+    let _ = writeln!(out, "{recent}");
+
+    let mut workers = table(&[
+        "worker",
+        "model",
+        "load",
+        "decode tok/s",
+        "price ×",
+        "reputation",
+        "attestation",
+        "RTT ms",
+    ]);
+    for w in s["mesh"]["workers"].as_array().into_iter().flatten() {
+        let rtt = if w["rtt_ms"].is_null() && !w["estimated_rtt_ms"].is_null() {
+            format!("≈{}", fixed(&w["estimated_rtt_ms"], 1))
+        } else {
+            fixed(&w["rtt_ms"], 1)
+        };
+        workers.add_row(vec![
+            format!(
+                "{}{}",
+                text(&w["peer_id"]),
+                if w["local"].as_bool() == Some(true) {
+                    " (this node)"
+                } else {
+                    ""
+                }
+            ),
+            w["models"]
+                .as_array()
+                .map(|m| {
+                    m.iter()
+                        .map(|m| short_model(&text(m)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default(),
+            format!(
+                "{} free, {} queued",
+                text(&w["free_slots"]),
+                text(&w["queue_depth"])
+            ),
+            fixed(&w["decode_tokens_per_s"], 1),
+            w["price_coefficient_milli"]
+                .as_f64()
+                .map(|p| format!("{:.3}", p / 1000.0))
+                .unwrap_or_else(|| "–".into()),
+            fixed(&w["reputation"], 2),
+            text(&w["attestation"]),
+            rtt,
+        ]);
+    }
+    let _ = writeln!(out, "{workers}");
+
+    let mut peers = table(&["peer", "RTT ms", "agent"]);
+    for p in s["mesh"]["peers"].as_array().into_iter().flatten() {
+        peers.add_row(vec![
+            text(&p["peer_id"]),
+            fixed(&p["rtt_ms"], 2),
+            text(&p["agent_version"]),
+        ]);
+    }
+    let _ = writeln!(out, "{peers}");
+    out
 }
 
 /// Runs `silk submit`.
@@ -308,4 +467,49 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_tables_show_the_status_numbers() {
+        let status = json!({
+            "node": {"peer_id": "12D3KooWPeer", "version": "0.1.0", "uptime_s": 3725,
+                     "attestation_words": "insecure: no TDX", "worker": null,
+                     "wallet": "EQWallet", "contract": "EQContract"},
+            "balances": {"error": "the chain did not answer within 3 s"},
+            "money": {"earned": 201000, "redeemed": 0, "charged": 1500000000, "reserved": 7},
+            "jobs": {"gateway": {"ok": 3, "workers_saturated": 1}, "worker": {}},
+            "engine": null,
+            "gateway_queue": 2,
+            "recent_jobs": [{"at_ms": 0, "role": "gateway",
+                             "model": format!("SmolLM2@sha256:{}", "ab".repeat(32)),
+                             "peer": "12D3KooWWorker", "prompt_tokens": 30, "completion_tokens": 7,
+                             "first_token_ms": 410, "duration_ms": 900, "tokens_per_s": 12.25,
+                             "cost_nanoton": 56000, "outcome": "ok"}],
+            "series": {"span": "hour", "points": [
+                {"earned_nanoton": 1000, "charged_nanoton": 0},
+                {"earned_nanoton": 200000, "charged_nanoton": 5}]},
+            "mesh": {"workers": [], "peers": [{"peer_id": "12D3KooWWorker", "rtt_ms": 0.5, "agent_version": "silk/0.1.0"}]},
+        });
+        let out = status_tables(&status);
+        for want in [
+            "│ uptime      ┆ 1h 02m 05s",
+            "│ balances          ┆ unavailable: the chain did not answer within 3 s",
+            "│ earned            ┆ 0.000201 ",
+            "│ spent             ┆ 1.5 ",
+            "│ earned, last hour ┆ 0.000201 ",
+            "│ gateway ┆ ok                ┆ 3 ",
+            "│ gateway ┆ workers_saturated ┆ 1 ",
+            "│ worker  ┆ –                 ┆ 0 ",
+            "│ gateway queue ┆ 2 ",
+            "SmolLM2@sha256:abababab… ┆",
+            "┆ 30 + 7 ┆ 410 ms      ┆ 12.2  ┆ 0.000056 ┆ ok ",
+            "│ 12D3KooWWorker ┆ 0.50   ┆ silk/0.1.0 │",
+        ] {
+            assert!(out.contains(want), "missing `{want}` in\n{out}");
+        }
+    }
 }

@@ -68,8 +68,13 @@ impl Gateway {
                 )
                 .await
                 {
-                    Ok(r) => r.map_err(|e| format!("attestation fetch failed: {e}"))?,
+                    Ok(Ok(bytes)) => bytes,
+                    Ok(Err(e)) => {
+                        self.history.metrics().attestation("unreachable");
+                        return Err(format!("attestation fetch failed: {e}"));
+                    }
                     Err(_) => {
+                        self.history.metrics().attestation("unreachable");
                         self.note_unanswered(a.peer_id, digest.0);
                         return Err("attestation fetch timed out".into());
                     }
@@ -91,6 +96,13 @@ impl Gateway {
                     ap.record(&key, &outcome, now);
                 }
                 let verdict = outcome.verdict;
+                self.history
+                    .metrics()
+                    .attestation(if verdict.is_accepted() {
+                        "accepted"
+                    } else {
+                        "rejected"
+                    });
                 if verdict.is_accepted() {
                     Ok(())
                 } else {

@@ -219,6 +219,27 @@ pub enum DispatchError {
 }
 
 impl DispatchError {
+    /// The error's code, as the API answers it and `/metrics` counts it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::ModelRequired(_) => "model_required",
+            Self::UnknownModel(_) => "model_not_found",
+            Self::InsecureRefused(_) => "insecure_workers_refused",
+            Self::AttestationRefused(_) => "attestation_refused",
+            Self::Saturated(_) | Self::QueueTimeout { .. } => "workers_saturated",
+            Self::QueueFull { .. } => "queue_full",
+            Self::TooExpensive { .. } => "price_above_max_coefficient",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::ContextLengthExceeded { .. } => "context_length_exceeded",
+            Self::AllFailed(attempts) => match attempts.cause() {
+                FailureCause::Busy => "workers_busy",
+                FailureCause::Payment => "payment_failed",
+                FailureCause::Timeout => "worker_timeout",
+                FailureCause::Unavailable => "no_worker_available",
+            },
+        }
+    }
+
     /// Whether the request found every worker at capacity (this gateway's
     /// cap, or every attempt answered busy): it may wait in the queue.
     pub fn is_saturation(&self) -> bool {

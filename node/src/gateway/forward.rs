@@ -23,8 +23,10 @@ use super::error::{AttemptError, Attempts, Blame, DispatchError};
 use super::pay::PaidJob;
 use super::select::FAILURE_MEMORY;
 use super::{Gateway, JobEvent};
+use crate::activity::JobRecord;
 use crate::api::keys::SpendHold;
 use crate::billing::Delivery;
+use crate::metrics::Role;
 use crate::protocol::{self, JobMessage, JobRequest, JobUsage, TokenChunk};
 
 /// Tokens buffered between a worker's stream and the HTTP response.
@@ -151,17 +153,22 @@ impl Gateway {
     /// the caller sees one stream, and its usage counts the original prompt
     /// and every token it got. A request with stop strings is not continued
     /// (text a worker held back as a possible stop string never reached the
-    /// caller, so the seam would lose it): it fails as before.
+    /// caller, so the seam would lose it): it fails as before. `placed` is
+    /// the first worker and its attempt; `started`, when the request came
+    /// (for the job's record).
     pub(crate) async fn relay(
         self: Arc<Self>,
         mut request: JobRequest,
         max_coefficient: u32,
-        first: PeerId,
-        mut attempt: Attempt,
+        placed: (PeerId, Attempt),
         spend: Option<SpendHold>,
         tx: mpsc::Sender<JobEvent>,
+        started: Instant,
     ) {
+        let (first, mut attempt) = placed;
         let max_tokens = request.max_tokens;
+        let mut first_token: Option<Duration> = None;
+        let model = request.model.clone();
         let mut delivered: Vec<u32> = Vec::new();
         let mut total = Some(silk_chain::Coins::ZERO);
         let mut tried = vec![first];
@@ -174,6 +181,9 @@ impl Gateway {
                 };
                 match event {
                     Some(JobEvent::Token(chunk)) => {
+                        if first_token.is_none() && !chunk.ids.is_empty() {
+                            first_token = Some(started.elapsed());
+                        }
                         delivered.extend_from_slice(&chunk.ids);
                         if tx.send(JobEvent::Token(chunk)).await.is_err() {
                             break RelayEnd::CallerGone;
@@ -192,8 +202,23 @@ impl Gateway {
                 (Some(a), Some(b)) => a.checked_add(b).ok(),
                 _ => None,
             };
+            let worker = tried[tried.len() - 1];
+            let record = |outcome: &str, prompt_tokens: u32, completion_tokens: u32| JobRecord {
+                at_ms: crate::now_ms(),
+                role: Role::Gateway,
+                model: model.clone(),
+                peer: worker.to_string(),
+                prompt_tokens,
+                completion_tokens,
+                first_token_ms: first_token.map(super::millis),
+                duration_ms: super::millis(started.elapsed()),
+                cost_nanoton: total.and_then(|c| u64::try_from(c.0).ok()),
+                outcome: outcome.to_string(),
+            };
             let message = match end {
                 RelayEnd::CallerGone => {
+                    self.history
+                        .job(record("cancelled", 0, delivered.len() as u32));
                     settle_spend(spend, total).await;
                     return;
                 }
@@ -209,6 +234,8 @@ impl Gateway {
                         cost_nanoton = total.and_then(|c| u64::try_from(c.0).ok()),
                         "job done"
                     );
+                    self.history
+                        .job(record("ok", usage.prompt_tokens, usage.completion_tokens));
                     settle_spend(spend, total).await;
                     let _ = tx.send(JobEvent::Done { usage, cost: total }).await;
                     return;
@@ -244,6 +271,8 @@ impl Gateway {
                     }
                 }
             }
+            self.history
+                .job(record("failed", 0, delivered.len() as u32));
             settle_spend(spend, total).await;
             let _ = tx.send(JobEvent::Failed(message)).await;
             return;

@@ -43,9 +43,11 @@ use silk_overlay::{Announcement, AttestationMode, OverlayHandle, PeerId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::activity::{History, JobRecord};
 use crate::api::keys::SpendHold;
 use crate::attest::{self, Policy};
 use crate::billing::Billing;
+use crate::metrics::Role;
 use crate::node::NodeOptions;
 use crate::protocol::{JobRequest, JobUsage, TokenChunk};
 use crate::reputation::ReputationHandle;
@@ -132,6 +134,8 @@ pub struct Gateway {
     /// When each worker last failed or was busy.
     failures: Mutex<HashMap<PeerId, Instant>>,
     reputation: ReputationHandle,
+    /// Where each job's end is counted and recorded.
+    history: History,
     cancel: CancellationToken,
 }
 
@@ -143,7 +147,17 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
+/// Whole milliseconds of `d`.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Gateway {
+    /// The queue of requests waiting for a free worker slot.
+    pub fn queue(&self) -> Arc<JobQueue> {
+        Arc::clone(&self.queue)
+    }
+
     /// Waits in the queue for a free slot and places `request` there
     /// (see [`queue`]): 429 errors when the queue is full or the wait
     /// passes its deadline.
@@ -222,6 +236,7 @@ impl Gateway {
         overlay: OverlayHandle,
         local: Option<Arc<WorkerService>>,
         reputation: ReputationHandle,
+        history: History,
         cancel: CancellationToken,
     ) -> Result<Self, MeshError> {
         let policy = match &options.attestation_policy {
@@ -262,6 +277,7 @@ impl Gateway {
             queue: Arc::new(JobQueue::new(options.queue)),
             failures: Mutex::default(),
             reputation,
+            history,
             cancel,
         })
     }
@@ -399,6 +415,7 @@ impl Gateway {
         max_coefficient_milli: Option<u32>,
         spend: Option<SpendHold>,
     ) -> Result<Dispatch, DispatchError> {
+        let started = Instant::now();
         let max_coefficient = crate::payments::capped_coefficient(
             max_coefficient_milli,
             self.default_max_coefficient_milli,
@@ -412,15 +429,36 @@ impl Gateway {
         let (worker, attestation, attempt) = match placed {
             // A queue of 0 is off: the first answer stands.
             Err(e) if self.may_wait(&e, &request.model) && self.queue.config().limit > 0 => {
-                self.place_queued(&request, max_coefficient).await?
+                self.place_queued(&request, max_coefficient).await
             }
-            other => other?,
-        };
+            other => other,
+        }
+        .inspect_err(|e| {
+            self.history.job(JobRecord {
+                at_ms: now_ms(),
+                role: Role::Gateway,
+                model: request.model.clone(),
+                peer: String::new(),
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                first_token_ms: None,
+                duration_ms: millis(started.elapsed()),
+                cost_nanoton: None,
+                outcome: e.code().to_string(),
+            });
+        })?;
         let (tx, events) = mpsc::channel(forward::JOB_CHANNEL);
         let model = request.model.clone();
         tokio::spawn(
             Arc::clone(self)
-                .relay(request, max_coefficient, worker, attempt, spend, tx)
+                .relay(
+                    request,
+                    max_coefficient,
+                    (worker, attempt),
+                    spend,
+                    tx,
+                    started,
+                )
                 .in_current_span(),
         );
         Ok(Dispatch {

@@ -7,7 +7,9 @@ use silk_overlay::{JobErrorCode, JobResponder, Misbehaviour, OverlayHandle, Peer
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::activity::{History, JobRecord};
 use crate::billing::Billing;
+use crate::metrics::Role;
 use crate::protocol::{
     encode, usage_record, JobMessage, JobRequest, TokenChunk, ERR_BAD_CHEQUE, ERR_NOT_CHARGING,
     ERR_PAYMENT_REFUSED, ERR_PAYMENT_REQUIRED, ERR_WRONG_MODEL,
@@ -24,6 +26,8 @@ pub struct WorkerContext<'a> {
     pub billing: Option<&'a Billing>,
     /// The coefficient put in usage records, × 1000.
     pub price_milli: u64,
+    /// Where each job's end is counted and recorded.
+    pub history: &'a History,
 }
 
 /// Serves one inbound stream: decodes its [`JobMessage`] and runs the job
@@ -110,7 +114,21 @@ async fn serve_job(
     responder: JobResponder,
     cancel: CancellationToken,
 ) {
+    let started = std::time::Instant::now();
+    let record = |outcome: &str, served: &Served| JobRecord {
+        at_ms: crate::now_ms(),
+        role: Role::Worker,
+        model: request.model.clone(),
+        peer: peer.to_string(),
+        prompt_tokens: served.prompt_tokens,
+        completion_tokens: served.produced,
+        first_token_ms: served.first_token.map(crate::gateway::millis),
+        duration_ms: crate::gateway::millis(started.elapsed()),
+        cost_nanoton: None,
+        outcome: outcome.to_string(),
+    };
     if request.model != engine.source().id {
+        ctx.history.job(record("refused", &Served::default()));
         let _ = responder
             .error(
                 JobErrorCode::Application(ERR_WRONG_MODEL),
@@ -143,6 +161,7 @@ async fn serve_job(
         };
         if let Some((code, message)) = refusal {
             tracing::info!(%peer, %message, "job refused");
+            ctx.history.job(record("refused", &Served::default()));
             let _ = responder
                 .error(JobErrorCode::Application(code), message)
                 .await;
@@ -151,11 +170,22 @@ async fn serve_job(
     }
     // From here on a paid job has a row in the worker's book: whatever
     // happens, its end is recorded with the tokens produced (audit F3).
-    let (prompt_tokens, produced) =
-        run_job(engine, peer, &request, responder, ctx.price_milli, &cancel).await;
+    let served = run_job(
+        engine,
+        peer,
+        &request,
+        responder,
+        ctx.price_milli,
+        &cancel,
+        started,
+    )
+    .await;
     if let (Some(billing), Some(terms)) = (ctx.billing, &request.payment) {
-        billing.end_job(terms, prompt_tokens, produced).await;
+        billing
+            .end_job(terms, served.prompt_tokens, served.produced)
+            .await;
     }
+    ctx.history.job(record(served.outcome, &served));
 }
 
 /// [`Engine::submit`] on a blocking thread: it tokenizes the prompt (and
@@ -175,9 +205,21 @@ pub async fn submit_off_runtime(
         })
 }
 
+/// What a job on this worker came to.
+#[derive(Debug, Default)]
+struct Served {
+    /// Prompt tokens (0 unless the job finished).
+    prompt_tokens: u32,
+    /// Tokens produced, a cancelled stream's included.
+    produced: u32,
+    /// From the job's arrival to its first token.
+    first_token: Option<std::time::Duration>,
+    /// `ok`, `failed`, `cancelled` or `refused`.
+    outcome: &'static str,
+}
+
 /// Runs `request` on `engine`, streaming tokens to `responder`, and ends
-/// the stream. Returns the prompt tokens (0 unless the job finished) and
-/// the tokens produced, a cancelled stream's included.
+/// the stream.
 async fn run_job(
     engine: &Engine,
     peer: PeerId,
@@ -185,14 +227,21 @@ async fn run_job(
     mut responder: JobResponder,
     price_milli: u64,
     cancel: &CancellationToken,
-) -> (u32, u32) {
+    started: std::time::Instant,
+) -> Served {
+    let ended = |outcome, prompt_tokens, produced, first_token| Served {
+        prompt_tokens,
+        produced,
+        first_token,
+        outcome,
+    };
     let mut stream = match submit_off_runtime(engine, request.to_generate()).await {
         Ok(s) => s,
         Err(silk_inference::InferenceError::Busy { .. }) => {
             let _ = responder
                 .error(JobErrorCode::Busy, "worker queue is full")
                 .await;
-            return (0, 0);
+            return ended("refused", 0, 0, None);
         }
         // Only the request's own faults are `Rejected`: a gateway takes that
         // as the caller's error and blames no worker. Anything else (the
@@ -202,20 +251,21 @@ async fn run_job(
             | silk_inference::InferenceError::PromptTooLong { .. }),
         ) => {
             let _ = responder.error(JobErrorCode::Rejected, e.to_string()).await;
-            return (0, 0);
+            return ended("refused", 0, 0, None);
         }
         Err(e) => {
             let _ = responder.error(JobErrorCode::Internal, e.to_string()).await;
-            return (0, 0);
+            return ended("failed", 0, 0, None);
         }
     };
     let mut produced = 0u32;
+    let mut first_token = None;
     loop {
         let event = tokio::select! {
             biased;
             () = cancel.cancelled() => {
                 let _ = responder.error(JobErrorCode::Internal, "worker is shutting down").await;
-                return (0, produced);
+                return ended("failed", 0, produced, first_token);
             }
             event = stream.next() => event,
         };
@@ -229,9 +279,10 @@ async fn run_job(
                 };
                 if let Err(e) = responder.send_data(encode(&chunk)).await {
                     tracing::debug!(%peer, error = %e, "gateway went away; cancelling the job");
-                    return (0, produced);
+                    return ended("cancelled", 0, produced, first_token);
                 }
                 produced = produced.saturating_add(1);
+                first_token.get_or_insert_with(|| started.elapsed());
             }
             Some(Event::PromptLogprobs(scored)) => {
                 let chunk = TokenChunk {
@@ -240,7 +291,7 @@ async fn run_job(
                 };
                 if let Err(e) = responder.send_data(encode(&chunk)).await {
                     tracing::debug!(%peer, error = %e, "gateway went away; cancelling the job");
-                    return (0, produced);
+                    return ended("cancelled", 0, produced, first_token);
                 }
             }
             Some(Event::Done(usage)) => {
@@ -253,17 +304,22 @@ async fn run_job(
                 if let Err(e) = responder.end(encode(&record)).await {
                     tracing::debug!(%peer, error = %e, "could not send the usage frame");
                 }
-                return (record.prompt_tokens, record.completion_tokens);
+                return ended(
+                    "ok",
+                    record.prompt_tokens,
+                    record.completion_tokens,
+                    first_token,
+                );
             }
             Some(Event::Error(e)) => {
                 let _ = responder.error(JobErrorCode::Internal, e).await;
-                return (0, produced);
+                return ended("failed", 0, produced, first_token);
             }
             None => {
                 let _ = responder
                     .error(JobErrorCode::Internal, "the engine stopped")
                     .await;
-                return (0, produced);
+                return ended("failed", 0, produced, first_token);
             }
         }
     }

@@ -485,3 +485,69 @@ async fn one_address_cannot_take_every_inbound_connection() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_gossip_is_counted_by_reason_in_the_metrics() {
+    init_tracing();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let mut config = local_config(seeded_keypair(8_500));
+    config.metrics = Some(silk_overlay::OverlayMetrics::register(&mut registry));
+    let victim = spawn_local(config).await.expect("victim");
+    let mut config = local_config(seeded_keypair(8_501));
+    config.bootstrap = vec![victim.addr.clone()];
+    let attacker = spawn_local(config).await.expect("attacker");
+    let handles = vec![victim.handle.clone(), attacker.handle.clone()];
+    for handle in &handles {
+        let a = worker_announcement(handle.local_peer_id(), 1, &["honest"]);
+        handle.announce(a).await.expect("announce");
+    }
+    let everyone = [victim.peer_id, attacker.peer_id].into_iter().collect();
+    wait_until_converged(&handles, &everyone, WAIT)
+        .await
+        .expect("converge");
+
+    // Junk that is no envelope, and an announcement signed by another key.
+    attacker
+        .handle
+        .publish_raw(ANNOUNCE_TOPIC, publication(0, b"\xff\x00junk"))
+        .await
+        .expect("publish junk");
+    let forged = SignedEnvelope::sign_announcement(
+        &seeded_keypair(9_999),
+        &worker_announcement(attacker.peer_id, 10, &["forged"]),
+    )
+    .and_then(|e| e.to_bytes())
+    .expect("forge");
+    attacker
+        .handle
+        .publish_raw(ANNOUNCE_TOPIC, publication(1, &forged))
+        .await
+        .expect("publish forged");
+
+    let encode = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        text
+    };
+    let text = eventually("the victim to count both rejections", || async {
+        let text = encode();
+        (text.contains(
+            r#"silk_gossip_messages_total{topic="announcement",verdict="rejected",reason="malformed"} 1"#,
+        ) && text.contains(
+            r#"silk_gossip_messages_total{topic="announcement",verdict="rejected",reason="invalid envelope"} 1"#,
+        ))
+        .then_some(text)
+    })
+    .await;
+    assert!(
+        text.contains(
+            r#"silk_gossip_messages_total{topic="announcement",verdict="accepted",reason=""}"#
+        ),
+        "the honest announcement is counted as accepted:\n{text}"
+    );
+    assert!(text.contains("silk_peers 1\n"), "{text}");
+    assert!(
+        text.contains("libp2p_swarm_connections_established_total"),
+        "libp2p's own metrics are in the same registry:\n{text}"
+    );
+}
