@@ -149,6 +149,62 @@ impl<B: Backend> KvCache<B> {
         }
     }
 
+    /// A copy of the first `len` positions (at most those stored): a
+    /// cache another sequence that starts with the same tokens can go on
+    /// from ([`crate::prefix`]).
+    pub fn snapshot(&self, len: usize) -> Self {
+        let len = len.min(self.len);
+        let (kv, hd) = (self.kv_heads, self.head_dim);
+        let storage = match &self.storage {
+            Storage::Device(layers) => Storage::Device(
+                layers
+                    .iter()
+                    .map(|lc| {
+                        lc.as_ref().map(|lc| LayerCache {
+                            keys: lc.keys.clone().slice([0..kv, 0..len, 0..hd]),
+                            values: lc.values.clone().slice([0..kv, 0..len, 0..hd]),
+                        })
+                    })
+                    .collect(),
+            ),
+            Storage::Host(layers) => Storage::Host(
+                layers
+                    .iter()
+                    .map(|l| HostLayer {
+                        keys: l.keys[..(len * kv * hd).min(l.keys.len())].to_vec(),
+                        values: l.values[..(len * kv * hd).min(l.values.len())].to_vec(),
+                    })
+                    .collect(),
+            ),
+        };
+        Self {
+            storage,
+            len,
+            capacity: len,
+            kv_heads: kv,
+            head_dim: hd,
+        }
+    }
+
+    /// Forgets every position from `len` on (keeps the memory of a device
+    /// cache; frees a host cache's).
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        let n = len * self.kv_heads * self.head_dim;
+        if let Storage::Host(layers) = &mut self.storage {
+            for l in layers {
+                l.keys.truncate(n);
+                l.keys.shrink_to_fit();
+                l.values.truncate(n);
+                l.values.shrink_to_fit();
+            }
+            self.capacity = len;
+        }
+        self.len = len;
+    }
+
     /// Records that every layer now holds `new` more positions. Called by
     /// the transformer once per forward pass, after the last layer.
     pub(crate) fn advance(&mut self, new: usize) {

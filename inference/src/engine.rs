@@ -24,6 +24,7 @@ use crate::cache::{bytes_for, KvCache};
 use crate::constraint::{apply_mask, Constraint, Grammars};
 use crate::error::{InferenceError, Result};
 use crate::model::{LoadedModel, ModelSource};
+use crate::prefix::PrefixCache;
 use crate::sampling::{History, Sampler, SamplingParams, TokenLogprob, TopLogprob};
 use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
 use crate::tools::Tool;
@@ -48,6 +49,9 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Events buffered per request before the request waits for its reader.
     pub stream_buffer: usize,
+    /// Bytes of finished sequences' keys and values kept for requests that
+    /// start with the same tokens ([`crate::prefix`]); 0 turns it off.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +62,7 @@ impl Default for EngineConfig {
             kv_budget_bytes: 4 << 30,
             prefill_chunk: 256,
             stream_buffer: 64,
+            prefix_cache_bytes: 512 << 20,
         }
     }
 }
@@ -172,6 +177,10 @@ pub struct Usage {
     pub prefill_ms: f64,
     /// Time waiting in the queue, milliseconds.
     pub queue_ms: f64,
+    /// Prompt tokens whose keys and values came from the prefix cache
+    /// instead of being computed.
+    #[serde(default)]
+    pub cached_tokens: usize,
     /// Generated tokens after the first, per second of decoding.
     pub decode_tokens_per_s: f64,
 }
@@ -232,6 +241,10 @@ pub struct EngineLoad {
     pub max_batch: usize,
     /// Recent aggregate decode speed (tokens/s over recent steps).
     pub decode_tokens_per_s: f64,
+    /// Bytes the prefix cache holds.
+    pub prefix_cache_bytes: usize,
+    /// Prompt tokens read from the prefix cache since the engine started.
+    pub cached_tokens: u64,
 }
 
 #[derive(Debug, Default)]
@@ -240,6 +253,9 @@ struct Counters {
     queued: AtomicUsize,
     /// f64 bits of the decode-speed moving average.
     decode_tps: AtomicU64,
+    /// Bytes the prefix cache holds, and prompt tokens read from it.
+    prefix_bytes: AtomicUsize,
+    cached_tokens: AtomicU64,
     /// Tokens picked under a constraint, and the nanoseconds spent
     /// computing their masks and advancing their grammars.
     masked_tokens: AtomicU64,
@@ -310,6 +326,11 @@ impl Engine {
             jobs,
             waiting: VecDeque::new(),
             active: Vec::new(),
+            prefix: PrefixCache::new(
+                config.prefix_cache_bytes,
+                kv_bytes_per_token,
+                config.prefill_chunk,
+            ),
             kv_bytes_per_token,
         };
         // The scheduler runs on a worker of its own rayon pool, so the
@@ -551,6 +572,8 @@ impl Engine {
             queued: self.counters.queued.load(Ordering::Relaxed),
             max_batch: self.config.max_batch,
             decode_tokens_per_s: f64::from_bits(self.counters.decode_tps.load(Ordering::Relaxed)),
+            prefix_cache_bytes: self.counters.prefix_bytes.load(Ordering::Relaxed),
+            cached_tokens: self.counters.cached_tokens.load(Ordering::Relaxed),
         }
     }
 }
@@ -559,6 +582,10 @@ struct Sequence<B: Backend> {
     prompt: Vec<u32>,
     /// Prompt tokens already in the cache.
     consumed: usize,
+    /// Of those, how many came from the prefix cache.
+    cached: usize,
+    /// Ended with its `Done` event: its cache is sound to keep.
+    done: bool,
     cache: KvCache<B>,
     sampler: Sampler,
     /// What the penalties look at: the prompt and the answer so far.
@@ -598,6 +625,8 @@ struct Scheduler<B: Backend> {
     /// Jobs taken off the channel that did not fit yet (at most one).
     waiting: VecDeque<Job>,
     active: Vec<Sequence<B>>,
+    /// Finished sequences' caches, for requests that share their prefix.
+    prefix: PrefixCache<B>,
     kv_bytes_per_token: usize,
 }
 
@@ -609,7 +638,7 @@ impl<B: Backend> Scheduler<B> {
                 return;
             }
             self.flush_pending();
-            self.active.retain(|s| !s.finished && !s.sender.is_closed());
+            self.retire();
             self.counters
                 .active
                 .store(self.active.len(), Ordering::Relaxed);
@@ -617,6 +646,26 @@ impl<B: Backend> Scheduler<B> {
                 continue;
             }
             self.step();
+        }
+    }
+
+    /// Drops finished and abandoned sequences; the caches of those that
+    /// finished go to the prefix cache (moved, not copied).
+    fn retire(&mut self) {
+        let mut i = 0;
+        while i < self.active.len() {
+            let seq = &self.active[i];
+            if !seq.finished && !seq.sender.is_closed() {
+                i += 1;
+                continue;
+            }
+            let seq = self.active.swap_remove(i);
+            if seq.done && seq.request.prompt_logprobs.is_none() {
+                self.prefix.insert(&seq.prompt, seq.cache);
+                self.counters
+                    .prefix_bytes
+                    .store(self.prefix.used_bytes(), Ordering::Relaxed);
+            }
         }
     }
 
@@ -667,14 +716,26 @@ impl<B: Backend> Scheduler<B> {
             for &id in &job.request.continuation {
                 let _ = decoder.push(&self.tokenizer, id);
             }
+            // A request that scores its prompt needs every position's
+            // logits, so it computes them all.
+            let (cache, cached) = match job.request.prompt_logprobs {
+                None => self.prefix.lookup(&job.prompt),
+                Some(_) => None,
+            }
+            .unwrap_or_else(|| (self.transformer.new_cache(), 0));
+            self.counters
+                .cached_tokens
+                .fetch_add(cached as u64, Ordering::Relaxed);
             self.active.push(Sequence {
-                cache: self.transformer.new_cache(),
+                cache,
+                cached,
+                done: false,
                 sampler: Sampler::new(job.request.sampling.clone()),
                 history: History::new(&job.prompt),
                 matcher: job.matcher,
                 prompt_logprobs: Vec::new(),
                 prompt: job.prompt,
-                consumed: 0,
+                consumed: cached,
                 request: job.request,
                 sender: job.sender,
                 decoder,
@@ -981,6 +1042,7 @@ impl<B: Backend> Scheduler<B> {
                 finish_reason: reason,
                 prefill_ms: first.duration_since(seq.admitted).as_secs_f64() * 1e3,
                 queue_ms: seq.admitted.duration_since(seq.enqueued).as_secs_f64() * 1e3,
+                cached_tokens: seq.cached,
                 decode_tokens_per_s: if seq.generated > 1 && decode_secs > 0.0 {
                     (seq.generated - 1) as f64 / decode_secs
                 } else {
@@ -1002,6 +1064,7 @@ impl<B: Backend> Scheduler<B> {
                 Some(pending) => deliver_later(sender, vec![pending, Event::Done(usage)]),
             }
             seq.finished = true;
+            seq.done = true;
         }
     }
 }
@@ -1017,6 +1080,7 @@ impl<B: Backend> Scheduler<B> {
             finish_reason: FinishReason::Length,
             prefill_ms: now.duration_since(seq.admitted).as_secs_f64() * 1e3,
             queue_ms: seq.admitted.duration_since(seq.enqueued).as_secs_f64() * 1e3,
+            cached_tokens: seq.cached,
             decode_tokens_per_s: 0.0,
         };
         if let Err(mpsc::error::TrySendError::Full(ev)) = seq.sender.try_send(Event::Done(usage)) {

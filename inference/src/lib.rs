@@ -19,7 +19,9 @@
 //!   tokenized and validated on the caller's thread, queued (bounded), then
 //!   batched continuously; tokens stream back through a bounded channel per
 //!   request. [`Engine::load`] reports the load the
-//!   node gossips.
+//!   node gossips. [`prefix`] keeps finished sequences' keys and values
+//!   within a byte budget, so a request that starts like one of them (a
+//!   system prompt, a conversation's earlier turns) computes only the rest.
 //! - [`sampling`] picks tokens (greedy, temperature, top-k, min-p, top-p,
 //!   seeded) after penalties and logit bias, and reports log-probabilities;
 //!   [`constraint`] masks each step's logits so an answer parses as the
@@ -41,6 +43,7 @@ pub mod error;
 pub mod gguf;
 pub mod model;
 pub mod packed;
+pub mod prefix;
 pub mod sampling;
 pub mod store;
 pub mod tokenizer;

@@ -964,3 +964,78 @@ fn unknown_or_unrunnable_kernel_sets_are_refused_at_load() {
         }
     }
 }
+
+/// The prefix cache on the default model, on every CPU path: the 8- and
+/// 16-bit decode kernels make the few-row passes differ from prefill's f32
+/// ones, so this is where reusing a position computed in another pass would
+/// show. A second turn of a chat and a repeated request read the prompt's
+/// whole prefill chunks from the cache and answer bit for bit as an engine
+/// without the cache does.
+#[test]
+fn smollm2_prefix_cache_changes_no_answer_on_any_cpu_path() {
+    let Some(path) = smollm2_or_skip() else {
+        return;
+    };
+    for (name, layout, kernels) in smollm2_paths() {
+        let start = |prefix_cache_bytes| {
+            Engine::start(
+                smollm2(&path, layout, kernels),
+                EngineConfig {
+                    prefill_chunk: 16,
+                    prefix_cache_bytes,
+                    ..Default::default()
+                },
+            )
+            .expect("engine")
+        };
+        let (cached, plain) = (start(64 << 20), start(0));
+        let run = |engine: &Engine, messages: &[ChatMessage]| {
+            let mut r = GenerateRequest::new(
+                Prompt::Chat {
+                    messages: messages.to_vec(),
+                    tools: Vec::new(),
+                },
+                12,
+            );
+            r.logprobs = Some(0);
+            let mut s = engine.submit(r).expect("submit");
+            let (mut out, mut cached_tokens) = (Vec::new(), None);
+            while let Some(event) = s.blocking_next() {
+                match event {
+                    Event::Token { id, logprob, .. } => {
+                        out.push((id, logprob.map(|l| l.logprob.to_bits())))
+                    }
+                    Event::Done(u) => cached_tokens = Some(u.cached_tokens),
+                    Event::Error(e) => panic!("{name}: {e}"),
+                    Event::PromptLogprobs(_) => {}
+                }
+            }
+            (out, cached_tokens.expect("usage"))
+        };
+        let system = ChatMessage::new(
+            "system",
+            "You are a helpful assistant for a small bookshop. Answer in one short \
+             sentence, recommend books that exist, and say so when you do not know.",
+        );
+        let mut chat = vec![
+            system,
+            ChatMessage::new("user", "Recommend a novel about the sea."),
+        ];
+        let (first, n) = run(&cached, &chat);
+        assert_eq!(n, 0, "{name}");
+        assert_eq!(first, run(&plain, &chat).0, "{name}: first turn");
+        let (again, n) = run(&cached, &chat);
+        assert!(n >= 48, "{name}: {n} tokens cached");
+        assert_eq!(again, first, "{name}: the same request again");
+        let answer = cached
+            .tokenizer()
+            .decode(&first.iter().map(|(id, _)| *id).collect::<Vec<_>>(), true)
+            .expect("decode");
+        chat.push(ChatMessage::new("assistant", answer));
+        chat.push(ChatMessage::new("user", "And one about mountains?"));
+        let (second, n) = run(&cached, &chat);
+        assert!(n >= 48, "{name}: {n} tokens cached");
+        assert_eq!(second, run(&plain, &chat).0, "{name}: second turn");
+        eprintln!("{name}: answers with the prefix cache equal those without, bit for bit");
+    }
+}

@@ -362,6 +362,18 @@ impl Collector for StateCollector {
                 "Requests waiting for a batch slot in the engine",
                 as_i64(load.queued),
             )?;
+            gauge(
+                &mut encoder,
+                "engine_prefix_cache_bytes",
+                "Bytes of keys and values the engine's prefix cache holds",
+                as_i64(load.prefix_cache_bytes),
+            )?;
+            counter(
+                &mut encoder,
+                "engine_cached_prompt_tokens",
+                "Prompt tokens read from the prefix cache instead of computed",
+                load.cached_tokens,
+            )?;
             let tps = ConstGauge::new(load.decode_tokens_per_s);
             tps.encode(encoder.encode_descriptor(
                 "engine_decode_tokens_per_second",

@@ -177,6 +177,9 @@ pub struct JobUsage {
     pub decode_tokens_per_s_milli: u64,
     /// Price coefficient the worker charges, × 1000.
     pub price_coefficient_milli: u64,
+    /// Prompt tokens the worker read from its prefix cache instead of
+    /// computing (reported to the caller; at most `prompt_tokens`).
+    pub cached_tokens: u32,
 }
 
 impl JobRequest {
@@ -281,6 +284,7 @@ pub fn usage_record(usage: &silk_inference::engine::Usage, price_milli: u64) -> 
         },
         decode_tokens_per_s_milli: (usage.decode_tokens_per_s.max(0.0) * 1000.0) as u64,
         price_coefficient_milli: price_milli,
+        cached_tokens: usage.cached_tokens.min(usage.prompt_tokens) as u32,
     }
 }
 

@@ -62,6 +62,7 @@ fn usage(prompt_tokens: u32, completion_tokens: u32) -> Vec<u8> {
         finish: Finish::Length,
         decode_tokens_per_s_milli: 1_000_000,
         price_coefficient_milli: 1_000,
+        cached_tokens: 0,
     })
 }
 

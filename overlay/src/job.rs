@@ -34,7 +34,7 @@ use crate::{network::Reports, Misbehaviour, OverlayError, OverlayEvent};
 pub const JOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/silk/job/1.0.0");
 
 /// Version carried in the request frame; a worker refuses any other.
-pub const JOB_WIRE_VERSION: u16 = 1;
+pub const JOB_WIRE_VERSION: u16 = 2;
 
 /// Inbound streams that are being refused (busy) at once; beyond this they are reset.
 const MAX_REFUSALS: usize = 32;

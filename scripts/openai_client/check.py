@@ -386,6 +386,24 @@ def main(base: str) -> None:
         raise AssertionError("a logit_bias past the vocabulary was accepted")
     print("error matrix: every invalid field refused with its param")
 
+    # The prefix cache: a long system prompt sent twice; the second time
+    # the worker reads its whole prefill chunks (256 tokens each) from its
+    # cache, and usage says how many.
+    system = ("You are a careful assistant for a travel agency. Answer briefly, name "
+              "sources when you can, and never invent prices. ") * 14
+    turns = []
+    for question in ["Where is Lisbon?", "Where is Porto?"]:
+        r = client.chat.completions.create(
+            model=model, max_tokens=4, temperature=0,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+        )
+        details = r.usage.prompt_tokens_details
+        turns.append((r.usage.prompt_tokens, details.cached_tokens if details else None))
+    (p1, c1), (p2, c2) = turns
+    assert c1 is not None and c2 is not None, turns
+    assert c1 == 0 and c2 >= 256 and c2 < p2, f"the shared system prompt came from the cache: {turns}"
+    print(f"prompt_tokens_details.cached_tokens: {c1} of {p1}, then {c2} of {p2}")
+
     print("openai client checks passed")
 
 

@@ -190,6 +190,7 @@ fn job_seeds() -> Result<()> {
         finish: Finish::Stop,
         decode_tokens_per_s_milli: 41_500,
         price_coefficient_milli: 1_000,
+        cached_tokens: 0,
     };
     let ack = ChequeAck {
         cumulative_nano: 1_250_000,

@@ -440,6 +440,8 @@ fn usage_json(u: &crate::protocol::JobUsage) -> Value {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
+        // A worker's claim, bounded by the prompt.
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens.min(u.prompt_tokens)},
     })
 }
 

@@ -161,6 +161,8 @@ pub async fn status(
             "batch_size": load.max_batch,
             "queued": load.queued,
             "decode_tokens_per_s": load.decode_tokens_per_s,
+            "prefix_cache_bytes": load.prefix_cache_bytes,
+            "cached_prompt_tokens": load.cached_tokens,
         })
     });
     let (step_s, _) = match span {

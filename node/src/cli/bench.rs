@@ -55,6 +55,10 @@ pub struct InferenceBenchArgs {
     /// The reference script.
     #[arg(long, default_value = "inference/reference/bench_reference.py")]
     pub reference_script: PathBuf,
+    /// Length of the shared prefix (a system prompt) for the prefix cache's
+    /// time to first token, cold and warm; 0 skips it.
+    #[arg(long, default_value_t = 1000)]
+    pub shared_prefix_tokens: usize,
 }
 
 /// Runs `silk bench ...`.
@@ -161,6 +165,70 @@ fn measure(
         decode_tokens_per_s: (batch * gen_tokens) as f64 / decode.max(1e-9),
         ttft_s: first_any.duration_since(submitted).as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// Tokens of a request's own after the shared prefix.
+const PREFIX_SUFFIX_TOKENS: usize = 16;
+/// Prefixes measured (the median is reported).
+const PREFIX_TRIALS: usize = 3;
+
+/// Time to first token with the prefix cache, cold and warm.
+struct PrefixRow {
+    cold: std::time::Duration,
+    warm: std::time::Duration,
+    /// Prompt tokens the warm request took from the cache.
+    cached_tokens: usize,
+}
+
+/// For each of a few prefixes of `prefix_tokens` tokens: one request
+/// (cold: nothing cached), then one with the same prefix and another
+/// suffix (warm). Each request generates one token.
+fn measure_prefix(engine: &Engine, prefix_tokens: usize) -> anyhow::Result<PrefixRow> {
+    let text = PROMPT_TEXT.repeat(2 + (prefix_tokens + 2 * PREFIX_SUFFIX_TOKENS) / 40);
+    let base = engine.tokenizer().encode(&text, false)?;
+    anyhow::ensure!(
+        base.len() >= prefix_tokens + 2 * PREFIX_SUFFIX_TOKENS + PREFIX_TRIALS,
+        "prompt text too short"
+    );
+    let one = |prompt: Vec<u32>| -> anyhow::Result<(std::time::Duration, usize)> {
+        let started = Instant::now();
+        let mut stream = engine.submit(GenerateRequest::new(Prompt::Tokens(prompt), 1))?;
+        let mut first = None;
+        while let Some(event) = stream.blocking_next() {
+            match event {
+                Event::Token { .. } => {
+                    first.get_or_insert_with(|| started.elapsed());
+                }
+                Event::Done(usage) => {
+                    return Ok((first.context("no token")?, usage.cached_tokens));
+                }
+                Event::Error(e) => anyhow::bail!(e),
+                Event::PromptLogprobs(_) => {}
+            }
+        }
+        anyhow::bail!("the stream ended without a result")
+    };
+    let (mut cold, mut warm, mut cached) = (Vec::new(), Vec::new(), 0);
+    for trial in 0..PREFIX_TRIALS {
+        // Each trial's prefix starts elsewhere in the text: a new prefix.
+        let prefix = &base[trial..trial + prefix_tokens];
+        let suffix = |k: usize| {
+            &base[trial + prefix_tokens + k * PREFIX_SUFFIX_TOKENS..][..PREFIX_SUFFIX_TOKENS]
+        };
+        let (t, n) = one([prefix, suffix(0)].concat())?;
+        anyhow::ensure!(n == 0, "the cold request found {n} tokens cached");
+        cold.push(t);
+        let (t, n) = one([prefix, suffix(1)].concat())?;
+        warm.push(t);
+        cached = n;
+    }
+    cold.sort();
+    warm.sort();
+    Ok(PrefixRow {
+        cold: cold[PREFIX_TRIALS / 2],
+        warm: warm[PREFIX_TRIALS / 2],
+        cached_tokens: cached,
     })
 }
 
@@ -296,11 +364,14 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
         ModelFormat::HfDir(_) => None,
     };
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
+    // The throughput runs repeat one prompt: without the prefix cache, so
+    // each computes its prompt as a new one would.
     let engine = start_engine(
-        source,
+        source.clone(),
         args.device,
         EngineConfig {
             max_batch,
+            prefix_cache_bytes: 0,
             ..EngineConfig::default()
         },
     )?;
@@ -328,6 +399,19 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
         );
         constrained.push((b, tps, per_token));
     }
+    let prefix = if args.shared_prefix_tokens > 0 {
+        let cached = start_engine(source, args.device, EngineConfig::default())?;
+        let r = measure_prefix(&cached, args.shared_prefix_tokens)?;
+        eprintln!(
+            "silk, {}-token shared prefix: TTFT cold {:.1} ms, warm {:.1} ms",
+            args.shared_prefix_tokens,
+            r.cold.as_secs_f64() * 1e3,
+            r.warm.as_secs_f64() * 1e3
+        );
+        Some(r)
+    } else {
+        None
+    };
     let reference = match &gguf {
         Some(g) => reference(&args, g)?,
         None => None,
@@ -382,6 +466,26 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
             "- silk batch {} aggregate decode / batch 1 = {:.2}",
             o32.batch,
             o32.decode_tokens_per_s / o1.decode_tokens_per_s.max(1e-9)
+        );
+    }
+    if let Some(r) = &prefix {
+        println!();
+        println!(
+            "Prefix cache: a {}-token shared prefix (a system prompt), then {} tokens of each request's own; one request at a time, median of {} prefixes:",
+            args.shared_prefix_tokens, PREFIX_SUFFIX_TOKENS, PREFIX_TRIALS
+        );
+        println!();
+        println!("| prefix | TTFT ms | prompt tokens computed |");
+        println!("|---|---:|---:|");
+        println!(
+            "| cold (first request) | {:.1} | {} |",
+            r.cold.as_secs_f64() * 1e3,
+            args.shared_prefix_tokens + PREFIX_SUFFIX_TOKENS
+        );
+        println!(
+            "| warm (same prefix, new suffix) | {:.1} | {} |",
+            r.warm.as_secs_f64() * 1e3,
+            args.shared_prefix_tokens + PREFIX_SUFFIX_TOKENS - r.cached_tokens
         );
     }
     println!();

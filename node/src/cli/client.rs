@@ -258,6 +258,14 @@ fn status_tables(s: &Value) -> String {
             "decode".into(),
             format!("{} tok/s", fixed(&e["decode_tokens_per_s"], 1)),
         ]);
+        engine.add_row(vec![
+            "prefix cache".into(),
+            format!(
+                "{:.1} MiB, {} prompt tokens reused",
+                e["prefix_cache_bytes"].as_f64().unwrap_or(0.0) / f64::from(1 << 20),
+                text(&e["cached_prompt_tokens"])
+            ),
+        ]);
     }
     engine.add_row(vec!["gateway queue".into(), text(&s["gateway_queue"])]);
     let _ = writeln!(out, "{engine}");

@@ -152,6 +152,7 @@ function draw(s) {
     ['batch in use', e.batch_in_use + ' of ' + e.batch_size],
     ['queued', e.queued],
     ['decode', fixed(e.decode_tokens_per_s, 1) + ' tok/s'],
+    ['prefix cache', fixed(e.prefix_cache_bytes / 1048576, 1) + ' MiB, ' + e.cached_prompt_tokens + ' prompt tokens reused'],
     ['gateway queue', s.gateway_queue],
   ] : [['engine', 'none (gateway only)'], ['gateway queue', s.gateway_queue]]);
 

@@ -1,0 +1,143 @@
+//! The prefix cache: a request whose prompt starts like a finished one's
+//! reads the shared whole prefill chunks from the cache, says so in
+//! `Usage::cached_tokens`, and gets exactly the answer (tokens and
+//! log-probabilities, bit for bit) an engine without the cache gives. On
+//! both layouts: `Dense` keeps the cache in Burn tensors, `Packed` in host
+//! vectors (each kernel set this CPU runs). The default model's check of
+//! the same is in `reference.rs`.
+
+use std::path::{Path, PathBuf};
+
+use silk_inference::backend::Cpu;
+use silk_inference::cpu::CpuKernels;
+use silk_inference::engine::{Engine, EngineConfig, Event, GenerateRequest, Prompt, Usage};
+use silk_inference::model::{LoadedModel, ModelSource};
+use silk_inference::transformer::WeightLayout;
+
+fn engine(name: &str, layout: WeightLayout, kernels: CpuKernels, prefix_bytes: usize) -> Engine {
+    let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let model = LoadedModel::<Cpu>::load_on(
+        ModelSource::from_path(&dir).expect("source"),
+        layout,
+        kernels,
+        &Default::default(),
+    )
+    .expect("load");
+    Engine::start(
+        model,
+        EngineConfig {
+            // Chunks that do not line up with the cached prefix.
+            prefill_chunk: 7,
+            prefix_cache_bytes: prefix_bytes,
+            ..Default::default()
+        },
+    )
+    .expect("engine")
+}
+
+struct Answer {
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    usage: Usage,
+}
+
+fn run(engine: &Engine, prompt: &[u32], max_tokens: usize) -> Answer {
+    let mut r = GenerateRequest::new(Prompt::Tokens(prompt.to_vec()), max_tokens);
+    r.ignore_eos = true;
+    r.logprobs = Some(0);
+    let mut s = engine.submit(r).expect("submit");
+    let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
+    while let Some(event) = s.blocking_next() {
+        match event {
+            Event::Token { id, logprob, .. } => {
+                tokens.push(id);
+                logprobs.push(logprob.expect("logprob").logprob);
+            }
+            Event::Done(usage) => {
+                return Answer {
+                    tokens,
+                    logprobs,
+                    usage,
+                }
+            }
+            Event::Error(e) => panic!("engine error: {e}"),
+            Event::PromptLogprobs(_) => {}
+        }
+    }
+    panic!("the stream ended without a result")
+}
+
+/// The same answer, bit for bit: the cache only holds positions the
+/// request would have computed in the same forward passes.
+fn same_answer(what: &str, got: &Answer, want: &Answer) {
+    assert_eq!(got.tokens, want.tokens, "{what}: tokens");
+    let bits = |a: &Answer| a.logprobs.iter().map(|l| l.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(got), bits(want), "{what}: log-probabilities");
+}
+
+#[test]
+fn a_shared_prefix_is_read_from_the_cache_and_changes_no_answer() {
+    let mut layouts = vec![(WeightLayout::Dense, CpuKernels::best())];
+    layouts.extend(
+        CpuKernels::available()
+            .into_iter()
+            .map(|k| (WeightLayout::Packed, k)),
+    );
+    for name in ["tiny-llama", "tiny-qwen3"] {
+        for (layout, kernels) in layouts.clone() {
+            let what = format!("{name} {layout:?} {kernels}");
+            let cached = engine(name, layout, kernels, 64 << 20);
+            let plain = engine(name, layout, kernels, 0);
+            // A 40-token "system prompt".
+            let system: Vec<u32> = (0..40).map(|i| 3 + (i * 37) % 200).collect();
+
+            let first = run(&cached, &system, 6);
+            assert_eq!(first.usage.cached_tokens, 0, "{what}: nothing cached yet");
+            same_answer(&what, &first, &run(&plain, &system, 6));
+
+            // The conversation's next turn: the prompt, the answer, more.
+            // The prompt's whole prefill chunks come from the cache (35 of
+            // 40 with chunks of 7); the answer's positions, computed one at
+            // a time, are computed again.
+            let mut next = system.clone();
+            next.extend(&first.tokens);
+            next.extend([17, 29, 31, 5]);
+            let warm = run(&cached, &next, 8);
+            assert_eq!(warm.usage.cached_tokens, 35, "{what}");
+            assert_eq!(warm.usage.prompt_tokens, next.len(), "{what}");
+            let cold = run(&plain, &next, 8);
+            assert_eq!(cold.usage.cached_tokens, 0, "{what}: cache off");
+            same_answer(&format!("{what}, next turn"), &warm, &cold);
+
+            // The same prompt again.
+            let again = run(&cached, &system, 6);
+            assert_eq!(again.usage.cached_tokens, 35, "{what}");
+            same_answer(&format!("{what}, same prompt"), &again, &first);
+
+            // Another prompt sharing only the first 30 tokens: 28 of them.
+            let mut other = system[..30].to_vec();
+            other.extend([90, 91, 92, 93, 94, 95]);
+            let warm = run(&cached, &other, 5);
+            assert_eq!(warm.usage.cached_tokens, 28, "{what}");
+            same_answer(
+                &format!("{what}, 30 shared"),
+                &warm,
+                &run(&plain, &other, 5),
+            );
+
+            // Scoring a prompt computes every position.
+            let mut r = GenerateRequest::new(Prompt::Tokens(system.clone()), 0);
+            r.prompt_logprobs = Some(1);
+            let mut s = cached.submit(r).expect("submit");
+            let mut usage = None;
+            while let Some(event) = s.blocking_next() {
+                if let Event::Done(u) = event {
+                    usage = Some(u);
+                }
+            }
+            assert_eq!(usage.expect("usage").cached_tokens, 0, "{what}: scoring");
+        }
+    }
+}
