@@ -99,7 +99,7 @@ impl JobMetrics {
     fn register(&self, silk: &mut Registry) {
         silk.register(
             "jobs",
-            "Jobs by role (gateway: requests this node placed; worker: jobs it ran) and outcome",
+            "Jobs by role (gateway: requests this node placed; worker: jobs it ran for other nodes) and outcome",
             self.jobs.clone(),
         );
         silk.register_with_unit(
