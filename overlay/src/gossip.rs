@@ -364,6 +364,24 @@ pub(crate) enum Verdict<T> {
 }
 
 impl<T> Verdict<T> {
+    /// The same verdict with an accepted value turned into another.
+    pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U) -> Verdict<U> {
+        match self {
+            Verdict::Accept(t) => Verdict::Accept(f(t)),
+            Verdict::Forward => Verdict::Forward,
+            Verdict::Ignore(r) => Verdict::Ignore(r),
+            Verdict::Reject {
+                kind,
+                reason,
+                author,
+            } => Verdict::Reject {
+                kind,
+                reason,
+                author,
+            },
+        }
+    }
+
     /// A rejection of a message whose author is not proven.
     fn junk(kind: &'static str, reason: impl Into<String>) -> Self {
         Verdict::Reject {

@@ -1091,49 +1091,19 @@ impl EventLoop {
             } => {
                 let now_ms = self.now_ms();
                 let now = Instant::now();
-                let verdict = if message.topic == self.announce_topic.hash() {
-                    match self.book.check_announcement(&message.data, now_ms, now) {
-                        Verdict::Accept(a) => Verdict::Accept(OverlayEvent::Announcement(a)),
-                        Verdict::Forward => Verdict::Forward,
-                        Verdict::Ignore(r) => Verdict::Ignore(r),
-                        Verdict::Reject {
-                            kind,
-                            reason,
-                            author,
-                        } => Verdict::Reject {
-                            kind,
-                            reason,
-                            author,
-                        },
-                    }
+                let (topic, verdict) = if message.topic == self.announce_topic.hash() {
+                    let v = self.book.check_announcement(&message.data, now_ms, now);
+                    ("announcement", v.map(OverlayEvent::Announcement))
                 } else if message.topic == self.reputation_topic.hash() {
-                    match self.book.check_reputation(&message.data, now) {
-                        Verdict::Accept((reporter, payload)) => {
-                            Verdict::Accept(OverlayEvent::Reputation { reporter, payload })
-                        }
-                        Verdict::Forward => Verdict::Forward,
-                        Verdict::Ignore(r) => Verdict::Ignore(r),
-                        Verdict::Reject {
-                            kind,
-                            reason,
-                            author,
-                        } => Verdict::Reject {
-                            kind,
-                            reason,
-                            author,
-                        },
-                    }
+                    let v = self.book.check_reputation(&message.data, now);
+                    (
+                        "reputation",
+                        v.map(|(reporter, payload)| OverlayEvent::Reputation { reporter, payload }),
+                    )
                 } else {
-                    Verdict::Ignore("unknown topic")
+                    ("unknown", Verdict::Ignore("unknown topic"))
                 };
                 if let Some(metrics) = &self.metrics {
-                    let topic = if message.topic == self.announce_topic.hash() {
-                        "announcement"
-                    } else if message.topic == self.reputation_topic.hash() {
-                        "reputation"
-                    } else {
-                        "unknown"
-                    };
                     let (verdict, reason) = match &verdict {
                         Verdict::Accept(_) => ("accepted", ""),
                         Verdict::Forward => ("forwarded", ""),
