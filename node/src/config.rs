@@ -41,6 +41,18 @@ pub struct NodeConfig {
     pub queue_timeout_s: u64,
     /// Enable mDNS discovery on the LAN.
     pub mdns: bool,
+    /// Relay circuits for peers behind NAT (bounded: see
+    /// docs/OPERATOR.md). Jobs to and from such peers run over the relay
+    /// when hole punching fails.
+    pub relay_server: bool,
+    /// Relays to listen through from the start, each ending in
+    /// `/p2p/<peer id>`. Without any, a node that finds itself unreachable
+    /// picks relays among its peers.
+    pub relays: Vec<String>,
+    /// Peers reach each other on private addresses (a LAN, a lab, a VPN):
+    /// autonat probes those too when it checks whether this node can be
+    /// dialled.
+    pub private_network: bool,
     /// Fewest connected peers the node looks for (it walks the DHT for
     /// more when under it).
     pub min_peers: u32,
@@ -145,6 +157,9 @@ impl Default for NodeConfig {
             queue_limit: 256,
             queue_timeout_s: 30,
             mdns: false,
+            relay_server: true,
+            relays: Vec::new(),
+            private_network: false,
             min_peers: 25,
             max_peers: 50,
             pinned_models: Vec::new(),

@@ -75,6 +75,8 @@ pub struct NodeOptions {
     pub queue: crate::gateway::queue::QueueConfig,
     /// mDNS on the LAN.
     pub mdns: bool,
+    /// Relaying and reachability behind NAT.
+    pub nat: NatOptions,
     /// Faster gossip and pings (local testnets).
     pub fast_gossip: bool,
     /// Fewest connected peers the overlay looks for.
@@ -94,6 +96,29 @@ pub struct NodeOptions {
     /// Model ids a name (or no name) resolves to first; normally
     /// [`crate::gateway::default_pinned_models`] plus the operator's `pinned_models`.
     pub pinned_models: Vec<String>,
+}
+
+/// How a node deals with NAT: relaying for others, and being reached
+/// through relays itself (see `silk_overlay`'s relay fields).
+#[derive(Debug, Clone)]
+pub struct NatOptions {
+    /// Relay circuits for peers behind NAT.
+    pub relay_server: bool,
+    /// Relays to listen through from the start.
+    pub relays: Vec<Multiaddr>,
+    /// Peers reach each other on private addresses (a LAN, a lab, a VPN):
+    /// autonat probes them.
+    pub private_network: bool,
+}
+
+impl Default for NatOptions {
+    fn default() -> Self {
+        Self {
+            relay_server: true,
+            relays: Vec::new(),
+            private_network: false,
+        }
+    }
 }
 
 /// A running node. Cheap to share behind an `Arc`.
@@ -167,6 +192,9 @@ impl Node {
         config.agent_version = format!("silk/{}", env!("CARGO_PKG_VERSION"));
         config.min_peers = options.min_peers;
         config.max_peers = options.max_peers;
+        config.relay_server = options.nat.relay_server;
+        config.relays = options.nat.relays.clone();
+        config.autonat_private_addresses = options.nat.private_network;
         if config.listens_only_on_loopback() {
             // A local testnet: every peer dials in from this machine.
             config.max_inbound_connections_per_ip = config.max_inbound_connections;
@@ -176,6 +204,8 @@ impl Node {
             config.announce_republish_interval = Duration::from_secs(2);
             config.ping_interval = Duration::from_secs(1);
             config.kad_query_timeout = Duration::from_secs(5);
+            config.autonat_boot_delay = Duration::from_secs(1);
+            config.autonat_retry_interval = Duration::from_secs(5);
         }
         let mut metrics = crate::metrics::Metrics::new();
         config.metrics = Some(silk_overlay::OverlayMetrics::register(

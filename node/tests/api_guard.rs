@@ -47,6 +47,7 @@ async fn node(dir: &std::path::Path) -> Arc<Node> {
         max_jobs_per_worker: 8,
         queue: Default::default(),
         mdns: false,
+        nat: Default::default(),
         min_peers: 25,
         max_peers: 50,
         fast_gossip: false,

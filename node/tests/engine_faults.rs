@@ -37,6 +37,7 @@ async fn start_worker(dir: &tempfile::TempDir) -> Arc<Node> {
         max_jobs_per_worker: 8,
         queue: Default::default(),
         mdns: false,
+        nat: Default::default(),
         min_peers: 25,
         max_peers: 50,
         fast_gossip: true,

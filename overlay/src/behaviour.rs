@@ -9,7 +9,8 @@
 //! | `kad` | `/silk/kad/1.0.0` | peer discovery and model provider records |
 //! | `gossipsub` | `/meshsub/1.1.0` | signed announcements and reputation reports |
 //! | `autonat` | `/libp2p/autonat/1.0.0` | learns whether we are reachable |
-//! | `relay` | `/libp2p/circuit/relay/0.2.0/*` | reaches peers behind NAT |
+//! | `relay` | `/libp2p/circuit/relay/0.2.0/stop` | listens through relays when behind NAT |
+//! | `relay_server` | `/libp2p/circuit/relay/0.2.0/hop` | relays circuits for others, with `relay_server` |
 //! | `dcutr` | `/libp2p/dcutr` | upgrades relayed connections to direct ones |
 //! | `mdns` | multicast DNS | LAN discovery, only with `enable_mdns` |
 //! | `attest` | `/silk/attest/1.0.0` | attestation evidence as opaque bytes |
@@ -36,6 +37,41 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/silk/kad/1.0.0");
 pub const ATTEST_PROTOCOL: StreamProtocol = StreamProtocol::new("/silk/attest/1.0.0");
 /// Identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/silk/id/1.0.0";
+
+/// The identify protocol name a relay server lists.
+pub(crate) const RELAY_HOP_PROTOCOL: StreamProtocol =
+    StreamProtocol::new("/libp2p/circuit/relay/0.2.0/hop");
+
+/// What a node's relay server grants (with [`OverlayConfig::relay_server`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Peers holding a reservation (a relayed listen address) at once.
+    pub max_reservations: usize,
+    /// Circuits relayed at once, in all and per peer.
+    pub max_circuits: usize,
+    /// Circuits relayed at once for one peer.
+    pub max_circuits_per_peer: usize,
+    /// A circuit is closed after this long.
+    pub circuit_duration: Duration,
+    /// A circuit is closed after carrying this many bytes (both ways).
+    pub circuit_bytes: u64,
+}
+
+/// The relay server's limits. libp2p's defaults (2 minutes and 128 KiB a
+/// circuit) suit a circuit that only carries hole punching; a silk job
+/// runs over the circuit when hole punching fails, and a long answer with
+/// logprobs is a few hundred KiB, so circuits may carry more and last
+/// longer. The connection is reopened (a new circuit) when one ends.
+pub const RELAY_LIMITS: RelayLimits = RelayLimits {
+    max_reservations: 128,
+    max_circuits: 32,
+    max_circuits_per_peer: 4,
+    circuit_duration: Duration::from_secs(10 * 60),
+    circuit_bytes: 16 << 20,
+};
+
+/// Relays a node behind NAT listens through when it picks them itself.
+pub const AUTO_RELAYS: usize = 2;
 
 /// Largest attestation request or response, in bytes.
 const MAX_ATTEST_BYTES: u64 = 256 * 1024;
@@ -64,6 +100,7 @@ pub(crate) struct Behaviour {
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) autonat: autonat::Behaviour,
     pub(crate) relay: relay::client::Behaviour,
+    pub(crate) relay_server: Toggle<relay::Behaviour>,
     pub(crate) dcutr: dcutr::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) attest: request_response::cbor::Behaviour<AttestRequest, AttestResponse>,
@@ -102,7 +139,10 @@ pub(crate) fn build_swarm(config: &OverlayConfig) -> Result<Swarm<Behaviour>, Ov
 
             let identify = identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
-                    .with_agent_version(config.agent_version.clone()),
+                    .with_agent_version(config.agent_version.clone())
+                    // Peers learn a new relayed address at once, not at the
+                    // next periodic exchange.
+                    .with_push_listen_addr_updates(true),
             );
 
             let ping =
@@ -127,7 +167,28 @@ pub(crate) fn build_swarm(config: &OverlayConfig) -> Result<Swarm<Behaviour>, Ov
             let (params, thresholds) = score_params();
             gossipsub.with_peer_score(params, thresholds)?;
 
-            let autonat = autonat::Behaviour::new(local, autonat::Config::default());
+            let autonat = autonat::Behaviour::new(
+                local,
+                autonat::Config {
+                    boot_delay: config.autonat_boot_delay,
+                    retry_interval: config.autonat_retry_interval,
+                    only_global_ips: !config.autonat_private_addresses,
+                    ..autonat::Config::default()
+                },
+            );
+            let relay_server = config.relay_server.then(|| {
+                relay::Behaviour::new(
+                    local,
+                    relay::Config {
+                        max_reservations: RELAY_LIMITS.max_reservations,
+                        max_circuits: RELAY_LIMITS.max_circuits,
+                        max_circuits_per_peer: RELAY_LIMITS.max_circuits_per_peer,
+                        max_circuit_duration: RELAY_LIMITS.circuit_duration,
+                        max_circuit_bytes: RELAY_LIMITS.circuit_bytes,
+                        ..relay::Config::default()
+                    },
+                )
+            });
             let dcutr = dcutr::Behaviour::new(local);
 
             let mdns = if config.enable_mdns {
@@ -154,6 +215,7 @@ pub(crate) fn build_swarm(config: &OverlayConfig) -> Result<Swarm<Behaviour>, Ov
                 gossipsub,
                 autonat,
                 relay,
+                relay_server: Toggle::from(relay_server),
                 dcutr,
                 mdns: Toggle::from(mdns),
                 attest,

@@ -65,6 +65,28 @@ pub struct OverlayConfig {
     pub kad_server_mode: bool,
     /// Interval between pings to each connected peer.
     pub ping_interval: Duration,
+    /// Relay circuits between peers for those behind NAT (circuit relay
+    /// v2's hop protocol), within [`crate::RELAY_LIMITS`]. A relayed
+    /// connection carries jobs until hole punching (DCUtR) replaces it
+    /// with a direct one, or for good when that fails.
+    pub relay_server: bool,
+    /// Relays to listen through from the start, each ending in
+    /// `/p2p/<peer id>`: peers reach this node at
+    /// `<relay>/p2p-circuit/p2p/<us>`.
+    pub relays: Vec<Multiaddr>,
+    /// Once autonat finds this node unreachable, listen through up to
+    /// [`crate::AUTO_RELAYS`] connected peers that offer relaying.
+    pub auto_relay: bool,
+    /// Let autonat probe private addresses (RFC 1918, loopback): a mesh
+    /// on a LAN or in a lab, where those are the addresses peers reach.
+    /// Off on a public mesh, where a peer asked to dial one would be
+    /// probing someone else's network.
+    pub autonat_private_addresses: bool,
+    /// How long after start autonat first asks peers to dial back.
+    pub autonat_boot_delay: Duration,
+    /// Interval between autonat probes while unsure (and after a probe
+    /// fails to reach a peer).
+    pub autonat_retry_interval: Duration,
     /// Misbehaviour score at which a peer is disconnected and banned.
     pub ban_threshold: u32,
     /// How long a ban lasts.
@@ -136,6 +158,12 @@ impl OverlayConfig {
             kad_query_timeout: Duration::from_secs(30),
             kad_server_mode: true,
             ping_interval: Duration::from_secs(15),
+            relay_server: true,
+            relays: Vec::new(),
+            auto_relay: true,
+            autonat_private_addresses: false,
+            autonat_boot_delay: Duration::from_secs(15),
+            autonat_retry_interval: Duration::from_secs(90),
             ban_threshold: 100,
             ban_duration: Duration::from_secs(60 * 60),
             misbehaviour_decay: Duration::from_secs(30),
@@ -228,6 +256,15 @@ impl OverlayConfig {
         for addr in &self.bootstrap {
             if !matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
                 return Err(OverlayError::BootstrapWithoutPeerId { addr: addr.clone() });
+            }
+        }
+        for addr in &self.relays {
+            if !matches!(addr.iter().last(), Some(Protocol::P2p(_)))
+                || addr.iter().any(|p| p == Protocol::P2pCircuit)
+            {
+                return bad(&format!(
+                    "relay {addr}: give the relay's own address, ending in /p2p/<peer id>"
+                ));
             }
         }
         Ok(())
@@ -333,5 +370,26 @@ mod tests {
             cfg.validate(),
             Err(OverlayError::BootstrapWithoutPeerId { .. })
         ));
+    }
+
+    #[test]
+    fn a_relay_is_named_by_its_own_address_and_peer_id() {
+        let kp = identity::Keypair::generate_ed25519();
+        let listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+        let relay = identity::Keypair::generate_ed25519().public().to_peer_id();
+        let mut cfg = OverlayConfig::new(kp, listen);
+        for bad in [
+            "/ip4/10.0.0.1/tcp/4001".to_string(),
+            format!("/ip4/10.0.0.1/tcp/4001/p2p/{relay}/p2p-circuit"),
+            format!("/ip4/10.0.0.1/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{relay}"),
+        ] {
+            cfg.relays = vec![bad.parse().expect("addr")];
+            let err = cfg.validate().expect_err(&bad);
+            assert!(err.to_string().contains("relay"), "{bad}: {err}");
+        }
+        cfg.relays = vec![format!("/ip4/10.0.0.1/tcp/4001/p2p/{relay}")
+            .parse()
+            .expect("addr")];
+        cfg.validate().expect("a relay's own address");
     }
 }

@@ -29,6 +29,30 @@ pub struct PeerInfo {
     pub misbehaviour: u32,
     /// The peer's software, from identify.
     pub agent_version: Option<String>,
+    /// Its open connections.
+    pub connections: Vec<ConnectionInfo>,
+}
+
+/// One open connection to a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// The peer's address on it (a `/p2p-circuit` address when relayed).
+    pub address: Multiaddr,
+    /// Through a relay rather than direct.
+    pub relayed: bool,
+    /// We dialled it.
+    pub outbound: bool,
+}
+
+/// Whether this node can be dialled, as autonat last found, and the relays
+/// it listens through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reachability {
+    /// `public`, `private` (peers asked to dial back could not) or
+    /// `unknown` (not probed yet, or no peer to probe with).
+    pub status: &'static str,
+    /// The relays this node holds a listener on.
+    pub relays: Vec<PeerId>,
 }
 
 /// Cloneable handle to the overlay task. Every method sends a command over a
@@ -94,6 +118,11 @@ impl OverlayHandle {
     /// The addresses the node listens on (with real ports for port-0 listeners).
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, OverlayError> {
         self.ask(|reply| Command::ListenAddrs { reply }).await
+    }
+
+    /// Whether this node can be dialled, and the relays it listens through.
+    pub async fn reachability(&self) -> Result<Reachability, OverlayError> {
+        self.ask(|reply| Command::Reachability { reply }).await
     }
 
     /// Starts dialling `addr` (which may end in `/p2p/<peer id>`); returns

@@ -29,8 +29,11 @@
 //!
 //! **Data flow.**
 //! - Discovery: bootstrap addresses → Kademlia (`/silk/kad/1.0.0`) → identify
-//!   fills in listen addresses; mDNS on the LAN when enabled; relay client and
-//!   DCUtR for peers behind NAT; autonat reports reachability.
+//!   fills in listen addresses; mDNS on the LAN when enabled; autonat finds
+//!   out whether the node can be dialled, and a node that cannot listens
+//!   through relays (its own `relays`, or peers offering the hop protocol),
+//!   where DCUtR upgrades relayed connections to direct ones; every node
+//!   relays for others within [`RELAY_LIMITS`] unless `relay_server` is off.
 //! - Announcements: [`OverlayHandle::announce`] signs an [`Announcement`]
 //!   into a [`SignedEnvelope`] and publishes it; every receiver validates it
 //!   (size, signature, signer = announced peer, expiry,
@@ -77,18 +80,20 @@ pub mod peers;
 pub mod testing;
 pub mod vivaldi;
 
-pub use behaviour::{ATTEST_PROTOCOL, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+pub use behaviour::{
+    RelayLimits, ATTEST_PROTOCOL, AUTO_RELAYS, IDENTIFY_PROTOCOL, KAD_PROTOCOL, RELAY_LIMITS,
+};
 pub use config::{
     identity_path, keypair_from_secret, load_or_create_identity, secret_bytes, OverlayConfig,
     IDENTITY_FILE,
 };
 pub use error::OverlayError;
 pub use gossip::{Announcement, AttestationMode, EnvelopeError, SignedEnvelope};
-pub use handle::{AttestationResponder, OverlayHandle, PeerInfo};
+pub use handle::{AttestationResponder, ConnectionInfo, OverlayHandle, PeerInfo, Reachability};
 pub use job::{JobErrorCode, JobFrame, JobResponder, JobStream, JOB_PROTOCOL, JOB_WIRE_VERSION};
 pub use metrics::OverlayMetrics;
 pub use misbehaviour::Misbehaviour;
 pub use network::{Overlay, OverlayEvent};
 pub use vivaldi::Coordinate;
 
-pub use libp2p::{identity::Keypair, Multiaddr, PeerId};
+pub use libp2p::{identity::Keypair, multiaddr, Multiaddr, PeerId};

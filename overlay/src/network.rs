@@ -8,12 +8,14 @@ use std::{
 
 use futures::StreamExt;
 use libp2p::{
-    autonat, gossipsub, identify, kad, mdns,
+    autonat,
+    core::transport::ListenerId,
+    dcutr, gossipsub, identify, kad, mdns,
     multiaddr::Protocol,
-    ping, request_response,
+    ping, relay, request_response,
     swarm::{
         dial_opts::{DialOpts, PeerCondition},
-        DialError, SwarmEvent,
+        ConnectionId, DialError, SwarmEvent,
     },
     Multiaddr, PeerId, Swarm,
 };
@@ -25,10 +27,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     behaviour::{
-        build_swarm, AttestRequest, AttestResponse, Behaviour, BehaviourEvent, KAD_PROTOCOL,
+        build_swarm, AttestRequest, AttestResponse, Behaviour, BehaviourEvent, AUTO_RELAYS,
+        KAD_PROTOCOL, RELAY_HOP_PROTOCOL,
     },
     gossip::{self, GossipBook, SignedEnvelope, Verdict},
-    handle::{AttestationResponder, OverlayHandle, PeerInfo},
+    handle::{AttestationResponder, ConnectionInfo, OverlayHandle, PeerInfo, Reachability},
     job::{self, JobLimits, JOB_PROTOCOL},
     misbehaviour::{Outcome, PeerPolicy},
     peers::{self, StreamUse},
@@ -65,6 +68,9 @@ pub(crate) enum Command {
     },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Reachability {
+        reply: oneshot::Sender<Reachability>,
     },
     Peers {
         reply: oneshot::Sender<Vec<PeerInfo>>,
@@ -212,6 +218,15 @@ struct PeerState {
     agent_version: Option<String>,
     /// When the first of its current connections was established.
     since: Option<Instant>,
+    /// Its open connections.
+    connections: HashMap<ConnectionId, ConnectionInfo>,
+    /// It relays circuits (identify lists the hop protocol).
+    relays: bool,
+}
+
+/// Whether `addr` goes through a relay.
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
 }
 
 impl PeerState {
@@ -272,6 +287,19 @@ impl Overlay {
         if !config.bootstrap.is_empty() {
             if let Err(e) = swarm.behaviour_mut().kad.bootstrap() {
                 tracing::debug!(error = %e, "Kademlia bootstrap deferred");
+            }
+        }
+
+        let mut relay_listeners = HashMap::new();
+        for relay in &config.relays {
+            let Some(Protocol::P2p(peer)) = relay.iter().last() else {
+                continue; // `validate` refused it
+            };
+            match swarm.listen_on(relay.clone().with(Protocol::P2pCircuit)) {
+                Ok(id) => {
+                    relay_listeners.insert(peer, id);
+                }
+                Err(e) => tracing::warn!(%relay, error = %e, "cannot listen through a relay"),
             }
         }
 
@@ -345,6 +373,9 @@ impl Overlay {
             last_peer_check: Instant::now(),
             walk: None,
             metrics: config.metrics.clone(),
+            nat: autonat::NatStatus::Unknown,
+            auto_relay: config.auto_relay,
+            relay_listeners,
         };
         tokio::spawn(event_loop.run());
 
@@ -497,6 +528,12 @@ struct EventLoop {
     walk: Option<(kad::QueryId, usize)>,
     /// Where swarm events and gossip verdicts are counted, if anywhere.
     metrics: Option<crate::metrics::OverlayMetrics>,
+    /// Whether peers can dial this node, as autonat last found.
+    nat: autonat::NatStatus,
+    /// Pick relays among peers once `nat` says private.
+    auto_relay: bool,
+    /// The relays this node listens through, and the listener on each.
+    relay_listeners: HashMap<PeerId, ListenerId>,
 }
 
 impl EventLoop {
@@ -577,6 +614,85 @@ impl EventLoop {
         if now.duration_since(self.last_peer_check) >= peers::CHECK_EVERY {
             self.keep_peer_budget(now);
         }
+        self.seek_relays();
+        self.retire_relayed();
+    }
+
+    /// Closes relayed connections to peers this node also holds a direct
+    /// connection to (after hole punching, say), once no job stream with
+    /// the peer is open: new streams pick a connection at random, and a
+    /// relay's circuits are a bounded favour, not a path to keep using.
+    fn retire_relayed(&mut self) {
+        let mut retire = Vec::new();
+        for (peer, state) in &self.peers {
+            if state.connections.values().any(|c| !c.relayed)
+                && !self.uses.in_use(peer, Duration::ZERO)
+            {
+                retire.extend(
+                    state
+                        .connections
+                        .iter()
+                        .filter(|(_, c)| c.relayed)
+                        .map(|(id, _)| (*peer, *id)),
+                );
+            }
+        }
+        for (peer, id) in retire {
+            if self.swarm.close_connection(id) {
+                tracing::debug!(%peer, "closing a relayed connection: a direct one is up");
+            }
+        }
+    }
+
+    /// Behind NAT (autonat found no peer could dial us back), listens
+    /// through connected peers that offer relaying until it holds
+    /// [`AUTO_RELAYS`] relayed listeners. The relayed address reaches
+    /// peers through identify (pushed at once) and Kademlia.
+    fn seek_relays(&mut self) {
+        if !self.auto_relay
+            || self.nat != autonat::NatStatus::Private
+            || self.relay_listeners.len() >= AUTO_RELAYS
+        {
+            return;
+        }
+        let candidates: Vec<(PeerId, Multiaddr)> = self
+            .peers
+            .iter()
+            .filter(|(peer, state)| {
+                state.relays
+                    && !self.relay_listeners.contains_key(peer)
+                    && !self.policy.is_banned(peer)
+            })
+            .filter_map(|(peer, state)| {
+                // A direct address of the relay: the one we dialled, else
+                // one it listens on.
+                let dialled = state
+                    .connections
+                    .values()
+                    .filter(|c| c.outbound && !c.relayed)
+                    .map(|c| &c.address);
+                let listed = state.addresses.iter().filter(|a| !is_relayed(a));
+                let addr = dialled.chain(listed).next()?;
+                let bare: Multiaddr = addr
+                    .iter()
+                    .filter(|p| !matches!(p, Protocol::P2p(_)))
+                    .collect();
+                Some((*peer, bare.with(Protocol::P2p(*peer))))
+            })
+            .take(AUTO_RELAYS - self.relay_listeners.len())
+            .collect();
+        for (peer, relay) in candidates {
+            match self
+                .swarm
+                .listen_on(relay.clone().with(Protocol::P2pCircuit))
+            {
+                Ok(id) => {
+                    tracing::info!(%relay, "unreachable from outside: listening through a relay");
+                    self.relay_listeners.insert(peer, id);
+                }
+                Err(e) => tracing::debug!(%relay, error = %e, "cannot listen through a relay"),
+            }
+        }
     }
 
     /// Closes the connections over `max_peers`, or starts a random walk
@@ -594,6 +710,7 @@ impl EventLoop {
                     peer: *peer,
                     bucket: peers::bucket(&local, peer),
                     protected: now.duration_since(since) < peers::GRACE
+                        || self.relay_listeners.contains_key(peer)
                         || self.connect_waiters.contains_key(peer)
                         || self.uses.in_use(peer, self.peer_use_memory),
                     since,
@@ -738,6 +855,16 @@ impl EventLoop {
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
+            Command::Reachability { reply } => {
+                let status = match self.nat {
+                    autonat::NatStatus::Public(_) => "public",
+                    autonat::NatStatus::Private => "private",
+                    autonat::NatStatus::Unknown => "unknown",
+                };
+                let mut relays: Vec<PeerId> = self.relay_listeners.keys().copied().collect();
+                relays.sort();
+                let _ = reply.send(Reachability { status, relays });
+            }
             Command::Coordinate { reply } => {
                 let _ = reply.send(self.vivaldi.coordinate());
             }
@@ -753,6 +880,7 @@ impl EventLoop {
                         gossip_score: gossipsub.peer_score(peer),
                         misbehaviour: self.policy.score(peer),
                         agent_version: state.agent_version.clone(),
+                        connections: state.connections.values().cloned().collect(),
                     })
                     .collect();
                 let _ = reply.send(peers);
@@ -961,6 +1089,7 @@ impl EventLoop {
                     BehaviourEvent::Identify(e) => metrics.record(e),
                     BehaviourEvent::Ping(e) => metrics.record(e),
                     BehaviourEvent::Dcutr(e) => metrics.record(e),
+                    BehaviourEvent::RelayServer(e) => metrics.record(e),
                     _ => {}
                 }
             }
@@ -978,6 +1107,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
@@ -987,6 +1117,16 @@ impl EventLoop {
                 if endpoint.is_dialer() {
                     state.add_address(address.clone());
                 }
+                state.connections.insert(
+                    connection_id,
+                    ConnectionInfo {
+                        // An inbound circuit's remote address is only the
+                        // peer id: the relay shows in our local address.
+                        relayed: endpoint.is_relayed(),
+                        address: address.clone(),
+                        outbound: endpoint.is_dialer(),
+                    },
+                );
                 if num_established.get() == 1 {
                     state.since = Some(Instant::now());
                 }
@@ -1008,7 +1148,32 @@ impl EventLoop {
                 tracing::debug!(peer = %peer_id, "disconnected");
                 self.emit(OverlayEvent::PeerDisconnected { peer: peer_id });
             }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                if let Some(state) = self.peers.get_mut(&peer_id) {
+                    state.connections.remove(&connection_id);
+                }
+            }
             SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                let relay = self
+                    .relay_listeners
+                    .iter()
+                    .find(|(_, id)| **id == listener_id)
+                    .map(|(peer, _)| *peer);
+                if let Some(relay) = relay {
+                    // Picked again (this one or another) at the next tick.
+                    self.relay_listeners.remove(&relay);
+                    tracing::info!(%relay, ?reason, "a relayed listener closed");
+                }
+            }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(?peer_id, %error, "outgoing connection failed");
                 // Another dial to the peer may still be under way (a bootstrap
@@ -1036,6 +1201,7 @@ impl EventLoop {
                 let speaks_kad = info.protocols.contains(&KAD_PROTOCOL);
                 let state = self.peers.entry(peer_id).or_default();
                 state.agent_version = Some(info.agent_version);
+                state.relays = info.protocols.contains(&RELAY_HOP_PROTOCOL);
                 for addr in info.listen_addrs {
                     state.add_address(addr.clone());
                     if speaks_kad {
@@ -1063,6 +1229,8 @@ impl EventLoop {
             },
             BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
                 tracing::info!(?old, ?new, "NAT status changed");
+                self.nat = new;
+                self.seek_relays();
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
@@ -1076,8 +1244,24 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Attest(event) => self.on_attest(event),
+            BehaviourEvent::Relay(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal: false,
+                ..
+            }) => tracing::info!(relay = %relay_peer_id, "reachable through a relay"),
             BehaviourEvent::Relay(event) => tracing::debug!(?event, "relay client"),
-            BehaviourEvent::Dcutr(event) => tracing::debug!(?event, "hole punching"),
+            BehaviourEvent::RelayServer(event) => tracing::debug!(?event, "relay server"),
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => {
+                    tracing::info!(peer = %remote_peer_id, "hole punched: a direct connection is up")
+                }
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punching failed: staying on the relay")
+                }
+            },
             _ => {}
         }
     }

@@ -134,7 +134,7 @@ impl Topology {
 }
 
 /// Runs a command; its stderr on failure.
-fn sh(args: &[&str]) -> Result<(), String> {
+pub(crate) fn sh(args: &[&str]) -> Result<(), String> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -459,7 +459,7 @@ impl Drop for DelayLine {
 }
 
 /// Moves this thread into the named network namespace.
-fn enter_namespace(ns: &str) -> Result<(), String> {
+pub(crate) fn enter_namespace(ns: &str) -> Result<(), String> {
     let path = format!("/var/run/netns/{ns}");
     let file = File::open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
     // SAFETY: a valid namespace descriptor; setns affects only this thread.

@@ -27,9 +27,10 @@
 //! The same library backs `silk testnet` and the end-to-end tests.
 //! [`delay_line`] puts nodes in network namespaces joined through a relay
 //! that holds packets for each link's delay (this kernel has no
-//! `sch_netem`).
+//! `sch_netem`); [`nat`] puts them behind nftables masquerade NATs.
 
 pub mod delay_line;
+pub mod nat;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -6,5 +6,6 @@
 //! (`SILK_SMOLLM2_GGUF`, else `~/.silk/models`).
 
 mod mesh;
+mod nat;
 mod payments;
 mod proximity;

@@ -926,6 +926,7 @@ pub(crate) async fn mesh_json(node: &Node, caller: &Caller) -> Value {
     let overlay = node.overlay();
     let peers = overlay.peers().await.unwrap_or_default();
     let listen = overlay.listen_addrs().await.unwrap_or_default();
+    let reachability = overlay.reachability().await.ok();
     let anns = node.known_workers();
     let coordinate = overlay.coordinate().await.ok();
     let rtt_of = |p: &silk_overlay::PeerId| {
@@ -969,12 +970,25 @@ pub(crate) async fn mesh_json(node: &Node, caller: &Caller) -> Value {
                 "rtt_ms": p.rtt.map(|r| r.as_secs_f64() * 1000.0),
                 "misbehaviour": p.misbehaviour,
                 "agent_version": p.agent_version,
+                "connections": p.connections.iter().map(|c| json!({
+                    "address": c.address.to_string(),
+                    "relayed": c.relayed,
+                    "outbound": c.outbound,
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
     json!({
         "peer_id": me.to_string(),
-        "listen_addrs": listen.iter().map(|a| format!("{a}/p2p/{me}")).collect::<Vec<_>>(),
+        // A relayed listen address already ends in our peer id.
+        "listen_addrs": listen.iter().map(|a| match a.iter().last() {
+            Some(silk_overlay::multiaddr::Protocol::P2p(_)) => a.to_string(),
+            _ => format!("{a}/p2p/{me}"),
+        }).collect::<Vec<_>>(),
+        "reachability": reachability.map(|r| json!({
+            "status": r.status,
+            "relays": r.relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        })),
         "attestation": mode_str(node.attestation_mode()),
         "coordinate": coordinate,
         "allow_insecure_workers": node.allows_insecure(),

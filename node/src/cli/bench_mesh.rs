@@ -79,6 +79,7 @@ fn options(data_dir: &Path, models_dir: &Path, worker: Option<String>) -> NodeOp
         max_jobs_per_worker: 8,
         queue: Default::default(),
         mdns: false,
+        nat: Default::default(),
         min_peers: 25,
         max_peers: 50,
         fast_gossip: true,

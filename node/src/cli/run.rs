@@ -133,6 +133,11 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
             timeout: std::time::Duration::from_secs(config.queue_timeout_s),
         },
         mdns: config.mdns,
+        nat: crate::node::NatOptions {
+            relay_server: config.relay_server,
+            relays: parse_addrs(&config.relays)?,
+            private_network: config.private_network,
+        },
         min_peers: config.min_peers,
         max_peers: config.max_peers,
         fast_gossip: args.fast_gossip,
