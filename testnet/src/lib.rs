@@ -253,6 +253,10 @@ pub struct Testnet {
     _dir: tempfile::TempDir,
 }
 
+/// Tries at starting a node, each on a fresh API port when the last one
+/// was taken.
+const API_PORT_TRIES: u32 = 4;
+
 fn free_port() -> anyhow::Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
     Ok(l.local_addr()?.port())
@@ -466,7 +470,7 @@ impl Testnet {
         std::fs::create_dir_all(&data_dir)?;
         let options = self.node_options(index);
         let host = options.host.as_deref().unwrap_or("127.0.0.1");
-        let api = format!("{host}:{}", free_port()?);
+        let mut api = format!("{host}:{}", free_port()?);
         let allows_insecure = !self.config.strict_nodes.contains(&index);
         let mut args = vec![
             "--data-dir".to_string(),
@@ -525,7 +529,25 @@ impl Testnet {
             env: options.env.clone(),
             child: None,
         };
-        self.launch(&mut node).await?;
+        // A port found free can be taken (by another process's listener or
+        // an outgoing connection) before the node binds it: pick another.
+        let mut tries = 1;
+        while let Err(e) = self.launch(&mut node).await {
+            let taken = node
+                .log()
+                .contains(&format!("cannot listen on {api}: Address already in use"));
+            if !taken || tries == API_PORT_TRIES {
+                return Err(e);
+            }
+            tries += 1;
+            let _ = std::fs::remove_file(node.data_dir.join("node.log"));
+            let fresh = format!("{host}:{}", free_port()?);
+            for arg in node.args.iter_mut().filter(|a| **a == api) {
+                arg.clone_from(&fresh);
+            }
+            node.api_url = format!("http://{fresh}");
+            api = fresh;
+        }
         if let Some(wallet) = node.wallet.clone() {
             self.fund(&wallet, self.config.fund_ton).await?;
         }

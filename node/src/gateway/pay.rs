@@ -3,7 +3,7 @@
 //! delivered after it, and the cumulative cheque delivered to the worker,
 //! re-sent by the courier until the worker answers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -117,8 +117,70 @@ impl PaidJob {
 
 /// How often the courier looks for held cheques to re-send.
 const COURIER_TICK: Duration = Duration::from_secs(2);
-/// The longest the courier waits between two tries at one worker.
+/// The longest the courier waits between two tries at one worker the
+/// mesh announces.
 const COURIER_MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How often the courier tries a worker the mesh no longer announces: it
+/// cannot be reached, and it is tried at once when its announcement is back.
+const COURIER_ABSENT_RETRY: Duration = Duration::from_secs(30 * 60);
+
+/// When the courier next tries each worker (by wallet). A worker the mesh
+/// announces is tried with a backoff doubling from [`COURIER_TICK`] to
+/// [`COURIER_MAX_BACKOFF`]; once a try misses a worker the mesh does not
+/// announce, it waits [`COURIER_ABSENT_RETRY`], or until the worker
+/// announces itself again. A gateway holding cheques for many workers that
+/// left for good then dials none of them every minute, and one that comes
+/// back is paid within a tick.
+#[derive(Debug, Default)]
+struct CourierSchedule {
+    workers: HashMap<String, Slot>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    next: Instant,
+    wait: Duration,
+    /// Announced when the last try missed.
+    announced: bool,
+}
+
+impl CourierSchedule {
+    /// Whether to try the worker with `wallet` now.
+    fn due(&self, wallet: &str, announced: bool, now: Instant) -> bool {
+        self.workers
+            .get(wallet)
+            .is_none_or(|s| now >= s.next || (announced && !s.announced))
+    }
+
+    /// A try missed the worker.
+    fn missed(&mut self, wallet: String, announced: bool, now: Instant) {
+        let last = self.workers.get(&wallet).copied();
+        let wait = if announced {
+            last.filter(|s| s.announced)
+                .map_or(COURIER_TICK, |s| (s.wait * 2).min(COURIER_MAX_BACKOFF))
+        } else {
+            COURIER_ABSENT_RETRY
+        };
+        self.workers.insert(
+            wallet,
+            Slot {
+                next: now + wait,
+                wait,
+                announced,
+            },
+        );
+    }
+
+    /// The worker took its cheque (or refused it for good).
+    fn delivered(&mut self, wallet: &str) {
+        self.workers.remove(wallet);
+    }
+
+    /// Forgets workers with no cheque held any more.
+    fn retain(&mut self, held: impl Fn(&str) -> bool) {
+        self.workers.retain(|w, _| held(w));
+    }
+}
 
 /// How a worker answered one try at delivering a cheque.
 enum Answer {
@@ -196,15 +258,14 @@ async fn deliver_cheque(
 
 impl Gateway {
     /// Re-sends every held cheque (see [`deliver_cheque`]) until its worker
-    /// answers, backing off per worker up to [`COURIER_MAX_BACKOFF`]; held
+    /// answers, on a [`CourierSchedule`]; held
     /// cheques survive a restart, so this also finishes what the last run
     /// left undelivered. Runs until the node stops.
     pub async fn cheque_courier(self: Arc<Self>) {
         let Some(billing) = self.billing.clone() else {
             return;
         };
-        // Per worker wallet: when to try next, and the wait after a miss.
-        let mut backoff: HashMap<String, (Instant, Duration)> = HashMap::new();
+        let mut schedule = CourierSchedule::default();
         let mut tick = tokio::time::interval(COURIER_TICK);
         loop {
             tokio::select! {
@@ -213,17 +274,27 @@ impl Gateway {
                 _ = tick.tick() => {}
             }
             let held = billing.undelivered().await;
-            backoff.retain(|w, _| {
+            schedule.retain(|w| {
                 held.iter()
-                    .any(|(_, d)| &d.cheque.cheque.worker.to_raw() == w)
+                    .any(|(_, d)| d.cheque.cheque.worker.to_raw() == w)
             });
+            if held.is_empty() {
+                continue;
+            }
+            let announced: HashSet<String> = self
+                .known_workers()
+                .iter()
+                .map(|a| a.peer_id.to_string())
+                .collect();
             let now = Instant::now();
             let due: Vec<_> = held
                 .into_iter()
-                .filter(|(_, d)| {
-                    backoff
-                        .get(&d.cheque.cheque.worker.to_raw())
-                        .is_none_or(|(next, _)| *next <= now)
+                .filter(|(peer, d)| {
+                    schedule.due(
+                        &d.cheque.cheque.worker.to_raw(),
+                        announced.contains(peer),
+                        now,
+                    )
                 })
                 .collect();
             let tries = due.into_iter().map(|(peer, d)| {
@@ -241,26 +312,80 @@ impl Gateway {
                             Answer::Refused
                         }
                     };
-                    (d, answer)
+                    (peer, d, answer)
                 }
             });
-            for (d, answer) in futures::future::join_all(tries).await {
+            for (peer, d, answer) in futures::future::join_all(tries).await {
                 let wallet = d.cheque.cheque.worker.to_raw();
                 match answer {
                     Answer::Acknowledged | Answer::Refused => {
                         tracing::info!(worker = %d.cheque.cheque.worker, job = d.job, cumulative = d.cheque.cheque.cumulative.nano(), "held cheque delivered");
                         billing.delivered(&d).await;
-                        backoff.remove(&wallet);
+                        schedule.delivered(&wallet);
                     }
                     Answer::Stopped => return,
                     Answer::Unreachable => {
-                        let wait = backoff
-                            .get(&wallet)
-                            .map_or(COURIER_TICK, |(_, w)| (*w * 2).min(COURIER_MAX_BACKOFF));
-                        backoff.insert(wallet, (Instant::now() + wait, wait));
+                        schedule.missed(wallet, announced.contains(&peer), Instant::now());
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_announced_worker_is_retried_with_a_doubling_backoff_up_to_a_minute() {
+        let mut s = CourierSchedule::default();
+        let t0 = Instant::now();
+        assert!(s.due("w", true, t0), "a new cheque goes out at once");
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            s.missed("w".into(), true, now);
+            let wait = s.workers["w"].wait;
+            assert!(!s.due("w", true, now + wait - Duration::from_millis(1)));
+            assert!(s.due("w", true, now + wait));
+            waits.push(wait.as_secs());
+            now += wait;
+        }
+        assert_eq!(waits, [2, 4, 8, 16, 32, 60, 60, 60]);
+        s.delivered("w");
+        assert!(
+            s.due("w", true, now),
+            "delivered: the next cheque goes at once"
+        );
+    }
+
+    #[test]
+    fn a_worker_gone_from_the_mesh_is_left_alone_until_it_announces_again() {
+        let mut s = CourierSchedule::default();
+        let t0 = Instant::now();
+        // Missed while announced, then it left the mesh.
+        s.missed("w".into(), true, t0);
+        assert!(s.due("w", false, t0 + COURIER_TICK));
+        s.missed("w".into(), false, t0 + COURIER_TICK);
+        for minutes in [1, 10, 29] {
+            let later = t0 + Duration::from_secs(60 * minutes);
+            assert!(
+                !s.due("w", false, later),
+                "tried again after {minutes} min while gone"
+            );
+        }
+        // Its announcement is back: tried at the next tick, not in half an hour.
+        assert!(s.due("w", true, t0 + Duration::from_secs(60)));
+        // Still gone after the retry period: tried once more, then left again.
+        let retry = t0 + COURIER_TICK + COURIER_ABSENT_RETRY;
+        assert!(s.due("w", false, retry));
+        s.missed("w".into(), false, retry);
+        assert!(!s.due("w", false, retry + Duration::from_secs(60)));
+        // Announced and missed again: the backoff starts over from a tick.
+        s.missed("w".into(), true, retry);
+        assert_eq!(s.workers["w"].wait, COURIER_TICK);
+        s.retain(|w| w != "w");
+        assert!(s.workers.is_empty());
     }
 }

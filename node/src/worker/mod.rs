@@ -4,7 +4,8 @@
 //! worker or not.
 //!
 //! The announcer re-announces load every [`ANNOUNCE_EVERY`] and within
-//! [`ANNOUNCE_POLL`] of a load change, and stops announcing (the last
+//! [`ANNOUNCE_POLL`] of a load change, no more than once per
+//! [`ANNOUNCE_MIN_GAP`] (the mesh's per-author rate), and stops announcing (the last
 //! announcement then expires) once the engine has stopped (audit F19).
 
 pub mod attest;
@@ -28,6 +29,21 @@ pub use serve::{serve_stream, submit_off_runtime, WorkerContext};
 pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(10);
 /// How often a worker looks for load changes to announce.
 pub const ANNOUNCE_POLL: Duration = Duration::from_millis(250);
+/// Shortest gap between two announcements. Peers take one announcement
+/// per author per `gossip_rate_period` (1 s) past a burst of 8 and ignore
+/// the rest, so a worker whose load changed four times a second had its
+/// latest load ignored as often as not, and that stale load stood until the
+/// next change or [`ANNOUNCE_EVERY`]. Paced to the limit, the latest load
+/// always goes out, at most this long after it changed.
+pub const ANNOUNCE_MIN_GAP: Duration = Duration::from_secs(1);
+
+/// Whether the announcer sends now: the load changed and the last
+/// announcement is at least [`ANNOUNCE_MIN_GAP`] old, or it is
+/// [`ANNOUNCE_EVERY`] old whatever changed. A change it holds back is sent
+/// at the first poll past the gap (it is still a change then).
+fn announce_now(changed: bool, since_last: Duration) -> bool {
+    since_last >= ANNOUNCE_EVERY || (changed && since_last >= ANNOUNCE_MIN_GAP)
+}
 /// Lifetime of one announcement.
 const ANNOUNCE_TTL: Duration = Duration::from_secs(45);
 
@@ -188,7 +204,7 @@ impl WorkerService {
             seq += 1;
             let a = self.announcement(seq);
             let key = (a.free_slots, a.queue_depth);
-            if last == Some(key) && last_sent.elapsed() < ANNOUNCE_EVERY {
+            if last.is_some() && !announce_now(last != Some(key), last_sent.elapsed()) {
                 continue;
             }
             match self.overlay.announce(a.clone()).await {
@@ -222,4 +238,49 @@ async fn measure_decode_speed(engine: &Engine) -> u64 {
         }
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Load changing every poll for 10.5 s: the announcer sends at most one
+    /// announcement per [`ANNOUNCE_MIN_GAP`], and the last change, made
+    /// between two sends, still goes out within the gap (trailing edge)
+    /// rather than at [`ANNOUNCE_EVERY`].
+    #[test]
+    fn a_busy_worker_announces_once_a_second_and_never_drops_its_last_load() {
+        let mut since_last = Duration::ZERO;
+        let mut sent = 0u32;
+        let mut pending = false;
+        let polls = (Duration::from_millis(10_500).as_millis() / ANNOUNCE_POLL.as_millis()) as u32;
+        let mut last_change_sent_after = None;
+        for poll in 0..polls + 8 {
+            // The load changes at every poll for 10.5 s, then stays put.
+            pending |= poll < polls;
+            since_last += ANNOUNCE_POLL;
+            if announce_now(pending, since_last) {
+                sent += 1;
+                if pending && poll >= polls - 1 {
+                    last_change_sent_after = Some((poll + 1 - polls) * 250);
+                }
+                pending = false;
+                since_last = Duration::ZERO;
+            }
+        }
+        assert!(!pending, "the last load change was never announced");
+        assert_eq!(
+            sent, 11,
+            "announcements in 10.5 s of changes: one per second expected"
+        );
+        let after = last_change_sent_after.expect("the last change went out");
+        assert!(
+            u128::from(after) <= ANNOUNCE_MIN_GAP.as_millis(),
+            "the last change went out {after} ms after it was made"
+        );
+        // Nothing changed: only the periodic re-announcement.
+        assert!(!announce_now(false, ANNOUNCE_EVERY - ANNOUNCE_POLL));
+        assert!(announce_now(false, ANNOUNCE_EVERY));
+        assert!(!announce_now(true, ANNOUNCE_MIN_GAP - ANNOUNCE_POLL));
+    }
 }
