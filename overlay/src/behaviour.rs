@@ -100,7 +100,7 @@ pub(crate) struct Behaviour {
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) autonat: autonat::Behaviour,
     pub(crate) relay: relay::client::Behaviour,
-    pub(crate) relay_server: Toggle<relay::Behaviour>,
+    pub(crate) relay_server: Toggle<crate::relay_server::RelayServer>,
     pub(crate) dcutr: dcutr::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) attest: request_response::cbor::Behaviour<AttestRequest, AttestResponse>,
@@ -177,7 +177,7 @@ pub(crate) fn build_swarm(config: &OverlayConfig) -> Result<Swarm<Behaviour>, Ov
                 },
             );
             let relay_server = config.relay_server.then(|| {
-                relay::Behaviour::new(
+                crate::relay_server::RelayServer::new(
                     local,
                     relay::Config {
                         max_reservations: RELAY_LIMITS.max_reservations,

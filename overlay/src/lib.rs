@@ -40,8 +40,8 @@
 //!   growing `seq`, rate) *before* gossipsub forwards it. Rejections lower
 //!   the sender's gossipsub score and raise its misbehaviour score.
 //! - Jobs: [`OverlayHandle::open_job`] (asks the overlay task for a
-//!   connection to the worker and waits until it is established, looking the
-//!   worker's address up in Kademlia when the dial fails; only then opens the
+//!   connection to the worker and waits until it is established, dialling
+//!   what it knows and what a Kademlia lookup started at once finds; only then opens the
 //!   stream, because `libp2p-stream` loses a request made while a connection
 //!   is half set up) → length-prefixed postcard frames →
 //!   the worker's node gets [`OverlayEvent::InboundJob`] with a
@@ -77,6 +77,7 @@ pub mod metrics;
 pub mod misbehaviour;
 mod network;
 pub mod peers;
+mod relay_server;
 pub mod testing;
 pub mod vivaldi;
 

@@ -49,6 +49,9 @@ const MAX_PENDING: usize = 1024;
 const MAX_ADDRS_PER_PEER: usize = 16;
 /// Weight of a new ping sample in the RTT moving average.
 const RTT_ALPHA: f64 = 0.2;
+/// How often a peer met only through a relay is dialled at its direct
+/// addresses.
+const DIRECT_RETRY: Duration = Duration::from_secs(5 * 60);
 /// How long `spawn` waits for listeners to report their addresses.
 const LISTEN_WAIT: Duration = Duration::from_secs(10);
 
@@ -222,6 +225,9 @@ struct PeerState {
     connections: HashMap<ConnectionId, ConnectionInfo>,
     /// It relays circuits (identify lists the hop protocol).
     relays: bool,
+    /// When a direct dial to it was last tried while we held only relayed
+    /// connections to it.
+    direct_tried: Option<Instant>,
 }
 
 /// Whether `addr` goes through a relay.
@@ -362,6 +368,8 @@ impl Overlay {
             attest_requests: HashMap::new(),
             find_queries: HashMap::new(),
             connect_waiters: HashMap::new(),
+            connect_dials: HashMap::new(),
+            connect_lookups: HashMap::new(),
             max_announcement_size: config.max_announcement_size,
             max_reputation_size: config.max_reputation_size,
             keypair: config.keypair.clone(),
@@ -512,6 +520,14 @@ struct EventLoop {
     find_queries: HashMap<kad::QueryId, (PeerId, Reply<Vec<Multiaddr>>)>,
     /// `Connect` callers waiting for a dial to `peer` to succeed or fail.
     connect_waiters: HashMap<PeerId, Vec<Reply<()>>>,
+    /// Dials started for `Connect` callers, per peer: the callers hear of a
+    /// failure only when the last of them failed and no lookup is left.
+    connect_dials: HashMap<PeerId, HashSet<ConnectionId>>,
+    /// DHT lookups started next to a `Connect` dial: the addresses a node
+    /// holds for a peer may be stale (a worker behind NAT now reached
+    /// through a relay), and a dial to a black-holed address takes its
+    /// whole timeout to fail.
+    connect_lookups: HashMap<kad::QueryId, PeerId>,
     max_announcement_size: usize,
     max_reputation_size: usize,
     keypair: libp2p::identity::Keypair,
@@ -815,9 +831,19 @@ impl EventLoop {
         let opts = DialOpts::peer_id(peer)
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
+        let id = opts.connection_id();
         match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.connect_dials.entry(peer).or_default().insert(id);
+                self.look_up_for_connect(peer);
+                self.connect_waiters.entry(peer).or_default().push(reply);
+            }
             // Refused because a dial to the peer is already under way: wait for that one.
-            Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {
+            Err(DialError::DialPeerConditionFalse(_)) => {
+                self.connect_waiters.entry(peer).or_default().push(reply);
+            }
+            // Nothing to dial yet: the lookup may find an address.
+            Err(DialError::NoAddresses) if self.look_up_for_connect(peer) => {
                 self.connect_waiters.entry(peer).or_default().push(reply);
             }
             Err(e) => {
@@ -829,8 +855,54 @@ impl EventLoop {
         }
     }
 
+    /// Starts a DHT lookup of `peer` for its `Connect` callers, unless one
+    /// is under way; whether one is.
+    fn look_up_for_connect(&mut self, peer: PeerId) -> bool {
+        if self.connect_lookups.values().any(|p| *p == peer) {
+            return true;
+        }
+        if self.connect_lookups.len() >= MAX_PENDING {
+            return false;
+        }
+        let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+        self.connect_lookups.insert(id, peer);
+        true
+    }
+
+    /// A `Connect` lookup ended with `addrs` for `peer`: dial them next to
+    /// the first dial (which may be stuck on a stale address); with none,
+    /// and no dial left, the callers hear that the peer cannot be found.
+    fn connect_lookup_done(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if self.swarm.is_connected(&peer) || !self.connect_waiters.contains_key(&peer) {
+            return;
+        }
+        if !addrs.is_empty() {
+            for addr in &addrs {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, addr.clone());
+            }
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::Always)
+                .build();
+            let id = opts.connection_id();
+            if self.swarm.dial(opts).is_ok() {
+                self.connect_dials.entry(peer).or_default().insert(id);
+            }
+        }
+        if !self.connect_dials.contains_key(&peer) {
+            self.connected(
+                peer,
+                Err(format!("no address of {peer} is known here or in the DHT")),
+            );
+        }
+    }
+
     /// Answers the `Connect` callers waiting on `peer`.
     fn connected(&mut self, peer: PeerId, result: Result<(), String>) {
+        self.connect_dials.remove(&peer);
         for reply in self.connect_waiters.remove(&peer).unwrap_or_default() {
             let _ = reply.send(result.clone().map_err(|reason| OverlayError::Dial {
                 target: peer.to_string(),
@@ -1174,13 +1246,28 @@ impl EventLoop {
                     tracing::info!(%relay, ?reason, "a relayed listener closed");
                 }
             }
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+            SwarmEvent::OutgoingConnectionError {
+                peer_id,
+                connection_id,
+                error,
+            } => {
                 tracing::debug!(?peer_id, %error, "outgoing connection failed");
                 // Another dial to the peer may still be under way (a bootstrap
                 // dial by address next to one by peer id); a caller that gets
-                // this error and asks again waits for that one.
+                // this error and asks again waits for that one. Dials and a
+                // lookup of our own still under way are waited for.
                 if let Some(peer) = peer_id.filter(|p| !self.swarm.is_connected(p)) {
-                    self.connected(peer, Err(error.to_string()));
+                    if let Some(dials) = self.connect_dials.get_mut(&peer) {
+                        dials.remove(&connection_id);
+                        if dials.is_empty() {
+                            self.connect_dials.remove(&peer);
+                        }
+                    }
+                    let pending = self.connect_dials.contains_key(&peer)
+                        || self.connect_lookups.values().any(|p| *p == peer);
+                    if !pending {
+                        self.connected(peer, Err(error.to_string()));
+                    }
                 }
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
@@ -1206,6 +1293,33 @@ impl EventLoop {
                     state.add_address(addr.clone());
                     if speaks_kad {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+                // Met only through a relay, yet it lists direct addresses: try
+                // them (it may be reachable, as a public node that dialled us
+                // behind our NAT through our relay is); once a direct
+                // connection is up the relayed one is retired.
+                let relay_only =
+                    !state.connections.is_empty() && state.connections.values().all(|c| c.relayed);
+                let direct: Vec<Multiaddr> = state
+                    .addresses
+                    .iter()
+                    .filter(|a| !is_relayed(a))
+                    .cloned()
+                    .collect();
+                if relay_only
+                    && !direct.is_empty()
+                    && state
+                        .direct_tried
+                        .is_none_or(|t| t.elapsed() >= DIRECT_RETRY)
+                {
+                    state.direct_tried = Some(Instant::now());
+                    let opts = DialOpts::peer_id(peer_id)
+                        .addresses(direct)
+                        .condition(PeerCondition::Always)
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(peer = %peer_id, error = %e, "no direct dial to a relayed peer");
                     }
                 }
             }
@@ -1391,6 +1505,19 @@ impl EventLoop {
                         Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
                     };
                     self.dial_found(found, missing);
+                    return;
+                }
+                if let Some(target) = self.connect_lookups.remove(&id) {
+                    let peers = match result {
+                        Ok(ok) => ok.peers,
+                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                    };
+                    let addrs = peers
+                        .into_iter()
+                        .find(|p| p.peer_id == target)
+                        .map(|p| p.addrs)
+                        .unwrap_or_default();
+                    self.connect_lookup_done(target, addrs);
                     return;
                 }
                 let Some((target, reply)) = self.find_queries.remove(&id) else {

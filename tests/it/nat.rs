@@ -330,3 +330,190 @@ async fn a_worker_behind_nat_serves_over_the_relay_when_hole_punching_fails() ->
     drop(lab);
     Ok(())
 }
+
+/// A relay that drops a job midway is, to the gateway, a worker that
+/// failed midway: the job goes on on another worker and the caller's
+/// stream carries on. The worker behind NAT is reachable only through the
+/// relay (direct traffic to the gateway is cut); while it streams a long
+/// answer, a public worker joins, then the relay is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_dropping_a_job_midway_is_a_failed_worker_to_the_gateway() -> anyhow::Result<()> {
+    // Node order: the bootstrap node, then the two workers, then the gateway.
+    const SITES: [(&str, Placement); 4] = [
+        ("relay", Placement::Public),
+        ("worker", Placement::BehindNat),
+        ("spare", Placement::Public),
+        ("gw", Placement::BehindNat),
+    ];
+    const SPARE: usize = 2;
+    const GW: usize = 3;
+    const MAX_TOKENS: u64 = 600;
+    let mut config = TestnetConfig::new(SITES.len(), 2)?;
+    if !is_root() {
+        eprintln!("skipping the relay-failure test: not root (network namespaces need it)");
+        return Ok(());
+    }
+    let lab = NatLab::start(&SITES)
+        .map_err(anyhow::Error::msg)
+        .context("the NAT lab did not start")?;
+    lab.cut("worker", "gw").map_err(anyhow::Error::msg)?;
+    config.payments = false;
+    config.log_filter = format!("{},silk_overlay=info", config.log_filter);
+    config.node_options = SITES
+        .iter()
+        .map(|(site, _)| NodeOptions {
+            launcher: lab.launcher(site),
+            host: lab.address(site).map(|a| a.to_string()),
+            config_toml: "private_network = true\n".into(),
+            // A panic inside a node (libp2p's, say) shows where in its log.
+            env: vec![("RUST_BACKTRACE".into(), "1".into())],
+        })
+        .collect();
+    let mut net = Testnet::spawn(config)
+        .await
+        .context("the mesh inside the NAT lab did not start/converge")?;
+    ensure!(net.nodes[WORKER].worker && net.nodes[SPARE].worker && !net.nodes[GW].worker);
+    let behind_nat = net.nodes[WORKER].peer_id.clone();
+    let spare = net.nodes[SPARE].peer_id.clone();
+    relayed_worker(&net).await?;
+    let spare_seq = net
+        .get_json(&format!("{}/v1/mesh", net.nodes[GW].api_url))
+        .await?["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|w| w["peer_id"] == spare.as_str())
+        .and_then(|w| w["seq"].as_u64())
+        .context("the gateway has no announcement of the spare worker")?;
+    // Only the worker behind NAT is left to take the job.
+    net.kill(SPARE);
+
+    let key = net.nodes[GW]
+        .api_key
+        .clone()
+        .context("a namespaced node has a key")?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse()?,
+    );
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?;
+    let url = net.nodes[GW].api_url.clone();
+    let (tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
+    let stream = tokio::spawn(async move {
+        let mut pieces = 0;
+        silk_testnet::stream_chat(
+            &client,
+            &url,
+            json!({
+                "messages": [{"role": "user", "content": "Count from one to one thousand."}],
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0,
+                "ignore_eos": true,
+                "stream_options": {"include_usage": true},
+            }),
+            |start| {
+                let _ = tx.send(start.worker.clone());
+            },
+            |_| {
+                pieces += 1;
+                if pieces == 20 {
+                    let _ = tx.send(None);
+                }
+            },
+        )
+        .await
+    });
+    let serving = tokio::time::timeout(Duration::from_secs(60), progress.recv())
+        .await
+        .context("no answer within 60 s")?
+        .flatten();
+    let Some(serving) = serving else {
+        let refused = stream.await??;
+        for line in net.nodes[GW].log().lines() {
+            println!("gateway: {line}");
+        }
+        bail!("no answer: {} {:?}", refused.status, refused.error);
+    };
+    ensure!(
+        serving == behind_nat,
+        "served by {serving}, not the worker behind NAT"
+    );
+    let twenty = tokio::time::timeout(Duration::from_secs(60), progress.recv())
+        .await
+        .context("no 20 pieces within 60 s")?;
+    if twenty.is_none() {
+        let ended = stream.await??;
+        for line in net.nodes[GW].log().lines() {
+            println!("gateway: {line}");
+        }
+        bail!("the stream ended before 20 pieces: {:?}", ended.error);
+    }
+    // The spare worker comes back and the gateway learns of it while the
+    // answer streams through the relay.
+    net.restart(SPARE).await?;
+    // Known again means a fresh announcement (the one before the kill is
+    // still in the table) and a direct connection: the restarted worker
+    // listens on a new port, which the gateway could not look up once the
+    // relay, the DHT node it knows, is gone. The spare reaches the gateway
+    // behind NAT through the relay; the gateway then dials the spare's
+    // direct address (or DCUtR does) and the relayed connection is retired.
+    wait_for(
+        "the gateway is connected directly to the restarted spare",
+        60,
+        || async {
+            let mesh = net
+                .get_json(&format!("{}/v1/mesh", net.nodes[GW].api_url))
+                .await?;
+            let fresh = mesh["workers"].as_array().into_iter().flatten().any(|w| {
+                w["peer_id"] == spare.as_str() && w["seq"].as_u64().is_some_and(|s| s > spare_seq)
+            });
+            let connected = mesh["peers"].as_array().into_iter().flatten().any(|p| {
+                p["peer_id"] == spare.as_str()
+                    && p["connections"]
+                        .as_array()
+                        .is_some_and(|c| c.iter().any(|c| c["relayed"] == false))
+            });
+            Ok((fresh && connected).then_some(()))
+        },
+    )
+    .await?;
+    ensure!(
+        !stream.is_finished(),
+        "the answer ended before the relay could fail; raise MAX_TOKENS"
+    );
+    net.kill(RELAY);
+    println!("relay killed mid-answer");
+    let streamed = stream.await??;
+    if streamed.error.is_some() {
+        for line in net.nodes[GW].log().lines().filter(|l| !l.contains("DEBUG")) {
+            println!("gateway: {line}");
+        }
+    }
+    ensure!(
+        streamed.error.is_none() && streamed.done,
+        "the caller's stream broke: {:?}",
+        streamed.error
+    );
+    let last = streamed.events.last().context("no events")?;
+    ensure!(
+        last["usage"]["completion_tokens"] == MAX_TOKENS,
+        "the caller did not get every token: {last}"
+    );
+    let served_by_spare = counter(
+        &net,
+        SPARE,
+        "silk_jobs_total{role=\"worker\",outcome=\"ok\"}",
+    )
+    .await?;
+    println!("the spare worker finished the answer: {served_by_spare} job(s)");
+    ensure!(
+        served_by_spare >= 1.0,
+        "the spare worker did not take the job over"
+    );
+    drop(net);
+    drop(lab);
+    Ok(())
+}
