@@ -230,6 +230,23 @@ struct PeerState {
     direct_tried: Option<Instant>,
 }
 
+/// The peers a closest-peers lookup found, also when it timed out.
+fn found_peers(result: kad::GetClosestPeersResult) -> Vec<kad::PeerInfo> {
+    match result {
+        Ok(ok) => ok.peers,
+        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+    }
+}
+
+/// The addresses a lookup found for `target` (none when it was not found).
+fn addresses_of(found: Vec<kad::PeerInfo>, target: PeerId) -> Vec<Multiaddr> {
+    found
+        .into_iter()
+        .find(|p| p.peer_id == target)
+        .map(|p| p.addrs)
+        .unwrap_or_default()
+}
+
 /// Whether `addr` goes through a relay.
 fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| p == Protocol::P2pCircuit)
@@ -1500,38 +1517,18 @@ impl EventLoop {
                     if step.last {
                         self.walk = None;
                     }
-                    let found = match result {
-                        Ok(ok) => ok.peers,
-                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
-                    };
-                    self.dial_found(found, missing);
+                    self.dial_found(found_peers(result), missing);
                     return;
                 }
                 if let Some(target) = self.connect_lookups.remove(&id) {
-                    let peers = match result {
-                        Ok(ok) => ok.peers,
-                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
-                    };
-                    let addrs = peers
-                        .into_iter()
-                        .find(|p| p.peer_id == target)
-                        .map(|p| p.addrs)
-                        .unwrap_or_default();
+                    let addrs = addresses_of(found_peers(result), target);
                     self.connect_lookup_done(target, addrs);
                     return;
                 }
                 let Some((target, reply)) = self.find_queries.remove(&id) else {
                     return;
                 };
-                let peers = match result {
-                    Ok(ok) => ok.peers,
-                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
-                };
-                let addrs = peers
-                    .into_iter()
-                    .find(|p| p.peer_id == target)
-                    .map(|p| p.addrs)
-                    .unwrap_or_default();
+                let addrs = addresses_of(found_peers(result), target);
                 if addrs.is_empty() {
                     let _ = reply.send(Err(OverlayError::PeerNotFound { peer: target }));
                 } else {

@@ -104,16 +104,7 @@ impl Topology {
             return Err(format!("{} regions; at most 200", self.regions.len()));
         }
         for r in &self.regions {
-            if r.is_empty()
-                || r.len() > 8
-                || !r
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-            {
-                return Err(format!(
-                    "region name {r:?}: 1 to 8 lowercase letters or digits"
-                ));
-            }
+            check_name("region", r)?;
         }
         for ((a, b), l) in &self.links {
             if !(0.0..=1.0).contains(&l.loss) {
@@ -131,6 +122,22 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// Checks a region's or site's name, which goes into namespace names: 1 to
+/// 8 lowercase letters or digits.
+pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 8
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    {
+        return Err(format!(
+            "{kind} name {name:?}: 1 to 8 lowercase letters or digits"
+        ));
+    }
+    Ok(())
 }
 
 /// Runs a command; its stderr on failure.

@@ -27,7 +27,7 @@
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::delay_line::{is_root, sh};
+use crate::delay_line::{check_name, is_root, sh};
 
 /// Where a site sits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,16 +74,7 @@ impl NatLab {
             return Err(format!("1 to {MAX_SITES} sites, got {}", sites.len()));
         }
         for (name, _) in sites {
-            if name.is_empty()
-                || name.len() > 8
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-            {
-                return Err(format!(
-                    "site name {name:?}: 1 to 8 lowercase letters or digits"
-                ));
-            }
+            check_name("site", name)?;
         }
         // Subnets carry the process id and the lab's number, so labs of
         // several tests and processes coexist: link i of lab k is

@@ -44,13 +44,21 @@ const RELAY: usize = 0;
 const WORKER: usize = 1;
 const GATEWAY: usize = 2;
 
-fn lab_and_config(cut: bool) -> anyhow::Result<Option<(NatLab, TestnetConfig)>> {
-    let mut config = TestnetConfig::new(SITES.len(), 1)?;
+/// The lab with `sites` (in node order; the first `workers` after node 0
+/// serve the model), direct traffic between the worker's and the
+/// gateway's sites cut if `cut`, and a testnet config that starts each
+/// node in its site; `None` where this process is not root.
+fn lab_and_config(
+    sites: &[(&str, Placement)],
+    workers: usize,
+    cut: bool,
+) -> anyhow::Result<Option<(NatLab, TestnetConfig)>> {
+    let mut config = TestnetConfig::new(sites.len(), workers)?;
     if !is_root() {
-        eprintln!("skipping the NAT test: not root (network namespaces need it)");
+        eprintln!("skipping a NAT test: not root (network namespaces need it)");
         return Ok(None);
     }
-    let lab = NatLab::start(&SITES)
+    let lab = NatLab::start(sites)
         .map_err(anyhow::Error::msg)
         .context("the NAT lab did not start")?;
     if cut {
@@ -60,13 +68,14 @@ fn lab_and_config(cut: bool) -> anyhow::Result<Option<(NatLab, TestnetConfig)>> 
     config.payments = false;
     // What the nodes say about relays and hole punching, for a failure.
     config.log_filter = format!("{},silk_overlay=info", config.log_filter);
-    config.node_options = SITES
+    config.node_options = sites
         .iter()
         .map(|(site, _)| NodeOptions {
             launcher: lab.launcher(site),
             host: lab.address(site).map(|a| a.to_string()),
             config_toml: "private_network = true\n".into(),
-            ..Default::default()
+            // A panic inside a node (libp2p's, say) shows where in its log.
+            env: vec![("RUST_BACKTRACE".into(), "1".into())],
         })
         .collect();
     Ok(Some((lab, config)))
@@ -206,7 +215,7 @@ async fn relayed_worker(net: &Testnet) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_behind_nat_serves_through_a_relay_then_directly() -> anyhow::Result<()> {
-    let Some((lab, config)) = lab_and_config(false)? else {
+    let Some((lab, config)) = lab_and_config(&SITES, 1, false)? else {
         return Ok(());
     };
     let net = Testnet::spawn(config)
@@ -277,7 +286,7 @@ async fn a_worker_behind_nat_serves_through_a_relay_then_directly() -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_behind_nat_serves_over_the_relay_when_hole_punching_fails() -> anyhow::Result<()>
 {
-    let Some((lab, config)) = lab_and_config(true)? else {
+    let Some((lab, config)) = lab_and_config(&SITES, 1, true)? else {
         return Ok(());
     };
     let net = Testnet::spawn(config)
@@ -348,27 +357,9 @@ async fn a_relay_dropping_a_job_midway_is_a_failed_worker_to_the_gateway() -> an
     const SPARE: usize = 2;
     const GW: usize = 3;
     const MAX_TOKENS: u64 = 600;
-    let mut config = TestnetConfig::new(SITES.len(), 2)?;
-    if !is_root() {
-        eprintln!("skipping the relay-failure test: not root (network namespaces need it)");
+    let Some((lab, config)) = lab_and_config(&SITES, 2, true)? else {
         return Ok(());
-    }
-    let lab = NatLab::start(&SITES)
-        .map_err(anyhow::Error::msg)
-        .context("the NAT lab did not start")?;
-    lab.cut("worker", "gw").map_err(anyhow::Error::msg)?;
-    config.payments = false;
-    config.log_filter = format!("{},silk_overlay=info", config.log_filter);
-    config.node_options = SITES
-        .iter()
-        .map(|(site, _)| NodeOptions {
-            launcher: lab.launcher(site),
-            host: lab.address(site).map(|a| a.to_string()),
-            config_toml: "private_network = true\n".into(),
-            // A panic inside a node (libp2p's, say) shows where in its log.
-            env: vec![("RUST_BACKTRACE".into(), "1".into())],
-        })
-        .collect();
+    };
     let mut net = Testnet::spawn(config)
         .await
         .context("the mesh inside the NAT lab did not start/converge")?;
