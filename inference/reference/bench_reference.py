@@ -12,8 +12,11 @@ Engines:
                 request, one `llama_decode` per step for the whole batch),
                 like llama.cpp's own batched-bench.
   transformers  transformers reading the same GGUF (`gguf_file=`), which
-                dequantises the weights to float32, batched by padding-free
-                equal-length prompts (the venv made by setup.sh).
+                dequantises the weights to float32, or a Hugging Face
+                directory (`--hf-dir`, in `--dtype`, on `--device`), batched by
+                padding-free equal-length prompts, in PyTorch's eager mode
+                (no torch.compile; the loop `generate` runs, timed in its
+                two phases) (the venv made by setup.sh).
   auto          (default) llama-cpp if `llama_cpp` imports, else transformers.
 
 Each (engine, batch size) runs in a fresh child process, so `peak_rss_bytes`
@@ -250,33 +253,50 @@ def run_transformers(a) -> dict:
 
     torch.set_num_threads(a.threads)
     b, n_p, n_g = a.batch, a.prompt_tokens, a.gen_tokens
-    d, name = os.path.dirname(os.path.abspath(a.gguf)), os.path.basename(a.gguf)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
     t_load = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+    if a.hf_dir:
+        tok = AutoTokenizer.from_pretrained(a.hf_dir)
+        model = AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=dtype)
+    else:
+        d, name = os.path.dirname(os.path.abspath(a.gguf)), os.path.basename(a.gguf)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=dtype)
+    model = model.to(a.device).eval()
     load_s = time.perf_counter() - t_load
     ids = prompt_ids(lambda s: tok(s, add_special_tokens=False)["input_ids"], n_p, tok.bos_token_id)
     rss_loaded = current_rss_bytes()
-    x = torch.tensor([ids] * b)
+    x = torch.tensor([ids] * b, device=a.device)
+
+    def sync() -> None:
+        # GPU work is asynchronous: a clock read means nothing before it ends.
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     with torch.inference_mode():
         model(input_ids=x[:, :8], use_cache=False)  # warm-up
+        sync()
         cache = DynamicCache()
         t0 = time.perf_counter()
         out = model(input_ids=x, past_key_values=cache, use_cache=True)
+        sync()
         t_pre = time.perf_counter() - t0
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        ttft = time.perf_counter() - t0
         first = [int(nxt[0, 0])]
+        ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
         for _ in range(n_g):
             out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            # Reading the token back is what a server streaming it does.
             first.append(int(nxt[0, 0]))
         t_dec = time.perf_counter() - t1
     text = tok.decode(first[:16])
-    return result(a, "transformers", transformers.__version__ + " torch " + torch.__version__,
-                  load_s, t_pre, ttft, t_dec, rss_loaded, sample_text=text)
+    version = f"{transformers.__version__} torch {torch.__version__} {a.dtype} {a.device}"
+    if a.device.startswith("cuda"):
+        version += f" ({torch.cuda.get_device_name()})"
+    return result(a, "transformers", version, load_s, t_pre, ttft, t_dec, rss_loaded,
+                  sample_text=text)
 
 
 def result(a, engine, version, load_s, t_pre, ttft, t_dec, rss_loaded, sample_text=None) -> dict:
@@ -341,7 +361,11 @@ def machine() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", required=True, help="GGUF model file")
+    ap.add_argument("--gguf", help="GGUF model file")
+    ap.add_argument("--hf-dir", help="Hugging Face model directory (transformers only)")
+    ap.add_argument("--device", default="cpu", help="transformers: cpu or cuda")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="transformers: the weights' and activations' type")
     ap.add_argument("--engine", choices=["auto", "llama-cpp", "transformers"], default="auto")
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8,32")
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -349,8 +373,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if not os.path.isfile(a.gguf):
+    if bool(a.gguf) == bool(a.hf_dir):
+        sys.exit("bench_reference: give one of --gguf and --hf-dir")
+    if a.gguf and not os.path.isfile(a.gguf):
         sys.exit(f"bench_reference: no such GGUF file: {a.gguf}")
+    if a.hf_dir and not os.path.isfile(os.path.join(a.hf_dir, "config.json")):
+        sys.exit(f"bench_reference: no config.json in {a.hf_dir}")
+    if a.hf_dir and a.engine == "llama-cpp":
+        sys.exit("bench_reference: llama.cpp reads GGUF files only")
     if a.prompt_tokens < 1 or a.gen_tokens < 1:
         sys.exit("bench_reference: --prompt-tokens and --gen-tokens must be >= 1")
 
@@ -360,14 +390,16 @@ def main() -> None:
         print(json.dumps(fn(a)))
         return
 
-    engine = pick_engine(a.engine)
+    engine = "transformers" if a.hf_dir else pick_engine(a.engine)
+    model_arg = ["--hf-dir", a.hf_dir] if a.hf_dir else ["--gguf", a.gguf]
     load_before = os.getloadavg()
     batches = [int(x) for x in a.batch.split(",") if x.strip()]
     runs = []
     for b in batches:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--gguf", a.gguf,
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", *model_arg,
                "--engine", engine, "--batch", str(b), "--prompt-tokens", str(a.prompt_tokens),
-               "--gen-tokens", str(a.gen_tokens), "--threads", str(a.threads)]
+               "--gen-tokens", str(a.gen_tokens), "--threads", str(a.threads),
+               "--device", a.device, "--dtype", a.dtype]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             runs.append({"engine": engine, "batch": b, "error": p.stderr.strip()[-2000:]})
@@ -378,7 +410,8 @@ def main() -> None:
     # threads spin): keep the load averages so a reader can tell.
     mach["loadavg_before"] = [round(x, 2) for x in load_before]
     mach["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    print(json.dumps({"model": os.path.basename(a.gguf), "engine": engine, "machine": mach,
+    print(json.dumps({"model": os.path.basename(a.gguf or a.hf_dir.rstrip("/")), "engine": engine,
+                      "machine": mach,
                       "runs": runs}, indent=1))
 
 

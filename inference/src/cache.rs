@@ -102,7 +102,7 @@ impl<B: Backend> KvCache<B> {
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let new = keys.dims()[1];
         let end = self.len + new;
-        let device = keys.device();
+        let on = (&keys.device(), keys.dtype());
         let (kv, hd) = (self.kv_heads, self.head_dim);
         let cap = self.capacity.max(end.div_ceil(CHUNK) * CHUNK);
         let Storage::Device(layers) = &mut self.storage else {
@@ -113,8 +113,8 @@ impl<B: Backend> KvCache<B> {
             Some(lc) if lc.keys.dims()[1] >= end => lc,
             old => {
                 let mut lc = LayerCache {
-                    keys: Tensor::zeros([kv, cap, hd], &device),
-                    values: Tensor::zeros([kv, cap, hd], &device),
+                    keys: Tensor::zeros([kv, cap, hd], on),
+                    values: Tensor::zeros([kv, cap, hd], on),
                 };
                 if let Some(old) = old {
                     let n = self.len;

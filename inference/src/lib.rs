@@ -14,7 +14,8 @@
 //!   [`cache::KvCache`]; one forward pass serves many sequences at once. On
 //!   the CPU, weights a GGUF file stores as Q4_0/Q4_1/Q8_0 blocks stay in
 //!   that form and [`packed`] multiplies by them directly, on the CPU
-//!   kernels [`cpu`] selects (`SILK_CPU_KERNELS`).
+//!   kernels [`cpu`] selects (`SILK_CPU_KERNELS`). Dense weights run in f32
+//!   or bf16 ([`Precision`]; bf16 is for GPUs).
 //! - [`engine`] owns one scheduler thread per model: requests are
 //!   tokenized and validated on the caller's thread, queued (bounded), then
 //!   batched continuously; tokens stream back through a bounded channel per
@@ -31,6 +32,11 @@
 //!   the Hermes format for one that knows none) and reads `<tool_call>`
 //!   blocks back out of an answer as it streams.
 //!
+//! - [`fidelity`] measures a loaded model against the reference fixtures
+//!   (transformers' logits and greedy tokens, the teacher-forced KL
+//!   divergence llama.cpp reports), on any backend: the tests run it on the
+//!   CPU, `silk bench fidelity` on a GPU.
+//!
 //! The crate knows tensors and tokens, nothing about peers or money.
 
 pub mod backend;
@@ -40,6 +46,7 @@ pub mod constraint;
 pub mod cpu;
 pub mod engine;
 pub mod error;
+pub mod fidelity;
 pub mod gguf;
 pub mod model;
 pub mod packed;
@@ -63,4 +70,4 @@ pub use sampling::{SamplingParams, TokenLogprob, TopLogprob, MAX_LOGIT_BIAS, MAX
 pub use store::{ModelStore, DEFAULT_MODEL};
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use tools::{ParsedCall, Piece, Tool, ToolCall, ToolCallReader};
-pub use transformer::WeightLayout;
+pub use transformer::{Precision, WeightLayout};

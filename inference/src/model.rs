@@ -13,7 +13,7 @@ use crate::cpu::CpuKernels;
 use crate::error::{InferenceError, Result};
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
-use crate::transformer::{Transformer, WeightLayout};
+use crate::transformer::{Precision, Transformer, WeightLayout};
 use crate::weights::{safetensors_files, GgufSource, SafetensorsSource};
 
 /// Where a model's files are.
@@ -165,13 +165,31 @@ impl<B: Backend> LoadedModel<B> {
         kernels: CpuKernels,
         device: &B::Device,
     ) -> Result<Self> {
+        Self::load_with(source, layout, kernels, Precision::F32, device)
+    }
+
+    /// As [`Self::load_on`], dense weights in `precision` (the packed
+    /// layout takes only f32).
+    pub fn load_with(
+        source: ModelSource,
+        layout: WeightLayout,
+        kernels: CpuKernels,
+        precision: Precision,
+        device: &B::Device,
+    ) -> Result<Self> {
         let (tokenizer, transformer) = match &source.format {
             ModelFormat::Gguf(path) => {
                 let file = GgufFile::open(path)?;
                 let config = ModelConfig::from_gguf(&file)?;
                 let tokenizer = Tokenizer::from_gguf(&file)?;
-                let transformer =
-                    Transformer::load(config, &GgufSource::new(&file), layout, kernels, device)?;
+                let transformer = Transformer::load(
+                    config,
+                    &GgufSource::new(&file),
+                    layout,
+                    kernels,
+                    precision,
+                    device,
+                )?;
                 (tokenizer, transformer)
             }
             ModelFormat::HfDir(dir) => {
@@ -185,7 +203,7 @@ impl<B: Backend> LoadedModel<B> {
                 let weights = SafetensorsSource::open(&safetensors_files(dir)?)?;
                 (
                     tokenizer,
-                    Transformer::load(config, &weights, layout, kernels, device)?,
+                    Transformer::load(config, &weights, layout, kernels, precision, device)?,
                 )
             }
         };

@@ -14,13 +14,13 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Int, TensorData};
+use burn::tensor::{DType, FloatDType, Int, TensorData};
 use rayon::prelude::*;
 
 use crate::cache::KvCache;
 use crate::config::{Architecture, ModelConfig};
 use crate::cpu::CpuKernels;
-use crate::error::Result;
+use crate::error::{InferenceError, Result};
 use crate::packed::{matmul_into, Activations, PackedMatrix, View};
 use crate::weights::{layer_weights, LayerWeight, WeightName, WeightSource};
 
@@ -35,6 +35,56 @@ pub enum WeightLayout {
     /// multiplied directly; the rest are dense. For the CPU backend only: on
     /// a GPU every product would round-trip through host memory.
     Packed,
+}
+
+/// The float type of a model's dense weights, activations and caches.
+///
+/// `Bf16` is for GPUs, where a decode step is bound by reading the weights
+/// and bf16 halves that; it follows transformers' bf16 arithmetic (products
+/// and caches in bf16, RMSNorm in f32, logits returned as f32). On the CPU
+/// it runs too (Burn's CPU backend multiplies bf16 through f32), which is
+/// how the GPU path is rehearsed and tested without a GPU; a CPU worker
+/// serves the packed f32 layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// bfloat16 (8-bit exponent, 7-bit mantissa).
+    Bf16,
+}
+
+impl Precision {
+    /// The tensors' element type.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = InferenceError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(InferenceError::Backend(format!(
+                "unknown dtype `{other}`: use f32 or bf16"
+            ))),
+        }
+    }
 }
 
 /// A weight matrix applied as `x · Wᵀ` (x `[n, in]` → `[n, out]`).
@@ -129,6 +179,8 @@ pub struct Transformer<B: Backend> {
     host_attention: bool,
     /// The CPU kernels of the packed products and host attention.
     kernels: CpuKernels,
+    /// The element type of dense weights, activations and caches.
+    precision: Precision,
     device: B::Device,
 }
 
@@ -157,19 +209,27 @@ fn concat_columns(parts: &[(Vec<f32>, usize)], rows: usize) -> (Vec<f32>, usize)
 
 impl<B: Backend> Transformer<B> {
     /// Loads every weight from `source` in `layout`, checking shapes against
-    /// `config`. The packed layout's products and host attention run on
-    /// `kernels` (see [`crate::cpu`]).
+    /// `config`, dense ones in `precision`. The packed layout's products and
+    /// host attention run on `kernels` (see [`crate::cpu`]); the packed
+    /// layout is f32 only.
     pub fn load(
         config: ModelConfig,
         source: &dyn WeightSource,
         layout: WeightLayout,
         kernels: CpuKernels,
+        precision: Precision,
         device: &B::Device,
     ) -> Result<Self> {
         let kernels = kernels.require()?;
+        if layout == WeightLayout::Packed && precision != Precision::F32 {
+            return Err(InferenceError::Backend(format!(
+                "the packed layout computes in f32; {precision} needs the dense layout"
+            )));
+        }
         let c = &config;
+        let on = (device, precision.dtype());
         let vec1 = |values: Vec<f32>| {
-            Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [values.len()]), device)
+            Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [values.len()]), on)
         };
         let packed = |name: WeightName| -> Result<Option<PackedMatrix>> {
             match layout {
@@ -196,7 +256,7 @@ impl<B: Backend> Transformer<B> {
             let (values, outputs) = concat_columns(&transposed, inputs);
             Ok(Linear::Dense(Tensor::from_data(
                 TensorData::new(values, [inputs, outputs]),
-                device,
+                on,
             )))
         };
 
@@ -217,13 +277,13 @@ impl<B: Backend> Transformer<B> {
                     let t = transpose(&table, c.vocab_size, c.hidden_size);
                     Linear::Dense(Tensor::from_data(
                         TensorData::new(t, [c.hidden_size, c.vocab_size]),
-                        device,
+                        on,
                     ))
                 } else {
                     linear(&[WeightName::LmHead], Activations::Int16)?
                 };
                 let table = TensorData::new(table, [c.vocab_size, c.hidden_size]);
-                (Embedding::Dense(Tensor::from_data(table, device)), lm_head)
+                (Embedding::Dense(Tensor::from_data(table, on)), lm_head)
             }
         };
         let final_norm = vec1(source.load(WeightName::FinalNorm, c)?);
@@ -255,8 +315,10 @@ impl<B: Backend> Transformer<B> {
 
         let (cos, sin) = rope_tables(c);
         let positions = c.max_position_embeddings;
+        // Computed in f32 and rounded to the model's precision, as
+        // transformers does.
         let table = |values| {
-            Tensor::<B, 2>::from_data(TensorData::new(values, [positions, c.head_dim]), device)
+            Tensor::<B, 2>::from_data(TensorData::new(values, [positions, c.head_dim]), on)
         };
         Ok(Self {
             cos: table(cos),
@@ -268,6 +330,7 @@ impl<B: Backend> Transformer<B> {
             blocks,
             host_attention: layout == WeightLayout::Packed,
             kernels,
+            precision,
             device: device.clone(),
         })
     }
@@ -280,6 +343,11 @@ impl<B: Backend> Transformer<B> {
     /// The CPU kernels its packed products and host attention run on.
     pub fn kernels(&self) -> CpuKernels {
         self.kernels
+    }
+
+    /// The element type of its dense weights, activations and caches.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// A fresh cache for one sequence of this model.
@@ -296,7 +364,8 @@ impl<B: Backend> Transformer<B> {
     /// segment's cache, and returns logits.
     ///
     /// With `all_positions` false, one row per segment (its last token);
-    /// otherwise one row per input token, segments in order.
+    /// otherwise one row per input token, segments in order. Logits are f32
+    /// in every precision.
     ///
     /// # Shapes
     /// - returns `[segments or total_tokens, vocab]`
@@ -369,6 +438,7 @@ impl<B: Backend> Transformer<B> {
         }
         self.lm_head
             .forward(rms_norm(x, &self.final_norm, c.rms_norm_eps), self.kernels)
+            .cast(FloatDType::F32)
     }
 
     /// `down(silu(gate(h)) * up(h))`. With both matrices packed the
@@ -435,8 +505,9 @@ impl<B: Backend> Transformer<B> {
             outs.push(self.attention(layer, q, k, v, seg.cache));
         }
         if outs.len() == 1 {
-            outs.pop()
-                .unwrap_or_else(|| Tensor::zeros([n, nh * hd], &self.device))
+            outs.pop().unwrap_or_else(|| {
+                Tensor::zeros([n, nh * hd], (&self.device, self.precision.dtype()))
+            })
         } else {
             Tensor::cat(outs, 0)
         }
@@ -660,14 +731,25 @@ fn rope<B: Backend>(x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> 
     x * cos.clone() + rotated * sin.clone()
 }
 
-/// `x / sqrt(mean(x²) + eps) * weight` over the last dimension.
+/// `x / sqrt(mean(x²) + eps) * weight` over the last dimension. Below f32
+/// the normalisation runs in f32 and its result is rounded before the
+/// weight multiplies it, as transformers does.
 fn rms_norm<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: &Tensor<B, 1>,
     eps: f64,
 ) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let x = if dtype == DType::F32 {
+        x
+    } else {
+        x.cast(FloatDType::F32)
+    };
     let ms = x.clone().square().mean_dim(D - 1);
-    let normed = x * (ms.add_scalar(eps)).sqrt().recip();
+    let mut normed = x * (ms.add_scalar(eps)).sqrt().recip();
+    if dtype != DType::F32 {
+        normed = normed.cast(FloatDType::from(dtype));
+    }
     normed * weight.clone().unsqueeze::<D>()
 }
 

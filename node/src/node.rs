@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use silk_inference::{backend::Device, Engine};
+use silk_inference::{backend::Device, Engine, Precision};
 use silk_overlay::{
     Announcement, AttestationMode, Multiaddr, Overlay, OverlayConfig, OverlayEvent, OverlayHandle,
     PeerId,
@@ -59,6 +59,8 @@ pub struct NodeOptions {
     pub models_dir: PathBuf,
     /// Compute device of the engine.
     pub device: Device,
+    /// Float type of the engine's dense weights and activations.
+    pub dtype: Precision,
     /// Route to insecure workers.
     pub allow_insecure_workers: bool,
     /// This worker's price coefficient × 1000 (announced; with `billing`,

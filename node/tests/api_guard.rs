@@ -40,6 +40,7 @@ async fn node(dir: &std::path::Path) -> Arc<Node> {
         worker_model: None,
         models_dir: dir.join("models"),
         device: Default::default(),
+        dtype: Default::default(),
         allow_insecure_workers: true,
         price_coefficient_milli: 1000,
         default_max_coefficient_milli: 2000,

@@ -30,6 +30,7 @@ async fn start_worker(dir: &tempfile::TempDir) -> Arc<Node> {
         worker_model: Some(tiny_llama().display().to_string()),
         models_dir: dir.path().join("models"),
         device: Default::default(),
+        dtype: Default::default(),
         allow_insecure_workers: true,
         price_coefficient_milli: 1000,
         default_max_coefficient_milli: 2000,

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use silk_inference::backend::{start_engine, Device};
 use silk_inference::model::ModelFormat;
+use silk_inference::Precision;
 use silk_inference::{
     Constraint, CpuKernels, Engine, EngineConfig, Event, GenerateRequest, GenerationStream,
     ModelStore, Prompt,
@@ -19,6 +20,9 @@ use silk_inference::{
 pub enum BenchCommand {
     /// Prefill and decode speed of the local engine, against a reference engine.
     Inference(InferenceBenchArgs),
+    /// The engine on a device and precision against the reference fixtures
+    /// (logits, greedy tokens, teacher-forced KL divergence).
+    Fidelity(super::bench_fidelity::FidelityArgs),
     /// On-chain messages per 10,000 jobs, cheque sign+verify time, devnet
     /// execution time per contract message.
     Settlement(super::wallet::SettlementBenchArgs),
@@ -47,6 +51,9 @@ pub struct InferenceBenchArgs {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// Float type of weights and activations: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
     /// Python interpreter with llama-cpp-python or transformers for the
     /// reference (`inference/reference/setup-llama.sh` makes one); `none`
     /// skips the reference.
@@ -65,6 +72,7 @@ pub struct InferenceBenchArgs {
 pub fn run(cmd: BenchCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Inference(args) => inference(args, data_dir),
+        BenchCommand::Fidelity(args) => super::bench_fidelity::run(args, data_dir),
         BenchCommand::Settlement(args) => super::wallet::bench_settlement(args),
         BenchCommand::Mesh(args) => super::bench_mesh::run(args, data_dir),
         BenchCommand::MeshShard(args) => super::bench_mesh::run_shard(args),
@@ -303,7 +311,13 @@ pub(crate) fn machine() -> String {
     )
 }
 
-fn reference(args: &InferenceBenchArgs, gguf: &Path) -> anyhow::Result<Option<(String, Vec<Row>)>> {
+/// The reference engine on the same model: llama.cpp (or transformers) on
+/// a GGUF file, transformers on a Hugging Face directory, on the same
+/// device and in the same precision as silk.
+fn reference(
+    args: &InferenceBenchArgs,
+    model: &ModelFormat,
+) -> anyhow::Result<Option<(String, Vec<Row>)>> {
     let python = match args.reference_python.as_deref() {
         Some("none") => return Ok(None),
         Some(p) => p.to_string(),
@@ -314,10 +328,23 @@ fn reference(args: &InferenceBenchArgs, gguf: &Path) -> anyhow::Result<Option<(S
         }
     };
     let batches: Vec<String> = args.batch.iter().map(usize::to_string).collect();
+    let (flag, path) = match model {
+        ModelFormat::Gguf(p) => ("--gguf", p),
+        ModelFormat::HfDir(p) => ("--hf-dir", p),
+    };
+    let device = match args.device {
+        Device::Cpu => "cpu".to_string(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+    };
+    let dtype = match args.dtype {
+        Precision::F32 => "float32",
+        Precision::Bf16 => "bfloat16",
+    };
     let output = std::process::Command::new(&python)
         .arg(&args.reference_script)
-        .arg("--gguf")
-        .arg(gguf)
+        .arg(flag)
+        .arg(path)
+        .args(["--device", &device, "--dtype", dtype])
         .args(["--batch", &batches.join(",")])
         .args(["--prompt-tokens", &args.prompt_tokens.to_string()])
         .args(["--gen-tokens", &args.gen_tokens.to_string()])
@@ -359,16 +386,13 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
     );
     let store = ModelStore::new(data_dir.join("models"));
     let source = store.resolve(&args.model)?;
-    let gguf = match &source.format {
-        ModelFormat::Gguf(p) => Some(p.clone()),
-        ModelFormat::HfDir(_) => None,
-    };
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
     // The throughput runs repeat one prompt: without the prefix cache, so
     // each computes its prompt as a new one would.
     let engine = start_engine(
         source.clone(),
         args.device,
+        args.dtype,
         EngineConfig {
             max_batch,
             prefix_cache_bytes: 0,
@@ -400,7 +424,12 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
         constrained.push((b, tps, per_token));
     }
     let prefix = if args.shared_prefix_tokens > 0 {
-        let cached = start_engine(source, args.device, EngineConfig::default())?;
+        let cached = start_engine(
+            source.clone(),
+            args.device,
+            args.dtype,
+            EngineConfig::default(),
+        )?;
         let r = measure_prefix(&cached, args.shared_prefix_tokens)?;
         eprintln!(
             "silk, {}-token shared prefix: TTFT cold {:.1} ms, warm {:.1} ms",
@@ -412,14 +441,16 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
     } else {
         None
     };
-    let reference = match &gguf {
-        Some(g) => reference(&args, g)?,
-        None => None,
-    };
+    let reference = reference(&args, &source.format)?;
     println!("# silk bench inference");
     println!();
     println!("- model: `{}`", engine.source().id);
-    println!("- machine: {}; device: {:?}", machine(), args.device);
+    println!(
+        "- machine: {}; device: {:?}; dtype: {}",
+        machine(),
+        args.device,
+        args.dtype
+    );
     println!(
         "- prompt {} tokens, {} generated tokens after the first, greedy, no EOS stop",
         args.prompt_tokens, args.gen_tokens

@@ -72,6 +72,7 @@ fn options(data_dir: &Path, models_dir: &Path, worker: Option<String>) -> NodeOp
         worker_model: worker,
         models_dir: models_dir.to_path_buf(),
         device: Device::Cpu,
+        dtype: Default::default(),
         allow_insecure_workers: true,
         price_coefficient_milli: 1000,
         default_max_coefficient_milli: 2000,

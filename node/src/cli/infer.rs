@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use silk_inference::backend::{start_engine, Device};
+use silk_inference::Precision;
 use silk_inference::{
     ChatMessage, EngineConfig, Event, GenerateRequest, ModelStore, Prompt, SamplingParams,
 };
@@ -44,13 +45,16 @@ pub struct InferArgs {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// Float type of weights and activations: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
 }
 
 /// Runs `silk infer`.
 pub fn run(args: InferArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
     let store = ModelStore::new(data_dir.join("models"));
     let source = store.resolve(&args.model)?;
-    let engine = start_engine(source, args.device, EngineConfig::default())
+    let engine = start_engine(source, args.device, args.dtype, EngineConfig::default())
         .with_context(|| format!("loading {}", args.model))?;
     let prompt = if args.chat {
         Prompt::Chat {

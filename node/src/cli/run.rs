@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use silk_inference::backend::Device;
+use silk_inference::Precision;
 use silk_overlay::Multiaddr;
 
 use crate::billing::Billing;
@@ -47,6 +48,11 @@ pub struct RunArgs {
     /// Compute device of the engine: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// Float type of the engine's weights and activations: f32, or bf16
+    /// (for GPUs: half the memory traffic; on the CPU it runs unpacked and
+    /// slower).
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
     /// Faster gossip heartbeats and pings (local testnets).
     #[arg(long, hide = true)]
     pub fast_gossip: bool,
@@ -123,6 +129,7 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         worker_model: config.worker.then(|| config.model.clone()),
         models_dir: config.models_dir(data_dir),
         device: args.device,
+        dtype: args.dtype,
         allow_insecure_workers: config.allow_insecure_workers,
         price_coefficient_milli: u64::from(payments.coefficient_milli),
         default_max_coefficient_milli: payments.default_max_coefficient_milli,

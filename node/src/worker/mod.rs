@@ -81,9 +81,9 @@ impl LoadedEngine {
             id: source.id.clone(),
             name: source.name.clone(),
         };
-        let device = options.device;
+        let (device, dtype) = (options.device, options.dtype);
         let engine = tokio::task::spawn_blocking(move || {
-            silk_inference::backend::start_engine(source, device, EngineConfig::default())
+            silk_inference::backend::start_engine(source, device, dtype, EngineConfig::default())
         })
         .await
         .map_err(|e| MeshError::Config {
