@@ -9,9 +9,12 @@
 #
 # Inputs (environment):
 #   SILK    the silk binary; for CUDA a release build with the cuda feature,
-#           made where Rust is and carried over:
+#           made where Rust is and carried over (default: gpu/silk; /gpu/
+#           is git-ignored, so it travels only when named):
 #             cargo build --release -p silk-node --bin silk --features cuda
-#           (default: gpu/silk, a folder .git/info/exclude can ignore)
+#             mkdir -p gpu && cp target/release/silk gpu/
+#           then, on the lent machine, from the repository root:
+#             OUT=$OUT scripts/gpu-check.sh        (carry: gpu)
 #   PYTHON  a Python with torch and transformers (default: python3)
 #   OUT     where results go (default: gpu-check-out)
 #   MODEL   the default GGUF (SmolLM2-135M-Instruct.Q4_1.gguf) for the
@@ -32,6 +35,11 @@
 #      transformers on the same device, dtype and shapes in the same run
 #   5. the device's copy bandwidth, and batch-1 decode's share of the
 #      memory roofline (weights read per token / bandwidth)
+#   6. where nsys is installed (CUDA only), a profile of batch-1 decode with
+#      its kernel and memory-copy summary, for the cause of a missed goal
+#
+# Each step runs under `timeout $STEP_TIMEOUT` (default 240 s), so one that
+# hangs costs its share of the lent minutes, not all of them.
 set -uo pipefail
 
 device=cuda
@@ -50,6 +58,7 @@ else
     SHAPE="${SHAPE:-qwen3-0.6b}" BATCHES="${BATCHES:-1,8,32,64}" GEN="${GEN:-64}"
 fi
 PROMPT="${PROMPT:-512}"
+STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
 default_model="${SILK_DATA_DIR:-$HOME/.silk}/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ -z "${MODEL:-}" ]; then
     if [ -f "$default_model" ]; then MODEL="$default_model"; else MODEL=none; fi
@@ -62,19 +71,22 @@ trap 'rm -rf "$work"' EXIT
 exec > >(tee "$OUT/gpu-check.log") 2>&1
 
 declare -a summary
+failed=0
 record() { # name rc seconds
+    [ "$2" = 0 ] || failed=$((failed + 1))
     summary+=("$1: $([ "$2" = 0 ] && echo ok || echo "FAILED (exit $2)") in ${3}s")
 }
-run_step() { # name command...
-    local name="$1"; shift
+run_step() { # name function (run in a child shell under the step timeout)
+    local name="$1" fn="$2"
     echo "== $name"
     local start=$SECONDS
-    "$@"
+    timeout "$STEP_TIMEOUT" bash -c "$fn"
     local rc=$?
     record "$name" "$rc" "$((SECONDS - start))"
     return 0
 }
 
+export device SILK PYTHON OUT MODEL SHAPE BATCHES PROMPT GEN
 if [ ! -x "$SILK" ]; then
     echo "no silk binary at $SILK (set SILK)"; exit 2
 fi
@@ -95,6 +107,7 @@ machine_report() {
     machine 2>&1 | tee "$OUT/machine.txt"
     return "${PIPESTATUS[0]}"
 }
+export -f machine machine_report
 run_step "machine" machine_report
 
 fidelity() {
@@ -103,11 +116,17 @@ fidelity() {
         | tee "$OUT/fidelity.md"
     return "${PIPESTATUS[0]}"
 }
+export -f fidelity
 run_step "fidelity (f32, bf16; tiny fixtures and ${MODEL##*/})" fidelity
 
 model_dir="$work/qwen3-$SHAPE-random"
-run_step "random Qwen3 model ($SHAPE, bf16)" \
-    "$PYTHON" inference/reference/make_random_model.py --shape "$SHAPE" --dtype bfloat16 --out "$model_dir"
+random_model() {
+    "$PYTHON" inference/reference/make_random_model.py --shape "$SHAPE" --dtype bfloat16 \
+        --out "$model_dir"
+}
+export model_dir
+export -f random_model
+run_step "random Qwen3 model ($SHAPE, bf16)" random_model
 
 bench() {
     "$SILK" bench inference --model "$model_dir" --device "$device" --dtype bf16 \
@@ -115,6 +134,7 @@ bench() {
         --shared-prefix-tokens 0 --reference-python "$PYTHON" | tee "$OUT/bench-bf16.md"
     return "${PIPESTATUS[0]}"
 }
+export -f bench
 run_step "silk bench inference (bf16, batches $BATCHES) against transformers" bench
 
 roofline() {
@@ -133,7 +153,25 @@ print(f"weights {weights / 1e9:.3f} GB, copy bandwidth {bw / 1e9:.1f} GB/s: roof
       f"silk batch-1 decode {decode:.1f} tokens/s = {100 * decode / roof:.1f}% of it")
 PY
 }
+export -f roofline
 run_step "memory roofline" roofline
+
+profile() {
+    if [ "$device" != cuda ] || ! command -v nsys > /dev/null; then
+        echo "skipped: $([ "$device" = cuda ] && echo "no nsys on this machine" || echo "CUDA only")"
+        return 0
+    fi
+    nsys profile --force-overwrite true --stats=true -o "$OUT/decode-batch1" \
+        "$SILK" bench inference --model "$model_dir" --device "$device" --dtype bf16 \
+        --batch 1 --prompt-tokens 128 --gen-tokens 32 --shared-prefix-tokens 0 \
+        --reference-python none > "$OUT/nsys-stats.txt" 2>&1
+    local rc=$?
+    grep -A25 "cuda_gpu_kern_sum" "$OUT/nsys-stats.txt" | head -30
+    return "$rc"
+}
+export -f profile
+run_step "profile of batch-1 decode (nsys)" profile
 
 echo "== summary"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+[ "$failed" = 0 ]

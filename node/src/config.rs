@@ -49,6 +49,9 @@ pub struct NodeConfig {
     /// `/p2p/<peer id>`. Without any, a node that finds itself unreachable
     /// picks relays among its peers.
     pub relays: Vec<String>,
+    /// What the relay server grants others (defaults when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_limits: Option<RelayLimitsSection>,
     /// Peers reach each other on private addresses (a LAN, a lab, a VPN):
     /// autonat probes those too when it checks whether this node can be
     /// dialled.
@@ -72,6 +75,97 @@ pub struct NodeConfig {
     /// Who may call the HTTP API, and the server's limits (defaults when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpConfig>,
+}
+
+/// The `[relay_limits]` section: what this node's relay server grants peers
+/// behind NAT. Each reservation is a peer listening through this node;
+/// each circuit a connection relayed for one, carrying its jobs when hole
+/// punching fails, so these bound the memory, connections and traffic a
+/// relay spends on others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayLimitsSection {
+    /// Peers listening through this node at once (0: none).
+    pub max_reservations: usize,
+    /// Circuits relayed at once, in all.
+    pub max_circuits: usize,
+    /// Circuits relayed at once for one peer.
+    pub max_circuits_per_peer: usize,
+    /// A circuit is closed after this many seconds.
+    pub circuit_duration_s: u64,
+    /// A circuit is closed after carrying this many MiB (both ways).
+    pub circuit_mib: u64,
+}
+
+impl Default for RelayLimitsSection {
+    fn default() -> Self {
+        let l = silk_overlay::RELAY_LIMITS;
+        Self {
+            max_reservations: l.max_reservations,
+            max_circuits: l.max_circuits,
+            max_circuits_per_peer: l.max_circuits_per_peer,
+            circuit_duration_s: l.circuit_duration.as_secs(),
+            circuit_mib: l.circuit_bytes >> 20,
+        }
+    }
+}
+
+/// Upper bounds of `[relay_limits]`: past them a relay's favours would
+/// cost it more than a node should give strangers (a circuit holds a
+/// connection on both sides and buffers in each direction).
+const MAX_RESERVATIONS: usize = 4096;
+const MAX_CIRCUITS: usize = 1024;
+const MAX_CIRCUIT_DURATION_S: u64 = 24 * 60 * 60;
+const MAX_CIRCUIT_MIB: u64 = 4096;
+
+impl RelayLimitsSection {
+    /// The limits, or what is wrong with them (naming the field).
+    pub fn limits(&self) -> Result<silk_overlay::RelayLimits, String> {
+        let field = |name: &str, why: String| Err(format!("[relay_limits] {name}: {why}"));
+        if self.max_reservations > MAX_RESERVATIONS {
+            return field(
+                "max_reservations",
+                format!("{} is above {MAX_RESERVATIONS}", self.max_reservations),
+            );
+        }
+        if self.max_circuits > MAX_CIRCUITS {
+            return field(
+                "max_circuits",
+                format!("{} is above {MAX_CIRCUITS}", self.max_circuits),
+            );
+        }
+        if self.max_circuits_per_peer > self.max_circuits {
+            return field(
+                "max_circuits_per_peer",
+                format!(
+                    "{} is above max_circuits ({})",
+                    self.max_circuits_per_peer, self.max_circuits
+                ),
+            );
+        }
+        if !(1..=MAX_CIRCUIT_DURATION_S).contains(&self.circuit_duration_s) {
+            return field(
+                "circuit_duration_s",
+                format!(
+                    "{} is not in 1..={MAX_CIRCUIT_DURATION_S}",
+                    self.circuit_duration_s
+                ),
+            );
+        }
+        if !(1..=MAX_CIRCUIT_MIB).contains(&self.circuit_mib) {
+            return field(
+                "circuit_mib",
+                format!("{} is not in 1..={MAX_CIRCUIT_MIB}", self.circuit_mib),
+            );
+        }
+        Ok(silk_overlay::RelayLimits {
+            max_reservations: self.max_reservations,
+            max_circuits: self.max_circuits,
+            max_circuits_per_peer: self.max_circuits_per_peer,
+            circuit_duration: std::time::Duration::from_secs(self.circuit_duration_s),
+            circuit_bytes: self.circuit_mib << 20,
+        })
+    }
 }
 
 /// The `[ledger]` section: which chain settles jobs.
@@ -159,6 +253,7 @@ impl Default for NodeConfig {
             mdns: false,
             relay_server: true,
             relays: Vec::new(),
+            relay_limits: None,
             private_network: false,
             min_peers: 25,
             max_peers: 50,
@@ -180,10 +275,17 @@ impl NodeConfig {
     pub fn load_or_default(data_dir: &Path) -> Result<Self, MeshError> {
         let path = Self::path(data_dir);
         match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| MeshError::Config {
-                path,
-                reason: e.to_string(),
-            }),
+            Ok(text) => {
+                let config: Self = toml::from_str(&text).map_err(|e| MeshError::Config {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                // Refused at load, so `silk run` stops before it starts.
+                config
+                    .relay_limits()
+                    .map_err(|reason| MeshError::Config { path, reason })?;
+                Ok(config)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(MeshError::Config {
                 path,
@@ -213,6 +315,12 @@ impl NodeConfig {
         self.payments.clone().unwrap_or_default()
     }
 
+    /// The relay server's limits: `[relay_limits]` with defaults filled in,
+    /// or what is wrong with them.
+    pub fn relay_limits(&self) -> Result<silk_overlay::RelayLimits, String> {
+        self.relay_limits.clone().unwrap_or_default().limits()
+    }
+
     /// The `[http]` section, defaults filled in.
     pub fn http(&self) -> HttpConfig {
         self.http.clone().unwrap_or_default()
@@ -229,6 +337,48 @@ impl NodeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `[relay_limits]`: absent means silk's defaults; a partial section
+    /// keeps the defaults of the fields it leaves out; a value past its
+    /// bound stops the load with the field's name, an unknown key too.
+    #[test]
+    fn relay_limits_are_read_bounded_and_named_when_wrong() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let load = |text: &str| {
+            std::fs::write(NodeConfig::path(dir.path()), text).expect("write");
+            NodeConfig::load_or_default(dir.path())
+        };
+        let defaults = load("").expect("load").relay_limits().expect("limits");
+        assert_eq!(defaults, silk_overlay::RELAY_LIMITS);
+
+        let c = load("[relay_limits]\nmax_reservations = 0\ncircuit_mib = 64\n").expect("load");
+        let limits = c.relay_limits().expect("limits");
+        assert_eq!(limits.max_reservations, 0);
+        assert_eq!(limits.circuit_bytes, 64 << 20);
+        assert_eq!(limits.max_circuits, silk_overlay::RELAY_LIMITS.max_circuits);
+        // Saved and read back the same.
+        c.save(dir.path()).expect("save");
+        assert_eq!(NodeConfig::load_or_default(dir.path()).expect("load"), c);
+
+        for (text, field) in [
+            ("max_reservations = 5000", "max_reservations"),
+            ("max_circuits = 2000", "max_circuits"),
+            (
+                "max_circuits = 2\nmax_circuits_per_peer = 3",
+                "max_circuits_per_peer",
+            ),
+            ("circuit_duration_s = 0", "circuit_duration_s"),
+            ("circuit_mib = 0", "circuit_mib"),
+            ("circuit_mib = 5000", "circuit_mib"),
+            ("circuits = 3", "circuits"),
+        ] {
+            let err = load(&format!("[relay_limits]\n{text}\n"))
+                .err()
+                .unwrap_or_else(|| panic!("{text}: accepted"))
+                .to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
+    }
 
     #[test]
     fn round_trips_and_rejects_unknown_keys() {

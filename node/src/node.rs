@@ -106,6 +106,8 @@ pub struct NodeOptions {
 pub struct NatOptions {
     /// Relay circuits for peers behind NAT.
     pub relay_server: bool,
+    /// What the relay server grants.
+    pub relay_limits: silk_overlay::RelayLimits,
     /// Relays to listen through from the start.
     pub relays: Vec<Multiaddr>,
     /// Peers reach each other on private addresses (a LAN, a lab, a VPN):
@@ -117,6 +119,7 @@ impl Default for NatOptions {
     fn default() -> Self {
         Self {
             relay_server: true,
+            relay_limits: silk_overlay::RELAY_LIMITS,
             relays: Vec::new(),
             private_network: false,
         }
@@ -195,6 +198,7 @@ impl Node {
         config.min_peers = options.min_peers;
         config.max_peers = options.max_peers;
         config.relay_server = options.nat.relay_server;
+        config.relay_limits = options.nat.relay_limits;
         config.relays = options.nat.relays.clone();
         config.autonat_private_addresses = options.nat.private_network;
         if config.listens_only_on_loopback() {

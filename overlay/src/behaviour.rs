@@ -42,12 +42,13 @@ pub const IDENTIFY_PROTOCOL: &str = "/silk/id/1.0.0";
 pub(crate) const RELAY_HOP_PROTOCOL: StreamProtocol =
     StreamProtocol::new("/libp2p/circuit/relay/0.2.0/hop");
 
-/// What a node's relay server grants (with [`OverlayConfig::relay_server`]).
+/// What a node's relay server grants (with [`OverlayConfig::relay_server`];
+/// [`OverlayConfig::relay_limits`], [`RELAY_LIMITS`] by default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RelayLimits {
     /// Peers holding a reservation (a relayed listen address) at once.
     pub max_reservations: usize,
-    /// Circuits relayed at once, in all and per peer.
+    /// Circuits relayed at once, in all.
     pub max_circuits: usize,
     /// Circuits relayed at once for one peer.
     pub max_circuits_per_peer: usize,
@@ -180,11 +181,11 @@ pub(crate) fn build_swarm(config: &OverlayConfig) -> Result<Swarm<Behaviour>, Ov
                 crate::relay_server::RelayServer::new(
                     local,
                     relay::Config {
-                        max_reservations: RELAY_LIMITS.max_reservations,
-                        max_circuits: RELAY_LIMITS.max_circuits,
-                        max_circuits_per_peer: RELAY_LIMITS.max_circuits_per_peer,
-                        max_circuit_duration: RELAY_LIMITS.circuit_duration,
-                        max_circuit_bytes: RELAY_LIMITS.circuit_bytes,
+                        max_reservations: config.relay_limits.max_reservations,
+                        max_circuits: config.relay_limits.max_circuits,
+                        max_circuits_per_peer: config.relay_limits.max_circuits_per_peer,
+                        max_circuit_duration: config.relay_limits.circuit_duration,
+                        max_circuit_bytes: config.relay_limits.circuit_bytes,
                         ..relay::Config::default()
                     },
                 )

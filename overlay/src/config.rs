@@ -66,10 +66,12 @@ pub struct OverlayConfig {
     /// Interval between pings to each connected peer.
     pub ping_interval: Duration,
     /// Relay circuits between peers for those behind NAT (circuit relay
-    /// v2's hop protocol), within [`crate::RELAY_LIMITS`]. A relayed
+    /// v2's hop protocol), within [`Self::relay_limits`]. A relayed
     /// connection carries jobs until hole punching (DCUtR) replaces it
     /// with a direct one, or for good when that fails.
     pub relay_server: bool,
+    /// What the relay server grants ([`crate::RELAY_LIMITS`] by default).
+    pub relay_limits: crate::RelayLimits,
     /// Relays to listen through from the start, each ending in
     /// `/p2p/<peer id>`: peers reach this node at
     /// `<relay>/p2p-circuit/p2p/<us>`.
@@ -159,6 +161,7 @@ impl OverlayConfig {
             kad_server_mode: true,
             ping_interval: Duration::from_secs(15),
             relay_server: true,
+            relay_limits: crate::RELAY_LIMITS,
             relays: Vec::new(),
             auto_relay: true,
             autonat_private_addresses: false,

@@ -213,8 +213,11 @@ impl OverlayHandle {
     }
 
     /// Opens a job stream to `peer` and sends `request`; read the worker's
-    /// frames from the returned [`JobStream`]. Dials the peer when needed; if
-    /// that fails, looks it up in Kademlia and tries once more.
+    /// frames from the returned [`JobStream`]. Dials the peer when needed.
+    /// A stream whose connection closed before the request went out is
+    /// opened again at once (on another connection, or a new one); when
+    /// that fails too, or the dial did, the peer is looked up in Kademlia
+    /// and tried once more.
     pub async fn open_job(
         &self,
         peer: PeerId,
@@ -223,7 +226,14 @@ impl OverlayHandle {
         if self.commands.is_closed() {
             return Err(OverlayError::Stopped);
         }
-        match self.connect_and_open(peer, request.clone()).await {
+        let first = match self.connect_and_open(peer, request.clone()).await {
+            Err(e @ OverlayError::OpenStream { .. }) => {
+                tracing::debug!(%peer, error = %e, "job stream failed; opening another");
+                self.connect_and_open(peer, request.clone()).await
+            }
+            other => other,
+        };
+        match first {
             Err(e @ (OverlayError::Dial { .. } | OverlayError::OpenStream { .. })) => {
                 tracing::debug!(%peer, error = %e, "job stream failed; looking the peer up in the DHT");
                 self.find_peer(peer).await?;
@@ -294,7 +304,7 @@ impl OverlayHandle {
 
     /// Opens a bare `/silk/job/1.0.0` stream with nothing sent on it (to play
     /// a misbehaving peer in tests).
-    #[cfg(feature = "testing")]
+    #[cfg(any(test, feature = "testing"))]
     pub async fn open_raw_job_stream(&self, peer: PeerId) -> Result<libp2p::Stream, OverlayError> {
         self.control
             .clone()

@@ -248,6 +248,30 @@ impl Drop for JobStream {
     }
 }
 
+/// Sends the request frame on a new job stream. libp2p-stream opens a
+/// stream on any of the peer's connections, and one may be on its way out
+/// (a duplicate being closed, a connection the peer dropped): a write that
+/// fails there never reached the worker, so it is a failed open, which
+/// [`crate::OverlayHandle::open_job`] tries again, not a failed job.
+async fn send_request(
+    stream: &mut Stream,
+    peer: PeerId,
+    request: Vec<u8>,
+    limits: JobLimits,
+) -> Result<(), OverlayError> {
+    let frame = WireFrame::Request {
+        version: JOB_WIRE_VERSION,
+        request,
+    };
+    send(stream, &frame, limits).await.map_err(|e| match e {
+        OverlayError::Io(e) => OverlayError::OpenStream {
+            peer,
+            reason: format!("the connection closed before the request was sent: {e}"),
+        },
+        other => other,
+    })
+}
+
 /// Opens a job stream to `peer` and sends the request frame.
 pub(crate) async fn open(
     mut control: libp2p_stream::Control,
@@ -274,11 +298,7 @@ pub(crate) async fn open(
             })
         }
     };
-    let frame = WireFrame::Request {
-        version: JOB_WIRE_VERSION,
-        request,
-    };
-    send(&mut stream, &frame, limits).await?;
+    send_request(&mut stream, peer, request, limits).await?;
     let (tx, frames) = mpsc::channel(32);
     let reader = tokio::spawn(read_replies(peer, stream, tx, limits, reports)).abort_handle();
     Ok(JobStream {
@@ -596,6 +616,55 @@ mod tests {
             read_frame(&mut cursor, 4).await,
             Err(FrameError::TooLarge(_))
         ));
+    }
+
+    /// A stream whose connection is gone fails its request as a failed
+    /// open (which `open_job` retries), not as an I/O error of the job: a
+    /// CI run lost an honest job to "connection is closed" on a stream
+    /// opened as a duplicate connection closed.
+    #[tokio::test]
+    async fn a_request_on_a_closed_connection_is_a_failed_open() {
+        use crate::testing::{local_config, seeded_keypair, spawn_local, wait_until_connected};
+        let worker = spawn_local(local_config(seeded_keypair(9_001)))
+            .await
+            .expect("worker");
+        let gateway = spawn_local(
+            local_config(seeded_keypair(9_002)).with_bootstrap(vec![worker.addr.clone()]),
+        )
+        .await
+        .expect("gateway");
+        wait_until_connected(&gateway.handle, worker.peer_id, Duration::from_secs(20))
+            .await
+            .expect("connected");
+        let mut stream = gateway
+            .handle
+            .open_raw_job_stream(worker.peer_id)
+            .await
+            .expect("stream");
+        worker.handle.shutdown();
+        let limits = JobLimits {
+            max_frame_size: 1 << 20,
+            idle_timeout: Duration::from_secs(5),
+            first_frame_timeout: Duration::from_secs(5),
+        };
+        let started = std::time::Instant::now();
+        // Writes may land in buffers until the close is seen.
+        let err = loop {
+            match send_request(&mut stream, worker.peer_id, b"job".to_vec(), limits).await {
+                Err(e) => break e,
+                Ok(()) => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(20),
+                        "writes to a stopped peer kept succeeding"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        assert!(
+            matches!(err, OverlayError::OpenStream { peer, .. } if peer == worker.peer_id),
+            "{err:?}"
+        );
     }
 
     #[test]

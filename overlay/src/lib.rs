@@ -33,7 +33,8 @@
 //!   out whether the node can be dialled, and a node that cannot listens
 //!   through relays (its own `relays`, or peers offering the hop protocol),
 //!   where DCUtR upgrades relayed connections to direct ones; every node
-//!   relays for others within [`RELAY_LIMITS`] unless `relay_server` is off.
+//!   relays for others within its `relay_limits` ([`RELAY_LIMITS`] by
+//!   default) unless `relay_server` is off.
 //! - Announcements: [`OverlayHandle::announce`] signs an [`Announcement`]
 //!   into a [`SignedEnvelope`] and publishes it; every receiver validates it
 //!   (size, signature, signer = announced peer, expiry,

@@ -52,6 +52,9 @@ const RTT_ALPHA: f64 = 0.2;
 /// How often a peer met only through a relay is dialled at its direct
 /// addresses.
 const DIRECT_RETRY: Duration = Duration::from_secs(5 * 60);
+/// How long a relay that refused us a reservation (it is full, or relays
+/// for no one) is left alone before it is asked again.
+const RELAY_RETRY: Duration = Duration::from_secs(2 * 60);
 /// How long `spawn` waits for listeners to report their addresses.
 const LISTEN_WAIT: Duration = Duration::from_secs(10);
 
@@ -247,6 +250,28 @@ fn addresses_of(found: Vec<kad::PeerInfo>, target: PeerId) -> Vec<Multiaddr> {
         .unwrap_or_default()
 }
 
+/// Whether a relayed listener closed because the relay refused the
+/// reservation (it is full, or grants none): the relay's own answer,
+/// found in the error's chain, not a dial or connection failure.
+fn reservation_refused(reason: &Result<(), std::io::Error>) -> bool {
+    use relay::outbound::hop::ReserveError;
+    let Err(e) = reason else {
+        return false;
+    };
+    let mut next: Option<&(dyn std::error::Error + 'static)> =
+        e.get_ref().map(|e| e as &(dyn std::error::Error + 'static));
+    while let Some(err) = next {
+        if let Some(r) = err.downcast_ref::<ReserveError>() {
+            return matches!(
+                r,
+                ReserveError::Refused | ReserveError::ResourceLimitExceeded
+            );
+        }
+        next = err.source();
+    }
+    false
+}
+
 /// Whether `addr` goes through a relay.
 fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| p == Protocol::P2pCircuit)
@@ -401,6 +426,7 @@ impl Overlay {
             nat: autonat::NatStatus::Unknown,
             auto_relay: config.auto_relay,
             relay_listeners,
+            relay_refused: HashMap::new(),
         };
         tokio::spawn(event_loop.run());
 
@@ -567,6 +593,9 @@ struct EventLoop {
     auto_relay: bool,
     /// The relays this node listens through, and the listener on each.
     relay_listeners: HashMap<PeerId, ListenerId>,
+    /// Relays that refused a reservation, and when: not asked again for
+    /// [`RELAY_RETRY`].
+    relay_refused: HashMap<PeerId, Instant>,
 }
 
 impl EventLoop {
@@ -688,12 +717,15 @@ impl EventLoop {
         {
             return;
         }
+        self.relay_refused
+            .retain(|_, at| at.elapsed() < RELAY_RETRY);
         let candidates: Vec<(PeerId, Multiaddr)> = self
             .peers
             .iter()
             .filter(|(peer, state)| {
                 state.relays
                     && !self.relay_listeners.contains_key(peer)
+                    && !self.relay_refused.contains_key(peer)
                     && !self.policy.is_banned(peer)
             })
             .filter_map(|(peer, state)| {
@@ -1258,9 +1290,16 @@ impl EventLoop {
                     .find(|(_, id)| **id == listener_id)
                     .map(|(peer, _)| *peer);
                 if let Some(relay) = relay {
-                    // Picked again (this one or another) at the next tick.
                     self.relay_listeners.remove(&relay);
-                    tracing::info!(%relay, ?reason, "a relayed listener closed");
+                    if reservation_refused(&reason) {
+                        // Asking again at every tick would only load a
+                        // full relay; others are tried meanwhile.
+                        self.relay_refused.insert(relay, Instant::now());
+                        tracing::info!(%relay, ?reason, "a relay refused a reservation");
+                    } else {
+                        // Picked again (this one or another) at the next tick.
+                        tracing::info!(%relay, ?reason, "a relayed listener closed");
+                    }
                 }
             }
             SwarmEvent::OutgoingConnectionError {
@@ -1612,5 +1651,31 @@ impl EventLoop {
             }
             request_response::Event::ResponseSent { .. } => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the relay's own refusal puts it on hold; a listener lost to a
+    /// failed dial or a dropped connection is replaced at once.
+    #[test]
+    fn a_refused_reservation_is_told_from_a_failed_connection() {
+        use relay::outbound::hop::ReserveError;
+        let refused = |e: ReserveError| {
+            Err(std::io::Error::other(
+                relay::client::transport::Error::Reservation(e),
+            ))
+        };
+        assert!(reservation_refused(&refused(ReserveError::Refused)));
+        assert!(reservation_refused(&refused(
+            ReserveError::ResourceLimitExceeded
+        )));
+        assert!(!reservation_refused(&refused(ReserveError::Unsupported)));
+        assert!(!reservation_refused(&Err(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset
+        ))));
+        assert!(!reservation_refused(&Ok(())));
     }
 }

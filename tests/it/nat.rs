@@ -508,3 +508,86 @@ async fn a_relay_dropping_a_job_midway_is_a_failed_worker_to_the_gateway() -> an
     drop(lab);
     Ok(())
 }
+
+/// A relay's `[relay_limits]` apply, and a worker takes a refusal as an
+/// answer: with two public relays, one granting no reservations
+/// (`max_reservations = 0`), the worker behind NAT listens through the
+/// other; the stingy one denies it and is not asked again at every tick
+/// (it was asked at each tick before a refusal was remembered: dozens of
+/// denied requests a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_grants_no_reservations_is_passed_over_and_left_alone() -> anyhow::Result<()> {
+    const STINGY: usize = 0;
+    const OPEN: usize = 2;
+    let sites = [
+        ("stingy", Placement::Public),
+        ("worker", Placement::BehindNat),
+        ("open", Placement::Public),
+    ];
+    let Some((lab, mut config)) = lab_and_config(&sites, 1, false)? else {
+        return Ok(());
+    };
+    config.node_options[STINGY]
+        .config_toml
+        .push_str("[relay_limits]\nmax_reservations = 0\n");
+    let net = Testnet::spawn(config)
+        .await
+        .context("the mesh inside the NAT lab did not start/converge")?;
+    let open = net.nodes[OPEN].peer_id.clone();
+    let stingy = net.nodes[STINGY].peer_id.clone();
+    let denied_metric = "libp2p_relay_events_total{event=\"ReservationReqDenied\"}";
+    let accepted_metric = "libp2p_relay_events_total{event=\"ReservationReqAccepted\"}";
+
+    wait_for("the worker listens through the open relay", 90, || async {
+        let mesh = net
+            .get_json(&format!("{}/v1/mesh", net.nodes[WORKER].api_url))
+            .await?;
+        Ok(mesh["reachability"]["relays"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|p| p == open.as_str()))
+            .then_some(()))
+    })
+    .await?;
+    let denied = wait_for("the stingy relay denies the worker", 60, || async {
+        let n = counter(&net, STINGY, denied_metric).await?;
+        Ok((n >= 1.0).then_some(n))
+    })
+    .await?;
+    // Ten seconds are dozens of the worker's ticks (200 ms with the
+    // testnet's fast gossip).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let denied_after = match counter(&net, STINGY, denied_metric).await {
+        Ok(n) => n,
+        Err(e) => {
+            for line in net.nodes[STINGY].log().lines().rev().take(40) {
+                println!("stingy: {line}");
+            }
+            return Err(e.context("the stingy relay's metrics"));
+        }
+    };
+    let accepted = counter(&net, STINGY, accepted_metric).await?;
+    let mesh = net
+        .get_json(&format!("{}/v1/mesh", net.nodes[WORKER].api_url))
+        .await?;
+    println!(
+        "stingy relay: {denied} denied, {denied_after} ten seconds later, {accepted} accepted; \
+         worker's relays {}",
+        mesh["reachability"]["relays"]
+    );
+    ensure!(
+        accepted == 0.0,
+        "a relay with max_reservations = 0 granted one"
+    );
+    ensure!(
+        denied_after == denied,
+        "the worker kept asking a relay that refused it: {denied} then {denied_after} denials"
+    );
+    ensure!(
+        mesh["reachability"]["relays"] == json!([open]),
+        "the worker's relays: {} (stingy is {stingy})",
+        mesh["reachability"]["relays"]
+    );
+    drop(net);
+    drop(lab);
+    Ok(())
+}

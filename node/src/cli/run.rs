@@ -142,6 +142,7 @@ pub fn run(args: RunArgs, data_dir: &Path) -> anyhow::Result<ExitCode> {
         mdns: config.mdns,
         nat: crate::node::NatOptions {
             relay_server: config.relay_server,
+            relay_limits: config.relay_limits().map_err(anyhow::Error::msg)?,
             relays: parse_addrs(&config.relays)?,
             private_network: config.private_network,
         },
