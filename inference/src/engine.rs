@@ -24,7 +24,7 @@ use crate::cache::{bytes_for, KvCache};
 use crate::constraint::{apply_mask, Constraint, Grammars};
 use crate::error::{InferenceError, Result};
 use crate::model::{LoadedModel, ModelSource};
-use crate::prefix::PrefixCache;
+use crate::prefix::{reusable_len, PrefixCache};
 use crate::sampling::{History, Sampler, SamplingParams, TokenLogprob, TopLogprob};
 use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
 use crate::tools::Tool;
@@ -237,6 +237,9 @@ pub struct EngineLoad {
     pub active: usize,
     /// Requests waiting.
     pub queued: usize,
+    /// Requests in the batch whose reader is behind: the engine holds
+    /// their next event and leaves them out of its steps until it is read.
+    pub stalled: usize,
     /// Batch slots.
     pub max_batch: usize,
     /// Recent aggregate decode speed (tokens/s over recent steps).
@@ -251,6 +254,7 @@ pub struct EngineLoad {
 struct Counters {
     active: AtomicUsize,
     queued: AtomicUsize,
+    stalled: AtomicUsize,
     /// f64 bits of the decode-speed moving average.
     decode_tps: AtomicU64,
     /// Bytes the prefix cache holds, and prompt tokens read from it.
@@ -570,6 +574,7 @@ impl Engine {
         EngineLoad {
             active: self.counters.active.load(Ordering::Relaxed),
             queued: self.counters.queued.load(Ordering::Relaxed),
+            stalled: self.counters.stalled.load(Ordering::Relaxed),
             max_batch: self.config.max_batch,
             decode_tokens_per_s: f64::from_bits(self.counters.decode_tps.load(Ordering::Relaxed)),
             prefix_cache_bytes: self.counters.prefix_bytes.load(Ordering::Relaxed),
@@ -642,6 +647,8 @@ impl<B: Backend> Scheduler<B> {
             self.counters
                 .active
                 .store(self.active.len(), Ordering::Relaxed);
+            let stalled = self.active.iter().filter(|s| s.pending.is_some()).count();
+            self.counters.stalled.store(stalled, Ordering::Relaxed);
             if self.active.is_empty() {
                 continue;
             }
@@ -719,7 +726,7 @@ impl<B: Backend> Scheduler<B> {
             // A request that scores its prompt needs every position's
             // logits, so it computes them all.
             let (cache, cached) = match job.request.prompt_logprobs {
-                None => self.prefix.lookup(&job.prompt),
+                None => self.shared_prefix(&job.prompt),
                 Some(_) => None,
             }
             .unwrap_or_else(|| (self.transformer.new_cache(), 0));
@@ -751,6 +758,31 @@ impl<B: Backend> Scheduler<B> {
                 admitted: now,
                 first_token: None,
             });
+        }
+    }
+
+    /// The longest start of `prompt` whose keys and values are already
+    /// computed, copied, and its length: from the prefix cache, or from a
+    /// sequence still running whose prompt starts the same way (a burst
+    /// of requests with one system prompt shares it while the first is
+    /// still answering). Only a running sequence's own prompt positions
+    /// are taken, in whole prefill chunks, as the prefix cache does.
+    fn shared_prefix(&mut self, prompt: &[u32]) -> Option<(KvCache<B>, usize)> {
+        let align = self.config.prefill_chunk;
+        let running = self
+            .active
+            .iter()
+            .filter(|s| !s.finished && s.request.prompt_logprobs.is_none())
+            .map(|s| {
+                let computed = &s.prompt[..s.consumed.min(s.prompt.len())];
+                (reusable_len(computed, prompt, align), s)
+            })
+            .max_by_key(|(n, _)| *n);
+        match running {
+            Some((n, seq)) if n > 0 && n > self.prefix.shared_len(prompt) => {
+                Some((seq.cache.snapshot(n), n))
+            }
+            _ => self.prefix.lookup(prompt),
         }
     }
 

@@ -10,6 +10,12 @@
 //! leaving first; an entry whose tokens begin another's is dropped as
 //! redundant.
 //!
+//! Sequences still running share the same way: a request starting like
+//! one in the batch copies the whole prefill chunks that sequence has
+//! already computed of its prompt (the scheduler picks whichever holds
+//! more, a running sequence or a cache entry; see
+//! [`PrefixCache::shared_len`] and [`reusable_len`]).
+//!
 //! A request served from the cache gets the answer it would get without
 //! it, bit for bit: only positions its own prefill would have computed in
 //! the same forward passes are copied. Prefill runs in chunks of
@@ -51,6 +57,20 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// How many positions of `prompt` can be read from a cache holding those
+/// of `held`: their common prefix, short of `prompt`'s last token (whose
+/// logits the request needs), cut down to whole chunks of `align`; 0 when
+/// that is under [`MIN_PREFIX_TOKENS`].
+pub(crate) fn reusable_len(held: &[u32], prompt: &[u32], align: usize) -> usize {
+    let n = common_prefix(held, prompt).min(prompt.len().saturating_sub(1));
+    let n = n - n % align.max(1);
+    if n < MIN_PREFIX_TOKENS.max(1) {
+        0
+    } else {
+        n
+    }
+}
+
 impl<B: Backend> PrefixCache<B> {
     /// An empty cache; `bytes_per_token` is what one position costs,
     /// `align` the engine's prefill chunk.
@@ -65,8 +85,14 @@ impl<B: Backend> PrefixCache<B> {
         }
     }
 
-    fn aligned(&self, n: usize) -> usize {
-        n - n % self.align
+    /// How many positions of `prompt` [`Self::lookup`] would give, without
+    /// taking them (0 when under [`MIN_PREFIX_TOKENS`]).
+    pub(crate) fn shared_len(&self, prompt: &[u32]) -> usize {
+        self.entries
+            .iter()
+            .map(|e| reusable_len(&e.tokens, prompt, self.align))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Bytes held.
@@ -79,14 +105,13 @@ impl<B: Backend> PrefixCache<B> {
     /// [`MIN_PREFIX_TOKENS`] would come from the cache. The last prompt
     /// token is never taken from the cache.
     pub(crate) fn lookup(&mut self, prompt: &[u32]) -> Option<(KvCache<B>, usize)> {
-        let limit = prompt.len().saturating_sub(1);
         let (index, shared) = self
             .entries
             .iter()
             .enumerate()
-            .map(|(i, e)| (i, self.aligned(common_prefix(&e.tokens, prompt).min(limit))))
+            .map(|(i, e)| (i, reusable_len(&e.tokens, prompt, self.align)))
             .max_by_key(|&(i, n)| (n, self.entries[i].last_used))?;
-        if shared < MIN_PREFIX_TOKENS.max(1) {
+        if shared == 0 {
             return None;
         }
         self.clock += 1;
@@ -100,7 +125,8 @@ impl<B: Backend> PrefixCache<B> {
     /// answering, are dropped).
     pub(crate) fn insert(&mut self, prompt: &[u32], mut cache: KvCache<B>) {
         let tokens = prompt;
-        let len = self.aligned(cache.len().min(tokens.len()));
+        let len = cache.len().min(tokens.len());
+        let len = len - len % self.align;
         if len < MIN_PREFIX_TOKENS || self.budget_bytes == 0 {
             return;
         }

@@ -15,6 +15,25 @@ use silk_inference::model::{LoadedModel, ModelSource};
 use silk_inference::transformer::WeightLayout;
 
 fn engine(name: &str, layout: WeightLayout, kernels: CpuKernels, prefix_bytes: usize) -> Engine {
+    engine_with(
+        name,
+        layout,
+        kernels,
+        EngineConfig {
+            // Chunks that do not line up with the cached prefix.
+            prefill_chunk: 7,
+            prefix_cache_bytes: prefix_bytes,
+            ..Default::default()
+        },
+    )
+}
+
+fn engine_with(
+    name: &str,
+    layout: WeightLayout,
+    kernels: CpuKernels,
+    config: EngineConfig,
+) -> Engine {
     let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name);
@@ -25,16 +44,7 @@ fn engine(name: &str, layout: WeightLayout, kernels: CpuKernels, prefix_bytes: u
         &Default::default(),
     )
     .expect("load");
-    Engine::start(
-        model,
-        EngineConfig {
-            // Chunks that do not line up with the cached prefix.
-            prefill_chunk: 7,
-            prefix_cache_bytes: prefix_bytes,
-            ..Default::default()
-        },
-    )
-    .expect("engine")
+    Engine::start(model, config).expect("engine")
 }
 
 struct Answer {
@@ -77,14 +87,20 @@ fn same_answer(what: &str, got: &Answer, want: &Answer) {
     assert_eq!(bits(got), bits(want), "{what}: log-probabilities");
 }
 
-#[test]
-fn a_shared_prefix_is_read_from_the_cache_and_changes_no_answer() {
+/// The dense layout, and the packed one with each kernel set this CPU runs.
+fn layouts() -> Vec<(WeightLayout, CpuKernels)> {
     let mut layouts = vec![(WeightLayout::Dense, CpuKernels::best())];
     layouts.extend(
         CpuKernels::available()
             .into_iter()
             .map(|k| (WeightLayout::Packed, k)),
     );
+    layouts
+}
+
+#[test]
+fn a_shared_prefix_is_read_from_the_cache_and_changes_no_answer() {
+    let layouts = layouts();
     for name in ["tiny-llama", "tiny-qwen3"] {
         for (layout, kernels) in layouts.clone() {
             let what = format!("{name} {layout:?} {kernels}");
@@ -138,6 +154,75 @@ fn a_shared_prefix_is_read_from_the_cache_and_changes_no_answer() {
                 }
             }
             assert_eq!(usage.expect("usage").cached_tokens, 0, "{what}: scoring");
+        }
+    }
+}
+
+/// A request starting like one still being answered reads the prompt
+/// chunks that sequence has computed, without waiting for it to finish
+/// (before, it found nothing: only finished sequences were cached), and
+/// gets the answer an engine without the cache gives, bit for bit. The
+/// running request's reader reads one token and stops, so the engine
+/// stalls it and the newcomer's forward passes are its own, as on the
+/// plain engine.
+#[test]
+fn a_running_sequence_shares_its_prompt_with_a_newcomer() {
+    for name in ["tiny-llama", "tiny-qwen3"] {
+        for (layout, kernels) in layouts() {
+            let what = format!("{name} {layout:?} {kernels}");
+            let cached = engine_with(
+                name,
+                layout,
+                kernels,
+                EngineConfig {
+                    prefill_chunk: 7,
+                    prefix_cache_bytes: 64 << 20,
+                    stream_buffer: 1,
+                    ..Default::default()
+                },
+            );
+            let plain = engine(name, layout, kernels, 0);
+            let system: Vec<u32> = (0..40).map(|i| 3 + (i * 37) % 200).collect();
+
+            let mut r = GenerateRequest::new(Prompt::Tokens(system.clone()), 64);
+            r.ignore_eos = true;
+            let mut running = cached.submit(r).expect("submit");
+            let mut first_tokens = match running.blocking_next() {
+                Some(Event::Token { id, .. }) => vec![id],
+                other => panic!("{what}: expected a first token, got {other:?}"),
+            };
+            let waited = std::time::Instant::now();
+            while cached.load().stalled != 1 {
+                assert!(
+                    waited.elapsed() < std::time::Duration::from_secs(120),
+                    "{what}: the unread request was never stalled: {:?}",
+                    cached.load()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+
+            let mut next = system.clone();
+            next.extend([17, 29, 31, 5]);
+            let warm = run(&cached, &next, 8);
+            assert_eq!(
+                warm.usage.cached_tokens, 35,
+                "{what}: 35 of the running prompt's 40 tokens are whole chunks of 7"
+            );
+            same_answer(&what, &warm, &run(&plain, &next, 8));
+
+            // The first request, read to its end, lost nothing to the copy.
+            while let Some(event) = running.blocking_next() {
+                match event {
+                    Event::Token { id, .. } => first_tokens.push(id),
+                    Event::Done(_) => break,
+                    other => panic!("{what}: {other:?}"),
+                }
+            }
+            assert_eq!(
+                first_tokens,
+                run(&plain, &system, 64).tokens,
+                "{what}: the running request's answer"
+            );
         }
     }
 }

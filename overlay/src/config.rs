@@ -102,8 +102,9 @@ pub struct OverlayConfig {
     /// slots this node needs to dial out (audit F13).
     pub max_inbound_connections: u32,
     /// Most inbound connections, pending or established, from one IP
-    /// address (audit F13). A node listening only on loopback (a local
-    /// testnet) has every peer on 127.0.0.1 and needs this raised.
+    /// address, and through one relay (audit F13). A node listening only
+    /// on loopback (a local testnet) has every peer on 127.0.0.1 and needs
+    /// this raised.
     pub max_inbound_connections_per_ip: u32,
     /// Most established connections per peer.
     pub max_connections_per_peer: u32,

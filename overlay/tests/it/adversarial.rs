@@ -551,3 +551,90 @@ async fn rejected_gossip_is_counted_by_reason_in_the_metrics() {
         "libp2p's own metrics are in the same registry:\n{text}"
     );
 }
+
+/// Audit F13 through a relay: libp2p-relay hands a relayed connection over
+/// with no remote IP (`/p2p/<source>`), so the per-address cap never saw
+/// it, and fresh peer ids dialling through one relay could take every
+/// inbound slot. Now a relay counts as one source. Eight attackers dial the
+/// victim only at its relayed address; before the fix the victim held all
+/// eight of their relayed connections at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_peer_ids_behind_one_relay_cannot_take_every_inbound_connection() {
+    use libp2p::multiaddr::Protocol;
+    init_tracing();
+    // libp2p's relay server grants reservations only once autonat has
+    // confirmed the relay's address: let 127.0.0.1 count, and probe soon.
+    let quick_autonat = |mut config: silk_overlay::OverlayConfig| {
+        config.autonat_private_addresses = true;
+        config.autonat_boot_delay = std::time::Duration::from_millis(500);
+        config.autonat_retry_interval = std::time::Duration::from_secs(1);
+        config
+    };
+    let relay = spawn_local(quick_autonat(local_config(seeded_keypair(8_700))))
+        .await
+        .expect("relay");
+    let prober = spawn_local(
+        quick_autonat(local_config(seeded_keypair(8_710))).with_bootstrap(vec![relay.addr.clone()]),
+    )
+    .await
+    .expect("prober");
+    eventually("autonat to find the relay public", || async {
+        let r = relay.handle.reachability().await.ok()?;
+        (r.status == "public").then_some(())
+    })
+    .await;
+    prober.handle.shutdown();
+    let mut config = quick_autonat(local_config(seeded_keypair(8_701)));
+    config.max_inbound_connections_per_ip = 3;
+    config.relays = vec![relay.addr.clone()];
+    let victim = spawn_local(config).await.expect("victim");
+    eventually("the victim to listen through the relay", || async {
+        let addrs = victim.handle.listen_addrs().await.ok()?;
+        addrs
+            .iter()
+            .any(|a| a.iter().any(|p| p == Protocol::P2pCircuit))
+            .then_some(())
+    })
+    .await;
+    let circuit = relay
+        .addr
+        .clone()
+        .with(Protocol::P2pCircuit)
+        .with(Protocol::P2p(victim.peer_id));
+    let mut attackers = Vec::new();
+    for i in 2..10 {
+        attackers.push(
+            spawn_local(local_config(seeded_keypair(8_700 + i)))
+                .await
+                .expect("attacker"),
+        );
+    }
+    let dials = attackers.iter().map(|a| a.handle.dial(circuit.clone()));
+    futures::future::join_all(dials).await;
+    let relayed_in = || async {
+        victim.handle.peers().await.map_or(0, |peers| {
+            peers
+                .iter()
+                .flat_map(|p| &p.connections)
+                .filter(|c| c.relayed && !c.outbound)
+                .count()
+        })
+    };
+    let mut most = eventually("three attackers to come in through the relay", || async {
+        let n = relayed_in().await;
+        (n >= 3).then_some(n)
+    })
+    .await;
+    // Each attacker may also reach the victim directly (it learns the
+    // victim's address from identify), and relayed connections are closed
+    // once a direct one is up; what must never happen is more than the
+    // cap coming in through the relay at once.
+    for _ in 0..40 {
+        most = most.max(relayed_in().await);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        most <= 3,
+        "{most} relayed inbound connections through one relay, past a cap of 3"
+    );
+}
