@@ -192,8 +192,11 @@ async fn five_node_mesh() -> anyhow::Result<()> {
         status["jobs"]
     );
     // Records reach the history through its writer's inbox: moments later.
+    // Until the last refusal is in, the ten most recent still hold older
+    // jobs (a CI run broke out as soon as there were ten, one an earlier
+    // `ok`), so wait for the refusals themselves.
     let mut recent = Vec::new();
-    for _ in 0..50 {
+    for _ in 0..100 {
         let status = net
             .get_json(&format!("{}/v1/status?jobs=10", net.nodes[0].api_url))
             .await?;
@@ -201,7 +204,11 @@ async fn five_node_mesh() -> anyhow::Result<()> {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        if recent.len() == 10 {
+        if recent.len() == 10
+            && recent
+                .iter()
+                .all(|job| job["outcome"] == "context_length_exceeded")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
