@@ -619,6 +619,11 @@ struct Sequence<B: Backend> {
     enqueued: Instant,
     admitted: Instant,
     first_token: Option<Instant>,
+    /// The logits after the last prompt token, once the prompt is read: a
+    /// request with the same prompt forks from this sequence (copies its
+    /// prompt's keys and values and samples from this row) instead of
+    /// reading the prompt again (see [`Scheduler::fork_point`]).
+    prompt_row: Option<Arc<[f32]>>,
 }
 
 struct Scheduler<B: Backend> {
@@ -668,7 +673,7 @@ impl<B: Backend> Scheduler<B> {
             }
             let seq = self.active.swap_remove(i);
             if seq.done && seq.request.prompt_logprobs.is_none() {
-                self.prefix.insert(&seq.prompt, seq.cache);
+                self.prefix.insert(&seq.prompt, seq.cache, seq.prompt_row);
                 self.counters
                     .prefix_bytes
                     .store(self.prefix.used_bytes(), Ordering::Relaxed);
@@ -723,13 +728,24 @@ impl<B: Backend> Scheduler<B> {
             for &id in &job.request.continuation {
                 let _ = decoder.push(&self.tokenizer, id);
             }
-            // A request that scores its prompt needs every position's
-            // logits, so it computes them all.
-            let (cache, cached) = match job.request.prompt_logprobs {
-                None => self.shared_prefix(&job.prompt),
-                Some(_) => None,
-            }
-            .unwrap_or_else(|| (self.transformer.new_cache(), 0));
+            // The same prompt in the batch, already read: fork from it. A
+            // request that scores its prompt needs every position's logits,
+            // so it computes them all; one that goes on after a
+            // continuation feeds it after the prompt itself.
+            let plain =
+                job.request.prompt_logprobs.is_none() && job.request.continuation.is_empty();
+            let fork = plain.then(|| self.fork_point(&job.prompt)).flatten();
+            let (cache, cached, prompt_row) = match fork {
+                Some((cache, row)) => (cache, job.prompt.len(), Some(row)),
+                None => {
+                    let (cache, cached) = match job.request.prompt_logprobs {
+                        None => self.shared_prefix(&job.prompt),
+                        Some(_) => None,
+                    }
+                    .unwrap_or_else(|| (self.transformer.new_cache(), 0));
+                    (cache, cached, None)
+                }
+            };
             self.counters
                 .cached_tokens
                 .fetch_add(cached as u64, Ordering::Relaxed);
@@ -757,8 +773,29 @@ impl<B: Backend> Scheduler<B> {
                 enqueued: job.enqueued,
                 admitted: now,
                 first_token: None,
+                prompt_row: prompt_row.clone(),
             });
+            // A fork's first token comes from the row it shares.
+            if let Some(row) = prompt_row {
+                self.choose(self.active.len() - 1, &row);
+            }
         }
+    }
+
+    /// A running sequence whose whole prompt is `prompt` and has been
+    /// read, or else a prefix cache entry of exactly that prompt: a copy of
+    /// its prompt's keys and values, and the logits after it. The `n`
+    /// choices of one request are `n` requests with one prompt; the first
+    /// reads it, the others start here, sharing its prefill.
+    fn fork_point(&mut self, prompt: &[u32]) -> Option<(KvCache<B>, Arc<[f32]>)> {
+        self.active
+            .iter()
+            .filter(|s| !s.finished && s.prompt == prompt)
+            .find_map(|s| {
+                let row = s.prompt_row.as_ref()?;
+                Some((s.cache.snapshot(prompt.len()), Arc::clone(row)))
+            })
+            .or_else(|| self.prefix.fork(prompt))
     }
 
     /// The longest start of `prompt` whose keys and values are already
@@ -900,6 +937,11 @@ impl<B: Backend> Scheduler<B> {
                 if seq.consumed < seq.prompt.len() {
                     continue;
                 }
+                // A pass that computed every position's logits may have
+                // taken other kernels: only a plain prefill's row is shared.
+                if seq.request.prompt_logprobs.is_none() {
+                    seq.prompt_row = Some(Arc::from(row));
+                }
                 if seq.request.prompt_logprobs.is_some() {
                     let scored = std::mem::take(&mut seq.prompt_logprobs);
                     if seq.sender.try_send(Event::PromptLogprobs(scored)).is_err() {
@@ -916,70 +958,7 @@ impl<B: Backend> Scheduler<B> {
             } else {
                 decoded += 1;
             }
-            if let Some(carried) = seq.replay.pop_front() {
-                // This step made `carried` on the engine that began the
-                // answer: feed it back instead of drawing one here (the
-                // sampler still draws, so a seeded run keeps its stream).
-                let _ = seq.sampler.sample(row, &seq.history);
-                seq.next_input = Some(carried);
-                seq.history.push(carried);
-                if let Some(m) = seq.matcher.as_mut() {
-                    if let Err(e) = m.consume_token(carried) {
-                        let _ = seq.sender.try_send(Event::Error(format!(
-                            "the continuation does not fit the response format: {e}"
-                        )));
-                        seq.finished = true;
-                    }
-                }
-                continue;
-            }
-            let mut grammar_time = Duration::ZERO;
-            let token = match seq.matcher.as_mut() {
-                None => seq.sampler.sample(row, &seq.history),
-                Some(m) => {
-                    let mut masked = row.to_vec();
-                    let started = Instant::now();
-                    let masking = apply_mask(m, &mut masked);
-                    grammar_time += started.elapsed();
-                    match masking {
-                        Ok(()) => seq.sampler.sample(&masked, &seq.history),
-                        Err(e) => {
-                            let _ = seq.sender.try_send(Event::Error(e.to_string()));
-                            seq.finished = true;
-                            continue;
-                        }
-                    }
-                }
-            };
-            seq.history.push(token);
-            let complete = match seq.matcher.as_mut() {
-                None => false,
-                Some(m) => {
-                    let started = Instant::now();
-                    let consumed = m.consume_token(token);
-                    grammar_time += started.elapsed();
-                    match consumed {
-                        Ok(()) => {
-                            let nanos = u64::try_from(grammar_time.as_nanos()).unwrap_or(u64::MAX);
-                            self.counters.mask_nanos.fetch_add(nanos, Ordering::Relaxed);
-                            self.counters.masked_tokens.fetch_add(1, Ordering::Relaxed);
-                            m.is_stopped()
-                        }
-                        Err(e) => {
-                            let _ = seq
-                                .sender
-                                .try_send(Event::Error(format!("constrained decoding: {e}")));
-                            seq.finished = true;
-                            continue;
-                        }
-                    }
-                }
-            };
-            let logprob = seq
-                .request
-                .logprobs
-                .map(|k| crate::sampling::logprobs(row, token, usize::from(k)));
-            self.emit(*i, token, logprob, complete);
+            self.choose(*i, row);
         }
         if decoded > 0 {
             let tps = decoded as f64 / started.elapsed().as_secs_f64().max(1e-9);
@@ -993,6 +972,77 @@ impl<B: Backend> Scheduler<B> {
                 .decode_tps
                 .store(new.to_bits(), Ordering::Relaxed);
         }
+    }
+
+    /// Picks sequence `index`'s next token from `row`, its logits: the
+    /// continuation's next token when it replays one, else a sample
+    /// (masked by its grammar when it has one); then emits it.
+    fn choose(&mut self, index: usize, row: &[f32]) {
+        let seq = &mut self.active[index];
+        if let Some(carried) = seq.replay.pop_front() {
+            // This step made `carried` on the engine that began the
+            // answer: feed it back instead of drawing one here (the
+            // sampler still draws, so a seeded run keeps its stream).
+            let _ = seq.sampler.sample(row, &seq.history);
+            seq.next_input = Some(carried);
+            seq.history.push(carried);
+            if let Some(m) = seq.matcher.as_mut() {
+                if let Err(e) = m.consume_token(carried) {
+                    let _ = seq.sender.try_send(Event::Error(format!(
+                        "the continuation does not fit the response format: {e}"
+                    )));
+                    seq.finished = true;
+                }
+            }
+            return;
+        }
+        let mut grammar_time = Duration::ZERO;
+        let token = match seq.matcher.as_mut() {
+            None => seq.sampler.sample(row, &seq.history),
+            Some(m) => {
+                let mut masked = row.to_vec();
+                let started = Instant::now();
+                let masking = apply_mask(m, &mut masked);
+                grammar_time += started.elapsed();
+                match masking {
+                    Ok(()) => seq.sampler.sample(&masked, &seq.history),
+                    Err(e) => {
+                        let _ = seq.sender.try_send(Event::Error(e.to_string()));
+                        seq.finished = true;
+                        return;
+                    }
+                }
+            }
+        };
+        seq.history.push(token);
+        let complete = match seq.matcher.as_mut() {
+            None => false,
+            Some(m) => {
+                let started = Instant::now();
+                let consumed = m.consume_token(token);
+                grammar_time += started.elapsed();
+                match consumed {
+                    Ok(()) => {
+                        let nanos = u64::try_from(grammar_time.as_nanos()).unwrap_or(u64::MAX);
+                        self.counters.mask_nanos.fetch_add(nanos, Ordering::Relaxed);
+                        self.counters.masked_tokens.fetch_add(1, Ordering::Relaxed);
+                        m.is_stopped()
+                    }
+                    Err(e) => {
+                        let _ = seq
+                            .sender
+                            .try_send(Event::Error(format!("constrained decoding: {e}")));
+                        seq.finished = true;
+                        return;
+                    }
+                }
+            }
+        };
+        let logprob = seq
+            .request
+            .logprobs
+            .map(|k| crate::sampling::logprobs(row, token, usize::from(k)));
+        self.emit(index, token, logprob, complete);
     }
 
     /// Handles one sampled token: stop checks, text, events.

@@ -5,10 +5,17 @@
 //! Each entry is the KV cache of one finished sequence's prompt with its
 //! tokens. A new request takes the entry sharing the longest prefix with
 //! its prompt, copies that many positions and prefills only the rest; it
-//! always computes at least its last prompt token, whose logits it needs.
+//! computes at least its last prompt token, whose logits it needs, unless
+//! an entry kept those logits too (below).
 //! The entries together stay within a byte budget, the least recently used
 //! leaving first; an entry whose tokens begin another's is dropped as
 //! redundant.
+//!
+//! A whole prompt is also kept with the logits after its last token (when
+//! its sequence had them from a plain prefill): a request with exactly
+//! that prompt (a retry, a later choice of one request) copies all of it
+//! and samples from that row, computing nothing ([`PrefixCache::fork`]).
+//! Such an entry is not dropped when a longer one extends it.
 //!
 //! Sequences still running share the same way: a request starting like
 //! one in the batch copies the whole prefill chunks that sequence has
@@ -26,6 +33,8 @@
 //! chunk, and the positions an answer added (computed one at a time) are
 //! not kept.
 
+use std::sync::Arc;
+
 use burn::prelude::*;
 
 use crate::cache::KvCache;
@@ -38,6 +47,10 @@ const MAX_ENTRIES: usize = 256;
 struct Entry<B: Backend> {
     tokens: Vec<u32>,
     cache: KvCache<B>,
+    /// The logits after the last of `tokens`, when they are a whole
+    /// prompt: a request with exactly that prompt reads nothing again
+    /// ([`PrefixCache::fork`]).
+    row: Option<Arc<[f32]>>,
     bytes: usize,
     last_used: u64,
 }
@@ -120,36 +133,69 @@ impl<B: Backend> PrefixCache<B> {
         Some((entry.cache.snapshot(shared), shared))
     }
 
+    /// An entry holding exactly `prompt`, all of it, with the logits after
+    /// it: a copy of its keys and values and that row, so a request with
+    /// the same prompt (a retry, a later choice of one request) computes
+    /// nothing of it.
+    pub(crate) fn fork(&mut self, prompt: &[u32]) -> Option<(KvCache<B>, Arc<[f32]>)> {
+        self.clock += 1;
+        let clock = self.clock;
+        let entry = self
+            .entries
+            .iter_mut()
+            .find(|e| e.row.is_some() && e.tokens == prompt)?;
+        entry.last_used = clock;
+        let row = Arc::clone(entry.row.as_ref()?);
+        Some((entry.cache.snapshot(prompt.len()), row))
+    }
+
     /// Keeps the whole prefill chunks of `cache`, which holds the first
     /// `cache.len()` of `prompt` (positions past the prompt, computed while
-    /// answering, are dropped).
-    pub(crate) fn insert(&mut self, prompt: &[u32], mut cache: KvCache<B>) {
+    /// answering, are dropped). With `row`, the logits after the whole
+    /// prompt, every prompt position is kept with it, for [`Self::fork`].
+    pub(crate) fn insert(
+        &mut self,
+        prompt: &[u32],
+        mut cache: KvCache<B>,
+        row: Option<Arc<[f32]>>,
+    ) {
         let tokens = prompt;
+        let row = row.filter(|_| cache.len() >= tokens.len());
         let len = cache.len().min(tokens.len());
-        let len = len - len % self.align;
+        let len = if row.is_some() {
+            len
+        } else {
+            len - len % self.align
+        };
         if len < MIN_PREFIX_TOKENS || self.budget_bytes == 0 {
             return;
         }
         let tokens = &tokens[..len];
         self.clock += 1;
         // Already covered by a longer (or equal) entry: just mark it used.
-        if let Some(e) = self
-            .entries
-            .iter_mut()
-            .find(|e| e.tokens.len() >= len && e.tokens[..len] == *tokens)
-        {
+        // Only an entry of this very prompt with its row covers one with a
+        // row.
+        if let Some(e) = self.entries.iter_mut().find(|e| {
+            e.tokens.len() >= len
+                && e.tokens[..len] == *tokens
+                && (row.is_none() || (e.tokens.len() == len && e.row.is_some()))
+        }) {
             e.last_used = self.clock;
             return;
         }
         cache.truncate(len);
-        let bytes = len * self.bytes_per_token;
+        let bytes = len * self.bytes_per_token + row.as_ref().map_or(0, |r| r.len() * 4);
         if bytes > self.budget_bytes {
             return;
         }
-        // Entries this one extends are redundant now.
+        // Entries this one extends are redundant now, unless they hold a
+        // whole prompt's row (an exact repeat of that prompt still reads
+        // nothing).
         let mut freed = 0;
         self.entries.retain(|e| {
-            let redundant = e.tokens.len() <= len && tokens[..e.tokens.len()] == *e.tokens;
+            let redundant = e.tokens.len() <= len
+                && tokens[..e.tokens.len()] == *e.tokens
+                && (e.row.is_none() || (e.tokens.len() == len && row.is_some()));
             if redundant {
                 freed += e.bytes;
             }
@@ -173,6 +219,7 @@ impl<B: Backend> PrefixCache<B> {
         self.entries.push(Entry {
             tokens: tokens.to_vec(),
             cache,
+            row,
             bytes,
             last_used: self.clock,
         });
@@ -203,7 +250,7 @@ mod tests {
     #[test]
     fn the_longest_shared_prefix_is_reused_but_never_the_last_prompt_token() {
         let mut p = PrefixCache::<Cpu>::new(1 << 20, 64, 1);
-        p.insert(&tokens(40), cache_of(40));
+        p.insert(&tokens(40), cache_of(40), None);
         // A prompt that goes on past the entry.
         let mut prompt = tokens(40);
         prompt.extend([1000, 1001]);
@@ -226,11 +273,38 @@ mod tests {
         assert!(p.lookup(&short).is_none());
     }
 
+    /// A whole prompt kept with the logits after it is forked from as a
+    /// whole (nothing read again), where other prompts still share its
+    /// whole chunks; an entry extending it leaves it in place.
+    #[test]
+    fn a_whole_prompt_with_its_row_is_forked_from_as_a_whole() {
+        let mut p = PrefixCache::<Cpu>::new(1 << 20, 64, 8);
+        let row: Arc<[f32]> = Arc::from(vec![0.5_f32; 10]);
+        p.insert(&tokens(43), cache_of(43), Some(Arc::clone(&row)));
+        assert_eq!(p.used_bytes(), 43 * 64 + 40, "every position and the row");
+        let (c, got) = p.fork(&tokens(43)).expect("the same prompt");
+        assert_eq!((c.len(), &got[..]), (43, &row[..]));
+        assert!(p.fork(&tokens(42)).is_none(), "a shorter prompt has no row");
+        let mut longer = tokens(43);
+        longer.push(7);
+        assert!(p.fork(&longer).is_none());
+        assert_eq!(p.lookup(&longer).map(|(_, n)| n), Some(40), "whole chunks");
+        // Without a row, the same prompt keeps whole chunks only.
+        let mut q = PrefixCache::<Cpu>::new(1 << 20, 64, 8);
+        q.insert(&tokens(43), cache_of(43), None);
+        assert!(q.fork(&tokens(43)).is_none());
+        // An extension does not make the whole prompt redundant.
+        let mut next = tokens(43);
+        next.extend(500..520);
+        p.insert(&next, cache_of(63), None);
+        assert!(p.fork(&tokens(43)).is_some());
+    }
+
     #[test]
     fn prefixes_are_reused_in_whole_prefill_chunks() {
         let mut p = PrefixCache::<Cpu>::new(1 << 20, 64, 8);
         // 43 positions kept as 40: the last 3 came from a pass of 3 rows.
-        p.insert(&tokens(43), cache_of(43));
+        p.insert(&tokens(43), cache_of(43), None);
         assert_eq!(p.used_bytes(), 40 * 64);
         let mut prompt = tokens(43);
         prompt.push(7);
@@ -252,15 +326,15 @@ mod tests {
         let mut p = PrefixCache::<Cpu>::new(100 * per_token, per_token, 1);
         let a: Vec<u32> = (0..40).collect();
         let b: Vec<u32> = (1000..1040).collect();
-        p.insert(&a, cache_of(40));
-        p.insert(&b, cache_of(40));
+        p.insert(&a, cache_of(40), None);
+        p.insert(&b, cache_of(40), None);
         assert_eq!(p.used_bytes(), 80 * per_token);
         // `a` is used, so `b` is the one to go.
         let mut prompt = a.clone();
         prompt.push(5);
         assert!(p.lookup(&prompt).is_some());
         let c: Vec<u32> = (2000..2040).collect();
-        p.insert(&c, cache_of(40));
+        p.insert(&c, cache_of(40), None);
         assert_eq!(p.used_bytes(), 80 * per_token);
         let mut prompt_b = b.clone();
         prompt_b.push(5);
@@ -269,13 +343,13 @@ mod tests {
         // `a` extended replaces `a`; `a` again is then already covered.
         let mut longer = a.clone();
         longer.extend(3000..3010);
-        p.insert(&longer, cache_of(50));
+        p.insert(&longer, cache_of(50), None);
         assert_eq!(p.used_bytes(), 90 * per_token);
-        p.insert(&a, cache_of(40));
+        p.insert(&a, cache_of(40), None);
         assert_eq!(p.used_bytes(), 90 * per_token);
         // Larger than the whole budget: not kept.
         let huge: Vec<u32> = (5000..5200).collect();
-        p.insert(&huge, cache_of(200));
+        p.insert(&huge, cache_of(200), None);
         assert_eq!(p.used_bytes(), 90 * per_token);
     }
 }

@@ -12,6 +12,7 @@ use silk_inference::backend::Cpu;
 use silk_inference::cpu::CpuKernels;
 use silk_inference::engine::{Engine, EngineConfig, Event, GenerateRequest, Prompt, Usage};
 use silk_inference::model::{LoadedModel, ModelSource};
+use silk_inference::sampling::SamplingParams;
 use silk_inference::transformer::WeightLayout;
 
 fn engine(name: &str, layout: WeightLayout, kernels: CpuKernels, prefix_bytes: usize) -> Engine {
@@ -56,6 +57,11 @@ struct Answer {
 fn run(engine: &Engine, prompt: &[u32], max_tokens: usize) -> Answer {
     let mut r = GenerateRequest::new(Prompt::Tokens(prompt.to_vec()), max_tokens);
     r.ignore_eos = true;
+    run_request(engine, r)
+}
+
+/// Runs `r` to its end with each token's log-probability.
+fn run_request(engine: &Engine, mut r: GenerateRequest) -> Answer {
     r.logprobs = Some(0);
     let mut s = engine.submit(r).expect("submit");
     let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
@@ -127,9 +133,10 @@ fn a_shared_prefix_is_read_from_the_cache_and_changes_no_answer() {
             assert_eq!(cold.usage.cached_tokens, 0, "{what}: cache off");
             same_answer(&format!("{what}, next turn"), &warm, &cold);
 
-            // The same prompt again.
+            // The same prompt again: all of it, with the logits after it,
+            // comes from the cache (before, only its whole chunks: 35).
             let again = run(&cached, &system, 6);
-            assert_eq!(again.usage.cached_tokens, 35, "{what}");
+            assert_eq!(again.usage.cached_tokens, 40, "{what}");
             same_answer(&format!("{what}, same prompt"), &again, &first);
 
             // Another prompt sharing only the first 30 tokens: 28 of them.
@@ -222,6 +229,96 @@ fn a_running_sequence_shares_its_prompt_with_a_newcomer() {
                 first_tokens,
                 run(&plain, &system, 64).tokens,
                 "{what}: the running request's answer"
+            );
+        }
+    }
+}
+
+/// The `n` choices of one request are requests with one prompt: while the
+/// first is in the batch with its prompt read, the others copy its
+/// prompt's keys and values and draw their first token from the logits it
+/// computed there, reading none of the prompt themselves (before, they
+/// read its last partial chunk again: 35 of 40 tokens cached). Each gets
+/// the answer its own seed gives on an engine alone, bit for bit.
+#[test]
+fn the_choices_of_one_prompt_share_its_prefill() {
+    for name in ["tiny-llama", "tiny-qwen3"] {
+        for (layout, kernels) in layouts() {
+            let what = format!("{name} {layout:?} {kernels}");
+            let shared = engine_with(
+                name,
+                layout,
+                kernels,
+                EngineConfig {
+                    prefill_chunk: 7,
+                    stream_buffer: 1,
+                    ..Default::default()
+                },
+            );
+            let alone = engine(name, layout, kernels, 0);
+            let prompt: Vec<u32> = (0..40).map(|i| 3 + (i * 37) % 200).collect();
+            let choice = |seed: u64| {
+                let mut r = GenerateRequest::new(Prompt::Tokens(prompt.clone()), 10);
+                r.ignore_eos = true;
+                r.sampling = SamplingParams {
+                    temperature: 0.9,
+                    seed: Some(seed),
+                    ..Default::default()
+                };
+                r
+            };
+
+            // The first choice: read one token, then leave it unread so the
+            // engine holds it in the batch (stalled).
+            let mut first = shared.submit(choice(1)).expect("submit");
+            let mut first_tokens = match first.blocking_next() {
+                Some(Event::Token { id, .. }) => vec![id],
+                other => panic!("{what}: expected a first token, got {other:?}"),
+            };
+            let waited = std::time::Instant::now();
+            while shared.load().stalled != 1 {
+                assert!(
+                    waited.elapsed() < std::time::Duration::from_secs(120),
+                    "{what}: the unread request was never stalled: {:?}",
+                    shared.load()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+
+            for seed in 2..5 {
+                let forked = run_request(&shared, choice(seed));
+                assert_eq!(
+                    forked.usage.cached_tokens,
+                    prompt.len(),
+                    "{what}, seed {seed}: the whole prompt came from the first choice"
+                );
+                assert_eq!(forked.usage.prompt_tokens, prompt.len(), "{what}");
+                same_answer(
+                    &format!("{what}, seed {seed}"),
+                    &forked,
+                    &run_request(&alone, choice(seed)),
+                );
+            }
+            let seeds: Vec<Vec<u32>> = (2..5)
+                .map(|seed| run_request(&alone, choice(seed)).tokens)
+                .collect();
+            assert!(
+                seeds.windows(2).any(|w| w[0] != w[1]),
+                "{what}: different seeds drew the same answers; the test shows nothing"
+            );
+
+            // The first choice lost nothing to the copies.
+            while let Some(event) = first.blocking_next() {
+                match event {
+                    Event::Token { id, .. } => first_tokens.push(id),
+                    Event::Done(_) => break,
+                    other => panic!("{what}: {other:?}"),
+                }
+            }
+            assert_eq!(
+                first_tokens,
+                run_request(&alone, choice(1)).tokens,
+                "{what}: the first choice's answer"
             );
         }
     }

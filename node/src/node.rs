@@ -456,6 +456,19 @@ impl Node {
             .await
     }
 
+    /// See [`Gateway::dispatch_near`].
+    pub async fn dispatch_near(
+        &self,
+        request: JobRequest,
+        max_coefficient_milli: Option<u32>,
+        spend: Option<SpendHold>,
+        worker: PeerId,
+    ) -> Result<Dispatch, DispatchError> {
+        self.gateway
+            .dispatch_near(request, max_coefficient_milli, spend, worker)
+            .await
+    }
+
     /// Routes each overlay event to the service that owns it, until the
     /// node stops. Never waits on a service: a job runs in its own task,
     /// a report that finds the reputation inbox full is dropped.

@@ -139,7 +139,7 @@ console.log(`node: streamed named call: get_weather(${streamedCall.function.argu
 const refusals = [
   ["temperature", { temperature: 5 }],
   ["top_p", { top_p: 0 }],
-  ["n", { n: 2 }],
+  ["n", { n: 9 }],
   ["top_logprobs", { logprobs: true, top_logprobs: 21 }],
   ["tool_choice", { tool_choice: "required" }],
   ["tool_choice", { tools, tool_choice: { type: "function", function: { name: "rm" } } }],

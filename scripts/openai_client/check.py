@@ -1,17 +1,18 @@
 """Checks a silk node's OpenAI-compatible API with the official client.
 
-Usage: check.py http://127.0.0.1:PORT   — exits non-zero on any failure.
+Usage: check.py GATEWAY_URL WORKER_URL   — exits non-zero on any failure.
 """
 import enum
 import json
 import sys
 import typing
+import urllib.request
 
 import openai
 import pydantic
 
 
-def main(base: str) -> None:
+def main(base: str, worker_url: str) -> None:
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
 
     models = client.models.list()
@@ -356,7 +357,7 @@ def main(base: str) -> None:
         ("logit_bias", {"five": 1}),
         ("stop", ["a", "b", "c", "d", "e"]),
         ("max_tokens", 0),
-        ("n", 2),
+        ("n", 9),
         ("top_logprobs", 21),
     ]:
         try:
@@ -404,8 +405,48 @@ def main(base: str) -> None:
     assert c1 == 0 and c2 >= 256 and c2 < p2, f"the shared system prompt came from the cache: {turns}"
     print(f"prompt_tokens_details.cached_tokens: {c1} of {p1}, then {c2} of {p2}")
 
+    # n choices: one prompt, three answers with their own seeds (11, 12,
+    # 13). The worker reads the prompt once; the later choices fork from
+    # the first one's prefill, which its status counts as cached tokens.
+    def cached_on_worker() -> int:
+        with urllib.request.urlopen(worker_url + "/v1/status") as r:
+            return json.load(r)["engine"]["cached_prompt_tokens"]
+
+    before = cached_on_worker()
+    ask = [{"role": "user", "content": "Write one word about the sea."}]
+    multi = client.chat.completions.create(
+        model=model, messages=ask, n=3, seed=11, temperature=1.0, max_tokens=32,
+        logprobs=True, extra_body={"ignore_eos": True},
+    )
+    assert [c.index for c in multi.choices] == [0, 1, 2], multi.choices
+    produced = sum(len(c.logprobs.content) for c in multi.choices)
+    assert produced == multi.usage.completion_tokens == 96, (produced, multi.usage)
+    shared = cached_on_worker() - before
+    assert shared >= 2 * multi.usage.prompt_tokens, (
+        f"two choices should have read the {multi.usage.prompt_tokens}-token prompt "
+        f"from the first; the worker counted {shared} cached tokens"
+    )
+    texts = [c.message.content for c in multi.choices]
+    assert len(set(texts)) > 1, f"three seeds drew one answer: {texts}"
+    print(f"n=3: {[t[:24] for t in texts]}, {shared} prompt tokens shared on the worker")
+
+    streamed = {}
+    finishes = {}
+    usage = None
+    for chunk in client.chat.completions.create(
+        model=model, messages=ask, n=2, seed=11, temperature=1.0, max_tokens=8, stream=True,
+    ):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+        usage = chunk.usage or usage
+    assert sorted(streamed) == [0, 1] and sorted(finishes) == [0, 1], (streamed, finishes)
+    assert usage is not None and usage.completion_tokens <= 16, usage
+    print(f"n=2 streamed: {streamed}, {finishes}")
+
     print("openai client checks passed")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1].rstrip("/"))
+    main(sys.argv[1].rstrip("/"), sys.argv[2].rstrip("/"))

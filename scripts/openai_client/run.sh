@@ -35,6 +35,6 @@ cleanup() { stop_testnet; rm -f "$log"; }
 trap cleanup EXIT
 start_testnet "$silk" "$log" --nodes 3 --workers 1
 url="$gateway"
-"$venv/bin/python" "$here/check.py" "$url"
+"$venv/bin/python" "$here/check.py" "$url" "$worker"
 node "$node_dir/check.mjs" "$url"
 "$lc_venv/bin/python" "$here/langchain_check.py" "$url"

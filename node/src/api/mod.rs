@@ -51,7 +51,7 @@ use crate::node::Node;
 use crate::protocol::JobRequest;
 use crate::MeshError;
 use guard::{Caller, Deadlines, Guard, HttpConfig, API_BODY_LIMIT};
-use keys::{ApiKeys, KeyError};
+use keys::{ApiKeys, KeyError, SpendHold};
 use types::{ApiError, ChatRequest, CompletionRequest, Validated};
 
 /// Header naming the worker that served a completion.
@@ -359,58 +359,151 @@ async fn answer(
     let logprobs = v.logprobs.is_some();
     let tools = v.tools;
     let echo = v.echo;
-    // The key's daily cap is checked against the job's worst case before
+    // `n` choices are `n` jobs with one prompt; a seed gives each its own
+    // (seed, seed + 1, …), so they differ and each can be reproduced.
+    let requests: Vec<JobRequest> = (0..u64::from(v.n.max(1)))
+        .map(|i| {
+            let mut r = request.clone();
+            r.sampling.seed = request.sampling.seed.map(|s| s.wrapping_add(i));
+            r
+        })
+        .collect();
+    // The key's daily cap is checked against the jobs' worst case before
     // any lane is opened or reserved.
     let worst = node.worst_case_cost(&request, v.max_coefficient_milli);
-    let spend = match caller.hold(worst) {
-        Ok(hold) => hold,
-        Err(e @ KeyError::SpendCapReached { .. }) => {
-            return ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "insufficient_quota",
-                "insufficient_quota",
-                e.to_string(),
-            )
-            .into_response()
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "API key spend check failed");
-            return ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "key_store_failed",
-                "the node could not check the API key's spending; try again",
-            )
-            .into_response();
-        }
-    };
-    let dispatch = match node.dispatch(request, v.max_coefficient_milli, spend).await {
+    let mut spends = Vec::with_capacity(requests.len());
+    for _ in &requests {
+        spends.push(match caller.hold(worst) {
+            Ok(hold) => hold,
+            Err(e @ KeyError::SpendCapReached { .. }) => {
+                return ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "insufficient_quota",
+                    "insufficient_quota",
+                    e.to_string(),
+                )
+                .into_response()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "API key spend check failed");
+                return ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "key_store_failed",
+                    "the node could not check the API key's spending; try again",
+                )
+                .into_response();
+            }
+        });
+    }
+    let dispatches = match dispatch_choices(&node, requests, v.max_coefficient_milli, spends).await
+    {
         Ok(d) => d,
         Err(e) => return ApiError::from(e).into_response(),
     };
+    let workers = Workers::of(&dispatches);
     let mut headers = HeaderMap::new();
-    if let Ok(w) = HeaderValue::from_str(&dispatch.worker.to_string()) {
+    if let Ok(w) = HeaderValue::from_str(&workers.first().to_string()) {
         headers.insert(WORKER_HEADER, w);
     }
     headers.insert(
         ATTESTATION_HEADER,
-        HeaderValue::from_static(mode_str(dispatch.attestation)),
+        HeaderValue::from_static(mode_str(workers.weakest())),
     );
-    let shape = Shape {
+    let choices: Vec<(Dispatch, Shape)> = dispatches
+        .into_iter()
+        .enumerate()
+        .map(|(index, d)| {
+            let shape = Shape {
+                index,
+                logprobs,
+                reader: (!tools.is_empty()).then(|| ToolCallReader::new(&tools)),
+                echo: echo.clone(),
+            };
+            (d, shape)
+        })
+        .collect();
+    let answer = Answer {
         kind,
         id,
-        logprobs,
-        reader: (!tools.is_empty()).then(|| ToolCallReader::new(&tools)),
-        echo,
+        model: choices[0].0.model.clone(),
+        workers,
     };
     if v.stream {
-        (headers, stream_response(dispatch, shape, deadline)).into_response()
+        (headers, stream_response(answer, choices, deadline)).into_response()
     } else {
-        match collect(dispatch, shape).await {
+        match collect(answer, choices).await {
             Ok(body) => (headers, Json(body)).into_response(),
             Err(e) => (headers, e).into_response(),
         }
     }
+}
+
+/// Places a request's choices: the first where the gateway puts it, the
+/// others on the same worker when it has room (they then share the first
+/// one's prefill), all at once. Fails with the first error, dropping the
+/// jobs already placed (which cancels them).
+async fn dispatch_choices(
+    node: &Arc<Node>,
+    mut requests: Vec<JobRequest>,
+    max_coefficient_milli: Option<u32>,
+    mut spends: Vec<Option<SpendHold>>,
+) -> Result<Vec<Dispatch>, DispatchError> {
+    let rest_requests = requests.split_off(1);
+    let rest_spends = spends.split_off(1);
+    let (Some(request), Some(spend)) = (requests.pop(), spends.pop()) else {
+        return Err(DispatchError::InvalidRequest("no choices asked for".into()));
+    };
+    let first = node.dispatch(request, max_coefficient_milli, spend).await?;
+    let worker = first.worker;
+    let rest =
+        futures::future::try_join_all(rest_requests.into_iter().zip(rest_spends).map(
+            |(request, spend)| node.dispatch_near(request, max_coefficient_milli, spend, worker),
+        ))
+        .await?;
+    Ok(std::iter::once(first).chain(rest).collect())
+}
+
+/// The workers that answer a request's choices.
+struct Workers(Vec<(silk_overlay::PeerId, silk_overlay::AttestationMode)>);
+
+impl Workers {
+    fn of(dispatches: &[Dispatch]) -> Self {
+        Self(
+            dispatches
+                .iter()
+                .map(|d| (d.worker, d.attestation))
+                .collect(),
+        )
+    }
+
+    /// The first choice's worker (the only one when `n` is 1).
+    fn first(&self) -> silk_overlay::PeerId {
+        self.0[0].0
+    }
+
+    /// `insecure` if any choice ran on an insecure worker.
+    fn weakest(&self) -> silk_overlay::AttestationMode {
+        if self
+            .0
+            .iter()
+            .any(|(_, m)| *m == silk_overlay::AttestationMode::Insecure)
+        {
+            silk_overlay::AttestationMode::Insecure
+        } else {
+            self.0[0].1
+        }
+    }
+}
+
+/// What a whole answer is made into: which API's shape, under which id,
+/// for which model, from which workers.
+struct Answer {
+    kind: Kind,
+    /// `chatcmpl-…` or `cmpl-…`, also the request's id in the node's logs.
+    id: String,
+    model: String,
+    workers: Workers,
 }
 
 pub(crate) fn mode_str(mode: silk_overlay::AttestationMode) -> &'static str {
@@ -424,15 +517,44 @@ fn silk_info(d: &Dispatch) -> Value {
     json!({ "worker": d.worker.to_string(), "attestation": mode_str(d.attestation) })
 }
 
-/// `silk` of the final chunk or body: [`silk_info`] plus the job's cost in
-/// nanoTON (a JSON number; `null` if the gateway could not settle it).
-fn silk_final(d: &Dispatch, cost: Option<silk_chain::Coins>) -> Value {
-    let mut v = silk_info(d);
+/// `silk` of the final chunk or body: the worker, its attestation mode and
+/// what the answer cost in nanoTON (a JSON number; `null` if the gateway
+/// could not settle it). With several choices: the first's worker, the
+/// weakest mode, every choice's worker in `workers`, and the cost of all.
+fn silk_final(workers: &Workers, cost: Option<silk_chain::Coins>) -> Value {
+    let mut v = json!({
+        "worker": workers.first().to_string(),
+        "attestation": mode_str(workers.weakest()),
+    });
+    if workers.0.len() > 1 {
+        v["workers"] = workers
+            .0
+            .iter()
+            .map(|(p, _)| json!(p.to_string()))
+            .collect();
+    }
     v["cost_nanoton"] = match cost.map(|c| u64::try_from(c.nano())) {
         Some(Ok(n)) => json!(n),
         _ => Value::Null,
     };
     v
+}
+
+/// The usage of a request's choices together: the prompt once (each
+/// choice read the same one), every choice's completion tokens.
+fn total_usage(usages: &[crate::protocol::JobUsage]) -> Option<crate::protocol::JobUsage> {
+    let mut total = usages.first()?.clone();
+    total.completion_tokens = usages
+        .iter()
+        .fold(0u32, |n, u| n.saturating_add(u.completion_tokens));
+    Some(total)
+}
+
+/// What all the choices cost; `None` if any could not be settled.
+fn total_cost(costs: &[Option<silk_chain::Coins>]) -> Option<silk_chain::Coins> {
+    costs.iter().try_fold(silk_chain::Coins::ZERO, |sum, c| {
+        c.and_then(|c| sum.checked_add(c).ok())
+    })
 }
 
 fn usage_json(u: &crate::protocol::JobUsage) -> Value {
@@ -558,21 +680,47 @@ fn finish_str(usage: &crate::protocol::JobUsage, calls: usize) -> &'static str {
     }
 }
 
-/// What an answer is made into: which API's shape, under which id, with
+/// What one choice of an answer is made into: its index, with
 /// log-probabilities or not, calls read out of it, the prompt before it.
 struct Shape {
-    kind: Kind,
-    /// `chatcmpl-…` or `cmpl-…`, also the request's id in the node's logs.
-    id: String,
+    index: usize,
     logprobs: bool,
     reader: Option<ToolCallReader>,
     echo: Option<String>,
 }
 
-async fn collect(mut d: Dispatch, shape: Shape) -> Result<Value, ApiError> {
+/// The whole answer's body: every choice, read to its end together.
+async fn collect(answer: Answer, choices: Vec<(Dispatch, Shape)>) -> Result<Value, ApiError> {
+    let kind = answer.kind;
+    let ended = futures::future::try_join_all(
+        choices
+            .into_iter()
+            .map(|(d, shape)| collect_choice(d, shape, kind)),
+    )
+    .await?;
+    let usages: Vec<_> = ended.iter().map(|(_, u, _)| u.clone()).collect();
+    let costs: Vec<_> = ended.iter().map(|(_, _, c)| *c).collect();
+    let choices: Vec<Value> = ended.into_iter().map(|(c, _, _)| c).collect();
+    let usage = total_usage(&usages).map(|u| usage_json(&u));
+    Ok(json!({
+        "id": answer.id,
+        "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+        "created": unix_now(),
+        "model": answer.model,
+        "choices": choices,
+        "usage": usage,
+        "silk": silk_final(&answer.workers, total_cost(&costs)),
+    }))
+}
+
+/// One choice read to its end: its JSON, usage and cost.
+async fn collect_choice(
+    mut d: Dispatch,
+    shape: Shape,
+    kind: Kind,
+) -> Result<(Value, crate::protocol::JobUsage, Option<silk_chain::Coins>), ApiError> {
     let Shape {
-        kind,
-        id,
+        index,
         logprobs: want_logprobs,
         reader,
         echo,
@@ -632,7 +780,7 @@ async fn collect(mut d: Dispatch, shape: Shape) -> Result<Value, ApiError> {
                 }
             }
             json!({
-                "index": 0,
+                "index": index,
                 "message": message,
                 "logprobs": want_logprobs.then(|| chat_logprobs(&logprobs)),
                 "finish_reason": finish_str(&usage, calls),
@@ -649,31 +797,23 @@ async fn collect(mut d: Dispatch, shape: Shape) -> Result<Value, ApiError> {
                 None => answer_part,
             };
             json!({
-                "index": 0,
+                "index": index,
                 "text": echo.unwrap_or_default() + &text,
                 "logprobs": want_logprobs.then_some(logprobs),
                 "finish_reason": usage.finish.as_str(),
             })
         }
     };
-    Ok(json!({
-        "id": id,
-        "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
-        "created": unix_now(),
-        "model": d.model,
-        "choices": [choice],
-        "usage": usage_json(&usage),
-        "silk": silk_final(&d, cost),
-    }))
+    Ok((choice, usage, cost))
 }
 
 fn stream_response(
-    d: Dispatch,
-    shape: Shape,
+    answer: Answer,
+    choices: Vec<(Dispatch, Shape)>,
     deadline: Instant,
 ) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
     let (tx, rx) = mpsc::channel::<SseEvent>(64);
-    tokio::spawn(pump(d, shape, tx, deadline).in_current_span());
+    tokio::spawn(pump(answer, choices, tx, deadline).in_current_span());
     let stream =
         futures::stream::unfold(
             rx,
@@ -682,21 +822,75 @@ fn stream_response(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-/// Turns job events into SSE events; stops (dropping the job, which cancels
-/// it on the worker) as soon as the client goes away or the request's
-/// deadline passes. With a tool-call reader, text that may begin a call is
-/// held until it is decided, and each call goes out as one `tool_calls`
-/// delta (id, name and all its arguments) when its block closes.
-async fn pump(mut d: Dispatch, shape: Shape, tx: mpsc::Sender<SseEvent>, deadline: Instant) {
+/// Streams every choice's chunks as they come, then `[DONE]`. With several
+/// choices, each one's last chunk has its `finish_reason` and a final chunk
+/// with no choices carries the usage and cost of all (OpenAI's shape); with
+/// one, its last chunk carries them. The first choice to fail ends the
+/// stream with an error, dropping the others (which cancels their jobs).
+async fn pump(
+    answer: Answer,
+    choices: Vec<(Dispatch, Shape)>,
+    tx: mpsc::Sender<SseEvent>,
+    deadline: Instant,
+) {
+    let created = unix_now();
+    let alone = choices.len() == 1;
+    let ends = futures::future::try_join_all(
+        choices
+            .into_iter()
+            .map(|(d, shape)| pump_choice(&answer, d, shape, alone, created, &tx, deadline)),
+    )
+    .await;
+    let Ok(ends) = ends else { return };
+    if !alone {
+        let usages: Vec<_> = ends.iter().map(|(u, _)| u.clone()).collect();
+        let costs: Vec<_> = ends.iter().map(|(_, c)| *c).collect();
+        let last = json!({
+            "id": answer.id,
+            "object": if answer.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": created,
+            "model": answer.model,
+            "choices": [],
+            "usage": total_usage(&usages).map(|u| usage_json(&u)),
+            "silk": silk_final(&answer.workers, total_cost(&costs)),
+        });
+        if tx
+            .send(SseEvent::default().data(last.to_string()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+}
+
+/// Turns one choice's job events into SSE events; stops (dropping the job,
+/// which cancels it on the worker) as soon as the client goes away or the
+/// request's deadline passes. With a tool-call reader, text that may begin
+/// a call is held until it is decided, and each call goes out as one
+/// `tool_calls` delta (id, name and all its arguments) when its block
+/// closes. Returns the choice's usage and cost, or `Err` once it has sent
+/// the error that ends the stream (or found the client gone). `alone`: the
+/// only choice, whose last chunk carries the usage and cost.
+async fn pump_choice(
+    answer: &Answer,
+    mut d: Dispatch,
+    shape: Shape,
+    alone: bool,
+    created: u64,
+    tx: &mpsc::Sender<SseEvent>,
+    deadline: Instant,
+) -> Result<(crate::protocol::JobUsage, Option<silk_chain::Coins>), ()> {
     let Shape {
-        kind,
-        id,
+        index,
         logprobs: want_logprobs,
         mut reader,
         mut echo,
     } = shape;
+    let kind = answer.kind;
+    let id = &answer.id;
     let mut text_offset = 0usize;
-    let created = unix_now();
     let object = if kind == Kind::Chat {
         "chat.completion.chunk"
     } else {
@@ -721,10 +915,10 @@ async fn pump(mut d: Dispatch, shape: Shape, tx: mpsc::Sender<SseEvent>, deadlin
                 if let Some(call) = delta.call {
                     map.insert("tool_calls".into(), json!([call]));
                 }
-                json!({ "index": 0, "delta": map, "logprobs": logprobs, "finish_reason": finish })
+                json!({ "index": index, "delta": map, "logprobs": logprobs, "finish_reason": finish })
             }
             Kind::Text => json!({
-                "index": 0, "text": delta.text.unwrap_or_default(), "logprobs": logprobs, "finish_reason": finish
+                "index": index, "text": delta.text.unwrap_or_default(), "logprobs": logprobs, "finish_reason": finish
             }),
         };
         let mut v = json!({
@@ -747,7 +941,7 @@ async fn pump(mut d: Dispatch, shape: Shape, tx: mpsc::Sender<SseEvent>, deadlin
                 "type": "server_error", "param": null, "code": "request_timeout",
             }});
             let _ = tx.send(SseEvent::default().data(err.to_string())).await;
-            return;
+            return Err(());
         };
         let mut events = Vec::new();
         // The echoed prompt goes first, with its scores when asked.
@@ -802,6 +996,11 @@ async fn pump(mut d: Dispatch, shape: Shape, tx: mpsc::Sender<SseEvent>, deadlin
                     events.push(chunk(delta, Value::Null, None, None, &silk));
                     first = false;
                 }
+                let (usage_value, silk_value) = if alone {
+                    (Some(usage_json(&usage)), silk_final(&answer.workers, cost))
+                } else {
+                    (None, silk.clone())
+                };
                 events.push(chunk(
                     Delta {
                         first,
@@ -810,23 +1009,22 @@ async fn pump(mut d: Dispatch, shape: Shape, tx: mpsc::Sender<SseEvent>, deadlin
                     },
                     Value::Null,
                     Some(finish_str(&usage, calls)),
-                    Some(usage_json(&usage)),
-                    &silk_final(&d, cost),
+                    usage_value,
+                    &silk_value,
                 ));
                 for e in events {
                     if tx.send(e).await.is_err() {
-                        return;
+                        return Err(());
                     }
                 }
-                let _ = tx.send(SseEvent::default().data("[DONE]")).await;
-                return;
+                return Ok((usage, cost));
             }
             Some(JobEvent::Failed(msg)) => {
                 let err = json!({ "error": {
                     "message": msg, "type": "server_error", "param": null, "code": "worker_failed",
                 }});
                 let _ = tx.send(SseEvent::default().data(err.to_string())).await;
-                return;
+                return Err(());
             }
             None => {
                 let err = json!({ "error": {
@@ -834,13 +1032,13 @@ async fn pump(mut d: Dispatch, shape: Shape, tx: mpsc::Sender<SseEvent>, deadlin
                     "param": null, "code": "worker_failed",
                 }});
                 let _ = tx.send(SseEvent::default().data(err.to_string())).await;
-                return;
+                return Err(());
             }
         };
         events.extend(more);
         for e in events {
             if tx.send(e).await.is_err() {
-                return;
+                return Err(());
             }
         }
     }
@@ -1065,6 +1263,31 @@ async fn health(State(node): State<Arc<Node>>, Extension(caller): Extension<Call
 mod tests {
     use super::*;
     use silk_inference::TokenLogprob;
+
+    /// `n` choices are counted as OpenAI counts them: the prompt once,
+    /// every choice's completion; the cost is every choice's, or unknown
+    /// when one could not be settled.
+    #[test]
+    fn choices_count_the_prompt_once_and_every_answer() {
+        let usage = |completion: u32, cached: u32| crate::protocol::JobUsage {
+            prompt_tokens: 40,
+            completion_tokens: completion,
+            finish: crate::protocol::Finish::Length,
+            decode_tokens_per_s_milli: 0,
+            price_coefficient_milli: 1000,
+            cached_tokens: cached,
+        };
+        let total = total_usage(&[usage(5, 0), usage(7, 40), usage(9, 40)]).expect("usage");
+        assert_eq!((total.prompt_tokens, total.completion_tokens), (40, 21));
+        assert_eq!(
+            total.cached_tokens, 0,
+            "the prompt as the first choice read it"
+        );
+        assert!(total_usage(&[]).is_none());
+        let c = silk_chain::Coins;
+        assert_eq!(total_cost(&[Some(c(3)), Some(c(4))]), Some(c(7)));
+        assert_eq!(total_cost(&[Some(c(3)), None]), None);
+    }
 
     fn lp(text: &str, logprob: f32) -> TokenLogprob {
         TokenLogprob {

@@ -19,6 +19,8 @@ pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
 pub const MAX_TOKENS_LIMIT: u32 = 8192;
 /// Most stop strings.
 pub const MAX_STOP: usize = silk_inference::MAX_STOP_STRINGS;
+/// Most choices (`n`) one request may ask for.
+pub const MAX_N: u32 = 8;
 
 /// An OpenAI-style error: `{"error":{"message","type","param","code"}}`.
 #[derive(Debug, Clone)]
@@ -527,6 +529,8 @@ pub struct Validated {
     pub echo: Option<String>,
     /// Score the prompt with this many alternatives per token.
     pub prompt_logprobs: Option<u8>,
+    /// Choices to generate (1 to [`MAX_N`]).
+    pub n: u32,
 }
 
 /// Checks a count of alternative tokens asked log-probabilities for.
@@ -619,7 +623,7 @@ fn check_common(
     mut c: Common,
     default_max: u32,
     scoring: bool,
-) -> Result<(u32, SamplingParams, Vec<String>), ApiError> {
+) -> Result<(u32, SamplingParams, Vec<String>, u32), ApiError> {
     let max_tokens = c.max_tokens.unwrap_or(default_max);
     if max_tokens == 0 && !scoring {
         return Err(ApiError::invalid(
@@ -649,10 +653,12 @@ fn check_common(
             format!("top_p must be in (0, 1], got {top_p}"),
         ));
     }
-    if let Some(n) = c.n {
-        if n != 1 {
-            return Err(ApiError::invalid("n", format!("n must be 1, got {n}")));
-        }
+    let n = c.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid(
+            "n",
+            format!("n must be between 1 and {MAX_N}, got {n}"),
+        ));
     }
     let sampling = check_sampling(&mut c, temperature, top_p)?;
     let stop = match c.stop {
@@ -682,7 +688,7 @@ fn check_common(
             ),
         ));
     }
-    Ok((max_tokens, sampling, stop))
+    Ok((max_tokens, sampling, stop, n))
 }
 
 impl ChatRequest {
@@ -694,7 +700,7 @@ impl ChatRequest {
                 "give max_tokens or max_completion_tokens, not both",
             ));
         }
-        let (max_tokens, sampling, stop) = check_common(
+        let (max_tokens, sampling, stop, n) = check_common(
             Common {
                 max_tokens: self.max_tokens.or(self.max_completion_tokens),
                 temperature: self.temperature,
@@ -790,6 +796,7 @@ impl ChatRequest {
             tools,
             echo: None,
             prompt_logprobs: None,
+            n,
         })
     }
 }
@@ -797,7 +804,7 @@ impl ChatRequest {
 impl CompletionRequest {
     /// Checks ranges and builds the job parameters.
     pub fn validate(self) -> Result<Validated, ApiError> {
-        let (max_tokens, sampling, stop) = check_common(
+        let (max_tokens, sampling, stop, n) = check_common(
             Common {
                 max_tokens: self.max_tokens,
                 temperature: self.temperature,
@@ -857,6 +864,7 @@ impl CompletionRequest {
             tools: Vec::new(),
             echo,
             prompt_logprobs,
+            n,
         })
     }
 }
@@ -1028,6 +1036,9 @@ mod tests {
         let v = chat(r#"{"messages":[{"role":"user","content":"hi"}],"max_coefficient":1.25}"#)
             .expect("valid");
         assert_eq!(v.max_coefficient_milli, Some(1250));
+        assert_eq!(v.n, 1, "one choice unless asked");
+        let v = chat(r#"{"messages":[{"role":"user","content":"hi"}],"n":8}"#).expect("valid");
+        assert_eq!(v.n, 8);
     }
 
     /// What LangChain, the Agents SDK and most current clients send: the
@@ -1110,7 +1121,8 @@ mod tests {
             format!(r#"{{{m},"max_tokens":0}}"#),
             format!(r#"{{{m},"temperature":2.5}}"#),
             format!(r#"{{{m},"top_p":0}}"#),
-            format!(r#"{{{m},"n":2}}"#),
+            format!(r#"{{{m},"n":0}}"#),
+            format!(r#"{{{m},"n":9}}"#),
             format!(r#"{{{m},"stop":["a","b","c","d","e"]}}"#),
             format!(r#"{{{m},"stop":["{}"]}}"#, "x".repeat(257)),
             format!(r#"{{{m},"max_coefficient":0}}"#),

@@ -73,18 +73,24 @@ impl Drop for InFlight {
 }
 
 impl Gateway {
-    /// Places `request` on the best candidate not in `exclude`, trying the
-    /// next while no token has arrived; returns the worker, its attestation
-    /// mode and the running attempt.
+    /// Places `request` on the best candidate not in `exclude` (`prefer`
+    /// first when it is a candidate at all), trying the next while no token
+    /// has arrived; returns the worker, its attestation mode and the
+    /// running attempt.
     pub(crate) async fn place(
         &self,
         request: &JobRequest,
         max_coefficient: u32,
         exclude: &[PeerId],
+        prefer: Option<PeerId>,
     ) -> Result<(PeerId, AttestationMode, Attempt), DispatchError> {
-        let candidates = self
+        let mut candidates = self
             .candidates(&request.model, request, max_coefficient, exclude)
             .await?;
+        if let Some(at) = prefer.and_then(|p| candidates.iter().position(|c| c.peer == p)) {
+            let preferred = candidates.remove(at);
+            candidates.insert(0, preferred);
+        }
         let mut attempts = Vec::new();
         for c in candidates.into_iter().take(MAX_ATTEMPTS) {
             let local = c.peer == self.me;
@@ -253,7 +259,7 @@ impl Gateway {
                 request.payment = None;
                 // The prompt's scores came before the first token.
                 request.prompt_logprobs = None;
-                match self.place(&request, max_coefficient, &tried).await {
+                match self.place(&request, max_coefficient, &tried, None).await {
                     Ok((peer, _, next)) => {
                         tracing::warn!(
                             failed = %tried[tried.len() - 1],

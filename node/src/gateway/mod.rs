@@ -165,6 +165,7 @@ impl Gateway {
         &self,
         request: &JobRequest,
         max_coefficient: u32,
+        prefer: Option<PeerId>,
     ) -> Result<(PeerId, AttestationMode, forward::Attempt), DispatchError> {
         let config = self.queue.config();
         let model = request.model.clone();
@@ -187,7 +188,7 @@ impl Gateway {
             let freed = self.queue.freed();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            match self.place(request, max_coefficient, &[]).await {
+            match self.place(request, max_coefficient, &[], prefer).await {
                 Err(e) if self.may_wait(&e, &request.model) => {
                     let now = tokio::time::Instant::now();
                     if now >= deadline {
@@ -415,6 +416,33 @@ impl Gateway {
         max_coefficient_milli: Option<u32>,
         spend: Option<SpendHold>,
     ) -> Result<Dispatch, DispatchError> {
+        self.dispatch_to(request, max_coefficient_milli, spend, None)
+            .await
+    }
+
+    /// [`Gateway::dispatch`], placing the job on `worker` when it is a
+    /// candidate at all (else as usual). A request's `n` choices are `n`
+    /// jobs with one prompt: the first goes where `dispatch` puts it, the
+    /// others to the same worker, whose engine then reads the prompt once
+    /// (its later choices fork from the first's prefill).
+    pub async fn dispatch_near(
+        self: &Arc<Self>,
+        request: JobRequest,
+        max_coefficient_milli: Option<u32>,
+        spend: Option<SpendHold>,
+        worker: PeerId,
+    ) -> Result<Dispatch, DispatchError> {
+        self.dispatch_to(request, max_coefficient_milli, spend, Some(worker))
+            .await
+    }
+
+    async fn dispatch_to(
+        self: &Arc<Self>,
+        request: JobRequest,
+        max_coefficient_milli: Option<u32>,
+        spend: Option<SpendHold>,
+        prefer: Option<PeerId>,
+    ) -> Result<Dispatch, DispatchError> {
         let started = Instant::now();
         let max_coefficient = crate::payments::capped_coefficient(
             max_coefficient_milli,
@@ -422,14 +450,14 @@ impl Gateway {
         );
         // While others wait for this model, a new request joins the back.
         let placed = if self.queue.waiting_for(&request.model) == 0 {
-            self.place(&request, max_coefficient, &[]).await
+            self.place(&request, max_coefficient, &[], prefer).await
         } else {
             Err(DispatchError::Saturated(request.model.clone()))
         };
         let (worker, attestation, attempt) = match placed {
             // A queue of 0 is off: the first answer stands.
             Err(e) if self.may_wait(&e, &request.model) && self.queue.config().limit > 0 => {
-                self.place_queued(&request, max_coefficient).await
+                self.place_queued(&request, max_coefficient, prefer).await
             }
             other => other,
         }
