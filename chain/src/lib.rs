@@ -53,7 +53,7 @@ pub use devnet::{Devnet, DevnetConfig};
 pub use error::{Error, Result};
 pub use keys::{Keys, Wallet, WalletVersion};
 pub use ledger::Ledger;
-pub use pricing::Price;
+pub use pricing::{Price, DEFAULT_CACHED_MULT_MILLI};
 pub use settlement::{LaneState, LaneTopUp, SettlementParams};
 pub use ton_http::{TonHttp, TonHttpConfig};
 pub use tonlib_core;

@@ -1,7 +1,12 @@
 //! Per-token prices in integer nanoTON.
 //!
-//! `cost = (prompt_tokens × prompt_mult + completion_tokens × completion_mult)
+//! `cost = ((prompt_tokens − cached_tokens) × prompt_mult
+//!         + cached_tokens × cached_mult + completion_tokens × completion_mult)
 //!         × base_price × coefficient`
+//!
+//! Cached tokens are prompt tokens the worker did not compute: it read
+//! their keys and values from its prefix cache, or from another choice of
+//! the same request.
 //!
 //! Multipliers and coefficients are integers in **parts per thousand**
 //! ([`PER_MILLE`]): `1000` means ×1, `1250` means ×1.25, `3000` means ×3.
@@ -27,6 +32,18 @@ pub struct Price {
     pub prompt_mult_milli: u32,
     /// Completion-token multiplier, parts per thousand.
     pub completion_mult_milli: u32,
+    /// Multiplier of prompt tokens the worker read from its cache instead
+    /// of computing, parts per thousand (default 100: a tenth of a base
+    /// token, Cocoon and the large APIs also bill them apart).
+    #[serde(default = "default_cached_mult_milli")]
+    pub cached_mult_milli: u32,
+}
+
+/// The cached-token multiplier when a price list names none.
+pub const DEFAULT_CACHED_MULT_MILLI: u32 = 100;
+
+fn default_cached_mult_milli() -> u32 {
+    DEFAULT_CACHED_MULT_MILLI
 }
 
 impl Price {
@@ -38,15 +55,32 @@ impl Price {
         prompt_tokens: u64,
         completion_tokens: u64,
     ) -> Result<Coins> {
+        self.cost_cached(coefficient_milli, prompt_tokens, 0, completion_tokens)
+    }
+
+    /// [`Price::cost`] when `cached_tokens` of the prompt were read from a
+    /// cache (at most `prompt_tokens`; more count as `prompt_tokens`).
+    pub fn cost_cached(
+        &self,
+        coefficient_milli: u32,
+        prompt_tokens: u64,
+        cached_tokens: u64,
+        completion_tokens: u64,
+    ) -> Result<Coins> {
         let overflow = || Error::Overflow("Price::cost");
-        let weighted = u128::from(prompt_tokens)
-            .checked_mul(u128::from(self.prompt_mult_milli))
-            .and_then(|p| {
-                u128::from(completion_tokens)
-                    .checked_mul(u128::from(self.completion_mult_milli))
-                    .and_then(|c| p.checked_add(c))
-            })
-            .ok_or_else(overflow)?;
+        let cached = cached_tokens.min(prompt_tokens);
+        let weighted = [
+            (prompt_tokens - cached, self.prompt_mult_milli),
+            (cached, self.cached_mult_milli),
+            (completion_tokens, self.completion_mult_milli),
+        ]
+        .into_iter()
+        .try_fold(0u128, |sum, (tokens, mult)| {
+            u128::from(tokens)
+                .checked_mul(u128::from(mult))
+                .and_then(|t| sum.checked_add(t))
+        })
+        .ok_or_else(overflow)?;
         let scaled = weighted
             .checked_mul(u128::from(self.base_nano_per_token))
             .and_then(|v| v.checked_mul(u128::from(coefficient_milli)))
@@ -86,6 +120,7 @@ mod tests {
         base_nano_per_token: 1_000,
         prompt_mult_milli: 1_000,
         completion_mult_milli: 3_000,
+        cached_mult_milli: 100,
     };
 
     #[test]
@@ -99,6 +134,7 @@ mod tests {
             base_nano_per_token: 1,
             prompt_mult_milli: 1_000,
             completion_mult_milli: 1_000,
+            cached_mult_milli: 1_000,
         };
         assert_eq!(tiny.cost(1, 1, 0).unwrap(), Coins(1));
         assert_eq!(tiny.cost(1_000, 0, 0).unwrap(), Coins(0));
@@ -110,21 +146,49 @@ mod tests {
         assert!(!coefficient_acceptable(2_000, 1_500));
     }
 
+    /// Cached prompt tokens cost their own multiplier; a claim of more
+    /// cached tokens than the prompt has counts the prompt only.
+    #[test]
+    fn cached_prompt_tokens_cost_their_own_multiplier() {
+        // 100 prompt tokens, 60 of them cached, 50 completion tokens at
+        // 1000 nano/token: 40 + 60 × 0.1 + 150 = 196 weighted tokens.
+        assert_eq!(
+            PRICE.cost_cached(1_000, 100, 60, 50).unwrap(),
+            Coins(196_000)
+        );
+        assert_eq!(
+            PRICE.cost_cached(1_000, 100, 0, 50).unwrap(),
+            PRICE.cost(1_000, 100, 50).unwrap()
+        );
+        assert_eq!(
+            PRICE.cost_cached(1_000, 100, 500, 50).unwrap(),
+            PRICE.cost_cached(1_000, 100, 100, 50).unwrap()
+        );
+        // A price list written before the field reads the default.
+        let old: Price = serde_json::from_str(
+            r#"{"base_nano_per_token":1,"prompt_mult_milli":1000,"completion_mult_milli":1000}"#,
+        )
+        .unwrap();
+        assert_eq!(old.cached_mult_milli, DEFAULT_CACHED_MULT_MILLI);
+    }
+
     #[test]
     fn overflow_is_an_error_not_a_wrap() {
         let huge = Price {
             base_nano_per_token: u64::MAX,
             prompt_mult_milli: u32::MAX,
             completion_mult_milli: u32::MAX,
+            cached_mult_milli: u32::MAX,
         };
         assert!(huge.cost(u32::MAX, u64::MAX, u64::MAX).is_err());
     }
 
     fn price() -> impl Strategy<Value = Price> {
-        (0u64..1_000_000, 0u32..10_000, 0u32..10_000).prop_map(|(b, p, c)| Price {
+        (0u64..1_000_000, 0u32..10_000, 0u32..10_000, 0u32..10_000).prop_map(|(b, p, c, k)| Price {
             base_nano_per_token: b,
             prompt_mult_milli: p,
             completion_mult_milli: c,
+            cached_mult_milli: k,
         })
     }
 
@@ -152,8 +216,9 @@ mod tests {
 
         #[test]
         fn never_panics(b: u64, pm: u32, cm: u32, coef: u32, p: u64, c: u64) {
-            let pr = Price { base_nano_per_token: b, prompt_mult_milli: pm, completion_mult_milli: cm };
+            let pr = Price { base_nano_per_token: b, prompt_mult_milli: pm, completion_mult_milli: cm, cached_mult_milli: pm };
             let _ = pr.cost(coef, p, c);
+            let _ = pr.cost_cached(coef, p, c, c);
         }
     }
 }

@@ -358,16 +358,22 @@ impl Billing {
         delivery: Delivery,
     ) -> Result<Bill, PaymentsError> {
         let delivered = delivery.paid_tokens();
-        let (prompt, completion) = match usage.filter(|_| delivery.prompt_served()) {
-            Some(u) => (
-                u64::from(u.prompt_tokens).min(prompt_tokens_bound),
-                u64::from(u.completion_tokens.min(delivered)),
-            ),
-            None => (0, u64::from(delivered)),
+        // Cached prompt tokens are the worker's claim: claiming fewer can
+        // only cost what the whole prompt costs, the most it is paid.
+        let (prompt, cached, completion) = match usage.filter(|_| delivery.prompt_served()) {
+            Some(u) => {
+                let prompt = u64::from(u.prompt_tokens).min(prompt_tokens_bound);
+                (
+                    prompt,
+                    u64::from(u.cached_tokens).min(prompt),
+                    u64::from(u.completion_tokens.min(delivered)),
+                )
+            }
+            None => (0, 0, u64::from(delivered)),
         };
         let p = self.payments.clone();
         let (cheque, cost) = tokio::task::spawn_blocking(move || {
-            p.after_job(&reservation, coefficient_milli, prompt, completion)
+            p.after_job(&reservation, coefficient_milli, prompt, cached, completion)
         })
         .await
         .map_err(|e| PaymentsError::Store(format!("settlement task failed: {e}")))??;
@@ -452,7 +458,13 @@ impl Billing {
     /// Records what a job produced when it ended, finished or cancelled
     /// (committed). A job that produced no token costs nothing, prompt
     /// included: gateways pay nothing for it ([`Delivery`]).
-    pub async fn end_job(&self, terms: &PaymentTerms, prompt_tokens: u32, completion_tokens: u32) {
+    pub async fn end_job(
+        &self,
+        terms: &PaymentTerms,
+        prompt_tokens: u32,
+        cached_tokens: u32,
+        completion_tokens: u32,
+    ) {
         let p = self.payments.clone();
         let (contract, job) = (terms.contract.clone(), terms.job);
         let r = tokio::task::spawn_blocking(move || {
@@ -460,6 +472,7 @@ impl Billing {
                 &contract,
                 job,
                 u64::from(prompt_tokens),
+                u64::from(cached_tokens),
                 u64::from(completion_tokens),
                 now_ms(),
             )

@@ -159,7 +159,7 @@ async fn two_clients_four_workers_hundreds_of_jobs_then_exact_redemptions() {
             continue;
         }
         let (cheque, cost) = c
-            .after_job(&r, w.config().coefficient_milli, prompt, completion)
+            .after_job(&r, w.config().coefficient_milli, prompt, 0, completion)
             .expect("settle");
         assert_eq!(
             cost,
@@ -360,7 +360,7 @@ async fn a_worker_admits_only_clients_with_a_real_lane_and_within_credit() {
     let r = client
         .before_dispatch(&worker.wallet_address(), 1_000, None, 0, 3_334)
         .expect("reserve");
-    let (cheque, cost) = client.after_job(&r, 1_000, 0, 3_334).expect("settle");
+    let (cheque, cost) = client.after_job(&r, 1_000, 0, 0, 3_334).expect("settle");
     assert_eq!(cost, unpaid);
     worker
         .on_cheque(&contract, &key, &cheque, 0, 0)
@@ -388,7 +388,7 @@ async fn a_worker_admits_only_clients_with_a_real_lane_and_within_credit() {
     let r = client
         .before_dispatch(&other.wallet_address(), 1_000, None, 0, 1)
         .expect("reserve");
-    let (cheque, _) = client.after_job(&r, 1_000, 0, 1).expect("settle");
+    let (cheque, _) = client.after_job(&r, 1_000, 0, 0, 1).expect("settle");
     let billing = silk_node::billing::Billing::new(other.clone());
     let e = billing
         .on_cheque(silk_node::protocol::ChequeDelivery {
@@ -448,7 +448,9 @@ async fn one_failing_lane_does_not_block_the_other_redemptions() {
     let r = client
         .before_dispatch(&worker.wallet_address(), coefficient, None, 100, 100)
         .expect("reserve");
-    let (cheque, cost) = client.after_job(&r, coefficient, 100, 100).expect("settle");
+    let (cheque, cost) = client
+        .after_job(&r, coefficient, 100, 0, 100)
+        .expect("settle");
     worker
         .on_cheque(
             client.client_contract(),
@@ -726,7 +728,7 @@ async fn a_closing_lane_is_refused_and_redeemed_below_the_threshold() {
         let r = client
             .before_dispatch(&w.wallet_address(), 1_000, None, 100, 100)
             .expect("reserve");
-        let (cheque, cost) = client.after_job(&r, 1_000, 100, 100).expect("settle");
+        let (cheque, cost) = client.after_job(&r, 1_000, 100, 0, 100).expect("settle");
         w.on_cheque(&contract, &key, &cheque, 100, 100)
             .expect("accepted");
         assert!(

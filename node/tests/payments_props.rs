@@ -5,12 +5,24 @@
 
 use proptest::prelude::*;
 use silk_chain::{Address, Coins, Keys, Price};
-use silk_node::payments::{ClientBook, PaymentsError, Reservation, Store, WorkerBook};
+use silk_node::payments::{
+    ClientBook, JobTokens, PaymentsError, Reservation, Store, WorkerBook, WorkerJob,
+};
+
+/// A job's tokens with nothing read from a cache.
+fn tokens(prompt: u64, completion: u64) -> JobTokens {
+    JobTokens {
+        prompt,
+        cached: 0,
+        completion,
+    }
+}
 
 const PRICE: Price = Price {
     base_nano_per_token: 1_000,
     prompt_mult_milli: 1_000,
     completion_mult_milli: 3_000,
+    cached_mult_milli: 100,
 };
 
 #[derive(Clone, Debug)]
@@ -466,7 +478,9 @@ fn worker_jobs_are_booked_in_redb_from_admission_to_cheque() {
     let pk = client.public_key();
     let contract = Address::new(0, [8; 32]);
     let me = Address::new(0, [9; 32]);
-    let cost_of = |p: u64, c: u64| Ok(PRICE.cost(1_000, p, c)?);
+    let cost_of = |j: &WorkerJob| {
+        Ok(PRICE.cost_cached(1_000, j.prompt_tokens, j.cached_tokens, j.completion_tokens)?)
+    };
     let cheque = |amount: u128, lane_id: u32| {
         silk_chain::Cheque {
             contract: contract.clone(),
@@ -491,7 +505,7 @@ fn worker_jobs_are_booked_in_redb_from_admission_to_cheque() {
         Err(PaymentsError::JobOpen { job: 7, .. })
     ));
     // Cancelled after 5 tokens (no prompt count: it never finished).
-    book.end_job(&contract, 7, 0, 5, 1_000, &cost_of)
+    book.end_job(&contract, 7, tokens(0, 5), 1_000, &cost_of)
         .expect("end");
     assert!(matches!(
         book.start_job(&contract, 1, 7),
@@ -499,10 +513,10 @@ fn worker_jobs_are_booked_in_redb_from_admission_to_cheque() {
     ));
     // A job that produced nothing is owed nothing and closes at once.
     book.start_job(&contract, 1, 8).expect("start");
-    book.end_job(&contract, 8, 40, 0, 1_000, &cost_of)
+    book.end_job(&contract, 8, tokens(40, 0), 1_000, &cost_of)
         .expect("end");
     book.start_job(&contract, 2, 9).expect("start");
-    book.end_job(&contract, 9, 10, 2, 1_000, &cost_of)
+    book.end_job(&contract, 9, tokens(10, 2), 1_000, &cost_of)
         .expect("end");
 
     // A crash: the open rows are all still there.
@@ -530,7 +544,7 @@ fn worker_jobs_are_booked_in_redb_from_admission_to_cheque() {
     assert_eq!((a.cumulative, a.outstanding), (Coins(15_000), Coins(0)));
     book.start_job(&contract, 1, 7)
         .expect("the id is free again");
-    book.end_job(&contract, 7, 0, 0, 2_000, &cost_of)
+    book.end_job(&contract, 7, tokens(0, 0), 2_000, &cost_of)
         .expect("end");
 
     // Job 9's cheque never comes: once overdue it is booked as unpaid, in
@@ -553,7 +567,7 @@ fn worker_jobs_are_booked_in_redb_from_admission_to_cheque() {
     book.start_job(&contract, 1, 11).expect("start");
     book.accept_for_job(&contract, &pk, &cheque(21_000, 1), 11, &cost_of)
         .expect("early cheque");
-    book.end_job(&contract, 11, 0, 2, 3_000, &cost_of)
+    book.end_job(&contract, 11, tokens(0, 2), 3_000, &cost_of)
         .expect("end");
     assert!(book.jobs().expect("jobs").is_empty());
     let lane1 = book.lane(&contract, 1).expect("lane").expect("lane 1");

@@ -17,9 +17,29 @@ use serde_json::{json, Value};
 use silk_testnet::{Testnet, TestnetConfig};
 
 /// Default prices (`PaymentsConfig::default()`): 1000 nanoTON a token,
-/// prompt ×1, completion ×3, worker coefficient ×1.
-fn expected_cost(prompt_tokens: u64, completion_tokens: u64) -> u64 {
-    1_000 * prompt_tokens + 3_000 * completion_tokens
+/// prompt ×1, cached prompt tokens ×0.1, completion ×3, worker coefficient
+/// ×1.
+fn expected_cost(prompt_tokens: u64, cached_tokens: u64, completion_tokens: u64) -> u64 {
+    1_000 * (prompt_tokens - cached_tokens) + 100 * cached_tokens + 3_000 * completion_tokens
+}
+
+/// What a completion body says it cost, in nanoTON.
+fn cost_of(body: &Value) -> anyhow::Result<u64> {
+    body["silk"]["cost_nanoton"]
+        .as_u64()
+        .with_context(|| format!("no silk.cost_nanoton: {body}"))
+}
+
+/// A completion body's prompt, cached and completion tokens.
+fn usage_of(body: &Value) -> anyhow::Result<(u64, u64, u64)> {
+    let usage = &body["usage"];
+    Ok((
+        usage["prompt_tokens"].as_u64().context("usage")?,
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .context("cached tokens")?,
+        usage["completion_tokens"].as_u64().context("usage")?,
+    ))
 }
 
 async fn payments(net: &Testnet, node: usize) -> anyhow::Result<Value> {
@@ -92,33 +112,67 @@ async fn jobs_are_paid_with_cheques_and_redeemed_on_chain() -> anyhow::Result<()
     ];
     for (i, prompt) in prompts.iter().cycle().take(10).enumerate() {
         let gw = gateways[i % 2];
-        let r = net
-            .client()
-            .post(format!("{}/v1/chat/completions", net.nodes[gw].api_url))
-            .json(&json!({
+        let body = chat(
+            &net,
+            gw,
+            json!({
                 "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": 3 + (i as u32 % 3),
                 "temperature": 0,
-            }))
-            .send()
-            .await?;
-        let status = r.status().as_u16();
-        let body: Value = r.json().await?;
-        ensure!(status == 200, "job {i} on node {gw}: {body}");
+            }),
+        )
+        .await?;
         let worker = body["silk"]["worker"]
             .as_str()
             .context("no worker")?
             .to_string();
-        let prompt_tokens = body["usage"]["prompt_tokens"].as_u64().context("usage")?;
-        let completion = body["usage"]["completion_tokens"]
-            .as_u64()
-            .context("usage")?;
-        let cost = body["silk"]["cost_nanoton"]
-            .as_u64()
-            .with_context(|| format!("no silk.cost_nanoton: {body}"))?;
-        assert_eq!(cost, expected_cost(prompt_tokens, completion), "{body}");
+        let (prompt_tokens, cached, completion) = usage_of(&body)?;
+        let cost = cost_of(&body)?;
+        assert_eq!(
+            cost,
+            expected_cost(prompt_tokens, cached, completion),
+            "{body}"
+        );
         *charged.entry((gw, worker)).or_default() += cost;
     }
+
+    // Two choices of one prompt: the second runs on the first one's worker
+    // and reads the whole prompt from it, so it pays the prompt as cached
+    // tokens (before, each choice paid the whole prompt: 1,000 nanoTON a
+    // token, not 100).
+    let body = chat(
+        &net,
+        0,
+        json!({
+            "messages": [{"role": "user", "content": "Name two rivers."}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "n": 2,
+        }),
+    )
+    .await?;
+    let choices = body["choices"].as_array().context("choices")?;
+    assert_eq!(choices.len(), 2, "{body}");
+    let on: Vec<&str> = body["silk"]["workers"]
+        .as_array()
+        .context("silk.workers")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        on.len() == 2 && on[0] == on[1],
+        "both on one worker: {body}"
+    );
+    let (prompt_tokens, cached, completion) = usage_of(&body)?;
+    let cost = cost_of(&body)?;
+    assert_eq!(
+        cost,
+        expected_cost(prompt_tokens, cached, 0)
+            + expected_cost(prompt_tokens, prompt_tokens, 0)
+            + 3_000 * completion,
+        "the first choice pays its prompt, the second the same prompt as cached: {body}"
+    );
+    *charged.entry((0, on[0].to_string())).or_default() += cost;
 
     // Gateways: what they signed is what they charged; nothing stays reserved.
     for gw in gateways {
@@ -381,25 +435,34 @@ async fn books_balance_now(
     Ok(())
 }
 
-/// One non-streaming job through gateway `gw`; returns what the caller was
-/// charged.
-async fn paid_job(net: &Testnet, gw: usize, prompt: &str) -> anyhow::Result<u64> {
+/// A chat request `request` through gateway `gw`, answered 200: its body.
+async fn chat(net: &Testnet, gw: usize, request: Value) -> anyhow::Result<Value> {
     let r = net
         .client()
         .post(format!("{}/v1/chat/completions", net.nodes[gw].api_url))
-        .json(&json!({
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": 4,
-            "temperature": 0,
-        }))
+        .json(&request)
         .send()
         .await?;
     let status = r.status().as_u16();
     let body: Value = r.json().await?;
-    ensure!(status == 200, "job on node {gw}: {body}");
-    body["silk"]["cost_nanoton"]
-        .as_u64()
-        .with_context(|| format!("no silk.cost_nanoton: {body}"))
+    ensure!(status == 200, "{request} on node {gw}: {body}");
+    Ok(body)
+}
+
+/// One non-streaming job through gateway `gw`; returns what the caller was
+/// charged.
+async fn paid_job(net: &Testnet, gw: usize, prompt: &str) -> anyhow::Result<u64> {
+    let body = chat(
+        net,
+        gw,
+        json!({
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 4,
+            "temperature": 0,
+        }),
+    )
+    .await?;
+    cost_of(&body)
 }
 
 /// Waits until gateway `gw` knows a worker (after a restart on either side).

@@ -15,7 +15,7 @@
 //!                                        prompt_tokens, max_tokens)?;
 //! // ... job runs; on failure: p.release(&r)?;
 //! let (cheque, cost): (SignedCheque, Coins) = p.after_job(&r, coefficient_milli,
-//!                                                         prompt_tokens, completion_tokens)?;
+//!                                     prompt_tokens, cached_tokens, completion_tokens)?;
 //! // put `cost.nano()` in the completion JSON as `silk.cost_nanoton`,
 //! // send `cheque` (serde JSON) and `p.client_contract()` / `p.public_key()`
 //! // to the worker.
@@ -53,7 +53,7 @@ pub use client_book::{ClientBook, ClientLane, Reservation, UndeliveredCheque};
 pub use error::{PaymentsError, Result};
 pub use store::Store;
 pub use worker_book::{
-    Acceptance, CostOf, WorkerBook, WorkerJob, WorkerLane, MAX_OPEN_JOBS_PER_CLIENT,
+    Acceptance, CostOf, JobTokens, WorkerBook, WorkerJob, WorkerLane, MAX_OPEN_JOBS_PER_CLIENT,
 };
 
 /// File name of the payments database inside the data directory.
@@ -118,6 +118,7 @@ impl Default for PaymentsConfig {
                 base_nano_per_token: 1_000,
                 prompt_mult_milli: 1_000,
                 completion_mult_milli: 3_000,
+                cached_mult_milli: silk_chain::DEFAULT_CACHED_MULT_MILLI,
             },
             coefficient_milli: 1_000,
             default_max_coefficient_milli: 2_000,
@@ -584,21 +585,33 @@ impl Payments {
         prompt_tokens: u64,
         completion_tokens: u64,
     ) -> Result<Coins> {
-        let cost = self.own_cost(prompt_tokens, completion_tokens)?;
+        let cost = self.own_cost(prompt_tokens, 0, completion_tokens)?;
         self.worker.record_work(contract, lane_id, cost)?;
         Ok(cost)
     }
 
     /// What a job costs at this worker's own price.
-    fn own_cost(&self, prompt_tokens: u64, completion_tokens: u64) -> Result<Coins> {
-        Ok(self.config.price.cost(
+    fn own_cost(
+        &self,
+        prompt_tokens: u64,
+        cached_tokens: u64,
+        completion_tokens: u64,
+    ) -> Result<Coins> {
+        Ok(self.config.price.cost_cached(
             self.config.coefficient_milli,
             prompt_tokens,
+            cached_tokens,
             completion_tokens,
         )?)
     }
 
-    /// Gateway: the job behind `reservation` used `prompt_tokens` and
+    /// What a booked job costs at this worker's own price.
+    fn job_cost(&self, job: &WorkerJob) -> Result<Coins> {
+        self.own_cost(job.prompt_tokens, job.cached_tokens, job.completion_tokens)
+    }
+
+    /// Gateway: the job behind `reservation` used `prompt_tokens` (of
+    /// which the worker read `cached_tokens` from a cache) and
     /// `completion_tokens`; signs the new cumulative cheque. Returns it and
     /// the job's cost (the completion's `silk.cost_nanoton`).
     pub fn after_job(
@@ -606,12 +619,15 @@ impl Payments {
         reservation: &Reservation,
         coefficient_milli: u32,
         prompt_tokens: u64,
+        cached_tokens: u64,
         completion_tokens: u64,
     ) -> Result<(SignedCheque, Coins)> {
-        let cost = self
-            .config
-            .price
-            .cost(coefficient_milli, prompt_tokens, completion_tokens)?;
+        let cost = self.config.price.cost_cached(
+            coefficient_milli,
+            prompt_tokens,
+            cached_tokens,
+            completion_tokens,
+        )?;
         let cheque = self.client.settle(&self.keys, reservation, cost)?;
         Ok((cheque, cost))
     }
@@ -631,7 +647,7 @@ impl Payments {
         prompt_tokens: u64,
         completion_tokens: u64,
     ) -> Result<Acceptance> {
-        let expected = self.own_cost(prompt_tokens, completion_tokens)?;
+        let expected = self.own_cost(prompt_tokens, 0, completion_tokens)?;
         self.worker
             .accept(client_contract, client_public_key, cheque, expected)
     }
@@ -643,23 +659,24 @@ impl Payments {
     }
 
     /// Worker: job `job` ended at `now_ms` having produced
-    /// `completion_tokens` (after a prompt of `prompt_tokens`).
+    /// `completion_tokens` (after a prompt of `prompt_tokens`, of which it
+    /// read `cached_tokens` from a cache).
     pub fn end_job(
         &self,
         client_contract: &Address,
         job: u64,
         prompt_tokens: u64,
+        cached_tokens: u64,
         completion_tokens: u64,
         now_ms: u64,
     ) -> Result<()> {
-        self.worker.end_job(
-            client_contract,
-            job,
-            prompt_tokens,
-            completion_tokens,
-            now_ms,
-            &|p, c| self.own_cost(p, c),
-        )
+        let tokens = JobTokens {
+            prompt: prompt_tokens,
+            cached: cached_tokens,
+            completion: completion_tokens,
+        };
+        self.worker
+            .end_job(client_contract, job, tokens, now_ms, &|j| self.job_cost(j))
     }
 
     /// Worker: checks and stores the cheque for job `job`, settling the
@@ -672,8 +689,8 @@ impl Payments {
         job: u64,
     ) -> Result<Acceptance> {
         self.worker
-            .accept_for_job(client_contract, client_public_key, cheque, job, &|p, c| {
-                self.own_cost(p, c)
+            .accept_for_job(client_contract, client_public_key, cheque, job, &|j| {
+                self.job_cost(j)
             })
     }
 
@@ -681,7 +698,7 @@ impl Payments {
     /// a cheque as unpaid work; returns them with their cost.
     pub fn book_overdue(&self, ended_before_ms: u64) -> Result<Vec<(WorkerJob, Coins)>> {
         self.worker
-            .book_overdue(ended_before_ms, &|p, c| self.own_cost(p, c))
+            .book_overdue(ended_before_ms, &|j| self.job_cost(j))
     }
 
     /// Worker: whether the client behind `client_contract` is within credit.

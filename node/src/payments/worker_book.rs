@@ -33,6 +33,10 @@ pub struct WorkerJob {
     pub job: u64,
     /// Prompt tokens (known once the job finished; 0 when it was cancelled).
     pub prompt_tokens: u64,
+    /// Of those, how many the worker read from a cache instead of
+    /// computing (priced apart). Rows written before this field read 0.
+    #[serde(default)]
+    pub cached_tokens: u64,
     /// Tokens produced.
     pub completion_tokens: u64,
     /// When it ended (Unix ms); `None` while it runs.
@@ -45,8 +49,19 @@ fn job_key(contract: &Address, job: u64) -> String {
     format!("{}/{job:020}", contract.to_raw())
 }
 
+/// The tokens a job read and produced, as the worker counted them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobTokens {
+    /// Prompt tokens.
+    pub prompt: u64,
+    /// Of those, read from a cache instead of computed.
+    pub cached: u64,
+    /// Tokens produced.
+    pub completion: u64,
+}
+
 /// What a job's tokens cost at the worker's own price.
-pub type CostOf<'a> = &'a dyn Fn(u64, u64) -> Result<Coins>;
+pub type CostOf<'a> = &'a dyn Fn(&WorkerJob) -> Result<Coins>;
 
 /// One client lane as the worker books it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -200,6 +215,7 @@ impl WorkerBook {
                 lane_id,
                 job,
                 prompt_tokens: 0,
+                cached_tokens: 0,
                 completion_tokens: 0,
                 ended_ms: None,
                 cheque_seen: false,
@@ -210,16 +226,15 @@ impl WorkerBook {
         tx.commit().map_err(store_err)
     }
 
-    /// Records that job `job` of `contract` ended at `now_ms` having
-    /// produced `completion_tokens` (and read `prompt_tokens`). A job that
+    /// Records that job `job` of `contract` ended at `now_ms` having read
+    /// and produced `tokens`. A job that
     /// produced nothing is owed nothing and its row goes; one whose cheque
     /// already came is booked at once; any other waits for its cheque.
     pub fn end_job(
         &self,
         contract: &Address,
         job: u64,
-        prompt_tokens: u64,
-        completion_tokens: u64,
+        tokens: JobTokens,
         now_ms: u64,
         cost_of: CostOf<'_>,
     ) -> Result<()> {
@@ -230,10 +245,11 @@ impl WorkerBook {
             let Some(mut row) = get_in::<WorkerJob>(&jobs, &k)? else {
                 return Ok(());
             };
-            row.prompt_tokens = prompt_tokens;
-            row.completion_tokens = completion_tokens;
+            row.prompt_tokens = tokens.prompt;
+            row.cached_tokens = tokens.cached.min(tokens.prompt);
+            row.completion_tokens = tokens.completion;
             row.ended_ms = Some(now_ms);
-            if completion_tokens == 0 {
+            if tokens.completion == 0 {
                 jobs.remove(k.as_str()).map_err(store_err)?;
             } else if row.cheque_seen {
                 jobs.remove(k.as_str()).map_err(store_err)?;
@@ -343,7 +359,7 @@ impl WorkerBook {
                 Some(row) if row.lane_id != cheque.cheque.lane_id => Coins::ZERO,
                 Some(row) if row.ended_ms.is_some() => {
                     jobs.remove(k.as_str()).map_err(store_err)?;
-                    cost_of(row.prompt_tokens, row.completion_tokens)?
+                    cost_of(&row)?
                 }
                 Some(mut row) => {
                     row.cheque_seen = true;
@@ -547,7 +563,7 @@ fn add_work(
     job: &WorkerJob,
     cost_of: CostOf<'_>,
 ) -> Result<Coins> {
-    let cost = cost_of(job.prompt_tokens, job.completion_tokens)?;
+    let cost = cost_of(job)?;
     let k = key(&job.contract, job.lane_id);
     let Some(mut lane) = get_in::<WorkerLane>(&*lanes, &k)? else {
         // Admission books the lane before any job starts.
@@ -576,4 +592,38 @@ fn covers(lane: &WorkerLane, cheque: &SignedCheque) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job row written before cached tokens were counted reads 0 of
+    /// them, so its cost is what it was booked at: the whole prompt.
+    #[test]
+    fn rows_written_before_cached_tokens_read_none() {
+        let row = WorkerJob {
+            contract: Address::new(0, [3; 32]),
+            lane_id: 1,
+            job: 9,
+            prompt_tokens: 40,
+            cached_tokens: 40,
+            completion_tokens: 5,
+            ended_ms: Some(1),
+            cheque_seen: false,
+        };
+        let mut old = serde_json::to_value(&row).expect("encode");
+        old.as_object_mut()
+            .expect("an object")
+            .remove("cached_tokens");
+        let read: WorkerJob = serde_json::from_value(old).expect("an old row still reads");
+        assert_eq!(read.cached_tokens, 0);
+        assert_eq!(
+            WorkerJob {
+                cached_tokens: 0,
+                ..row
+            },
+            read
+        );
+    }
 }

@@ -182,7 +182,12 @@ async fn serve_job(
     .await;
     if let (Some(billing), Some(terms)) = (ctx.billing, &request.payment) {
         billing
-            .end_job(terms, served.prompt_tokens, served.produced)
+            .end_job(
+                terms,
+                served.prompt_tokens,
+                served.cached_tokens,
+                served.produced,
+            )
             .await;
     }
     ctx.history.job(record(served.outcome, &served));
@@ -210,6 +215,8 @@ pub async fn submit_off_runtime(
 struct Served {
     /// Prompt tokens (0 unless the job finished).
     prompt_tokens: u32,
+    /// Of those, how many the engine read from a cache (priced apart).
+    cached_tokens: u32,
     /// Tokens produced, a cancelled stream's included.
     produced: u32,
     /// From the job's arrival to its first token.
@@ -231,6 +238,7 @@ async fn run_job(
 ) -> Served {
     let ended = |outcome, prompt_tokens, produced, first_token| Served {
         prompt_tokens,
+        cached_tokens: 0,
         produced,
         first_token,
         outcome,
@@ -304,12 +312,15 @@ async fn run_job(
                 if let Err(e) = responder.end(encode(&record)).await {
                     tracing::debug!(%peer, error = %e, "could not send the usage frame");
                 }
-                return ended(
-                    "ok",
-                    record.prompt_tokens,
-                    record.completion_tokens,
-                    first_token,
-                );
+                return Served {
+                    cached_tokens: record.cached_tokens.min(record.prompt_tokens),
+                    ..ended(
+                        "ok",
+                        record.prompt_tokens,
+                        record.completion_tokens,
+                        first_token,
+                    )
+                };
             }
             Some(Event::Error(e)) => {
                 let _ = responder.error(JobErrorCode::Internal, e).await;
