@@ -329,6 +329,7 @@ impl Engine {
             counters: counters.clone(),
             jobs,
             waiting: VecDeque::new(),
+            parked: Vec::new(),
             active: Vec::new(),
             prefix: PrefixCache::new(
                 config.prefix_cache_bytes,
@@ -632,8 +633,13 @@ struct Scheduler<B: Backend> {
     config: EngineConfig,
     counters: Arc<Counters>,
     jobs: mpsc::Receiver<Job>,
-    /// Jobs taken off the channel that did not fit yet (at most one).
+    /// Jobs taken off the channel that did not fit yet, or whose wait in
+    /// `parked` is over.
     waiting: VecDeque<Job>,
+    /// Jobs waiting for a sequence in the batch to finish reading a prompt
+    /// they share, to copy it rather than compute it alongside (see
+    /// [`Scheduler::worth_waiting`]), in arrival order.
+    parked: Vec<Job>,
     active: Vec<Sequence<B>>,
     /// Finished sequences' caches, for requests that share their prefix.
     prefix: PrefixCache<B>,
@@ -689,6 +695,16 @@ impl<B: Backend> Scheduler<B> {
     /// there is nothing to do. Returns false when the engine is dropped and
     /// every request is done.
     fn admit(&mut self) -> bool {
+        // Parked jobs whose wait is over go first, in arrival order.
+        let mut i = 0;
+        while i < self.parked.len() {
+            if self.worth_waiting(&self.parked[i]) {
+                i += 1;
+            } else {
+                let job = self.parked.remove(i);
+                self.waiting.push_back(job);
+            }
+        }
         loop {
             if self.active.len() >= self.config.max_batch {
                 return true;
@@ -706,6 +722,10 @@ impl<B: Backend> Scheduler<B> {
             };
             if job.sender.is_closed() {
                 self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            if self.worth_waiting(&job) {
+                self.parked.push(job);
                 continue;
             }
             let context = self.transformer.config().max_position_embeddings;
@@ -805,22 +825,75 @@ impl<B: Backend> Scheduler<B> {
     /// still answering). Only a running sequence's own prompt positions
     /// are taken, in whole prefill chunks, as the prefix cache does.
     fn shared_prefix(&mut self, prompt: &[u32]) -> Option<(KvCache<B>, usize)> {
+        match self.running_share(prompt) {
+            Some((n, seq)) if n > 0 && n > self.prefix.shared_len(prompt) => {
+                Some((seq.cache.snapshot(n), n))
+            }
+            _ => self.prefix.lookup(prompt),
+        }
+    }
+
+    /// The running sequence holding the most whole chunks of `prompt`
+    /// already computed, and how many positions that is.
+    fn running_share(&self, prompt: &[u32]) -> Option<(usize, &Sequence<B>)> {
         let align = self.config.prefill_chunk;
-        let running = self
-            .active
+        self.active
             .iter()
             .filter(|s| !s.finished && s.request.prompt_logprobs.is_none())
             .map(|s| {
                 let computed = &s.prompt[..s.consumed.min(s.prompt.len())];
                 (reusable_len(computed, prompt, align), s)
             })
-            .max_by_key(|(n, _)| *n);
-        match running {
-            Some((n, seq)) if n > 0 && n > self.prefix.shared_len(prompt) => {
-                Some((seq.cache.snapshot(n), n))
-            }
-            _ => self.prefix.lookup(prompt),
+            .max_by_key(|(n, _)| *n)
+    }
+
+    /// Whether `job` gains by waiting: a sequence in the batch is still
+    /// reading a prompt that shares more whole chunks with `job`'s than
+    /// `job` could copy now, or is `job`'s very prompt (which `job` then
+    /// forks from whole). Waiting costs `job` little: alongside, it would
+    /// compute the same chunks in the same passes, making them slower. A
+    /// burst with one system prompt reads it once, not once per request.
+    fn worth_waiting(&self, job: &Job) -> bool {
+        if job.request.prompt_logprobs.is_some() {
+            return false;
         }
+        let align = self.config.prefill_chunk;
+        let plain = job.request.continuation.is_empty();
+        let mut have = None;
+        for s in self.active.iter().filter(|s| {
+            !s.finished && s.request.prompt_logprobs.is_none() && s.consumed < s.prompt.len()
+        }) {
+            let want = if plain && s.prompt == job.prompt {
+                s.prompt.len()
+            } else {
+                reusable_len(&s.prompt, &job.prompt, align)
+            };
+            if want == 0 || s.consumed >= want {
+                continue;
+            }
+            let have = *have.get_or_insert_with(|| self.available(&job.prompt, plain));
+            if want > have {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// How many positions of `prompt` a request could copy now: all of
+    /// them when it can fork (`plain`: no continuation), else the most
+    /// whole chunks a running sequence or the prefix cache holds.
+    fn available(&self, prompt: &[u32], plain: bool) -> usize {
+        let forkable = plain
+            && (self
+                .active
+                .iter()
+                .any(|s| !s.finished && s.prompt == prompt && s.prompt_row.is_some())
+                || self.prefix.holds_whole(prompt));
+        if forkable {
+            return prompt.len();
+        }
+        let running = self.running_share(prompt).map_or(0, |(n, _)| n);
+        running.max(self.prefix.shared_len(prompt))
     }
 
     fn flush_pending(&mut self) {

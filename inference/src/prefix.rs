@@ -133,6 +133,13 @@ impl<B: Backend> PrefixCache<B> {
         Some((entry.cache.snapshot(shared), shared))
     }
 
+    /// Whether [`Self::fork`] would find `prompt`.
+    pub(crate) fn holds_whole(&self, prompt: &[u32]) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.row.is_some() && e.tokens == prompt)
+    }
+
     /// An entry holding exactly `prompt`, all of it, with the logits after
     /// it: a copy of its keys and values and that row, so a request with
     /// the same prompt (a retry, a later choice of one request) computes

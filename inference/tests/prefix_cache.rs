@@ -60,6 +60,18 @@ fn run(engine: &Engine, prompt: &[u32], max_tokens: usize) -> Answer {
     run_request(engine, r)
 }
 
+/// `max_tokens` sampled at temperature 0.9 with `seed`, past end-of-sequence.
+fn seeded(prompt: &[u32], max_tokens: usize, seed: u64) -> GenerateRequest {
+    let mut r = GenerateRequest::new(Prompt::Tokens(prompt.to_vec()), max_tokens);
+    r.ignore_eos = true;
+    r.sampling = SamplingParams {
+        temperature: 0.9,
+        seed: Some(seed),
+        ..Default::default()
+    };
+    r
+}
+
 /// Runs `r` to its end with each token's log-probability.
 fn run_request(engine: &Engine, mut r: GenerateRequest) -> Answer {
     r.logprobs = Some(0);
@@ -257,16 +269,7 @@ fn the_choices_of_one_prompt_share_its_prefill() {
             );
             let alone = engine(name, layout, kernels, 0);
             let prompt: Vec<u32> = (0..40).map(|i| 3 + (i * 37) % 200).collect();
-            let choice = |seed: u64| {
-                let mut r = GenerateRequest::new(Prompt::Tokens(prompt.clone()), 10);
-                r.ignore_eos = true;
-                r.sampling = SamplingParams {
-                    temperature: 0.9,
-                    seed: Some(seed),
-                    ..Default::default()
-                };
-                r
-            };
+            let choice = |seed: u64| seeded(&prompt, 10, seed);
 
             // The first choice: read one token, then leave it unread so the
             // engine holds it in the batch (stalled).
@@ -319,6 +322,55 @@ fn the_choices_of_one_prompt_share_its_prefill() {
                 first_tokens,
                 run_request(&alone, choice(1)).tokens,
                 "{what}: the first choice's answer"
+            );
+        }
+    }
+}
+
+/// Requests sent together whose prompts start alike read the shared part
+/// once: one that comes while another still reads its very prompt waits
+/// and forks from it whole; one sharing only a start waits for those
+/// chunks and copies them. Before, each read its prompt alongside the
+/// first (the second got none of it, or the few chunks the first had
+/// computed when it came). The first prompt is 200 tokens, 29 passes of
+/// 7, so the others arrive long before it is read.
+#[test]
+fn requests_sent_together_read_their_shared_prompt_once() {
+    for name in ["tiny-llama", "tiny-qwen3"] {
+        for (layout, kernels) in layouts() {
+            let what = format!("{name} {layout:?} {kernels}");
+            let engine = engine_with(
+                name,
+                layout,
+                kernels,
+                EngineConfig {
+                    prefill_chunk: 7,
+                    ..Default::default()
+                },
+            );
+            let prompt: Vec<u32> = (0..200).map(|i| 3 + (i * 37) % 500).collect();
+            let mut other = prompt[..150].to_vec();
+            other.extend([7, 8, 9, 10, 11]);
+            let streams: Vec<_> = [(&prompt, 1), (&prompt, 2), (&other, 3)]
+                .into_iter()
+                .map(|(p, seed)| engine.submit(seeded(p, 8, seed)).expect("submit"))
+                .collect();
+            let cached: Vec<usize> = streams
+                .into_iter()
+                .map(|mut s| loop {
+                    match s.blocking_next() {
+                        Some(Event::Done(u)) => break u.cached_tokens,
+                        Some(Event::Error(e)) => panic!("{what}: {e}"),
+                        Some(_) => {}
+                        None => panic!("{what}: the stream ended without a result"),
+                    }
+                })
+                .collect();
+            assert_eq!(
+                cached,
+                vec![0, 200, 147],
+                "{what}: the first reads its prompt, the second forks from it whole, \
+                 the third copies the 21 whole chunks of 7 of the 150 tokens it shares"
             );
         }
     }

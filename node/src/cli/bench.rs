@@ -28,6 +28,8 @@ pub enum BenchCommand {
     Settlement(super::wallet::SettlementBenchArgs),
     /// Routing overhead, time until a new worker is known, gossip convergence.
     Mesh(super::bench_mesh::MeshBenchArgs),
+    /// Time to first token across a burst of requests through one gateway.
+    Burst(super::bench_burst::BurstBenchArgs),
     /// One process's share of the mesh `silk bench mesh` measures.
     #[command(hide = true)]
     MeshShard(super::mesh_shard::MeshShardArgs),
@@ -75,6 +77,7 @@ pub fn run(cmd: BenchCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
         BenchCommand::Fidelity(args) => super::bench_fidelity::run(args, data_dir),
         BenchCommand::Settlement(args) => super::wallet::bench_settlement(args),
         BenchCommand::Mesh(args) => super::bench_mesh::run(args, data_dir),
+        BenchCommand::Burst(args) => super::bench_burst::run(args, data_dir),
         BenchCommand::MeshShard(args) => super::bench_mesh::run_shard(args),
     }
 }
@@ -148,8 +151,9 @@ fn measure(
 ) -> anyhow::Result<Row> {
     let submitted = Instant::now();
     let mut streams = Vec::with_capacity(batch);
-    for _ in 0..batch {
-        let mut request = GenerateRequest::new(Prompt::Tokens(prompt.to_vec()), gen_tokens + 1);
+    for i in 0..batch {
+        let prompt = own_prompt(engine, prompt, i);
+        let mut request = GenerateRequest::new(Prompt::Tokens(prompt), gen_tokens + 1);
         request.ignore_eos = true;
         streams.push(engine.submit(request)?);
     }
@@ -174,6 +178,19 @@ fn measure(
         ttft_s: first_any.duration_since(submitted).as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
     })
+}
+
+/// Request `i`'s copy of `prompt`, its first token another for each `i`:
+/// the engine shares a prompt among requests that start alike (and forks
+/// requests with one prompt from the first), so a batch of one prompt
+/// would measure one prefill, not `batch`.
+fn own_prompt(engine: &Engine, prompt: &[u32], i: usize) -> Vec<u32> {
+    let vocab = engine.tokenizer().vocab_size().max(1) as u64;
+    let mut own = prompt.to_vec();
+    if let Some(first) = own.first_mut() {
+        *first = ((u64::from(*first) + i as u64) % vocab) as u32;
+    }
+    own
 }
 
 /// Tokens of a request's own after the shared prefix.
@@ -261,8 +278,9 @@ fn measure_constrained(
     let (masks_before, time_before) = engine.mask_stats();
     let submitted = Instant::now();
     let mut streams = Vec::with_capacity(batch);
-    for _ in 0..batch {
-        let mut request = GenerateRequest::new(Prompt::Tokens(prompt.to_vec()), 4 * items + 8);
+    for i in 0..batch {
+        let prompt = own_prompt(engine, prompt, i);
+        let mut request = GenerateRequest::new(Prompt::Tokens(prompt), 4 * items + 8);
         request.constraint = Some(Constraint::JsonSchema(schema.to_string()));
         streams.push(engine.submit(request)?);
     }
@@ -387,8 +405,9 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
     let store = ModelStore::new(data_dir.join("models"));
     let source = store.resolve(&args.model)?;
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
-    // The throughput runs repeat one prompt: without the prefix cache, so
-    // each computes its prompt as a new one would.
+    // The throughput runs send one prompt with another first token per
+    // request (`own_prompt`), without the prefix cache: each computes its
+    // prompt as a new one would.
     let engine = start_engine(
         source.clone(),
         args.device,

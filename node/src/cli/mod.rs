@@ -4,6 +4,7 @@
 pub mod api_key;
 pub mod attest;
 pub mod bench;
+pub mod bench_burst;
 pub mod bench_fidelity;
 pub mod bench_mesh;
 pub mod client;
