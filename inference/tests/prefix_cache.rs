@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use silk_inference::backend::Cpu;
 use silk_inference::cpu::CpuKernels;
-use silk_inference::engine::{Engine, EngineConfig, Event, GenerateRequest, Prompt, Usage};
+use silk_inference::engine::{
+    Engine, EngineConfig, Event, GenerateRequest, GenerationStream, Prompt, Usage,
+};
 use silk_inference::model::{LoadedModel, ModelSource};
 use silk_inference::sampling::SamplingParams;
 use silk_inference::transformer::WeightLayout;
@@ -58,6 +60,38 @@ fn run(engine: &Engine, prompt: &[u32], max_tokens: usize) -> Answer {
     let mut r = GenerateRequest::new(Prompt::Tokens(prompt.to_vec()), max_tokens);
     r.ignore_eos = true;
     run_request(engine, r)
+}
+
+/// Reads one token of `stream`, then leaves it unread until `engine` holds
+/// it in the batch without stepping it (stalled); returns that token.
+fn stall_after_one_token(engine: &Engine, stream: &mut GenerationStream, what: &str) -> u32 {
+    let first = match stream.blocking_next() {
+        Some(Event::Token { id, .. }) => id,
+        other => panic!("{what}: expected a first token, got {other:?}"),
+    };
+    let waited = std::time::Instant::now();
+    while engine.load().stalled != 1 {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(120),
+            "{what}: the unread request was never stalled: {:?}",
+            engine.load()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    first
+}
+
+/// `first` and the rest of `stream`'s tokens, read to its end.
+fn read_to_end(first: u32, stream: &mut GenerationStream, what: &str) -> Vec<u32> {
+    let mut tokens = vec![first];
+    while let Some(event) = stream.blocking_next() {
+        match event {
+            Event::Token { id, .. } => tokens.push(id),
+            Event::Done(_) => break,
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    tokens
 }
 
 /// `max_tokens` sampled at temperature 0.9 with `seed`, past end-of-sequence.
@@ -206,19 +240,7 @@ fn a_running_sequence_shares_its_prompt_with_a_newcomer() {
             let mut r = GenerateRequest::new(Prompt::Tokens(system.clone()), 64);
             r.ignore_eos = true;
             let mut running = cached.submit(r).expect("submit");
-            let mut first_tokens = match running.blocking_next() {
-                Some(Event::Token { id, .. }) => vec![id],
-                other => panic!("{what}: expected a first token, got {other:?}"),
-            };
-            let waited = std::time::Instant::now();
-            while cached.load().stalled != 1 {
-                assert!(
-                    waited.elapsed() < std::time::Duration::from_secs(120),
-                    "{what}: the unread request was never stalled: {:?}",
-                    cached.load()
-                );
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+            let first_token = stall_after_one_token(&cached, &mut running, &what);
 
             let mut next = system.clone();
             next.extend([17, 29, 31, 5]);
@@ -230,13 +252,7 @@ fn a_running_sequence_shares_its_prompt_with_a_newcomer() {
             same_answer(&what, &warm, &run(&plain, &next, 8));
 
             // The first request, read to its end, lost nothing to the copy.
-            while let Some(event) = running.blocking_next() {
-                match event {
-                    Event::Token { id, .. } => first_tokens.push(id),
-                    Event::Done(_) => break,
-                    other => panic!("{what}: {other:?}"),
-                }
-            }
+            let first_tokens = read_to_end(first_token, &mut running, &what);
             assert_eq!(
                 first_tokens,
                 run(&plain, &system, 64).tokens,
@@ -274,19 +290,7 @@ fn the_choices_of_one_prompt_share_its_prefill() {
             // The first choice: read one token, then leave it unread so the
             // engine holds it in the batch (stalled).
             let mut first = shared.submit(choice(1)).expect("submit");
-            let mut first_tokens = match first.blocking_next() {
-                Some(Event::Token { id, .. }) => vec![id],
-                other => panic!("{what}: expected a first token, got {other:?}"),
-            };
-            let waited = std::time::Instant::now();
-            while shared.load().stalled != 1 {
-                assert!(
-                    waited.elapsed() < std::time::Duration::from_secs(120),
-                    "{what}: the unread request was never stalled: {:?}",
-                    shared.load()
-                );
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+            let first_token = stall_after_one_token(&shared, &mut first, &what);
 
             for seed in 2..5 {
                 let forked = run_request(&shared, choice(seed));
@@ -311,13 +315,7 @@ fn the_choices_of_one_prompt_share_its_prefill() {
             );
 
             // The first choice lost nothing to the copies.
-            while let Some(event) = first.blocking_next() {
-                match event {
-                    Event::Token { id, .. } => first_tokens.push(id),
-                    Event::Done(_) => break,
-                    other => panic!("{what}: {other:?}"),
-                }
-            }
+            let first_tokens = read_to_end(first_token, &mut first, &what);
             assert_eq!(
                 first_tokens,
                 run_request(&alone, choice(1)).tokens,
