@@ -25,6 +25,10 @@ F16_FIELDS = {
     T.Q8_0: [0],
     T.Q4_K: [0, 2],
     T.Q6_K: [208],
+    # Added after the five above, so their fixtures stay as they were.
+    T.Q5_0: [0],
+    T.Q5_1: [0, 2],
+    T.Q5_K: [0, 2],
 }
 
 

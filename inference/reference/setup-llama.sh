@@ -25,6 +25,6 @@ fi
 # load models with use_extra_bufts=false to avoid it (see README.md).
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_CUDA=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
-"$venv/bin/python" -m pip install --no-cache-dir --verbose "llama-cpp-python==$version" psutil==7.2.2
+"$venv/bin/python" -m pip install --no-cache-dir --verbose "llama-cpp-python==$version" psutil==7.2.2 gguf==0.19.0
 "$venv/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
 echo "ok: $venv"

@@ -99,8 +99,14 @@ pub enum TensorType {
     Q4_1,
     /// 32 weights per block: f16 scale, 8-bit values.
     Q8_0,
+    /// 32 weights per block: f16 scale, 5-bit values offset by 16.
+    Q5_0,
+    /// 32 weights per block: f16 scale and minimum, 5-bit values.
+    Q5_1,
     /// 256-weight super-blocks with 6-bit sub-block scales and minimums, 4-bit values.
     Q4K,
+    /// 256-weight super-blocks with 6-bit sub-block scales and minimums, 5-bit values.
+    Q5K,
     /// 256-weight super-blocks with 8-bit sub-block scales, 6-bit values.
     Q6K,
     /// Any other type, kept so the error can name it.
@@ -114,8 +120,11 @@ impl TensorType {
             1 => Self::F16,
             2 => Self::Q4_0,
             3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
             8 => Self::Q8_0,
             12 => Self::Q4K,
+            13 => Self::Q5K,
             14 => Self::Q6K,
             30 => Self::BF16,
             other => Self::Other(other),
@@ -123,14 +132,17 @@ impl TensorType {
     }
 
     /// (weights per block, bytes per block), or `None` for unsupported types.
-    fn block(self) -> Option<(usize, usize)> {
+    pub fn block(self) -> Option<(usize, usize)> {
         Some(match self {
             Self::F32 => (1, 4),
             Self::F16 | Self::BF16 => (1, 2),
             Self::Q4_0 => (32, 18),
             Self::Q4_1 => (32, 20),
             Self::Q8_0 => (32, 34),
+            Self::Q5_0 => (32, 22),
+            Self::Q5_1 => (32, 24),
             Self::Q4K => (256, 144),
+            Self::Q5K => (256, 176),
             Self::Q6K => (256, 210),
             Self::Other(_) => return None,
         })
@@ -145,15 +157,15 @@ impl TensorType {
             Self::Q4_0 => "Q4_0".into(),
             Self::Q4_1 => "Q4_1".into(),
             Self::Q8_0 => "Q8_0".into(),
+            Self::Q5_0 => "Q5_0".into(),
+            Self::Q5_1 => "Q5_1".into(),
             Self::Q4K => "Q4_K".into(),
+            Self::Q5K => "Q5_K".into(),
             Self::Q6K => "Q6_K".into(),
             Self::Other(raw) => match raw {
-                6 => "Q5_0".into(),
-                7 => "Q5_1".into(),
                 9 => "Q8_1".into(),
                 10 => "Q2_K".into(),
                 11 => "Q3_K".into(),
-                13 => "Q5_K".into(),
                 15 => "Q8_K".into(),
                 other => format!("ggml type {other}"),
             },
@@ -573,7 +585,6 @@ impl GgufFile {
 /// caller checked). Returns `None` for unsupported types.
 pub fn dequantize(kind: TensorType, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
     let mut out = Vec::with_capacity(n);
-    let h = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     match kind {
         TensorType::F32 => out.extend(
             bytes
@@ -590,45 +601,136 @@ pub fn dequantize(kind: TensorType, bytes: &[u8], n: usize) -> Option<Vec<f32>> 
                 .chunks_exact(2)
                 .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
         ),
-        TensorType::Q4_0 => {
-            for b in bytes.chunks_exact(18) {
-                let d = h(b, 0);
-                let qs = &b[2..18];
-                out.extend(qs.iter().map(|&q| (f32::from(q & 0x0F) - 8.0) * d));
-                out.extend(qs.iter().map(|&q| (f32::from(q >> 4) - 8.0) * d));
+        _ => {
+            let block = |b: &SubBlock| out.extend((0..32).map(|i| b.weight(i)));
+            if !sub_blocks(kind, bytes, block) {
+                return None;
             }
         }
-        TensorType::Q4_1 => {
-            for b in bytes.chunks_exact(20) {
-                let (d, m) = (h(b, 0), h(b, 2));
-                let qs = &b[4..20];
-                out.extend(qs.iter().map(|&q| f32::from(q & 0x0F) * d + m));
-                out.extend(qs.iter().map(|&q| f32::from(q >> 4) * d + m));
+    }
+    (out.len() == n).then_some(out)
+}
+
+/// 32 consecutive weights of a quantized tensor in one common form:
+/// `w[i] = scales[i / 16] · q[i] + min`. Every block type is this with
+/// its own integers and factors: Q4_0 is `q = nibble − 8`, one scale, no
+/// minimum; Q4_K's sub-block has the super-block's f16 scale times its
+/// 6-bit scale, and minus its f16 minimum times its 6-bit minimum; Q6_K's
+/// 32 weights have two 8-bit scales, one per 16. The factors are exact in
+/// f32 (an f16 times an integer of at most 8 bits), so the weights come
+/// out as the format defines them, with one rounding where there is a
+/// minimum.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SubBlock {
+    /// The integers, as they multiply their scale.
+    pub q: [i8; 32],
+    /// The scale of weights 0..16 and of weights 16..32.
+    pub scales: [f32; 2],
+    /// Added to every weight.
+    pub min: f32,
+}
+
+impl SubBlock {
+    /// Weight `i` (0..32) as f32.
+    pub fn weight(&self, i: usize) -> f32 {
+        self.scales[i / 16] * f32::from(self.q[i]) + self.min
+    }
+
+    /// A block with one scale for all 32 weights.
+    fn even(q: [i8; 32], d: f32, min: f32) -> Self {
+        Self {
+            q,
+            scales: [d, d],
+            min,
+        }
+    }
+}
+
+/// Calls `f` with each 32 weights of `bytes`, a whole number of `kind`'s
+/// blocks, in order; `false` (and no call) when `kind` is not a block type
+/// silk reads. The layouts are ggml's (`ggml-quants.c`,
+/// `dequantize_row_*`); `inference/tests/quant.rs` checks them against
+/// gguf-py's dequantization.
+pub fn sub_blocks(kind: TensorType, bytes: &[u8], mut f: impl FnMut(&SubBlock)) -> bool {
+    let h = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let Some((_, block_bytes)) = kind.block() else {
+        return false;
+    };
+    let blocks = bytes.chunks_exact(block_bytes);
+    match kind {
+        TensorType::F32 | TensorType::F16 | TensorType::BF16 | TensorType::Other(_) => {
+            return false
+        }
+        TensorType::Q4_0 | TensorType::Q4_1 => {
+            for b in blocks {
+                let (min, qs, bias) = if kind == TensorType::Q4_0 {
+                    (0.0, &b[2..18], 8)
+                } else {
+                    (h(b, 2), &b[4..20], 0)
+                };
+                let nibbles = nibbles(qs);
+                let q = std::array::from_fn(|i| nibbles[i] as i8 - bias);
+                f(&SubBlock::even(q, h(b, 0), min));
             }
         }
         TensorType::Q8_0 => {
-            for b in bytes.chunks_exact(34) {
-                let d = h(b, 0);
-                out.extend(b[2..34].iter().map(|&q| f32::from(q as i8) * d));
+            for b in blocks {
+                f(&SubBlock::even(
+                    std::array::from_fn(|i| b[2 + i] as i8),
+                    h(b, 0),
+                    0.0,
+                ));
             }
         }
-        TensorType::Q4K => {
-            for b in bytes.chunks_exact(144) {
+        TensorType::Q5_0 | TensorType::Q5_1 => {
+            for b in blocks {
+                let (min, at, bias) = if kind == TensorType::Q5_0 {
+                    (0.0, 2, 16)
+                } else {
+                    (h(b, 2), 4, 0)
+                };
+                let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                let qs = &b[at + 4..at + 20];
+                // The fifth bit of weight i is bit i of qh.
+                let nibbles = nibbles(qs);
+                let q = std::array::from_fn(|i| {
+                    let high = ((qh >> i) & 1) as u8;
+                    (nibbles[i] | (high << 4)) as i8 - bias
+                });
+                f(&SubBlock::even(q, h(b, 0), min));
+            }
+        }
+        TensorType::Q4K | TensorType::Q5K => {
+            for b in blocks {
                 let (d, dmin) = (h(b, 0), h(b, 2));
                 let scales = &b[4..16];
-                let qs = &b[16..144];
-                for (j, q) in qs.chunks_exact(32).enumerate() {
-                    let (sc1, m1) = scale_min_k4(2 * j, scales);
-                    let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
-                    let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
-                    let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
-                    out.extend(q.iter().map(|&v| d1 * f32::from(v & 0x0F) - m1));
-                    out.extend(q.iter().map(|&v| d2 * f32::from(v >> 4) - m2));
+                // Q5_K: 32 bytes of fifth bits, two bits per weight
+                // position (one per sub-block pair), then the nibbles.
+                let (qh, qs) = if kind == TensorType::Q5K {
+                    (Some(&b[16..48]), &b[48..176])
+                } else {
+                    (None, &b[16..144])
+                };
+                for (j, chunk) in qs.chunks_exact(32).enumerate() {
+                    for (half, shift) in [(0, 0), (1, 4)] {
+                        let s = 2 * j + half;
+                        let (sc, m) = scale_min_k4(s, scales);
+                        let q = std::array::from_fn(|l| {
+                            let nibble = (chunk[l] >> shift) & 0x0F;
+                            let high = qh.map_or(0, |qh| (qh[l] >> s) & 1);
+                            (nibble | (high << 4)) as i8
+                        });
+                        f(&SubBlock::even(
+                            q,
+                            d * f32::from(sc),
+                            -(dmin * f32::from(m)),
+                        ));
+                    }
                 }
             }
         }
         TensorType::Q6K => {
-            for b in bytes.chunks_exact(210) {
+            for b in blocks {
                 let (ql_all, rest) = b.split_at(128);
                 let (qh_all, rest) = rest.split_at(64);
                 let (sc_all, d) = rest.split_at(16);
@@ -637,26 +739,39 @@ pub fn dequantize(kind: TensorType, bytes: &[u8], n: usize) -> Option<Vec<f32>> 
                     let ql = &ql_all[64 * half..64 * half + 64];
                     let qh = &qh_all[32 * half..32 * half + 32];
                     let sc = &sc_all[8 * half..8 * half + 8];
-                    let mut y = [0f32; 128];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = i32::from((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32;
-                        let q2 = i32::from((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
-                        let q3 = i32::from((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-                        let q4 = i32::from((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-                        let s = |k: usize| d * f32::from(sc[k] as i8);
-                        y[l] = s(is) * q1 as f32;
-                        y[l + 32] = s(is + 2) * q2 as f32;
-                        y[l + 64] = s(is + 4) * q3 as f32;
-                        y[l + 96] = s(is + 6) * q4 as f32;
+                    // Sub-block k of this half: low or high nibbles of the
+                    // first or second 32 bytes of ql, and bits 2k, 2k+1 of qh.
+                    for k in 0..4 {
+                        let (low, shift) = (&ql[32 * (k % 2)..32 * (k % 2) + 32], 4 * (k / 2));
+                        let q = std::array::from_fn(|l| {
+                            let nibble = (low[l] >> shift) & 0x0F;
+                            let high = (qh[l] >> (2 * k)) & 3;
+                            (nibble | (high << 4)) as i8 - 32
+                        });
+                        let scale = |i: usize| d * f32::from(sc[i] as i8);
+                        f(&SubBlock {
+                            q,
+                            scales: [scale(2 * k), scale(2 * k + 1)],
+                            min: 0.0,
+                        });
                     }
-                    out.extend_from_slice(&y);
                 }
             }
         }
-        TensorType::Other(_) => return None,
     }
-    (out.len() == n).then_some(out)
+    true
+}
+
+/// The 32 four-bit values of a 32-weight block's 16 bytes, in weight
+/// order: the low nibbles are weights 0..16, the high ones 16..32.
+pub(crate) fn nibbles(qs: &[u8]) -> [u8; 32] {
+    std::array::from_fn(|i| {
+        if i < 16 {
+            qs[i] & 0x0F
+        } else {
+            qs[i - 16] >> 4
+        }
+    })
 }
 
 /// The 6-bit scale and minimum of sub-block `j` of a Q4_K super-block.

@@ -12,8 +12,10 @@
 //! - [`transformer`] is the Llama/Qwen3 decoder on a Burn backend (CPU
 //!   `Flex` by default, CUDA behind the `cuda` feature), with a per-sequence
 //!   [`cache::KvCache`]; one forward pass serves many sequences at once. On
-//!   the CPU, weights a GGUF file stores as Q4_0/Q4_1/Q8_0 blocks stay in
-//!   that form and [`packed`] multiplies by them directly, on the CPU
+//!   the CPU, weights a GGUF file stores in blocks (Q4_0, Q4_1, Q5_0, Q8_0
+//!   as they are; Q5_1 and the K-quants Q4_K, Q5_K, Q6_K rewritten into
+//!   blocks of the same kind) stay quantized and [`packed`] multiplies by
+//!   them directly, on the CPU
 //!   kernels [`cpu`] selects (`SILK_CPU_KERNELS`). Dense weights run in f32
 //!   or bf16 ([`Precision`]; bf16 is for GPUs).
 //! - [`engine`] owns one scheduler thread per model: requests are

@@ -4,8 +4,10 @@
 //! batches the CPU waits on memory, not arithmetic. A Q4_1 weight is 0.625
 //! bytes against 4 as f32: multiplying by the blocks as the file stores them
 //! reads about a sixth of the bytes. [`PackedMatrix`] keeps a weight in its
-//! block format (Q4_0, Q4_1 or Q8_0; 32 weights per block, blocks running
-//! along a row) and multiplies by it two ways:
+//! block format (Q4_0, Q4_1, Q5_0 or Q8_0 as the file stores them, the
+//! K-quants and Q5_1 rewritten into formats of the same kind, see
+//! [`BlockFormat`]; 32 weights per block, blocks running along a row) and
+//! multiplies by it two ways:
 //!
 //! - a few input rows (decode): the input rows are rounded to 8- or 16-bit
 //!   integers per block ([`Activations`]) and each weight row is dotted
@@ -28,7 +30,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::cpu::{gemm_f32, CpuKernels};
-use crate::gguf::TensorType;
+use crate::gguf::{nibbles, sub_blocks, SubBlock, TensorType};
 
 /// Weights per block in every supported format.
 pub const BLOCK: usize = 32;
@@ -41,6 +43,17 @@ const DOT_MAX_ROWS: usize = 4;
 const GROUP: usize = 4;
 
 /// A block format the kernels read.
+///
+/// The first four are GGUF's own blocks, multiplied as the file stores
+/// them. The K-quants and Q5_1 are rewritten once, at load, into the
+/// nearest of the others without changing any weight (each is
+/// [`SubBlock`]'s form, `w = scale · q + min`, at 32 weights per block):
+/// Q4_K into [`Q4_1F32`](Self::Q4_1F32), one block per 32-weight
+/// sub-block with the sub-block's scale and minimum worked out in f32;
+/// Q5_1, Q5_K and Q6_K into [`Q8F32`](Self::Q8F32), whose two scales
+/// carry Q6_K's per-16 scales. The rewritten blocks take more bytes than
+/// the file's (Q4_K 0.75 bytes a weight against 0.5625; Q6_K 1.38 against
+/// 0.82), and far fewer than f32's 4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockFormat {
     /// f16 scale `d`, 16 bytes of 4-bit `q`: `w = d * (q - 8)`.
@@ -49,17 +62,42 @@ pub enum BlockFormat {
     Q4_1,
     /// f16 scale `d`, 32 signed bytes `q`: `w = d * q`.
     Q8_0,
+    /// f16 scale `d`, 32 fifth bits (bit i for weight i), then Q4_0's 16
+    /// bytes of low nibbles: `w = d * (q - 16)`.
+    Q5_0,
+    /// Q4_1's layout with an f32 scale `d` and minimum `m`: `w = d * q + m`
+    /// (Q4_K's sub-blocks).
+    Q4_1F32,
+    /// f32 scale `d0`, f32 minimum `m`, f32 scale `d1`, 32 signed bytes
+    /// `q`: `w = d0 * q + m` for weights 0..16, `d1 * q + m` for 16..32
+    /// (Q5_1, Q5_K and Q6_K; any other format's blocks, to stack matrices
+    /// of different formats).
+    Q8F32,
 }
 
 impl BlockFormat {
-    /// The format of a GGUF tensor type, if the kernels read it.
-    pub fn from_gguf(kind: TensorType) -> Option<Self> {
+    /// The format the kernels hold a GGUF tensor type in, if they read it.
+    pub fn for_gguf(kind: TensorType) -> Option<Self> {
         match kind {
             TensorType::Q4_0 => Some(Self::Q4_0),
             TensorType::Q4_1 => Some(Self::Q4_1),
             TensorType::Q8_0 => Some(Self::Q8_0),
-            _ => None,
+            TensorType::Q5_0 => Some(Self::Q5_0),
+            TensorType::Q4K => Some(Self::Q4_1F32),
+            TensorType::Q5_1 | TensorType::Q5K | TensorType::Q6K => Some(Self::Q8F32),
+            TensorType::F32 | TensorType::F16 | TensorType::BF16 | TensorType::Other(_) => None,
         }
+    }
+
+    /// Whether the file's blocks are this format's, byte for byte.
+    fn native(self, kind: TensorType) -> bool {
+        matches!(
+            (kind, self),
+            (TensorType::Q4_0, Self::Q4_0)
+                | (TensorType::Q4_1, Self::Q4_1)
+                | (TensorType::Q8_0, Self::Q8_0)
+                | (TensorType::Q5_0, Self::Q5_0)
+        )
     }
 
     /// Bytes per block of [`BLOCK`] weights.
@@ -68,6 +106,112 @@ impl BlockFormat {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
+            Self::Q5_0 => 22,
+            Self::Q4_1F32 => 24,
+            Self::Q8F32 => 44,
+        }
+    }
+
+    /// Whether weights 0..16 and 16..32 have scales of their own.
+    const fn split(self) -> bool {
+        matches!(self, Self::Q8F32)
+    }
+
+    /// The format parts of these formats stack into: their own when they
+    /// agree; Q8_0 when each is a single f16 scale without a minimum;
+    /// [`Self::Q8F32`], which holds any block exactly, otherwise.
+    fn common(formats: impl IntoIterator<Item = Self>) -> Option<Self> {
+        let mut formats = formats.into_iter();
+        let first = formats.next()?;
+        let plain = |f: Self| matches!(f, Self::Q4_0 | Self::Q5_0 | Self::Q8_0);
+        Some(formats.fold(first, |common, f| {
+            if f == common {
+                common
+            } else if plain(f) && plain(common) {
+                Self::Q8_0
+            } else {
+                Self::Q8F32
+            }
+        }))
+    }
+
+    /// Whether the integers are signed bytes (else unsigned, 4 or 5 bits).
+    const fn signed_bytes(self) -> bool {
+        matches!(self, Self::Q8_0 | Self::Q8F32)
+    }
+
+    /// Appends `b` in this format, when the format can hold it exactly
+    /// (the caller picked the format with [`Self::for_gguf`] or is
+    /// widening to [`Self::Q8F32`]).
+    fn encode(self, b: &SubBlock, out: &mut Vec<u8>) {
+        let [d0, d1] = b.scales;
+        let nibbles = |out: &mut Vec<u8>| {
+            out.extend((0..16).map(|i| (b.q[i] as u8 & 0x0F) | ((b.q[i + 16] as u8) << 4)));
+        };
+        match self {
+            Self::Q8_0 => {
+                debug_assert!(d0 == d1 && b.min == 0.0);
+                out.extend_from_slice(&f16::from_f32(d0).to_le_bytes());
+                out.extend(b.q.iter().map(|&q| q as u8));
+            }
+            Self::Q4_1F32 => {
+                debug_assert!(d0 == d1 && b.q.iter().all(|q| (0..16).contains(q)));
+                out.extend_from_slice(&d0.to_le_bytes());
+                out.extend_from_slice(&b.min.to_le_bytes());
+                nibbles(out);
+            }
+            Self::Q8F32 => {
+                out.extend_from_slice(&d0.to_le_bytes());
+                out.extend_from_slice(&b.min.to_le_bytes());
+                out.extend_from_slice(&d1.to_le_bytes());
+                out.extend(b.q.iter().map(|&q| q as u8));
+            }
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 => {
+                unreachable!("no block is rewritten into {self:?}")
+            }
+        }
+    }
+
+    /// One block of this format in [`SubBlock`]'s form.
+    fn decode(self, block: &[u8]) -> SubBlock {
+        let f = |at: usize| {
+            f32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]])
+        };
+        let nibbles = |qs: &[u8], bias: i8| -> [i8; 32] {
+            let n = nibbles(qs);
+            std::array::from_fn(|i| n[i] as i8 - bias)
+        };
+        let even = |q, d: f32, min| SubBlock {
+            q,
+            scales: [d, d],
+            min,
+        };
+        match self {
+            Self::Q4_0 => even(nibbles(&block[2..18], 8), half_at(block, 0), 0.0),
+            Self::Q4_1 => even(
+                nibbles(&block[4..20], 0),
+                half_at(block, 0),
+                half_at(block, 2),
+            ),
+            Self::Q8_0 => even(
+                std::array::from_fn(|i| block[2 + i] as i8),
+                half_at(block, 0),
+                0.0,
+            ),
+            Self::Q5_0 => {
+                let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                let mut q = nibbles(&block[6..22], 16);
+                for (i, q) in q.iter_mut().enumerate() {
+                    *q += (((qh >> i) & 1) << 4) as i8;
+                }
+                even(q, half_at(block, 0), 0.0)
+            }
+            Self::Q4_1F32 => even(nibbles(&block[8..24], 0), f(0), f(4)),
+            Self::Q8F32 => SubBlock {
+                q: std::array::from_fn(|i| block[12 + i] as i8),
+                scales: [f(0), f(8)],
+                min: f(4),
+            },
         }
     }
 }
@@ -184,6 +328,29 @@ impl PackedMatrix {
         })
     }
 
+    /// A GGUF tensor's `[rows, cols]` blocks (`bytes`, of type `kind`) in
+    /// the format [`BlockFormat::for_gguf`] names: the bytes as they are
+    /// where the kernels read `kind`, rewritten block by block otherwise
+    /// (every weight unchanged). `None` when the kernels read no such
+    /// type or the sizes do not match.
+    pub fn from_gguf(kind: TensorType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
+        let format = BlockFormat::for_gguf(kind)?;
+        if format.native(kind) {
+            return Self::new(format, rows, cols, bytes.to_vec());
+        }
+        let (weights, block_bytes) = kind.block()?;
+        let fits = cols.is_multiple_of(weights)
+            && rows
+                .checked_mul(cols / weights * block_bytes)
+                .is_some_and(|len| len == bytes.len());
+        if !fits {
+            return None;
+        }
+        let mut data = Vec::with_capacity(rows * (cols / BLOCK) * format.block_bytes());
+        sub_blocks(kind, bytes, |b| format.encode(b, &mut data));
+        Self::new(format, rows, cols, data)
+    }
+
     /// Its block format.
     pub fn format(&self) -> BlockFormat {
         self.format
@@ -222,20 +389,32 @@ impl PackedMatrix {
     }
 
     /// The rows of every part, in order, as one matrix; `None` when the
-    /// parts differ in format or width.
+    /// parts differ in width. Parts of different formats are all rewritten,
+    /// every weight unchanged, into one that holds them all (a Q4_K_M
+    /// file's value projection is often Q8_0 or Q6_K beside Q5_0 query and
+    /// key projections): Q8_0 where it can, else Q8F32.
     pub fn stack(parts: &[PackedMatrix]) -> Option<Self> {
         let first = parts.first()?;
-        if parts
-            .iter()
-            .any(|p| p.format != first.format || p.cols != first.cols)
-        {
+        if parts.iter().any(|p| p.cols != first.cols) {
             return None;
         }
+        let format = BlockFormat::common(parts.iter().map(|p| p.format))?;
+        let rows = parts.iter().map(|p| p.rows).sum::<usize>();
+        let mut data = Vec::with_capacity(rows * (first.cols / BLOCK) * format.block_bytes());
+        for part in parts {
+            if part.format == format {
+                data.extend_from_slice(&part.data);
+            } else {
+                for block in part.data.chunks_exact(part.format.block_bytes()) {
+                    format.encode(&part.format.decode(block), &mut data);
+                }
+            }
+        }
         Some(Self {
-            format: first.format,
-            rows: parts.iter().map(|p| p.rows).sum(),
+            format,
+            rows,
             cols: first.cols,
-            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+            data,
         })
     }
 
@@ -506,22 +685,40 @@ impl Kernels {
             (Self::Portable, Inputs::Int16(x)) => portable_rows(format, row, x, cols, out),
             #[cfg(target_arch = "x86_64")]
             (Self::Avx2, Inputs::Int8(x)) => {
-                let kernels: [Avx2Kernel<i8>; GROUP] = [
-                    avx2::dot::<1>,
-                    avx2::dot::<2>,
-                    avx2::dot::<3>,
-                    avx2::dot::<GROUP>,
-                ];
+                let kernels: [Avx2Kernel<i8>; GROUP] = if format.split() {
+                    [
+                        avx2::dot::<1, true>,
+                        avx2::dot::<2, true>,
+                        avx2::dot::<3, true>,
+                        avx2::dot::<GROUP, true>,
+                    ]
+                } else {
+                    [
+                        avx2::dot::<1, false>,
+                        avx2::dot::<2, false>,
+                        avx2::dot::<3, false>,
+                        avx2::dot::<GROUP, false>,
+                    ]
+                };
                 avx2_rows(kernels, format, row, x, cols, out);
             }
             #[cfg(target_arch = "x86_64")]
             (Self::Avx2, Inputs::Int16(x)) => {
-                let kernels: [Avx2Kernel<i16>; GROUP] = [
-                    avx2::dot16::<1>,
-                    avx2::dot16::<2>,
-                    avx2::dot16::<3>,
-                    avx2::dot16::<GROUP>,
-                ];
+                let kernels: [Avx2Kernel<i16>; GROUP] = if format.split() {
+                    [
+                        avx2::dot16::<1, true>,
+                        avx2::dot16::<2, true>,
+                        avx2::dot16::<3, true>,
+                        avx2::dot16::<GROUP, true>,
+                    ]
+                } else {
+                    [
+                        avx2::dot16::<1, false>,
+                        avx2::dot16::<2, false>,
+                        avx2::dot16::<3, false>,
+                        avx2::dot16::<GROUP, false>,
+                    ]
+                };
                 avx2_rows(kernels, format, row, x, cols, out);
             }
         }
@@ -628,6 +825,16 @@ mod portable {
                         .sum();
                     half_at(block, 0) * dx * s as f32
                 }
+                BlockFormat::Q5_0 | BlockFormat::Q4_1F32 | BlockFormat::Q8F32 => {
+                    let b = format.decode(block);
+                    let half = |h: usize| -> f32 {
+                        let s: i32 = (16 * h..16 * h + 16)
+                            .map(|j| i32::from(b.q[j]) * x[j].into())
+                            .sum();
+                        s as f32
+                    };
+                    dx * (b.scales[0] * half(0) + b.scales[1] * half(1)) + b.min * sum
+                }
             };
         }
         total
@@ -657,6 +864,12 @@ mod portable {
                         *o = f32::from(q as i8) * d;
                     }
                 }
+                BlockFormat::Q5_0 | BlockFormat::Q4_1F32 | BlockFormat::Q8F32 => {
+                    let b = format.decode(block);
+                    for (i, o) in out.iter_mut().enumerate() {
+                        *o = b.weight(i);
+                    }
+                }
             }
         }
     }
@@ -684,6 +897,13 @@ mod avx2 {
         // SAFETY: the caller guarantees 8 readable bytes at p.
         let v = unsafe { _mm_loadl_epi64(p.cast()) };
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+    }
+
+    /// The f32 at `p`.
+    #[inline]
+    unsafe fn single(p: *const u8) -> f32 {
+        // SAFETY: the caller guarantees 4 readable bytes at p.
+        unsafe { p.cast::<f32>().read_unaligned() }
     }
 
     /// The f16 at `p` as f32.
@@ -723,37 +943,95 @@ mod avx2 {
         ]
     }
 
+    /// The 32 signed bytes at `p` as four vectors of eight f32.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn signed_bytes(p: *const u8) -> [__m256; 4] {
+        // SAFETY: the caller guarantees 32 readable bytes at p.
+        unsafe { [i8x8(p), i8x8(p.add(8)), i8x8(p.add(16)), i8x8(p.add(24))] }
+    }
+
     /// The 32 weights of the block at `p`, expanded to f32 in registers.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn block(format: BlockFormat, p: *const u8) -> [__m256; 4] {
         // SAFETY: the caller guarantees a whole block of `format` at p.
-        let (d, offset, q) = unsafe {
+        let ([d0, d1], offset, q) = unsafe {
             match format {
                 BlockFormat::Q4_0 => {
                     let d = half(p);
-                    (d, -8.0 * d, nibbles(p.add(2)))
+                    ([d, d], -8.0 * d, nibbles(p.add(2)))
                 }
-                BlockFormat::Q4_1 => (half(p), half(p.add(2)), nibbles(p.add(4))),
-                BlockFormat::Q8_0 => (
-                    half(p),
-                    0.0,
-                    [
-                        i8x8(p.add(2)),
-                        i8x8(p.add(10)),
-                        i8x8(p.add(18)),
-                        i8x8(p.add(26)),
-                    ],
+                BlockFormat::Q4_1 => {
+                    let d = half(p);
+                    ([d, d], half(p.add(2)), nibbles(p.add(4)))
+                }
+                BlockFormat::Q8_0 => {
+                    let d = half(p);
+                    ([d, d], 0.0, signed_bytes(p.add(2)))
+                }
+                BlockFormat::Q5_0 => {
+                    let (w, dm) = block_bytes(format, p);
+                    let (lo, hi) = (_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w));
+                    let d = _mm_cvtss_f32(dm);
+                    (
+                        [d, d],
+                        -16.0 * d,
+                        [
+                            u8x8(lo),
+                            u8x8(_mm_srli_si128(lo, 8)),
+                            u8x8(hi),
+                            u8x8(_mm_srli_si128(hi, 8)),
+                        ],
+                    )
+                }
+                BlockFormat::Q4_1F32 => {
+                    let d = single(p);
+                    ([d, d], single(p.add(4)), nibbles(p.add(8)))
+                }
+                BlockFormat::Q8F32 => (
+                    [single(p), single(p.add(8))],
+                    single(p.add(4)),
+                    signed_bytes(p.add(12)),
                 ),
             }
         };
-        let (d, offset) = (_mm256_set1_ps(d), _mm256_set1_ps(offset));
-        q.map(|q| _mm256_fmadd_ps(q, d, offset))
+        let (d0, d1, offset) = (
+            _mm256_set1_ps(d0),
+            _mm256_set1_ps(d1),
+            _mm256_set1_ps(offset),
+        );
+        [
+            _mm256_fmadd_ps(q[0], d0, offset),
+            _mm256_fmadd_ps(q[1], d0, offset),
+            _mm256_fmadd_ps(q[2], d1, offset),
+            _mm256_fmadd_ps(q[3], d1, offset),
+        ]
     }
 
-    /// A block's weights as 32 bytes in order, and the pair `[d, offset]`
-    /// (Q4_0: offset `-8d`; Q4_1: its minimum; Q8_0: 0). Q8_0's bytes are
-    /// signed; the 4-bit formats' are 0..=15.
+    /// Byte i is 0xFF where bit i of `bits` is set, else 0 (ggml's
+    /// `bytes_from_bits_32`): each byte gets the byte of `bits` its bit
+    /// lies in, with every other bit set, and is compared with all ones.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn bit_bytes(bits: u32) -> __m256i {
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
+    }
+
+    /// A block's weights as 32 bytes in order, and `[d, offset, d1, 0]`
+    /// (Q4_0: offset `-8d`; Q5_0: `-16d`; Q4_1: its minimum; Q8_0: 0;
+    /// `d1` is Q8F32's scale of weights 16..32, 0 for the others). The
+    /// 8-bit formats' bytes are signed; the others' are 0..=15 or 0..=31.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
     unsafe fn block_bytes(format: BlockFormat, p: *const u8) -> (__m256i, __m128) {
@@ -784,6 +1062,24 @@ mod avx2 {
                     )));
                     (_mm256_loadu_si256(p.add(2).cast()), d)
                 }
+                BlockFormat::Q5_0 => {
+                    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                        p.cast::<u16>().read_unaligned(),
+                    )));
+                    let dm = _mm_mul_ps(_mm_moveldup_ps(d), _mm_setr_ps(1.0, -16.0, 0.0, 0.0));
+                    let fifth = _mm256_and_si256(
+                        bit_bytes(p.add(2).cast::<u32>().read_unaligned()),
+                        _mm256_set1_epi8(0x10),
+                    );
+                    (_mm256_or_si256(four_bit(p.add(6)), fifth), dm)
+                }
+                BlockFormat::Q4_1F32 => (four_bit(p.add(8)), _mm_castpd_ps(_mm_load_sd(p.cast()))),
+                BlockFormat::Q8F32 => (
+                    _mm256_loadu_si256(p.add(12).cast()),
+                    // The fourth lane read is the first quants: cleared, so
+                    // no junk (a denormal, say) meets the arithmetic.
+                    _mm_blend_ps::<0b1000>(_mm_loadu_ps(p.cast()), _mm_setzero_ps()),
+                ),
             }
         }
     }
@@ -796,11 +1092,13 @@ mod avx2 {
     /// `maddubs` (unsigned × signed bytes; the 4-bit weights are unsigned,
     /// Q8_0's signs move onto the input so its magnitudes can be), widened
     /// by `madd`, then scaled by `d_w · d_x` in f32. The offset term
-    /// `offset_w · sum_x` goes to a second accumulator.
+    /// `offset_w · sum_x` goes to a second accumulator. With `SPLIT`
+    /// (Q8F32), the first four sums, weights 0..16, take `d0 · d_x` and
+    /// the last four `d1 · d_x`.
     ///
     /// Safety: the CPU has avx2, fma and f16c. Lengths are checked here.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot<const N: usize>(
+    pub(super) unsafe fn dot<const N: usize, const SPLIT: bool>(
         format: BlockFormat,
         row: &[u8],
         qs: &[i8],
@@ -814,6 +1112,7 @@ mod avx2 {
         assert!(blocks <= per_row && qs.len() >= N * cols && info.len() >= N * per_row);
         assert!(out.len() >= N);
         let ones = _mm256_set1_epi16(1);
+        let halves = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
         let mut acc = [_mm256_setzero_ps(); N];
         let mut offsets = [_mm_setzero_ps(); N];
         for b in 0..blocks {
@@ -828,7 +1127,7 @@ mod avx2 {
                 let (w, dm) = block_bytes(format, p);
                 for i in 0..N {
                     let x = _mm256_loadu_si256(qs.as_ptr().add(i * cols + b * BLOCK).cast());
-                    let pairs = if format == BlockFormat::Q8_0 {
+                    let pairs = if format.signed_bytes() {
                         _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
                     } else {
                         _mm256_maddubs_epi16(w, x)
@@ -836,9 +1135,19 @@ mod avx2 {
                     let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
                     // [d_x, sum_x] of this input's block.
                     let xi = _mm_castpd_ps(_mm_load_sd(info.as_ptr().add(i * per_row + b).cast()));
-                    // [d_w · d_x, offset_w · sum_x]
-                    let scaled = _mm_mul_ps(dm, xi);
-                    acc[i] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scaled), dot, acc[i]);
+                    let scaled = if SPLIT {
+                        // [d0 · d_x, offset_w · sum_x, d1 · d_x, 0]
+                        let scaled = _mm_mul_ps(dm, _mm_movelh_ps(xi, xi));
+                        let scale =
+                            _mm256_permutevar8x32_ps(_mm256_castps128_ps256(scaled), halves);
+                        acc[i] = _mm256_fmadd_ps(scale, dot, acc[i]);
+                        scaled
+                    } else {
+                        // [d_w · d_x, offset_w · sum_x]
+                        let scaled = _mm_mul_ps(dm, xi);
+                        acc[i] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scaled), dot, acc[i]);
+                        scaled
+                    };
                     offsets[i] = _mm_add_ps(offsets[i], scaled);
                 }
             }
@@ -857,14 +1166,16 @@ mod avx2 {
         // SAFETY: the caller guarantees a whole block of `format` at p.
         unsafe {
             match format {
-                BlockFormat::Q8_0 => {
-                    let bits = i32::from(p.cast::<u16>().read_unaligned());
-                    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
-                    let lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(2).cast()));
-                    let hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(18).cast()));
-                    ([lo, hi], d)
+                BlockFormat::Q8_0 | BlockFormat::Q8F32 => {
+                    let (w, dm) = block_bytes(format, p);
+                    let lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+                    let hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(w));
+                    ([lo, hi], dm)
                 }
-                BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                BlockFormat::Q4_0
+                | BlockFormat::Q4_1
+                | BlockFormat::Q5_0
+                | BlockFormat::Q4_1F32 => {
                     let (w, dm) = block_bytes(format, p);
                     let lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(w));
                     let hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(w));
@@ -875,11 +1186,11 @@ mod avx2 {
     }
 
     /// As [`dot`], with 16-bit inputs: products of 16-bit pairs summed by
-    /// `madd` (Q8_0's weights are simply sign-extended).
+    /// `madd` (the 8-bit formats' weights are simply sign-extended).
     ///
     /// Safety: the CPU has avx2, fma and f16c. Lengths are checked here.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot16<const N: usize>(
+    pub(super) unsafe fn dot16<const N: usize, const SPLIT: bool>(
         format: BlockFormat,
         row: &[u8],
         qs: &[i16],
@@ -906,12 +1217,24 @@ mod avx2 {
                     let xp = qs.as_ptr().add(i * cols + b * BLOCK);
                     let x0 = _mm256_loadu_si256(xp.cast());
                     let x1 = _mm256_loadu_si256(xp.add(16).cast());
-                    let sums =
-                        _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                    let dot = _mm256_cvtepi32_ps(sums);
+                    let (lo, hi) = (_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
                     let xi = _mm_castpd_ps(_mm_load_sd(info.as_ptr().add(i * per_row + b).cast()));
-                    let scaled = _mm_mul_ps(dm, xi);
-                    acc[i] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scaled), dot, acc[i]);
+                    let scaled = if SPLIT {
+                        // [d0 · d_x, offset_w · sum_x, d1 · d_x, 0]
+                        let scaled = _mm_mul_ps(dm, _mm_movelh_ps(xi, xi));
+                        let (d0, d1) = (
+                            _mm256_broadcastss_ps(scaled),
+                            _mm256_broadcastss_ps(_mm_movehl_ps(scaled, scaled)),
+                        );
+                        acc[i] = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(lo), acc[i]);
+                        acc[i] = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(hi), acc[i]);
+                        scaled
+                    } else {
+                        let dot = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
+                        let scaled = _mm_mul_ps(dm, xi);
+                        acc[i] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scaled), dot, acc[i]);
+                        scaled
+                    };
                     offsets[i] = _mm_add_ps(offsets[i], scaled);
                 }
             }
@@ -947,27 +1270,55 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    fn random_matrix(format: BlockFormat, rows: usize, cols: usize, rng: &mut StdRng) -> Vec<u8> {
-        let mut data = Vec::new();
-        for _ in 0..rows * cols / BLOCK {
-            let scale = f16::from_f32(rng.random_range(-0.05..0.05));
-            data.extend_from_slice(&scale.to_le_bytes());
-            if format == BlockFormat::Q4_1 {
-                let min = f16::from_f32(rng.random_range(-0.3..0.3));
-                data.extend_from_slice(&min.to_le_bytes());
+    /// Every GGUF block type the kernels read.
+    const KINDS: [TensorType; 8] = [
+        TensorType::Q4_0,
+        TensorType::Q4_1,
+        TensorType::Q8_0,
+        TensorType::Q5_0,
+        TensorType::Q5_1,
+        TensorType::Q4K,
+        TensorType::Q5K,
+        TensorType::Q6K,
+    ];
+
+    /// Random blocks of `kind` for a `[rows, cols]` matrix: random bytes,
+    /// each f16 scale or minimum field a small finite number.
+    fn random_matrix(kind: TensorType, rows: usize, cols: usize, rng: &mut StdRng) -> Vec<u8> {
+        let (weights, bytes) = kind.block().expect("a block type");
+        let (fields, range): (&[usize], f32) = match kind {
+            TensorType::Q4_0 | TensorType::Q8_0 | TensorType::Q5_0 => (&[0], 0.05),
+            TensorType::Q4_1 | TensorType::Q5_1 => (&[0, 2], 0.05),
+            // Times 6- or 8-bit sub-block scales.
+            TensorType::Q4K | TensorType::Q5K => (&[0, 2], 0.002),
+            TensorType::Q6K => (&[208], 0.002),
+            other => panic!("{other:?} is not a block type"),
+        };
+        let mut data: Vec<u8> = (0..rows * cols / weights * bytes)
+            .map(|_| rng.random())
+            .collect();
+        for block in data.chunks_exact_mut(bytes) {
+            for &at in fields {
+                let value = f16::from_f32(rng.random_range(-range..range));
+                block[at..at + 2].copy_from_slice(&value.to_le_bytes());
             }
-            let quants = if format == BlockFormat::Q8_0 { 32 } else { 16 };
-            data.extend((0..quants).map(|_| rng.random::<u8>()));
         }
         data
     }
 
-    fn gguf_kind(format: BlockFormat) -> TensorType {
-        match format {
-            BlockFormat::Q4_0 => TensorType::Q4_0,
-            BlockFormat::Q4_1 => TensorType::Q4_1,
-            BlockFormat::Q8_0 => TensorType::Q8_0,
-        }
+    /// A random `[rows, cols]` matrix of `kind` as the kernels hold it,
+    /// and its weights as `gguf::dequantize` reads the file's blocks.
+    fn random_packed(
+        kind: TensorType,
+        rows: usize,
+        cols: usize,
+        rng: &mut StdRng,
+    ) -> (PackedMatrix, Vec<f32>) {
+        let data = random_matrix(kind, rows, cols, rng);
+        let w = dequantize(kind, &data, rows * cols).expect("dequantize");
+        let m = PackedMatrix::from_gguf(kind, rows, cols, &data).expect("shape");
+        assert_eq!(Some(m.format()), BlockFormat::for_gguf(kind));
+        (m, w)
     }
 
     /// `x · wᵀ` in f64 over the reference dequantization.
@@ -1024,11 +1375,9 @@ mod tests {
     #[test]
     fn products_match_the_dequantized_reference_on_both_paths() {
         let mut rng = StdRng::seed_from_u64(7);
-        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
-            let (rows, cols) = (70, 96);
-            let data = random_matrix(format, rows, cols, &mut rng);
-            let w = dequantize(gguf_kind(format), &data, rows * cols).expect("dequantize");
-            let m = PackedMatrix::new(format, rows, cols, data).expect("shape");
+        for kind in KINDS {
+            let (rows, cols) = (70, 256);
+            let (m, w) = random_packed(kind, rows, cols, &mut rng);
             for n in [1, 2, 3, 4, 5, 9, 16, 17, 40, 70] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let want = reference(&w, &x, rows, cols, n);
@@ -1041,25 +1390,34 @@ mod tests {
                         want.iter().map(|w| 1e-4 * (1.0 + w.abs())).collect()
                     };
                     for kernels in CpuKernels::available() {
-                        let what = format!("{format:?} n={n} {activations:?} {kernels}");
+                        let what = format!("{kind:?} n={n} {activations:?} {kernels}");
                         let got = m.matmul(&x, n, activations, kernels);
                         assert_close(&got, &want, &tolerance, &what);
                     }
                 }
             }
+        }
+    }
+
+    /// The blocks the kernels hold, native or rewritten, expand to exactly
+    /// the weights the file's blocks define, on every kernel set.
+    #[test]
+    fn every_block_type_keeps_every_weight() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for kind in KINDS {
+            let (rows, cols) = (3, 512);
+            let (m, w) = random_packed(kind, rows, cols, &mut rng);
             for kernels in CpuKernels::available() {
-                let mut row = vec![0f32; cols];
-                m.dequantize_row(5, &mut row, kernels);
-                let exact: Vec<f32> = w[5 * cols..6 * cols]
-                    .iter()
-                    .map(|v| 1e-6 * (1.0 + v.abs()))
-                    .collect();
-                assert_close(
-                    &row,
-                    &w[5 * cols..6 * cols],
-                    &exact,
-                    &format!("{format:?} row {kernels}"),
-                );
+                for r in 0..rows {
+                    let mut row = vec![0f32; cols];
+                    m.dequantize_row(r, &mut row, kernels);
+                    for (k, (got, want)) in row.iter().zip(&w[r * cols..]).enumerate() {
+                        assert!(
+                            got == want,
+                            "{kind:?} row {r} weight {k} {kernels}: {got} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -1084,11 +1442,9 @@ mod tests {
     #[test]
     fn few_row_products_are_those_of_the_rounded_inputs() {
         let mut rng = StdRng::seed_from_u64(13);
-        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+        for kind in KINDS {
             let (rows, cols) = (24, 256);
-            let data = random_matrix(format, rows, cols, &mut rng);
-            let w = dequantize(gguf_kind(format), &data, rows * cols).expect("dequantize");
-            let m = PackedMatrix::new(format, rows, cols, data).expect("shape");
+            let (m, w) = random_packed(kind, rows, cols, &mut rng);
             for n in 1..=DOT_MAX_ROWS {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 for (activations, max) in
@@ -1097,7 +1453,7 @@ mod tests {
                     let want = reference(&w, &rounded(&x, max), rows, cols, n);
                     let tolerance: Vec<f32> = want.iter().map(|w| 2e-5 * (1.0 + w.abs())).collect();
                     for kernels in CpuKernels::available() {
-                        let what = format!("{format:?} n={n} {activations:?} {kernels}");
+                        let what = format!("{kind:?} n={n} {activations:?} {kernels}");
                         let got = m.matmul(&x, n, activations, kernels);
                         assert_close(&got, &want, &tolerance, &what);
                     }
@@ -1114,30 +1470,31 @@ mod tests {
             return;
         }
         let mut rng = StdRng::seed_from_u64(11);
-        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+        for kind in KINDS {
             let cols = 256;
-            let row = random_matrix(format, 1, cols, &mut rng);
+            let (m, _) = random_packed(kind, 1, cols, &mut rng);
+            let (format, row) = (m.format(), m.row(0));
             for n in 1..=6 {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 for activations in [Activations::Int8, Activations::Int16] {
                     let x = Inputs::new(&x, activations);
                     let (mut portable, mut simd) = (vec![0f32; n], vec![0f32; n]);
-                    Kernels::Portable.dot(format, &row, &x, cols, &mut portable);
-                    Kernels::Avx2.dot(format, &row, &x, cols, &mut simd);
+                    Kernels::Portable.dot(format, row, &x, cols, &mut portable);
+                    Kernels::Avx2.dot(format, row, &x, cols, &mut simd);
                     for (p, s) in portable.iter().zip(&simd) {
-                        let what = format!("{format:?} {activations:?}: {p} vs {s}");
+                        let what = format!("{kind:?} {activations:?}: {p} vs {s}");
                         assert!((p - s).abs() <= 1e-4 * (1.0 + p.abs()), "{what}");
                     }
                 }
             }
             let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
-            Kernels::Portable.dequantize(format, &row, &mut a);
-            Kernels::Avx2.dequantize(format, &row, &mut b);
+            Kernels::Portable.dequantize(format, row, &mut a);
+            Kernels::Avx2.dequantize(format, row, &mut b);
             // The SIMD kernel fuses `q * d + offset` into one rounding.
             for (a, b) in a.iter().zip(&b) {
                 assert!(
                     (a - b).abs() <= 1e-6 * (1.0 + a.abs()),
-                    "{format:?}: {a} vs {b}"
+                    "{kind:?}: {a} vs {b}"
                 );
             }
         }
@@ -1146,35 +1503,53 @@ mod tests {
     #[test]
     fn stack_and_permute_move_whole_rows() {
         let mut rng = StdRng::seed_from_u64(3);
-        let cols = 64;
-        let a = PackedMatrix::new(
-            BlockFormat::Q8_0,
-            2,
-            cols,
-            random_matrix(BlockFormat::Q8_0, 2, cols, &mut rng),
-        )
-        .expect("a");
-        let b = PackedMatrix::new(
-            BlockFormat::Q8_0,
-            3,
-            cols,
-            random_matrix(BlockFormat::Q8_0, 3, cols, &mut rng),
-        )
-        .expect("b");
+        let cols = 256;
+        let (a, _) = random_packed(TensorType::Q8_0, 2, cols, &mut rng);
+        let (b, _) = random_packed(TensorType::Q8_0, 3, cols, &mut rng);
         let both = PackedMatrix::stack(&[a.clone(), b.clone()]).expect("same format");
+        assert_eq!(both.format(), BlockFormat::Q8_0);
         assert_eq!(both.rows(), 5);
         assert_eq!(both.row(3), b.row(1));
         let reversed = both.permute_rows(|r| 4 - r);
         assert_eq!(reversed.row(0), b.row(2));
         assert_eq!(reversed.row(4), a.row(0));
-        let other = PackedMatrix::new(
-            BlockFormat::Q4_1,
-            1,
-            cols,
-            random_matrix(BlockFormat::Q4_1, 1, cols, &mut rng),
-        )
-        .expect("other");
-        assert!(PackedMatrix::stack(&[a, other]).is_none());
+        let narrow = PackedMatrix::new(BlockFormat::Q8_0, 1, 32, vec![0; 34]).expect("narrow");
+        assert!(PackedMatrix::stack(&[a, narrow]).is_none());
+    }
+
+    /// Parts of different formats (a Q4_K_M file's q, k and v, say) stack
+    /// with every weight unchanged: into Q8_0 when each part is one f16
+    /// scale without a minimum, else into Q8F32.
+    #[test]
+    fn parts_of_different_formats_stack_exactly() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let cols = 256;
+        let plain = [TensorType::Q5_0, TensorType::Q4_0, TensorType::Q8_0];
+        for (kinds, format) in [
+            (&plain[..], BlockFormat::Q8_0),
+            (&KINDS[..], BlockFormat::Q8F32),
+        ] {
+            let parts: Vec<(PackedMatrix, Vec<f32>)> = kinds
+                .iter()
+                .map(|&kind| random_packed(kind, 2, cols, &mut rng))
+                .collect();
+            let matrices: Vec<PackedMatrix> = parts.iter().map(|(m, _)| m.clone()).collect();
+            let stacked = PackedMatrix::stack(&matrices).expect("same width");
+            assert_eq!(stacked.format(), format);
+            assert_eq!(stacked.rows(), 2 * kinds.len());
+            let want: Vec<f32> = parts.iter().flat_map(|(_, w)| w.iter().copied()).collect();
+            for kernels in CpuKernels::available() {
+                for r in 0..stacked.rows() {
+                    let mut row = vec![0f32; cols];
+                    stacked.dequantize_row(r, &mut row, kernels);
+                    assert!(
+                        row.iter().zip(&want[r * cols..]).all(|(g, w)| g == w),
+                        "row {r} ({:?}) in {format:?} on {kernels}",
+                        kinds[r / 2]
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -238,7 +238,9 @@ impl<B: Backend> Transformer<B> {
             }
         };
         // The parts' output rows stacked into one matrix: packed when every
-        // part is in the same block format, dense otherwise.
+        // part is in a block format the kernels read (parts of different
+        // formats are widened to one, see `PackedMatrix::stack`), dense
+        // otherwise.
         let linear = |parts: &[WeightName], activations: Activations| -> Result<Linear<B>> {
             let blocks = parts
                 .iter()

@@ -268,21 +268,17 @@ impl WeightSource for GgufSource<'_> {
 
     fn load_packed(&self, name: WeightName, config: &ModelConfig) -> Result<Option<PackedMatrix>> {
         let key = name.gguf();
-        let Some(format) = self
-            .file
-            .tensors
-            .get(&key)
-            .and_then(|info| BlockFormat::from_gguf(info.kind))
-        else {
+        let readable = |info: &crate::gguf::TensorInfo| BlockFormat::for_gguf(info.kind).is_some();
+        if !self.file.tensors.get(&key).is_some_and(readable) {
             return Ok(None);
-        };
+        }
         let (info, bytes) = self.file.tensor_bytes(&key)?;
         let shape = info.shape();
         check_shape(name, &shape, config)?;
         let &[rows, cols] = shape.as_slice() else {
             return Ok(None);
         };
-        let matrix = PackedMatrix::new(format, rows, cols, bytes.to_vec()).ok_or_else(|| {
+        let matrix = PackedMatrix::from_gguf(info.kind, rows, cols, bytes).ok_or_else(|| {
             InferenceError::weight(&key, "its block data does not match its shape")
         })?;
         Ok(Some(match permuted_head_dim(name, config) {

@@ -623,6 +623,82 @@ fn smollm2_every_cpu_path_is_as_faithful_as_llama_cpp() {
     eprintln!("{decided} of {positions} positions are decided (top two ≥ {FAR_APART} apart): every path agrees on all");
 }
 
+/// The Q4_K_M file `inference/reference/make_kquant.py` makes from the
+/// default model with llama.cpp's own quantizer (Q4_K, Q6_K, and Q5_0 and
+/// Q8_0 where rows are not a multiple of 256): every CPU path at least as
+/// faithful as llama.cpp's on the same file (mean KLD no higher, same top-1
+/// no lower), against the default model's float32 reference. The file is
+/// read from `SILK_Q4_K_M_GGUF` or the model store; CI cannot make it (no
+/// llama.cpp there), so without it the test says so and checks nothing.
+/// The block types themselves are checked everywhere by
+/// `inference/tests/quant.rs` and the packed kernels' unit tests.
+#[test]
+fn smollm2_q4_k_m_is_as_faithful_as_llama_cpp() {
+    let path = std::env::var_os("SILK_Q4_K_M_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            silk_inference::store::default_data_dir()
+                .join("models")
+                .join("SmolLM2-135M-Instruct.Q4_K_M.gguf")
+        });
+    if !path.exists() {
+        eprintln!(
+            "SKIPPED: no Q4_K_M file at {} (inference/reference/make_kquant.py makes it)",
+            path.display()
+        );
+        return;
+    }
+    let text = std::fs::read_to_string(fixture("smollm2-q4_k_m").join("llama_cpp.json"))
+        .expect("llama_cpp.json");
+    let measured: Value = serde_json::from_str(&text).expect("json");
+    let sha = measured["sha256"].as_str().expect("sha256");
+    let source = ModelSource::from_path(&path).expect("source");
+    assert!(
+        source.id.ends_with(sha),
+        "{} is not the file llama_cpp.json was measured on",
+        source.id
+    );
+    let fidelity =
+        Fidelity::read(&fixture("smollm2-q4_1").join("fidelity.json")).expect("fidelity.json");
+    let llama = &measured["llama_cpp"];
+    let (llama_kld, llama_top1) = (
+        llama["mean_kld"].as_f64().expect("mean_kld"),
+        llama["same_top1"].as_f64().expect("same_top1"),
+    );
+    eprintln!(
+        "Q4_K_M {}: llama.cpp {} mean KLD {llama_kld:.6}, same top-1 {llama_top1:.4}",
+        measured["tensor_types"], llama["llama_cpp_python"]
+    );
+    for (name, layout, kernels) in smollm2_paths() {
+        let model = smollm2(&path, layout, kernels);
+        check_fidelity_tokens(&model, &fidelity).expect("fidelity tokens");
+        let mut runs = vec![(format!("{name} prefill"), usize::MAX)];
+        if layout == WeightLayout::Packed {
+            runs.push((format!("{name} decode"), 4));
+        }
+        for (run, per_pass) in runs {
+            let tally = teacher_forced(&model, &fidelity, per_pass);
+            eprintln!(
+                "{run:<24} mean KLD {:.6}, same top-1 {:.4}, PPL {:.4}",
+                tally.mean_kld(),
+                tally.same_top1(),
+                tally.ppl()
+            );
+            assert_eq!(tally.positions, fidelity.positions, "{run}");
+            assert!(
+                tally.mean_kld() <= llama_kld,
+                "{run}: mean KLD {} is above llama.cpp's {llama_kld} on the same file",
+                tally.mean_kld()
+            );
+            assert!(
+                tally.same_top1() >= llama_top1,
+                "{run}: same top-1 {} is below llama.cpp's {llama_top1} on the same file",
+                tally.same_top1()
+            );
+        }
+    }
+}
+
 /// The packed layout against the dense one on the default model. With many
 /// rows per product (here every prompt position) both multiply in f32 and
 /// agree up to summation order; one row per product (a decode step) takes
