@@ -286,6 +286,8 @@ pub struct Engine {
     queue: mpsc::Sender<Job>,
     counters: Arc<Counters>,
     kv_bytes_per_token: usize,
+    /// See [`crate::transformer::Transformer::decode_weight_bytes`].
+    decode_weight_bytes: usize,
     /// Rows of the model's embedding table.
     embedding_rows: usize,
     /// The vocabulary as the grammar engine sees it, built at the first
@@ -319,6 +321,7 @@ impl Engine {
         let context = c.max_position_embeddings;
         let embedding_rows = c.vocab_size;
         let kv_bytes_per_token = bytes_for(c.num_layers, c.num_kv_heads, c.head_dim, 1);
+        let decode_weight_bytes = transformer.decode_weight_bytes();
         let tokenizer = Arc::new(tokenizer);
         let counters = Arc::new(Counters::default());
         let (queue, jobs) = mpsc::channel(config.max_queue);
@@ -378,6 +381,7 @@ impl Engine {
             queue,
             counters,
             kv_bytes_per_token,
+            decode_weight_bytes,
             embedding_rows,
             grammars: Arc::default(),
         })
@@ -402,6 +406,12 @@ impl Engine {
     /// The model's tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// Bytes of weights a one-token forward pass reads (see
+    /// [`crate::transformer::Transformer::decode_weight_bytes`]).
+    pub fn decode_weight_bytes(&self) -> usize {
+        self.decode_weight_bytes
     }
 
     /// The context window in tokens.

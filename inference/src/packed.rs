@@ -356,6 +356,11 @@ impl PackedMatrix {
         self.format
     }
 
+    /// Bytes of its blocks.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
     /// Output features.
     pub fn rows(&self) -> usize {
         self.rows

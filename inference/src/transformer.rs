@@ -97,6 +97,14 @@ enum Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
+    /// Bytes of its weights, `element` bytes per dense value.
+    fn bytes(&self, element: usize) -> usize {
+        match self {
+            Self::Dense(w) => w.shape().num_elements() * element,
+            Self::Packed(m, _) => m.bytes(),
+        }
+    }
+
     fn forward(&self, x: Tensor<B, 2>, kernels: CpuKernels) -> Tensor<B, 2> {
         match self {
             Self::Dense(w) => x.matmul(w.clone()),
@@ -340,6 +348,29 @@ impl<B: Backend> Transformer<B> {
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Bytes of the weight matrices a one-token forward pass reads (every
+    /// layer's projections and the output projection; the embedding row
+    /// and the norms are left out, a few kilobytes): at batch 1 a decode
+    /// step's memory traffic, so its tokens per second times this, over
+    /// the machine's read bandwidth, is its share of the memory roofline.
+    pub fn decode_weight_bytes(&self) -> usize {
+        let element = match self.precision {
+            Precision::F32 => 4,
+            Precision::Bf16 => 2,
+        };
+        let layers: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                [&b.qkv, &b.o, &b.gate_up, &b.down]
+                    .map(|l| l.bytes(element))
+                    .iter()
+                    .sum::<usize>()
+            })
+            .sum();
+        layers + self.lm_head.bytes(element)
     }
 
     /// The CPU kernels its packed products and host attention run on.

@@ -329,6 +329,49 @@ pub(crate) fn machine() -> String {
     )
 }
 
+/// The machine's memory read bandwidth in bytes per second: the best of a
+/// few passes of one thread per core summing its share of a 512 MiB
+/// buffer (far past any cache), the way a decode step streams weights.
+fn read_bandwidth() -> f64 {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Not zeros: the kernel maps untouched zero pages to one shared page.
+    let buffer: Vec<u64> = (0..(512usize << 20) / 8).map(|i| i as u64 | 1).collect();
+    let chunk = buffer.len().div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let total = std::thread::scope(|s| {
+            let parts: Vec<_> = buffer
+                .chunks(chunk)
+                .map(|part| s.spawn(move || part.iter().fold(0u64, |a, &v| a.wrapping_add(v))))
+                .collect();
+            parts
+                .into_iter()
+                .map(|p| p.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.max((buffer.len() * 8) as f64 / start.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Bytes of a GGUF file's tensors that a one-token forward pass reads as
+/// llama.cpp stores them: every tensor, less the embedding table when the
+/// file has its own output projection (then only a row of it is read).
+fn gguf_decode_bytes(path: &Path) -> anyhow::Result<usize> {
+    let file = silk_inference::gguf::GgufFile::open(path)?;
+    let untied = file.tensors.contains_key("output.weight");
+    let mut total = 0;
+    for name in file.tensors.keys() {
+        if untied && name == "token_embd.weight" {
+            continue;
+        }
+        total += file.tensor_bytes(name)?.1.len();
+    }
+    Ok(total)
+}
+
 /// The reference engine on the same model: llama.cpp (or transformers) on
 /// a GGUF file, transformers on a Hugging Face directory, on the same
 /// device and in the same precision as silk.
@@ -461,6 +504,7 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
         None
     };
     let reference = reference(&args, &source.format)?;
+    let bandwidth = read_bandwidth();
     println!("# silk bench inference");
     println!();
     println!("- model: `{}`", engine.source().id);
@@ -503,10 +547,34 @@ fn inference(args: InferenceBenchArgs, data_dir: &Path) -> anyhow::Result<ExitCo
                 "- batch 1 decode: silk / {name} = {:.2}",
                 o1.decode_tokens_per_s / r1.decode_tokens_per_s.max(1e-9)
             );
+            if let ModelFormat::Gguf(path) = &source.format {
+                let bytes = gguf_decode_bytes(path)?;
+                println!(
+                    "- {name} reads {:.1} MB of weights per token (the file's blocks): \
+                     batch 1 decode at {:.0}% of the memory roofline",
+                    bytes as f64 / 1e6,
+                    100.0 * r1.decode_tokens_per_s * bytes as f64 / bandwidth
+                );
+            }
         }
     } else {
         println!();
         println!("- no reference engine in this run");
+    }
+    let weights = engine.decode_weight_bytes() as f64;
+    println!(
+        "- memory read bandwidth, measured in this run: {:.1} GB/s ({} threads); \
+         silk reads {:.1} MB of weights per token: roofline {:.0} tokens/s",
+        bandwidth / 1e9,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        weights / 1e6,
+        bandwidth / weights
+    );
+    if let Some(o1) = ours.iter().find(|r| r.batch == 1) {
+        println!(
+            "- silk batch 1 decode at {:.0}% of the memory roofline",
+            100.0 * o1.decode_tokens_per_s * weights / bandwidth
+        );
     }
     if let (Some(o1), Some(o32)) = (
         ours.iter().find(|r| r.batch == 1),
