@@ -1,11 +1,14 @@
 """Fidelity figures from logits, with numpy only (no torch), so the llama
 venv can compute them too: make_fidelity.py (the fixture) and
-make_kquant.py (llama.cpp on the Q4_K_M file) share them.
+make_kquant.py (llama.cpp on the Q4_K_M file) share them, with the files'
+digests the fixtures record.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -52,3 +55,11 @@ def machine() -> str:
                 flags = set(line.split(":", 1)[1].split())
     isa = "AVX-512F and AVX2" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
     return f"{model}, {os.cpu_count()} cores ({isa})"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -43,8 +43,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from fidelity_metrics import full_kl, machine, metrics  # noqa: E402
-from make_fixtures import FIXTURES, find_gguf, generator_info, sha256_file, write_json  # noqa: E402
+from fidelity_metrics import full_kl, machine, metrics, sha256_file  # noqa: E402
+from make_fixtures import FIXTURES, find_gguf, generator_info, write_json  # noqa: E402
 
 TOP_K = 32
 SCHEMA_VERSION = 1

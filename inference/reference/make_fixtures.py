@@ -27,7 +27,6 @@ See README.md beside this file for the JSON schema of expected.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -56,6 +55,9 @@ from transformers import (  # noqa: E402
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fidelity_metrics import sha256_file  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 INFERENCE = HERE.parent
@@ -131,14 +133,6 @@ def f32_list(t: torch.Tensor) -> list:
 
 def f32_matrix(t: torch.Tensor) -> list:
     return [f32_list(row) for row in t]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------

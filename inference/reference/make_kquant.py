@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import json
 import os
 import subprocess
@@ -45,20 +44,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import llama_cpp  # noqa: E402
 
-from fidelity_metrics import machine, metrics  # noqa: E402
+from fidelity_metrics import machine, metrics, sha256_file  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 # GGUF's ggml_type ids of the types a Q4_K_M file holds, for the summary.
 TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
               12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tensor_types(path: Path) -> dict[str, int]:

@@ -853,14 +853,19 @@ mod tests {
             self
         }
 
-        fn tensor(mut self, name: &str, dims: &[u64], offset: u64) -> Self {
+        fn tensor(self, name: &str, dims: &[u64], offset: u64) -> Self {
+            self.typed_tensor(name, dims, 0, offset) // F32
+        }
+
+        /// A tensor of ggml type `raw`.
+        fn typed_tensor(mut self, name: &str, dims: &[u64], raw: u32, offset: u64) -> Self {
             Self::string(&mut self.tensors, name);
             self.tensors
                 .extend_from_slice(&(dims.len() as u32).to_le_bytes());
             for d in dims {
                 self.tensors.extend_from_slice(&d.to_le_bytes());
             }
-            self.tensors.extend_from_slice(&0u32.to_le_bytes()); // F32
+            self.tensors.extend_from_slice(&raw.to_le_bytes());
             self.tensors.extend_from_slice(&offset.to_le_bytes());
             self.n_tensors += 1;
             self
@@ -917,6 +922,28 @@ mod tests {
         );
         let (_, values) = file.tensor_f32("t").expect("tensor");
         assert_eq!(values, vec![0.0; 4]);
+    }
+
+    /// A file holding a block type silk does not read (Q2_K here) is
+    /// refused as it opens, naming the tensor and the type; no layout
+    /// reads the type either.
+    #[test]
+    fn an_unread_block_type_is_refused_by_tensor_and_type() {
+        let err = refused(
+            Builder::default()
+                .typed_tensor("blk.0.ffn_down.weight", &[256], 10, 0)
+                .data(84)
+                .open(),
+        );
+        assert!(
+            err.contains("blk.0.ffn_down.weight") && err.contains("Q2_K"),
+            "{err}"
+        );
+        let kind = TensorType::from_raw(10);
+        assert_eq!(kind.name(), "Q2_K");
+        assert!(dequantize(kind, &[0; 84], 256).is_none());
+        assert!(crate::packed::BlockFormat::for_gguf(kind).is_none());
+        assert!(crate::packed::PackedMatrix::from_gguf(kind, 1, 256, &[0; 84]).is_none());
     }
 
     /// One-byte items cost a whole `Value` each: 9 Mi of them in a 9 MB
